@@ -1,0 +1,19 @@
+#!/bin/sh
+# System packages wgmesh needs on Debian (run as root). Idempotent.
+#  - iproute2/iptables/nftables/conntrack: the lab's namespaces, NATs and packet filter
+#  - wireguard-go, wireguard-tools: independent WireGuard peers for interop proofs
+#  - qemu-system-x86 + linux-image-amd64 + busybox-static: the kernel-WireGuard VM (virtme-ng)
+#  - coturn: a real STUN server; iperf3: throughput; tcpdump: capture proofs
+#  - postgresql: the service tier's real database
+set -eu
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+    iproute2 iptables nftables conntrack iputils-ping procps psmisc kmod \
+    wireguard-go wireguard-tools \
+    qemu-system-x86 linux-image-amd64 busybox-static \
+    coturn iperf3 tcpdump \
+    postgresql \
+    python3-venv python3-dev gcc >/dev/null
+# coturn and postgresql must not run as system services; tests start their own.
+systemctl disable --now coturn postgresql >/dev/null 2>&1 || true
