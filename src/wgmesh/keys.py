@@ -12,10 +12,11 @@ import hmac
 import os
 from pathlib import Path
 
-from wgmesh.errors import WgmeshError
 from nacl.public import PrivateKey as _NaclPrivateKey
 
-__all__ = ["Key", "PrivateKey", "KeyFormatError", "load_or_create_private_key"]
+from wgmesh.errors import WgmeshError
+
+__all__ = ["Key", "KeyFormatError", "PrivateKey", "load_or_create_private_key"]
 
 KEY_LEN = 32
 

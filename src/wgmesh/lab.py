@@ -143,8 +143,9 @@ class Process:
                  cwd: str | None) -> None:
         self.host = host
         self.argv = list(argv)
-        self._out = tempfile.TemporaryFile()
-        self._err = tempfile.TemporaryFile()
+        # Owned by this object and closed in close(); files, not pipes, so output never blocks.
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115
         full_env = {**os.environ, **(env or {})}
         self.popen = subprocess.Popen(
             ["ip", "netns", "exec", host.ns, *argv], stdout=self._out, stderr=self._err,

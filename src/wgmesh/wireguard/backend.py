@@ -131,3 +131,28 @@ class Backend(Protocol):
 
     def stats(self) -> dict[Key, PeerStats]:
         """Per-peer counters and handshake times, read from the data plane."""
+
+
+def kernel_wireguard_available() -> tuple[bool, str]:
+    """Can this host create an in-kernel WireGuard interface? Returns (ok, why).
+
+    Tries the real thing (``ip link add type wireguard``) in a throwaway namespace,
+    because a loadable module, a built-in one and a missing one look alike from
+    userspace until you ask the kernel.
+    """
+    import secrets
+    import subprocess
+
+    ns = f"wgmprobe{secrets.token_hex(3)}"
+    try:
+        subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        return False, f"cannot create a network namespace to probe ({e})"
+    try:
+        cp = subprocess.run(["ip", "-n", ns, "link", "add", "wgprobe", "type", "wireguard"],
+                            capture_output=True, text=True)
+        if cp.returncode == 0:
+            return True, "the kernel created a wireguard link"
+        return False, f"kernel refused a wireguard link: {cp.stderr.strip() or cp.returncode}"
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)

@@ -1,0 +1,109 @@
+"""Cryptokey routing: longest-prefix match from IP address to peer, IPv4 and IPv6.
+
+One dict per prefix length, probed from the longest length present down. Real
+configurations use few distinct lengths (/32, /24, /128, /0 ...), so a lookup is a
+handful of dict probes on an int taken straight from the packet header.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Generic, TypeVar
+
+__all__ = ["AllowedIPs"]
+
+T = TypeVar("T")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Family(Generic[T]):
+    __slots__ = ("bits", "lengths", "tables")
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.tables: dict[int, dict[int, T]] = {}
+        self.lengths: list[int] = []  # descending
+
+    def insert(self, addr: int, plen: int, value: T) -> None:
+        t = self.tables.get(plen)
+        if t is None:
+            t = self.tables[plen] = {}
+            self.lengths = sorted(self.tables, reverse=True)
+        t[addr >> (self.bits - plen)] = value
+
+    def remove_where(self, value: T) -> None:
+        for plen in list(self.tables):
+            t = self.tables[plen]
+            for k in [k for k, v in t.items() if v is value]:
+                del t[k]
+            if not t:
+                del self.tables[plen]
+        self.lengths = sorted(self.tables, reverse=True)
+
+    def lookup(self, addr: int) -> T | None:
+        bits = self.bits
+        for plen in self.lengths:
+            v = self.tables[plen].get(addr >> (bits - plen))
+            if v is not None:
+                return v
+        return None
+
+    def entries(self, value: T) -> list[tuple[int, int]]:
+        return [(k << (self.bits - plen) if plen else 0, plen)
+                for plen, t in self.tables.items() for k, v in t.items() if v is value]
+
+
+class AllowedIPs(Generic[T]):
+    """Map networks to values (peers); a network given twice belongs to the last one."""
+
+    def __init__(self) -> None:
+        self._v4: _Family[T] = _Family(32)
+        self._v6: _Family[T] = _Family(128)
+
+    def insert(self, network: Network | str, value: T) -> None:
+        net = ipaddress.ip_network(network, strict=False)
+        fam = self._v4 if net.version == 4 else self._v6
+        fam.insert(int(net.network_address), net.prefixlen, value)
+
+    def remove_value(self, value: T) -> None:
+        self._v4.remove_where(value)
+        self._v6.remove_where(value)
+
+    def replace(self, value: T, networks: Iterable[Network | str]) -> None:
+        self.remove_value(value)
+        for n in networks:
+            self.insert(n, value)
+
+    def networks(self, value: T) -> list[Network]:
+        out: list[Network] = [ipaddress.IPv4Network((a, p)) for a, p in self._v4.entries(value)]
+        out += [ipaddress.IPv6Network((a, p)) for a, p in self._v6.entries(value)]
+        return sorted(out, key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+    def lookup_v4(self, addr: int) -> T | None:
+        return self._v4.lookup(addr)
+
+    def lookup_v6(self, addr: int) -> T | None:
+        return self._v6.lookup(addr)
+
+    def lookup(self, address: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -> T | None:
+        a = ipaddress.ip_address(address)
+        return self.lookup_v4(int(a)) if a.version == 4 else self.lookup_v6(int(a))
+
+    def lookup_packet_dst(self, pkt: bytes | memoryview) -> T | None:
+        """The peer for an IP packet's destination; None for non-IP or unrouted."""
+        return self._lookup_at(pkt, 16, 24)
+
+    def lookup_packet_src(self, pkt: bytes | memoryview) -> T | None:
+        """The peer an IP packet's source address belongs to (the inbound source check)."""
+        return self._lookup_at(pkt, 12, 8)
+
+    def _lookup_at(self, pkt: bytes | memoryview, off4: int, off6: int) -> T | None:
+        if not pkt:
+            return None
+        v = pkt[0] >> 4
+        if v == 4 and len(pkt) >= 20:
+            return self._v4.lookup(int.from_bytes(pkt[off4:off4 + 4], "big"))
+        if v == 6 and len(pkt) >= 40:
+            return self._v6.lookup(int.from_bytes(pkt[off6:off6 + 16], "big"))
+        return None

@@ -1,0 +1,209 @@
+"""The ``kernel`` tier: every kernel-marked test runs inside ONE virtme-ng VM.
+
+The host kernel has no WireGuard module, so on the host each selected
+``kernel`` test is replaced by a stand-in item. The first stand-in boots one VM
+(Debian's linux-image-amd64 under qemu, ``--disable-kvm``) that sees the host
+filesystem, runs ``pytest`` on all of them with this checkout and venv, and
+writes a JSON result per test into a shared directory. Each stand-in then
+reports its own test's outcome, so the host run shows per-test pass/fail, the
+VM's counts are printed, and a VM that fails to boot fails every kernel test.
+
+Inside the VM (``WGMESH_IN_VM=1``) the tests simply run, and this plugin
+records their outcomes.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+IN_VM = os.environ.get("WGMESH_IN_VM") == "1"
+VM_TIMEOUT = float(os.environ.get("WGMESH_VM_TIMEOUT", "1500"))
+VM_RESULTS = os.environ.get("WGMESH_VM_RESULTS")
+
+
+def find_kernel() -> tuple[str, str] | None:
+    """A /boot kernel whose module tree has WireGuard: (vmlinuz path, release)."""
+    for path in sorted(glob.glob("/boot/vmlinuz-*"), reverse=True):
+        release = path.split("vmlinuz-", 1)[1]
+        if glob.glob(f"/lib/modules/{release}/kernel/drivers/net/wireguard/wireguard.ko*"):
+            return path, release
+    return None
+
+
+def _host_has_kernel_wg() -> bool:
+    from wgmesh.wireguard.backend import kernel_wireguard_available
+
+    return os.geteuid() == 0 and kernel_wireguard_available()[0]
+
+
+_runners: list[VMRunner] = []
+
+
+class VMTestFailed(Exception):
+    pass
+
+
+class VMRunner:
+    """Boots the VM once for all kernel tests and holds their results."""
+
+    def __init__(self, config: pytest.Config, nodeids: list[str]) -> None:
+        self.config = config
+        self.nodeids = nodeids
+        self.results: dict[str, dict[str, Any]] | None = None
+        self.error: str | None = None
+        self.summary: str | None = None
+        _runners.append(self)
+
+    def skip_reason(self) -> str | None:
+        if os.geteuid() != 0:
+            return "kernel tier needs root to boot the VM"
+        if shutil.which("vng") is None and not (Path(sys.executable).parent / "vng").exists():
+            return "virtme-ng (vng) not installed: pip install -e '.[test]'"
+        if shutil.which("qemu-system-x86_64") is None:
+            return "qemu-system-x86 not installed (scripts/setup-debian.sh)"
+        if find_kernel() is None:
+            return "no /boot kernel with a WireGuard module (apt-get install linux-image-amd64)"
+        return None
+
+    def run(self) -> None:
+        kernel = find_kernel()
+        assert kernel is not None
+        vmlinuz, _release = kernel
+        rw = Path(tempfile.mkdtemp(prefix="wgmesh-vm-"))
+        results = rw / "results.json"
+        out = rw / "pytest.out"
+        root = str(self.config.rootpath)
+        script = rw / "run.sh"
+        script.write_text(
+            "#!/bin/sh\n"
+            "modprobe wireguard; modprobe tun\n"
+            f"cd {shlex.quote(root)}\n"
+            f"export WGMESH_IN_VM=1 WGMESH_VM_RESULTS={shlex.quote(str(results))}"
+            " PYTHONDONTWRITEBYTECODE=1 PATH="
+            f"{shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
+            f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -q -rA "
+            f"{' '.join(shlex.quote(n) for n in self.nodeids)} > {shlex.quote(str(out))} 2>&1\n"
+            f"echo $? > {shlex.quote(str(rw / 'rc'))}\n")
+        vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
+        argv = [vng, "--disable-kvm", "-r", vmlinuz, "--memory", "2G", "--cpus", "2",
+                "--rwdir", str(rw), "--exec", f"sh {script}"]
+        if os.environ.get("WGMESH_VM_KVM") == "1":
+            argv.remove("--disable-kvm")
+        started = time.monotonic()
+        try:
+            env = {**os.environ,
+                   "PATH": f"{Path(vng).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+            cp = subprocess.run(argv, capture_output=True, text=True, timeout=VM_TIMEOUT,
+                                stdin=subprocess.DEVNULL, cwd=str(rw), env=env)
+            boot_log = (cp.stdout + cp.stderr)[-3000:]
+        except subprocess.TimeoutExpired:
+            boot_log = f"VM timed out after {VM_TIMEOUT:.0f}s"
+        inner = out.read_text(errors="replace") if out.exists() else ""
+        if results.exists():
+            self.results = json.loads(results.read_text())
+        else:
+            self.error = (f"the VM produced no results.\n--- VM ---\n{boot_log}\n"
+                          f"--- pytest in VM ---\n{inner[-5000:]}")
+        counts: dict[str, int] = {}
+        for r in (self.results or {}).values():
+            counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+        summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no results"
+        self.summary = (f"{os.path.basename(vmlinuz)} under virtme-ng, {len(self.nodeids)} "
+                        f"test(s), {time.monotonic() - started:.0f}s: {summary}")
+        shutil.rmtree(rw, ignore_errors=True)
+
+    def result(self, nodeid: str) -> dict[str, Any]:
+        if self.results is None and self.error is None:
+            self.run()
+        if self.error is not None:
+            raise VMTestFailed(self.error)
+        assert self.results is not None
+        if nodeid not in self.results:
+            raise VMTestFailed(f"{nodeid} did not run in the VM")
+        return self.results[nodeid]
+
+
+class VMItem(pytest.Item):
+    """Stands in on the host for a kernel test that really runs in the VM."""
+
+    def __init__(self, *, runner: VMRunner, target: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.runner = runner
+        self.target = target
+
+    def runtest(self) -> None:
+        r = self.runner.result(self.target)
+        if r["outcome"] == "skipped":
+            pytest.skip(f"[in VM] {r['longrepr']}")
+        if r["outcome"] != "passed":
+            raise VMTestFailed(r["longrepr"])
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, VMTestFailed):
+            return f"[in VM] {excinfo.value}"
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Any, int | None, str]:
+        return self.path, None, f"[vm] {self.name}"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_VM:
+        return
+    kernel_items = [i for i in items if i.get_closest_marker("kernel")]
+    if not kernel_items or _host_has_kernel_wg():
+        return
+    runner = VMRunner(config, [i.nodeid for i in kernel_items])
+    reason = runner.skip_reason()
+    for idx, item in enumerate(items):
+        if not item.get_closest_marker("kernel"):
+            continue
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+            continue
+        stand_in = VMItem.from_parent(item.parent, name=item.name, runner=runner,
+                                      target=item.nodeid)
+        stand_in.own_markers.extend(item.own_markers)
+        items[idx] = stand_in
+
+
+_vm_results: dict[str, dict[str, Any]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not (IN_VM and VM_RESULTS):
+        return
+    if report.when == "call" or report.outcome != "passed":
+        prev = _vm_results.get(report.nodeid)
+        if prev and prev["outcome"] == "failed":
+            return  # keep the first failure (e.g. setup) over a later teardown pass
+        if report.skipped and isinstance(report.longrepr, tuple):
+            text = report.longrepr[2]
+        else:
+            text = str(report.longrepr or "")
+        _vm_results[report.nodeid] = {"outcome": report.outcome, "longrepr": text[-6000:]}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if IN_VM and VM_RESULTS:
+        Path(VM_RESULTS).write_text(json.dumps(_vm_results))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for runner in _runners:
+        if runner.summary:
+            terminalreporter.write_sep("-", "kernel tier (VM)")
+            terminalreporter.write_line(runner.summary)
