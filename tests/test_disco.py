@@ -1,0 +1,192 @@
+"""Disco codec: round trips, sealing, and silent drops for everything hostile."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wgmesh import disco, stun
+from wgmesh.disco import MAGIC, CallMeMaybe, Disco, Ping, Pong, is_disco
+from wgmesh.keys import Key, PrivateKey
+
+pytestmark = pytest.mark.unit
+
+A, B, C = PrivateKey.generate(), PrivateKey.generate(), PrivateKey.generate()
+
+
+class Wall:
+    def __init__(self, t: float = 1_700_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def pair(wall: Wall | None = None) -> tuple[Disco, Disco]:
+    w = wall or Wall()
+    return Disco(A, wall=w), Disco(B, wall=w)
+
+
+ipv4 = st.ip_addresses(v=4).map(str)
+ipv6 = st.ip_addresses(v=6).filter(lambda ip: ip.ipv4_mapped is None).map(str)
+addrs = st.tuples(st.one_of(ipv4, ipv6), st.integers(1, 65535))
+txids = st.binary(min_size=12, max_size=12)
+messages = st.one_of(
+    st.builds(Ping, txids, st.binary(min_size=32, max_size=32).map(Key.from_raw)),
+    st.builds(Pong, txids, addrs),
+    st.builds(CallMeMaybe, st.lists(addrs, max_size=disco.MAX_ENDPOINTS).map(tuple),
+              st.integers(0, 255)),
+)
+
+
+@given(messages)
+@settings(max_examples=150, deadline=None)
+def test_round_trip(msg: disco.Message) -> None:
+    a, b = pair()
+    wire = a.seal(B.public, msg)
+    assert is_disco(wire)
+    assert b.open(wire) == (A.public, msg)
+
+
+def test_ipv4_mapped_addresses_come_back_as_ipv4() -> None:
+    a, b = pair()
+    got = b.open(a.seal(B.public, Pong(b"x" * 12, ("::ffff:10.0.0.1", 5))))
+    assert got is not None and got[1] == Pong(b"x" * 12, ("10.0.0.1", 5))
+
+
+def test_magic_never_collides_with_wireguard_or_stun() -> None:
+    a, _ = pair()
+    wire = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    assert not stun.is_stun(wire)
+    assert wire[0] not in (1, 2, 3, 4) and wire[4:8] != struct.pack("!I", stun.MAGIC_COOKIE)
+    assert int.from_bytes(wire[:4], "big") == disco.BPF_WORD
+    for wg_type in (1, 2, 3, 4):
+        assert not is_disco(bytes([wg_type, 0, 0, 0]) + bytes(200))
+    assert not is_disco(stun.encode_binding_request())
+
+
+def test_wrong_recipient_is_dropped_and_counted() -> None:
+    a, _ = pair()
+    c = Disco(C, wall=Wall())
+    assert c.open(a.seal(B.public, Ping(disco.new_txid(), A.public))) is None
+    assert c.counters["drop_bad_box"] == 1
+
+
+def test_forged_sender_key_is_dropped() -> None:
+    a, b = pair()
+    wire = bytearray(a.seal(B.public, Ping(disco.new_txid(), A.public)))
+    wire[len(MAGIC):len(MAGIC) + 32] = C.public.raw
+    assert b.open(bytes(wire)) is None
+    assert b.counters["drop_bad_box"] == 1
+
+
+@pytest.mark.parametrize("cut", [0, 3, len(MAGIC), 40, disco.HEADER_LEN, disco.HEADER_LEN + 20])
+def test_truncated_is_dropped(cut: int) -> None:
+    a, b = pair()
+    wire = a.seal(B.public, Pong(disco.new_txid(), ("1.2.3.4", 9)))
+    assert b.open(wire[:cut]) is None
+    assert sum(v for k, v in b.counters.items() if k.startswith("drop_")) == 1
+
+
+def test_every_flipped_bit_is_dropped() -> None:
+    a, b = pair()
+    wire = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    for i in range(len(wire)):
+        bad = bytearray(wire)
+        bad[i] ^= 0x01
+        assert b.open(bytes(bad)) is None
+    assert b.counters["opened"] == 0
+
+
+def test_replay_is_dropped_once_seen() -> None:
+    a, b = pair()
+    wire = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    assert b.open(wire) is not None
+    assert b.open(wire) is None
+    assert b.counters["drop_replay"] == 1
+
+
+def test_replay_older_than_the_window_is_dropped() -> None:
+    wall = Wall()
+    a, b = pair(wall)
+    old = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    wall.t += disco.REPLAY_WINDOW + 1
+    assert b.open(a.seal(B.public, Ping(disco.new_txid(), A.public))) is not None
+    assert b.open(old) is None  # never seen, but older than the window
+    assert b.counters["drop_replay"] == 1
+
+
+def test_reordering_within_the_window_is_fine() -> None:
+    wall = Wall()
+    a, b = pair(wall)
+    first = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    wall.t += 5
+    second = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    assert b.open(second) is not None
+    assert b.open(first) is not None
+
+
+def test_flooding_sender_cannot_grow_state_without_bound() -> None:
+    a, b = pair()
+    wires = [a.seal(B.public, Ping(disco.new_txid(), A.public))
+             for _ in range(disco.MAX_NONCES_PER_SENDER + 50)]
+    for w in wires:
+        assert b.open(w) is not None
+    win = b._senders[A.public]
+    assert len(win.nonces) <= disco.MAX_NONCES_PER_SENDER
+    for w in wires:  # replays, including the evicted ones, stay refused
+        assert b.open(w) is None
+
+
+def test_version_and_body_checks_after_a_valid_box() -> None:
+    a, b = pair()
+    box = a._box(B.public)
+    bad_plains = [
+        struct.pack("!BBQ", 1, 9, 0) + bytes(44),           # unknown version
+        struct.pack("!BBQ", 9, 0, 0) + bytes(44),           # unknown type
+        struct.pack("!BBQ", 1, 0, 0) + bytes(43),           # short ping
+        struct.pack("!BBQ", 2, 0, 0) + bytes(30),           # pong with port 0
+        struct.pack("!BBQ", 3, 0, 0) + bytes(18),           # cmm without flags byte
+    ]
+    for plain in bad_plains:
+        nonce = disco.secrets.token_bytes(24)
+        wire = MAGIC + A.public.raw + nonce + box.encrypt(plain, nonce).ciphertext
+        assert b.open(wire) is None
+    assert b.counters["opened"] == 0
+    assert b.counters["drop_version"] == 1 and b.counters["drop_malformed"] == 4
+
+
+def test_own_messages_reflected_back_are_dropped() -> None:
+    a, _ = pair()
+    assert a.open(a.seal(B.public, Ping(disco.new_txid(), A.public))) is None
+    assert a.counters["drop_from_self"] == 1
+
+
+def test_too_many_endpoints_is_refused_at_seal() -> None:
+    a, _ = pair()
+    with pytest.raises(ValueError):
+        a.seal(B.public, CallMeMaybe(tuple(("1.1.1.1", p) for p in range(1, 70))))
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_fuzz_open_never_raises(data: bytes) -> None:
+    _, b = pair()
+    assert b.open(data) is None
+    assert b.open(MAGIC + data) is None
+
+
+@given(st.binary(min_size=0, max_size=200), st.integers(0, 255))
+@settings(max_examples=200, deadline=None)
+def test_fuzz_authenticated_garbage_never_raises(body: bytes, mtype: int) -> None:
+    """Even a peer holding a valid key cannot crash the parser."""
+    a, b = pair()
+    box = a._box(B.public)
+    nonce = disco.secrets.token_bytes(24)
+    plain = struct.pack("!BBQ", mtype, 0, 1) + body
+    wire = MAGIC + A.public.raw + nonce + box.encrypt(plain, nonce).ciphertext
+    got = b.open(wire)
+    assert got is None or got[0] == A.public
