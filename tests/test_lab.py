@@ -191,3 +191,9 @@ def test_lab_clean_removes_crashed_lab_only(lab: Lab) -> None:
     assert f"{prefix}-h" in cp.stdout
     assert _gone(prefix, pid, timeout=5)
     assert _ns_of(lab.prefix), "a live lab must survive `lab clean`"
+
+
+def test_hosts_on_one_lan_reach_each_other_directly(lab: Lab) -> None:
+    nat = lab.add_nat("office", "symmetric")
+    a, b = lab.add_host("a", nat), lab.add_host("b", nat)
+    lab.run(a, ["ping", "-c1", "-W2", b.ip])  # bridged on the LAN, never NATed

@@ -298,6 +298,11 @@ class Lab:
     def _ns_setup(self, ns: str) -> None:
         self._ip(ns, "link", "set", "lo", "up")
         self._sysctl(ns, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+        # Where br_netfilter is loaded (Docker hosts), bridged frames would also run
+        # through iptables and the NAT's FORWARD policy; a real switch does not do that.
+        _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0",
+             "net.bridge.bridge-nf-call-ip6tables=0", "net.bridge.bridge-nf-call-arptables=0"],
+            check=False)
 
     def _ip(self, ns: str, *args: str) -> None:
         _sh(["ip", "-n", ns, *args])
