@@ -1,0 +1,65 @@
+"""A Linux TUN interface: ``/dev/net/tun`` + TUNSETIFF, and link setup via ``ip``.
+
+Plain IFF_TUN|IFF_NO_PI: each read is one IP packet, each write injects one. The
+fd is non-blocking so the device loop can drain it in batches after ``poll``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import struct
+import subprocess
+from collections.abc import Iterable
+
+from wgmesh.wireguard.backend import BackendError
+
+__all__ = ["Tun", "link_exists"]
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+
+def _ip(*args: str) -> None:
+    cp = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if cp.returncode != 0:
+        raise BackendError(f"ip {' '.join(args)}: {cp.stderr.strip()}")
+
+
+def link_exists(name: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{name}")
+
+
+class Tun:
+    """An open TUN interface. Closing the fd removes the (non-persistent) interface."""
+
+    def __init__(self, name: str) -> None:
+        if not name or len(name) >= IFNAMSIZ or "/" in name:
+            raise BackendError(f"bad interface name {name!r}")
+        try:
+            self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise BackendError(f"cannot open /dev/net/tun: {e.strerror} (modprobe tun?)") from e
+        try:
+            ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+            fcntl.ioctl(self.fd, TUNSETIFF, ifr)
+        except OSError as e:
+            os.close(self.fd)
+            raise BackendError(f"TUNSETIFF {name}: {e.strerror}") from e
+        self.name = name
+
+    def configure(self, mtu: int, addresses: Iterable[ipaddress.IPv4Interface
+                                                     | ipaddress.IPv6Interface] = ()) -> None:
+        """Set MTU and addresses, and bring the link up."""
+        _ip("link", "set", "dev", self.name, "mtu", str(mtu))
+        for a in addresses:
+            _ip("addr", "replace", str(a), "dev", self.name)
+        _ip("link", "set", "dev", self.name, "up")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
