@@ -62,6 +62,7 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_lab,
+    __import__("wgmesh.wireguard.daemon", fromlist=["add_parser"]).add_parser,
 ]
 
 
