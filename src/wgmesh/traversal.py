@@ -1,0 +1,980 @@
+"""NAT traversal: one path state machine per peer, and the node's candidate list (sans-I/O).
+
+Every input is an event with the current (monotonic) time; every output is an
+action for a driver to carry out. Nothing here sleeps, reads a clock or opens a
+socket, so the tests run whole hole-punching scenarios on a fake clock.
+
+A peer's life (Tailscale's shape, with its timings):
+
+* It starts **relayed**: WireGuard goes through the relay, so the first packet
+  needs no traversal at all.
+* A **probe round** pings every candidate of the peer every ``probe_interval``
+  for ``round_duration`` and sends our candidates in a call-me-maybe via the
+  relay; the peer answers by pinging ours, so both NATs open at the same time.
+  A ping from an address we did not know is answered and pinged back (that is
+  how a path through a NAT is found even when its mapping was never published).
+* The first pong **commits** a direct path (``SetEndpoint``). Among working
+  paths the lowest latency wins, LAN and IPv6 scaled down so they are preferred,
+  and a path is only replaced by one ``hysteresis`` better, so it does not flap.
+* While the peer is active, **heartbeat** pings keep the path (and the NAT
+  mapping) alive every ``heartbeat_interval``; when pongs stop for
+  ``trust_timeout`` the peer goes back to the relay, asks for fresh candidates
+  (``RefreshCandidates``: re-STUN) and starts a new round at once.
+* Every ``reprobe_interval`` a new round looks for a better path, **forever**,
+  relayed or not.
+
+Kernel WireGuard (``confirm_handshake=True``): disco can pass where WireGuard
+cannot, so a committed path is only *trusted* once the peer stats show a
+WireGuard handshake newer than the commit, with the endpoint still on the
+path (``SetEndpoint.handshake`` asks the driver to force one, e.g. by
+re-adding the peer with a keepalive). Without one within ``handshake_timeout``
+the path is marked bad until the next round and the peer returns to the relay.
+WireGuard roams to the source of the latest authenticated packet, so while
+the other side still sends via the relay our kernel endpoint flips back to the
+loopback bridge. Two rules stop that flip-flop: once a path is trusted,
+``RelayIngress(enabled=False)`` tells the driver to stop injecting that peer's
+relayed packets (our direct packets make the peer's WireGuard roam to us); and
+a stats endpoint that flipped back to the relay while direct is re-asserted.
+A stats endpoint that moved to a *direct* address while relayed is pinged at
+once: the peer went direct first, follow it.
+
+Hard NAT on one side (``port_search``): the easy side asks (call-me-maybe with
+:data:`~wgmesh.disco.FLAG_PORT_SEARCH`); a userspace hard side opens
+``search_ports`` extra sockets (``OpenPorts``) and pings us from each, and we
+send up to ``search_probes`` pings to random ports of its public address, rate
+limited, within ``search_duration``: the birthday paradox gives ~98% for
+256 x 1024. A single-port hard side (kernel) gets a linear scan upwards from
+its published port instead. Both sides hard: no search, stay relayed.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import random
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal
+
+import attrs
+
+from wgmesh import disco
+from wgmesh.disco import FLAG_HARD_NAT, FLAG_MANY_PORTS, FLAG_PORT_SEARCH, Addr
+from wgmesh.keys import Key, PrivateKey
+from wgmesh.netmap import Endpoint
+
+__all__ = [
+    "RELAY",
+    "Action",
+    "Candidates",
+    "ClosePorts",
+    "ObservedAddr",
+    "OpenPorts",
+    "PathChanged",
+    "PathInfo",
+    "PathState",
+    "PeerPath",
+    "RefreshCandidates",
+    "RelayIngress",
+    "SendDisco",
+    "SendViaRelay",
+    "SetEndpoint",
+    "Traversal",
+    "TraversalConfig",
+    "is_lan",
+]
+
+
+class _Relay(enum.Enum):
+    RELAY = "relay"
+
+    def __repr__(self) -> str:
+        return "RELAY"
+
+
+#: The endpoint value meaning "through the relay" (kernel: the loopback bridge).
+RELAY = _Relay.RELAY
+
+_LAN_NETS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+    "fc00::/7", "fe80::/10"))
+
+
+def is_lan(ip: str) -> bool:
+    """Private or link-local (``is_private`` would also say yes to documentation ranges)."""
+    addr = ipaddress.ip_address(ip)
+    return any(addr in n for n in _LAN_NETS if n.version == addr.version)
+
+
+def norm(addr: tuple[str, int]) -> Addr:
+    """One spelling per address: IPv4-mapped IPv6 becomes IPv4, no scope, compressed."""
+    ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return (str(ip), int(addr[1]))
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@attrs.frozen
+class TraversalConfig:
+    """Timings (seconds) and switches. :meth:`kernel` and :meth:`userspace` are the presets."""
+
+    probe_interval: float = 0.5
+    round_duration: float = 5.0
+    heartbeat_interval: float = 3.0
+    trust_timeout: float = 6.5
+    ping_timeout: float = 3.5
+    reprobe_interval: float = 60.0
+    cmm_min_interval: float = 2.0
+    hysteresis: float = 0.2
+    lan_factor: float = 0.5
+    v6_factor: float = 0.9
+    extra_socket_factor: float = 1.2
+    #: ``None``: always active. Otherwise heartbeats stop this long after the last traffic.
+    active_timeout: float | None = 45.0
+    confirm_handshake: bool = False
+    handshake_timeout: float = 5.0
+    stop_relay_ingress: bool = True
+    port_search: bool = True
+    many_ports: bool = True
+    search_ports: int = 256
+    search_probes: int = 1024
+    search_duration: float = 20.0
+    search_delay: float = 0.5
+    search_rate: float = 100.0  # probes per second
+    max_candidates: int = 128
+
+    @classmethod
+    def kernel(cls, **kw: object) -> TraversalConfig:
+        """One WireGuard port, trust on handshake: no extra sockets, linear port scan."""
+        return cls(confirm_handshake=True, many_ports=False, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def userspace(cls, **kw: object) -> TraversalConfig:
+        return cls(**kw)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- actions
+
+
+@attrs.frozen
+class SendDisco:
+    """Send ``data`` to ``addr`` from socket ``sock`` (0: the WireGuard port)."""
+
+    addr: Addr
+    data: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+    sock: int = 0
+
+
+@attrs.frozen
+class SendViaRelay:
+    """Send ``data`` (sealed disco) to node ``key`` through the relay."""
+
+    key: Key
+    data: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+
+
+@attrs.frozen
+class SetEndpoint:
+    """Point the peer's WireGuard at ``endpoint`` (or :data:`RELAY`), sending from ``sock``.
+
+    ``handshake``: make WireGuard handshake afresh on it now (kernel trust needs one).
+    """
+
+    key: Key
+    endpoint: Addr | _Relay
+    sock: int = 0
+    handshake: bool = False
+
+
+@attrs.frozen
+class RelayIngress:
+    """Deliver (or, once direct is trusted, drop) WireGuard packets from ``key`` via the relay."""
+
+    key: Key
+    enabled: bool
+
+
+@attrs.frozen
+class OpenPorts:
+    """Open extra UDP sockets with these ids; disco received on them comes back with the id."""
+
+    key: Key
+    socks: tuple[int, ...]
+
+
+@attrs.frozen
+class ClosePorts:
+    key: Key
+    socks: tuple[int, ...]
+
+
+@attrs.frozen
+class PathChanged:
+    """An event for logs, status and the grid: the peer now goes ``path``."""
+
+    key: Key
+    path: Literal["direct", "relay"]
+    endpoint: Addr | None
+    reason: str
+    rtt: float | None = None
+    sock: int = 0
+
+
+@attrs.frozen
+class ObservedAddr:
+    """A peer saw us at ``addr`` from socket ``sock`` (a pong doubles as a STUN reply)."""
+
+    addr: Addr
+    sock: int = 0
+
+
+@attrs.frozen
+class RefreshCandidates:
+    """A path died: our published endpoints may be stale. Re-STUN and publish."""
+
+    reason: str
+
+
+Action = (SendDisco | SendViaRelay | SetEndpoint | RelayIngress | OpenPorts | ClosePorts
+          | PathChanged | ObservedAddr | RefreshCandidates)
+
+
+# Message-level outputs of PeerPath; Traversal seals them into SendDisco / SendViaRelay.
+@attrs.frozen
+class DiscoOut:
+    addr: Addr
+    sock: int
+    msg: disco.Message
+
+
+@attrs.frozen
+class RelayOut:
+    msg: disco.Message
+
+
+_Out = Action | DiscoOut | RelayOut
+
+
+# ---------------------------------------------------------------- local state
+
+
+@attrs.define
+class LocalInfo:
+    """What every PeerPath needs to know about this node."""
+
+    node_key: Key
+    candidates: tuple[Addr, ...] = ()
+    hard_nat: bool = False
+    _next_sock: int = 1
+
+    def alloc_socks(self, n: int) -> tuple[int, ...]:
+        ids = tuple(range(self._next_sock, self._next_sock + n))
+        self._next_sock += n
+        return ids
+
+
+class Candidates:
+    """This node's own endpoints: what it publishes to control and sends in call-me-maybe.
+
+    LAN addresses on the WireGuard port, STUN-reflexive IPv4/IPv6, and behind a
+    hard NAT a guess: the public IP with the local port (NATs that preserve ports
+    when they can). Each setter returns the new list when it changed, else ``None``,
+    so the node agent publishes only changes.
+    """
+
+    def __init__(self, local_port: int) -> None:
+        self.local_port = local_port
+        self._lan: tuple[str, ...] = ()
+        self._reflexive: tuple[Addr, ...] = ()
+        self._hard = False
+        self._current = self._build()
+
+    def _build(self) -> tuple[Endpoint, ...]:
+        out: dict[Addr, Endpoint] = {}
+        for ip in self._lan:
+            a = norm((ip, self.local_port))
+            out.setdefault(a, Endpoint(a[0], a[1], "local"))
+        for r in self._reflexive:
+            a = norm(r)
+            out.setdefault(a, Endpoint(a[0], a[1], "stun"))
+        if self._hard:
+            for r in self._reflexive:
+                a = norm((r[0], self.local_port))
+                out.setdefault(a, Endpoint(a[0], a[1], "guess"))
+        return tuple(out.values())
+
+    @property
+    def endpoints(self) -> tuple[Endpoint, ...]:
+        return self._current
+
+    @property
+    def addrs(self) -> tuple[Addr, ...]:
+        return tuple((e.ip, e.port) for e in self._current)
+
+    def update(self, *, lan: Iterable[str] | None = None,
+               reflexive: Iterable[Addr] | None = None, hard_nat: bool | None = None,
+               local_port: int | None = None) -> tuple[Endpoint, ...] | None:
+        """Replace any of the inputs; the new endpoint list if that changed it."""
+        if lan is not None:
+            self._lan = tuple(dict.fromkeys(ipaddress.ip_address(i).compressed for i in lan))
+        if reflexive is not None:
+            self._reflexive = tuple(dict.fromkeys(norm(r) for r in reflexive))
+        if hard_nat is not None:
+            self._hard = hard_nat
+        if local_port is not None:
+            self.local_port = local_port
+        new = self._build()
+        if new == self._current:
+            return None
+        self._current = new
+        return new
+
+
+# ---------------------------------------------------------------- per-peer machine
+
+
+class PathState(enum.Enum):
+    RELAY = "relay"
+    PENDING = "pending"  # committed, waiting for a WireGuard handshake (kernel)
+    DIRECT = "direct"
+
+
+@attrs.define
+class _Cand:
+    addr: Addr
+    sock: int
+    sources: set[str]
+    rtts: list[float] = attrs.field(factory=list)
+    last_pong: float | None = None
+    last_ping: float | None = None
+    unanswered_since: float | None = None
+    bad_until: float = float("-inf")
+
+    @property
+    def rtt(self) -> float | None:
+        return statistics.median(self.rtts) if self.rtts else None
+
+    def fresh(self, now: float, cfg: TraversalConfig) -> bool:
+        return self.last_pong is not None and now - self.last_pong <= cfg.trust_timeout
+
+    def dead_at(self, cfg: TraversalConfig) -> float | None:
+        """When unanswered pings make this path dead (None: no ping outstanding)."""
+        if self.unanswered_since is None:
+            return None
+        t = self.unanswered_since + cfg.ping_timeout
+        if self.last_pong is not None:
+            t = max(t, self.last_pong + cfg.trust_timeout)
+        return t
+
+
+@attrs.frozen
+class PathInfo:
+    """A peer's path, for ``status`` and the grid."""
+
+    state: PathState
+    endpoint: Addr | None
+    sock: int
+    rtt: float | None
+    since: float
+
+
+@attrs.define
+class _Search:
+    """The easy side's probe plan against a hard NAT."""
+
+    ports: Iterator[Addr]
+    start_at: float
+    end_at: float
+    sent: int = 0
+    next_at: float = 0.0
+
+
+_TICK = 0.05
+_PORTS = range(1024, 65536)
+_PENDING_TTL = 10.0
+
+CandKey = tuple[int, Addr]
+
+
+class PeerPath:
+    """The path state machine for one peer. Use through :class:`Traversal`, or alone in tests."""
+
+    def __init__(self, key: Key, local: LocalInfo, cfg: TraversalConfig, now: float, *,
+                 rng: random.Random | None = None) -> None:
+        self.key = key
+        self.local = local
+        self.cfg = cfg
+        self.rng = rng or random.Random()
+        self.state = PathState.RELAY
+        self.best: CandKey | None = None
+        self.since = now
+        self.counters: Counter[str] = Counter()
+        self.peer_flags = 0
+        self._cands: dict[CandKey, _Cand] = {}
+        self._pending: dict[bytes, tuple[CandKey, float, bool]] = {}
+        self._round_start = float("-inf")
+        self._round_until: float | None = None
+        self._next_probe = float("inf")
+        self._next_round = now
+        self._last_cmm = float("-inf")
+        self._last_cmm_round = float("-inf")
+        self._last_active = now
+        self._last_io: tuple[int, int] | None = None
+        self._last_hs: float | None = None
+        self._hs_baseline: float | None = None
+        self._pending_deadline: float | None = None
+        self._hs_elsewhere = False
+        self._last_reassert = float("-inf")
+        self._ingress = True
+        self._search: _Search | None = None
+        self._open_socks: tuple[int, ...] = ()
+        self._close_socks_at: float | None = None
+
+    # ---- queries ------------------------------------------------------------------
+    def info(self) -> PathInfo:
+        c = self._cands.get(self.best) if self.best else None
+        return PathInfo(self.state, c.addr if c else None, c.sock if c else 0,
+                        c.rtt if c else None, self.since)
+
+    def candidates(self) -> list[tuple[int, Addr, float | None]]:
+        return [(c.sock, c.addr, c.rtt) for c in self._cands.values()]
+
+    def _active(self, now: float) -> bool:
+        t = self.cfg.active_timeout
+        return t is None or now - self._last_active <= t
+
+    def _heartbeat_due(self, best: _Cand) -> float:
+        last = best.last_ping if best.last_ping is not None else self.since
+        return last + self.cfg.heartbeat_interval
+
+    def _score(self, c: _Cand) -> float:
+        s = c.rtt if c.rtt is not None else float("inf")
+        if is_lan(c.addr[0]):
+            s *= self.cfg.lan_factor
+        if ":" in c.addr[0]:
+            s *= self.cfg.v6_factor
+        if c.sock:
+            s *= self.cfg.extra_socket_factor
+        return s
+
+    def next_wakeup(self) -> float:
+        """The earliest time :meth:`tick` has something to do."""
+        t = [self._next_round]
+        if self._round_until is not None:
+            t += [self._round_until, self._next_probe]
+        if self._search is not None:
+            t.append(max(self._search.next_at, self._search.start_at))
+        if self._close_socks_at is not None:
+            t.append(self._close_socks_at)
+        if self._pending_deadline is not None:
+            t.append(self._pending_deadline)
+        best = self._cands.get(self.best) if self.best else None
+        if best is not None:
+            dead = best.dead_at(self.cfg)
+            if dead is not None:
+                t.append(dead)
+            due = self._heartbeat_due(best)
+            if self._active(due):
+                t.append(due)
+        return min(t)
+
+    # ---- candidates ---------------------------------------------------------------
+    def _cand(self, addr: Addr, sock: int, source: str) -> _Cand | None:
+        k = (sock, addr)
+        c = self._cands.get(k)
+        if c is None:
+            if len(self._cands) >= self.cfg.max_candidates:
+                self.counters["drop_too_many_candidates"] += 1
+                return None
+            c = self._cands[k] = _Cand(addr, sock, {source})
+        else:
+            c.sources.add(source)
+        return c
+
+    def _replace_source(self, source: str, addrs: Iterable[Addr]) -> bool:
+        """Set the sock-0 candidates from ``source``; True if any is new."""
+        want = {norm(a) for a in addrs}
+        for k, c in list(self._cands.items()):
+            if source in c.sources and c.addr not in want:
+                c.sources.discard(source)
+                if not c.sources and k != self.best:
+                    del self._cands[k]
+        new = False
+        for a in want:
+            new |= (0, a) not in self._cands
+            self._cand(a, 0, source)
+        return new
+
+    def set_endpoints(self, addrs: Iterable[Addr], now: float) -> list[_Out]:
+        """The peer's endpoints from the netmap; new ones start a round."""
+        if self._replace_source("netmap", addrs):
+            return self._start_round(now, "netmap")
+        return []
+
+    # ---- pings --------------------------------------------------------------------
+    def _ping(self, c: _Cand, now: float) -> DiscoOut:
+        txid = disco.new_txid()
+        self._pending[txid] = ((c.sock, c.addr), now, False)
+        c.last_ping = now
+        if c.unanswered_since is None:
+            c.unanswered_since = now
+        return DiscoOut(c.addr, c.sock, disco.Ping(txid, self.local.node_key))
+
+    def _cmm(self, now: float, flags: int = 0) -> RelayOut:
+        self._last_cmm = now
+        if self.local.hard_nat:
+            flags |= FLAG_HARD_NAT
+        if self.cfg.many_ports:
+            flags |= FLAG_MANY_PORTS
+        eps = tuple(self.local.candidates[:disco.MAX_ENDPOINTS])
+        return RelayOut(disco.CallMeMaybe(eps, flags))
+
+    def _start_round(self, now: float, why: str, *, cmm: bool = True) -> list[_Out]:
+        self.counters[f"round_{why}"] += 1
+        self._round_start = now
+        self._round_until = now + self.cfg.round_duration
+        self._next_round = now + self.cfg.reprobe_interval
+        out: list[_Out] = []
+        if cmm and now - self._last_cmm >= self.cfg.cmm_min_interval:
+            out.append(self._cmm(now))
+        return out + self._probe(now)
+
+    def _probe(self, now: float) -> list[_Out]:
+        self._next_probe = now + self.cfg.probe_interval
+        return [self._ping(c, now) for c in self._cands.values()
+                if c.bad_until <= now and not (c.last_pong is not None
+                                               and c.last_pong >= self._round_start)]
+
+    def kick(self, now: float, why: str = "kick") -> list[_Out]:
+        """Start a round now: our candidates or the network changed."""
+        self._last_cmm = float("-inf")
+        return self._start_round(now, why)
+
+    def on_traffic(self, now: float) -> None:
+        self._last_active = now
+
+    # ---- disco input --------------------------------------------------------------
+    def on_ping(self, src: Addr, sock: int, txid: bytes, now: float) -> list[_Out]:
+        src = norm(src)
+        out: list[_Out] = [DiscoOut(src, sock, disco.Pong(txid, src))]
+        c = self._cand(src, sock, "peer")
+        if c is not None and not c.fresh(now, self.cfg) and (
+                c.last_ping is None or now - c.last_ping >= self.cfg.probe_interval / 2):
+            out.append(self._ping(c, now))
+        return out
+
+    def on_pong(self, src: Addr, sock: int, pong: disco.Pong, now: float) -> list[_Out]:
+        src = norm(src)
+        p = self._pending.get(pong.txid)
+        if p is None:
+            self.counters["drop_stray_pong"] += 1
+            return []
+        key, sent_at, search = p
+        if key != (sock, src):
+            self.counters["drop_pong_wrong_source"] += 1
+            return []
+        del self._pending[pong.txid]
+        c = self._cand(src, sock, "search" if search else "peer")
+        if c is None:
+            return []
+        c.rtts = [*c.rtts[-2:], now - sent_at]
+        c.last_pong = now
+        c.unanswered_since = None
+        out: list[_Out] = [ObservedAddr(norm(pong.src), sock)]
+        if search and self._search is not None:
+            self.counters["search_hit"] += 1
+            self._search = None
+        return out + self._select(now)
+
+    def on_call_me_maybe(self, cmm: disco.CallMeMaybe, now: float) -> list[_Out]:
+        self.peer_flags = cmm.flags
+        self._replace_source("cmm", cmm.endpoints)
+        out: list[_Out] = []
+        if cmm.flags & FLAG_PORT_SEARCH:
+            out += self._open_search_ports(now)
+        if now - self._last_cmm_round < self.cfg.cmm_min_interval:
+            self.counters["cmm_rate_limited"] += 1
+            return out
+        self._last_cmm_round = now
+        return out + self._start_round(now, "cmm")
+
+    # ---- choosing -----------------------------------------------------------------
+    def _select(self, now: float) -> list[_Out]:
+        fresh = [c for c in self._cands.values()
+                 if c.fresh(now, self.cfg) and c.bad_until <= now]
+        if not fresh:
+            return []
+        cand = min(fresh, key=self._score)
+        cur = self._cands.get(self.best) if self.best else None
+        if cur is cand:
+            return []
+        if cur is not None:
+            dead = cur.dead_at(self.cfg)
+            if (dead is None or now < dead) and \
+                    self._score(cand) >= self._score(cur) * (1 - self.cfg.hysteresis):
+                return []
+        return self._commit(cand, now, "better" if cur else "pong")
+
+    def _commit(self, c: _Cand, now: float, reason: str) -> list[_Out]:
+        self.best = (c.sock, c.addr)
+        self.counters["commit"] += 1
+        out: list[_Out] = [SetEndpoint(self.key, c.addr, c.sock, self.cfg.confirm_handshake)]
+        if self.cfg.confirm_handshake:
+            self.state = PathState.PENDING
+            self._pending_deadline = now + self.cfg.handshake_timeout
+            self._hs_baseline = self._last_hs
+            self._hs_elsewhere = False
+            return out
+        return out + self._confirm(now, reason)
+
+    def _confirm(self, now: float, reason: str) -> list[_Out]:
+        self.state = PathState.DIRECT
+        self._pending_deadline = None
+        self.since = now
+        c = self._cands[self.best]  # type: ignore[index]
+        out: list[_Out] = []
+        if self.cfg.stop_relay_ingress and self._ingress:
+            self._ingress = False
+            out.append(RelayIngress(self.key, False))
+        out.append(PathChanged(self.key, "direct", c.addr, reason, c.rtt, c.sock))
+        return out
+
+    def _to_relay(self, now: float, reason: str) -> list[_Out]:
+        was = self.state
+        self.state = PathState.RELAY
+        self.best = None
+        self._pending_deadline = None
+        self.since = now
+        out: list[_Out] = [SetEndpoint(self.key, RELAY)]
+        if not self._ingress:
+            self._ingress = True
+            out.append(RelayIngress(self.key, True))
+        if was is PathState.DIRECT:
+            out.append(PathChanged(self.key, "relay", None, reason))
+        self.counters[f"to_relay_{reason}"] += 1
+        return out
+
+    # ---- WireGuard stats ----------------------------------------------------------
+    def on_wg_stats(self, now: float, endpoint: Addr | _Relay | None,
+                    last_handshake: float | None, rx_bytes: int = 0,
+                    tx_bytes: int = 0) -> list[_Out]:
+        """Peer stats from the data plane; feed them about once a second.
+
+        ``endpoint`` as the data plane reports it, with the relay bridge given as
+        :data:`RELAY`. ``last_handshake`` in any clock, compared only with itself.
+        """
+        io = (rx_bytes, tx_bytes)
+        if self._last_io is not None and io != self._last_io:
+            self._last_active = now
+        self._last_io = io
+        ep = endpoint if endpoint is None or endpoint is RELAY else norm(endpoint)  # type: ignore[arg-type]
+        out: list[_Out] = []
+        best = self._cands.get(self.best) if self.best else None
+        if best is not None:
+            fresh_hs = last_handshake is not None and (
+                self._hs_baseline is None or last_handshake > self._hs_baseline)
+            if self.state is PathState.PENDING and fresh_hs and ep == best.addr:
+                out += self._confirm(now, "handshake")
+            elif ep is RELAY and now - self._last_reassert >= 1.0:
+                self._hs_elsewhere |= self.state is PathState.PENDING and fresh_hs
+                # WireGuard roamed back to the bridge (the peer still sends via the relay).
+                self._last_reassert = now
+                self.counters["reassert_direct"] += 1
+                out.append(SetEndpoint(self.key, best.addr, best.sock))
+        if ep is not None and ep is not RELAY and (best is None or ep != best.addr):
+            c = self._cand(ep, 0, "wg")  # type: ignore[arg-type]
+            if c is not None and not c.fresh(now, self.cfg) and (
+                    c.last_ping is None or now - c.last_ping >= self.cfg.probe_interval):
+                self.counters["follow_wg_roam"] += 1
+                out.append(self._ping(c, now))
+        self._last_hs = last_handshake
+        return out
+
+    # ---- port search --------------------------------------------------------------
+    def _peer_public_v4(self) -> list[Addr]:
+        return [c.addr for c in self._cands.values()
+                if c.sock == 0 and c.sources & {"netmap", "cmm"}
+                and ":" not in c.addr[0] and not is_lan(c.addr[0])]
+
+    def _maybe_search(self, now: float) -> list[_Out]:
+        if not (self.cfg.port_search and self.state is PathState.RELAY
+                and self._search is None and not self.local.hard_nat
+                and self.peer_flags & FLAG_HARD_NAT):
+            return []
+        targets = self._peer_public_v4()
+        if not targets:
+            return []
+        self.counters["search_started"] += 1
+        ip, base = targets[0]
+        n = self.cfg.search_probes
+        if self.peer_flags & FLAG_MANY_PORTS:
+            ports: Iterable[int] = self.rng.sample(_PORTS, n)
+        else:
+            span = len(_PORTS)
+            ports = (_PORTS[(base - _PORTS.start + i) % span] for i in range(1, n + 1))
+        start = now + self.cfg.search_delay
+        self._search = _Search(((ip, p) for p in ports), start, now + self.cfg.search_duration,
+                               next_at=start)
+        return [self._cmm(now, FLAG_PORT_SEARCH)]
+
+    def _search_step(self, now: float) -> list[_Out]:
+        s = self._search
+        if s is None or now < s.next_at:
+            return []
+        if now >= s.end_at or s.sent >= self.cfg.search_probes:
+            self._search = None
+            self.counters["search_miss"] += 1
+            return []
+        budget = min(self.cfg.search_probes, int((now - s.start_at) * self.cfg.search_rate) + 1)
+        out: list[_Out] = []
+        for addr in s.ports:
+            txid = disco.new_txid()
+            self._pending[txid] = ((0, addr), now, True)
+            out.append(DiscoOut(addr, 0, disco.Ping(txid, self.local.node_key)))
+            s.sent += 1
+            if s.sent >= budget:
+                break
+        self.counters["search_probes"] += len(out)
+        s.next_at = now + _TICK if s.sent < self.cfg.search_probes else s.end_at
+        return out
+
+    def _open_search_ports(self, now: float) -> list[_Out]:
+        """Hard side: open many mappings towards the easy side, one per extra socket."""
+        if not (self.cfg.port_search and self.cfg.many_ports and self.local.hard_nat):
+            return []
+        out: list[_Out] = []
+        if not self._open_socks:
+            self._open_socks = self.local.alloc_socks(self.cfg.search_ports)
+            out.append(OpenPorts(self.key, self._open_socks))
+        self._close_socks_at = now + self.cfg.search_duration + self.cfg.round_duration
+        for sock in self._open_socks:
+            for addr in self._peer_public_v4():
+                c = self._cand(addr, sock, "search")
+                if c is not None:
+                    out.append(self._ping(c, now))
+        self.counters["search_ports_opened"] += 1
+        return out
+
+    def _close_ports(self, keep: int | None) -> list[_Out]:
+        close = tuple(s for s in self._open_socks if s != keep)
+        self._open_socks = (keep,) if keep in self._open_socks else ()
+        self._close_socks_at = None
+        for k in [k for k in self._cands if k[0] in close]:
+            del self._cands[k]
+        return [ClosePorts(self.key, close)] if close else []
+
+    # ---- timers -------------------------------------------------------------------
+    def tick(self, now: float) -> list[_Out]:
+        out: list[_Out] = []
+        for txid, (_k, sent, _s) in list(self._pending.items()):
+            if now - sent > _PENDING_TTL:
+                del self._pending[txid]
+        if now >= self._next_round:
+            out += self._start_round(now, "reprobe")
+        if self._round_until is not None:
+            if now >= self._round_until:
+                self._round_until = None
+                out += self._maybe_search(now)
+            elif now >= self._next_probe:
+                out += self._probe(now)
+        out += self._search_step(now)
+        if self._close_socks_at is not None and now >= self._close_socks_at:
+            out += self._close_ports(self.best[0] if self.best and self.best[0] else None)
+        best = self._cands.get(self.best) if self.best else None
+        if best is not None:
+            dead = best.dead_at(self.cfg)
+            if dead is not None and now >= dead:
+                return out + self._path_lost(best, now)
+            if self._pending_deadline is not None and now >= self._pending_deadline:
+                if self._hs_elsewhere:  # WireGuard works; the peer just had not switched
+                    self.counters["handshake_via_relay"] += 1
+                    return out + self._to_relay(now, "peer-on-relay") + self._select(now)
+                best.bad_until = self._next_round
+                self.counters["no_handshake"] += 1
+                return out + self._to_relay(now, "no-handshake") + self._select(now)
+            if self._active(now) and now >= self._heartbeat_due(best):
+                out.append(self._ping(best, now))
+        return out
+
+    def _path_lost(self, best: _Cand, now: float) -> list[_Out]:
+        best.rtts.clear()
+        best.last_pong = best.unanswered_since = None
+        out = self._to_relay(now, "pongs-stopped")
+        alt = self._select(now)
+        if alt:
+            return out + alt
+        return [*out, RefreshCandidates(f"path to {self.key.short()} lost"),
+                *self.kick(now, "lost")]
+
+    def close(self) -> list[_Out]:
+        """The peer is gone: release its extra sockets."""
+        return self._close_ports(None)
+
+
+# ---------------------------------------------------------------- the node's traversal
+
+
+class Traversal:
+    """All peers of one node: routes disco in, seals disco out, aggregates timers.
+
+    Driver contract (see :mod:`wgmesh.traversal` docs and ``traversal_udp``):
+
+    * feed every datagram that :func:`~wgmesh.disco.is_disco` accepts to
+      :meth:`on_udp` (with the id of the socket it came in on, 0 for the
+      WireGuard port), and disco from the relay to :meth:`on_relay`;
+    * feed peer stats (about 1/s) to :meth:`on_wg_stats`;
+    * call :meth:`tick` at :meth:`next_wakeup`;
+    * carry out every returned action, in order.
+    """
+
+    def __init__(self, disco_private: PrivateKey, node_key: Key,
+                 cfg: TraversalConfig | None = None, *,
+                 wall: Callable[[], float] | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.cfg = cfg or TraversalConfig()
+        self.disco = disco.Disco(disco_private, **({"wall": wall} if wall else {}))
+        self.local = LocalInfo(node_key)
+        self.peers: dict[Key, PeerPath] = {}
+        self._disco_keys: dict[Key, Key] = {}  # node key -> disco key
+        self._by_disco: dict[Key, Key] = {}    # disco key -> node key
+        self._observed: set[tuple[Addr, int]] = set()
+        self._rng = rng or random.Random()
+        self.counters: Counter[str] = Counter()
+
+    @property
+    def disco_public(self) -> Key:
+        return self.disco.public
+
+    # ---- peers & local ------------------------------------------------------------
+    def upsert_peer(self, node_key: Key, disco_key: Key, endpoints: Iterable[Addr],
+                    now: float) -> list[Action]:
+        """Add a peer (relayed, probing at once) or update its disco key and endpoints."""
+        old = self._disco_keys.get(node_key)
+        if old is not None and old != disco_key:
+            self._by_disco.pop(old, None)
+        self._disco_keys[node_key] = disco_key
+        self._by_disco[disco_key] = node_key
+        peer = self.peers.get(node_key)
+        out: list[_Out] = []
+        if peer is None:
+            peer = self.peers[node_key] = PeerPath(node_key, self.local, self.cfg, now,
+                                                   rng=self._rng)
+            out.append(SetEndpoint(node_key, RELAY))
+        out += peer.set_endpoints(endpoints, now)
+        return self._wire(peer, out)
+
+    def remove_peer(self, node_key: Key) -> list[Action]:
+        peer = self.peers.pop(node_key, None)
+        disco_key = self._disco_keys.pop(node_key, None)
+        if disco_key is not None:
+            self._by_disco.pop(disco_key, None)
+        return self._wire(peer, peer.close()) if peer else []
+
+    def set_local(self, candidates: Iterable[Addr | Endpoint], now: float, *,
+                  hard_nat: bool | None = None) -> list[Action]:
+        """Our own endpoints (and NAT hardness) changed: tell every peer in a new round."""
+        cands = tuple(norm((c.ip, c.port) if isinstance(c, Endpoint) else c)
+                      for c in candidates)
+        changed = cands != self.local.candidates or (
+            hard_nat is not None and hard_nat != self.local.hard_nat)
+        self.local.candidates = cands
+        if hard_nat is not None:
+            self.local.hard_nat = hard_nat
+        if not changed:
+            return []
+        return [a for p in self.peers.values() for a in self._wire(p, p.kick(now, "local"))]
+
+    def network_changed(self, now: float) -> list[Action]:
+        """Interfaces or routes changed: re-STUN and re-probe everyone."""
+        out: list[Action] = [RefreshCandidates("network changed")]
+        for p in self.peers.values():
+            out += self._wire(p, p.kick(now, "network"))
+        return out
+
+    # ---- input --------------------------------------------------------------------
+    def on_udp(self, data: bytes, src: tuple[str, int], now: float, sock: int = 0
+               ) -> list[Action]:
+        opened = self.disco.open(data)
+        if opened is None:
+            return []
+        sender, msg = opened
+        node = self._by_disco.get(sender)
+        peer = self.peers.get(node) if node else None
+        if peer is None:
+            self.counters["drop_unknown_sender"] += 1
+            return []
+        if isinstance(msg, disco.Ping):
+            if msg.node_key != node:
+                self.counters["drop_node_key_mismatch"] += 1
+                return []
+            return self._wire(peer, peer.on_ping(src, sock, msg.txid, now))
+        if isinstance(msg, disco.Pong):
+            return self._wire(peer, peer.on_pong(src, sock, msg, now))
+        return self._wire(peer, peer.on_call_me_maybe(msg, now))
+
+    def on_relay(self, src_node: Key, data: bytes, now: float) -> list[Action]:
+        """Disco that came through the relay from ``src_node`` (the relay vouches for it)."""
+        opened = self.disco.open(data)
+        if opened is None:
+            return []
+        sender, msg = opened
+        if self._by_disco.get(sender) != src_node or src_node not in self.peers:
+            self.counters["drop_relay_sender_mismatch"] += 1
+            return []
+        if not isinstance(msg, disco.CallMeMaybe):
+            self.counters["drop_relay_not_cmm"] += 1
+            return []
+        peer = self.peers[src_node]
+        return self._wire(peer, peer.on_call_me_maybe(msg, now))
+
+    def on_wg_stats(self, node_key: Key, now: float, endpoint: Addr | _Relay | None,
+                    last_handshake: float | None, rx_bytes: int = 0, tx_bytes: int = 0
+                    ) -> list[Action]:
+        peer = self.peers.get(node_key)
+        if peer is None:
+            return []
+        return self._wire(peer, peer.on_wg_stats(now, endpoint, last_handshake,
+                                                 rx_bytes, tx_bytes))
+
+    def on_traffic(self, node_key: Key, now: float) -> None:
+        if (peer := self.peers.get(node_key)) is not None:
+            peer.on_traffic(now)
+
+    def tick(self, now: float) -> list[Action]:
+        out: list[Action] = []
+        for p in list(self.peers.values()):
+            if p.next_wakeup() <= now:
+                out += self._wire(p, p.tick(now))
+        return out
+
+    def next_wakeup(self) -> float | None:
+        return min((p.next_wakeup() for p in self.peers.values()), default=None)
+
+    def path(self, node_key: Key) -> PathInfo | None:
+        p = self.peers.get(node_key)
+        return p.info() if p else None
+
+    # ---- output -------------------------------------------------------------------
+    def _wire(self, peer: PeerPath, outs: Iterable[_Out]) -> list[Action]:
+        disco_key = self._disco_keys.get(peer.key)
+        res: list[Action] = []
+        for o in outs:
+            if isinstance(o, DiscoOut):
+                if disco_key is not None:
+                    res.append(SendDisco(o.addr, self.disco.seal(disco_key, o.msg), o.sock))
+            elif isinstance(o, RelayOut):
+                if disco_key is not None:
+                    res.append(SendViaRelay(peer.key, self.disco.seal(disco_key, o.msg)))
+            elif isinstance(o, ObservedAddr):
+                if (o.addr, o.sock) not in self._observed:
+                    if len(self._observed) > 1024:
+                        self._observed.clear()
+                    self._observed.add((o.addr, o.sock))
+                    res.append(o)
+            else:
+                res.append(o)
+        return res
