@@ -63,6 +63,7 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     _add_lab,
     __import__("wgmesh.wireguard.daemon", fromlist=["add_parser"]).add_parser,
+    __import__("wgmesh.relay_server", fromlist=["add_parser"]).add_parser,
 ]
 
 
