@@ -163,7 +163,13 @@ def test_exception_cleans_up() -> None:
     assert _gone(prefix, pid)
 
 
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
 def test_failing_pytest_leaves_nothing(tmp_path: Path) -> None:
+    links_before = _root_links()
     test = tmp_path / "test_fails.py"
     test.write_text(textwrap.dedent("""
         from wgmesh.lab import Lab
@@ -179,6 +185,7 @@ def test_failing_pytest_leaves_nothing(tmp_path: Path) -> None:
     assert cp.returncode == 1, cp.stdout
     _, prefix, pid = next(line for line in cp.stdout.splitlines() if "LAB" in line).split()[-3:]
     assert _gone(prefix, int(pid), timeout=5)
+    assert not {n for n in _root_links() - links_before if n.startswith(("veth", "eth", "p", "w"))}
 
 
 def test_lab_clean_removes_crashed_lab_only(lab: Lab) -> None:
