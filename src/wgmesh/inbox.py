@@ -1,0 +1,210 @@
+"""The receiving end of a file drop on disk: ``state_dir/inbox``.
+
+Files arrive into a resume area (``inbox/.partial``), named by a hash of who
+sent what, and appear in the inbox only by an atomic hard link once their
+digest checks out, so a name in the inbox is always a complete file; a clash
+gets a ``name (1).ext`` suffix instead of overwriting, because ``link(2)``
+never replaces. Names are validated here, once, for every caller: a name is a
+single path component that is also portable (no Windows device names, no
+characters other systems forbid), because received files are meant to be
+moved on to anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import time
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+
+from wgmesh.errors import WgmeshError
+
+__all__ = [
+    "MAX_NAME_BYTES",
+    "BadName",
+    "Inbox",
+    "InboxFile",
+    "check_name",
+]
+
+MAX_NAME_BYTES = 255
+PARTIAL_DIR = ".partial"
+_FORBIDDEN = set('/\\:*?"<>|')
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
+                    *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+
+
+class BadName(WgmeshError, ValueError):
+    """A file name that is not one safe, portable path component."""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a safe base name for the inbox, else raise :class:`BadName`.
+
+    Refused: empty, ``.``/``..`` and any leading dot (hidden files, and the
+    resume area lives there), path separators, NUL and every other control or
+    bidi-formatting character (names that lie on a terminal), characters
+    Windows forbids, trailing dots or spaces, device names such as ``CON`` or
+    ``lpt1.txt``, and more than 255 bytes of UTF-8.
+    """
+    if not name:
+        raise BadName("empty file name")
+    if name.startswith("."):
+        raise BadName(f"file name {name!r} starts with a dot (., .. and hidden names are refused)")
+    bad = sorted({c for c in name if c in _FORBIDDEN or unicodedata.category(c) in ("Cc", "Cf",
+                                                                                     "Cs")})
+    if bad:
+        raise BadName(f"file name {name!r} contains forbidden characters {''.join(bad)!r}"
+                      " (path separators, control or formatting characters, or :*?\"<>|)")
+    if name.endswith((" ", ".")):
+        raise BadName(f"file name {name!r} ends with a space or a dot")
+    if name.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
+        raise BadName(f"file name {name!r} is a reserved device name")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise BadName(f"file name is longer than {MAX_NAME_BYTES} bytes")
+    return name
+
+
+def suffixed(name: str, n: int) -> str:
+    """``report.tar.gz`` -> ``report (n).tar.gz``: the suffix goes before every extension."""
+    if n == 0:
+        return name
+    stem, dot, ext = name.partition(".")
+    return f"{stem} ({n}){dot}{ext}"
+
+
+@attrs.frozen
+class InboxFile:
+    """A complete file waiting in the inbox."""
+
+    name: str
+    size: int
+    mtime: float
+    path: Path
+
+
+class Inbox:
+    """``state_dir/inbox``: completed files at the top, resumable partials in ``.partial``."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.dir = Path(directory)
+        self.partial_dir = self.dir / PARTIAL_DIR
+
+    def create(self) -> None:
+        self.partial_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # ---- the resume area -------------------------------------------------------------
+    def partial_path(self, sender: str, name: str, size: int, sha256: str) -> Path:
+        """Where this exact offer (sender, name, size, digest) accumulates.
+
+        Keyed by all four, so a changed file or another sender never resumes
+        onto the wrong bytes.
+        """
+        key = hashlib.sha256(f"{sender}\0{name}\0{size}\0{sha256}".encode()).hexdigest()[:32]
+        return self.partial_dir / f"{key}.part"
+
+    def usage(self, exclude: Path | None = None) -> int:
+        """Bytes held: completed files plus partials (except ``exclude``)."""
+        total = 0
+        for d in (self.dir, self.partial_dir):
+            with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
+                for e in it:
+                    if e.is_file(follow_symlinks=False) and Path(e.path) != exclude:
+                        total += e.stat(follow_symlinks=False).st_size
+        return total
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.dir)
+        return st.f_bavail * st.f_frsize
+
+    def prune_partials(self, max_age: float, now: float | None = None) -> int:
+        """Delete partials untouched for ``max_age`` seconds; returns how many."""
+        now = time.time() if now is None else now
+        n = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.partial_dir) as it:
+            for e in it:
+                if e.is_file(follow_symlinks=False) and now - e.stat().st_mtime > max_age:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(e.path)
+                        n += 1
+        return n
+
+    def commit(self, partial: Path, name: str) -> Path:
+        """Publish a verified partial as ``name`` (or ``name (n)``) and drop the partial."""
+        final = link_no_replace(partial, self.dir, check_name(name))
+        os.unlink(partial)
+        _fsync_dir(self.dir)
+        return final
+
+    # ---- for the person receiving ----------------------------------------------------
+    def list(self) -> list[InboxFile]:
+        """Complete files, oldest first. Partials and hidden names never show."""
+        out = []
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.dir) as it:
+            for e in it:
+                if not e.name.startswith(".") and e.is_file(follow_symlinks=False):
+                    st = e.stat(follow_symlinks=False)
+                    out.append(InboxFile(e.name, st.st_size, st.st_mtime, Path(e.path)))
+        return sorted(out, key=lambda f: (f.mtime, f.name))
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> list[InboxFile]:
+        """Block until the inbox holds a file (or ``timeout`` passes); returns :meth:`list`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (files := self.list()):
+            if deadline is not None and time.monotonic() >= deadline:
+                return []
+            time.sleep(poll)
+        return files
+
+    def move_to(self, dest: str | os.PathLike[str],
+                files: Iterable[InboxFile] | None = None) -> list[Path]:
+        """Move files (default: all) into ``dest``, never overwriting; returns the new paths.
+
+        Same file system: a hard link, then the inbox name goes. Across file
+        systems: a copy under a hidden temporary name first, so ``dest`` never
+        shows a half-copied file either.
+        """
+        dest = Path(dest)
+        moved = []
+        for f in self.list() if files is None else files:
+            try:
+                target = link_no_replace(f.path, dest, f.name)
+            except OSError as e:
+                if e.errno != errno.EXDEV:
+                    raise
+                tmp = dest / f".{f.name}.wgmesh-tmp"
+                shutil.copyfile(f.path, tmp)
+                try:
+                    target = link_no_replace(tmp, dest, f.name)
+                finally:
+                    tmp.unlink()
+            f.path.unlink()
+            moved.append(target)
+        return moved
+
+
+def link_no_replace(src: Path, directory: Path, name: str) -> Path:
+    """Hard-link ``src`` into ``directory`` as ``name``, suffixing on a clash."""
+    for n in range(10_000):
+        target = directory / suffixed(name, n)
+        try:
+            os.link(src, target, follow_symlinks=False)
+            return target
+        except FileExistsError:
+            continue
+    raise WgmeshError(f"{directory}: too many files named like {name!r}")
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
