@@ -94,6 +94,11 @@ class Endpoint:
         return _endpoint({"ip": host.strip("[]"), "port": _int_of(port, text), "kind": kind},
                          "endpoint")
 
+    @classmethod
+    def from_json(cls, obj: Any) -> Endpoint:
+        """Validate ``{"ip", "port", "kind"}``; :class:`NetmapFormatError` if malformed."""
+        return _endpoint(obj, "endpoint")
+
 
 @attrs.frozen
 class NodeInfo:
@@ -114,6 +119,10 @@ class NodeInfo:
 
     def expired(self, now: float) -> bool:
         return 0 < self.key_expiry <= now
+
+    @classmethod
+    def from_json(cls, obj: Any) -> NodeInfo:
+        return _nodeinfo(_dict(obj, "node"), "node")
 
 
 @attrs.frozen

@@ -1,0 +1,263 @@
+"""Blocking control client (requests): registration, the netmap stream, node reports, admin.
+
+A node uses :meth:`ControlClient.register` once (it proves it holds its private
+key by opening a NaCl box sealed to its public key; the key never leaves the
+process), then :meth:`ControlClient.follow`, which yields the current
+:class:`~wgmesh.netmap.Netmap` after every message and survives disconnects:
+it reconnects with exponential backoff and jitter and resumes from the last
+sequence number it saw. Provisioning scripts use the admin methods with an API
+key. Every error the server reports becomes :class:`ControlAPIError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import attrs
+import requests
+from nacl.public import Box
+from nacl.public import PublicKey as NaclPublicKey
+
+from wgmesh import netmap as nm
+from wgmesh.control.errors import ControlAPIError
+from wgmesh.errors import WgmeshError
+from wgmesh.keys import Key, PrivateKey
+
+__all__ = ["Backoff", "ControlClient", "Registered"]
+
+
+@attrs.define
+class Backoff:
+    """Exponential backoff with full jitter (sans-I/O: the caller sleeps)."""
+
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    attempt: int = 0
+    rng: random.Random = attrs.field(factory=random.Random)
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2 ** self.attempt)
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@attrs.frozen
+class Registered:
+    node: nm.NodeInfo
+    node_token: str
+
+
+class ControlClient:
+    """One control server. ``node_token`` for node calls, ``api_key`` for admin calls."""
+
+    def __init__(self, url: str, *, node_token: str | None = None, api_key: str | None = None,
+                 timeout_s: float = 10.0, stream_timeout_s: float = 45.0) -> None:
+        self.url = url.rstrip("/")
+        self.node_token, self.api_key = node_token, api_key
+        self.timeout_s, self.stream_timeout_s = timeout_s, stream_timeout_s
+        self.session = requests.Session()
+        self.last_seq: int | None = None
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- plumbing
+    def _headers(self, cred: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {cred}"} if cred else {}
+
+    def _call(self, method: str, path: str, cred: str | None = None,
+              body: dict[str, Any] | None = None, params: dict[str, Any] | None = None) -> Any:
+        try:
+            r = self.session.request(method, self.url + path, json=body, params=params,
+                                     headers=self._headers(cred), timeout=self.timeout_s)
+        except requests.RequestException as e:
+            raise WgmeshError(f"control server {self.url} unreachable: {e}") from None
+        return _result(r)
+
+    def _admin(self, method: str, path: str, body: dict[str, Any] | None = None,
+               params: dict[str, Any] | None = None) -> Any:
+        if not self.api_key:
+            raise WgmeshError("this call needs an admin API key")
+        return self._call(method, "/v1/admin" + path, self.api_key, body, params)
+
+    # ------------------------------------------------------------- node side
+    def register(self, private_key: PrivateKey, disco_key: Key, hostname: str,
+                 auth_key: str | None = None, rotate_from: PrivateKey | None = None
+                 ) -> Registered:
+        """Register (or re-register) this node; ``rotate_from`` moves the node to a new key."""
+        req: dict[str, Any] = {"node_key": private_key.public.b64()}
+        if rotate_from is not None:
+            req["rotate_from"] = rotate_from.public.b64()
+        ch = self._call("POST", "/v1/register/challenge", body=req)
+        server = NaclPublicKey(Key(ch["server_key"]).raw)
+        secret = Box(private_key.nacl(), server).decrypt(base64.b64decode(ch["sealed"]))
+        if rotate_from is not None:
+            secret += Box(rotate_from.nacl(), server).decrypt(base64.b64decode(ch["sealed_old"]))
+        body = {**req, "disco_key": disco_key.b64(), "hostname": hostname,
+                "challenge_id": ch["challenge_id"], "proof": base64.b64encode(secret).decode()}
+        if auth_key is not None:
+            body["auth_key"] = auth_key
+        out = self._call("POST", "/v1/register", body=body)
+        node = nm.NodeInfo.from_json(out["node"])
+        self.node_token = out["node_token"]
+        self.last_seq = None
+        return Registered(node=node, node_token=out["node_token"])
+
+    def update(self, *, endpoints: Sequence[nm.Endpoint | str] | None = None,
+               home_relay: int | None = None, hostinfo: dict[str, Any] | None = None) -> None:
+        """Publish this node's endpoints, home relay region and/or host info."""
+        body: dict[str, Any] = {}
+        if endpoints is not None:
+            body["endpoints"] = [nm.to_json(e) if isinstance(e, nm.Endpoint) else e
+                                 for e in endpoints]
+        if home_relay is not None:
+            body["home_relay"] = home_relay
+        if hostinfo is not None:
+            body["hostinfo"] = hostinfo
+        self._call("POST", "/v1/node/update", self.node_token, body)
+
+    def stream(self, since: int | None = None) -> Iterator[nm.Message]:
+        """One stream connection's messages (keepalives included) until it ends."""
+        params = {} if since is None else {"since": since}
+        try:
+            r = self.session.get(self.url + "/v1/netmap", params=params, stream=True,
+                                 headers=self._headers(self.node_token),
+                                 timeout=(self.timeout_s, self.stream_timeout_s))
+        except requests.RequestException as e:
+            raise WgmeshError(f"control server {self.url} unreachable: {e}") from None
+        with r:
+            if r.status_code != 200:
+                _result(r)
+            buf = b""
+            try:
+                for chunk in r.iter_content(chunk_size=None):
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        if line:
+                            msg = nm.decode(line)
+                            self.last_seq = msg.seq
+                            yield msg
+            except requests.RequestException as e:
+                raise WgmeshError(f"netmap stream broke: {e}") from None
+
+    def follow(self, stop: threading.Event | None = None,
+               backoff: Backoff | None = None) -> Iterator[nm.Netmap]:
+        """The current netmap after every change, forever (or until ``stop`` is set).
+
+        Reconnects on any network failure; a 401 (node deleted, token replaced)
+        ends the iteration with :class:`ControlAPIError`.
+        """
+        stop = stop or threading.Event()
+        backoff = backoff or Backoff()
+        current: nm.Netmap | None = None
+        while not stop.is_set():
+            try:
+                for msg in self.stream(None if current is None else current.seq):
+                    backoff.reset()
+                    if isinstance(msg, nm.Netmap):
+                        current = msg
+                    elif isinstance(msg, nm.NetmapDelta) and current is not None:
+                        current = nm.apply(current, msg)
+                    else:
+                        continue
+                    yield current
+                    if stop.is_set():
+                        return
+            except ControlAPIError as e:
+                if e.status in (401, 403, 404):
+                    raise
+            except (WgmeshError, nm.NetmapFormatError):
+                pass
+            stop.wait(backoff.next_delay())
+
+    # ----------------------------------------------------------- admin side
+    def create_auth_key(self, *, reusable: bool = False, tags: Sequence[str] = (),
+                        expiry_s: float = 3600, description: str = "") -> dict[str, Any]:
+        """``{"auth_key": {...}, "key": "wgk_..."}``; the key text is shown only once."""
+        return self._admin("POST", "/authkeys", {"reusable": reusable, "tags": list(tags),
+                                                 "expiry_s": expiry_s,
+                                                 "description": description})
+
+    def list_auth_keys(self) -> list[dict[str, Any]]:
+        return self._admin("GET", "/authkeys")["auth_keys"]
+
+    def revoke_auth_key(self, key_id: str) -> None:
+        self._admin("DELETE", f"/authkeys/{key_id}")
+
+    def create_api_key(self, role: str = "admin", description: str = "") -> dict[str, Any]:
+        return self._admin("POST", "/apikeys", {"role": role, "description": description})
+
+    def list_api_keys(self) -> list[dict[str, Any]]:
+        return self._admin("GET", "/apikeys")["api_keys"]
+
+    def revoke_api_key(self, key_id: str) -> None:
+        self._admin("DELETE", f"/apikeys/{key_id}")
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._admin("GET", "/nodes")["nodes"]
+
+    def expire_node(self, ref: str | int) -> dict[str, Any]:
+        return self._admin("POST", f"/nodes/{ref}/expire")["node"]
+
+    def delete_node(self, ref: str | int) -> None:
+        self._admin("DELETE", f"/nodes/{ref}")
+
+    def tag_node(self, ref: str | int, tags: Sequence[str]) -> dict[str, Any]:
+        return self._admin("PUT", f"/nodes/{ref}/tags", {"tags": list(tags)})["node"]
+
+    def get_policy(self) -> dict[str, Any]:
+        """``{"version": n, "policy": {...}}``."""
+        return self._admin("GET", "/policy")
+
+    def set_policy(self, policy: dict[str, Any], if_version: int | None = None) -> int:
+        body: dict[str, Any] = {"policy": policy}
+        if if_version is not None:
+            body["if_version"] = if_version
+        return int(self._admin("PUT", "/policy", body)["version"])
+
+    def get_relay_map(self) -> nm.RelayMap:
+        return nm.relay_map_from_json(self._admin("GET", "/relay-map")["relay_map"])
+
+    def set_relay_map(self, relay_map: nm.RelayMap | dict[str, Any]) -> None:
+        doc = nm.to_json(relay_map) if isinstance(relay_map, nm.RelayMap) else relay_map
+        self._admin("PUT", "/relay-map", {"relay_map": doc})
+
+    def audit(self, after: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        return self._admin("GET", "/audit", params={"after": after, "limit": limit})["entries"]
+
+    def audit_verify(self) -> dict[str, Any]:
+        return self._admin("GET", "/audit/verify")
+
+    def stats(self) -> dict[str, Any]:
+        return self._admin("GET", "/stats")
+
+    def relay_nodes(self) -> dict[str, Any]:
+        """For relays (a relay or admin API key): ``{"seq", "node_keys": [b64...]}``."""
+        return self._call("GET", "/v1/relay/nodes", self.api_key)
+
+
+def _result(r: requests.Response) -> Any:
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    if r.status_code >= 400:
+        if isinstance(body, dict) and "error" in body:
+            raise ControlAPIError(r.status_code, str(body["error"]),
+                                  str(body.get("message", "")), body.get("details"))
+        raise ControlAPIError(r.status_code, "http_error", r.reason or "error")
+    return body

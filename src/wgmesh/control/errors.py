@@ -1,0 +1,65 @@
+"""Control-plane failures, each with the HTTP status and the short code the API returns.
+
+The server turns any :class:`ControlError` into ``{"error": code, "message": ...}``
+with its status; the client raises :class:`ControlAPIError` from such a body, so
+both ends speak the same vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from wgmesh.errors import WgmeshError
+
+__all__ = ["BadRequest", "Conflict", "ControlAPIError", "ControlError", "Forbidden",
+           "NotFound", "TooLarge", "Unauthorized"]
+
+
+class ControlError(WgmeshError):
+    status: ClassVar[int] = 400
+    code: ClassVar[str] = "bad_request"
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+class BadRequest(ControlError):
+    pass
+
+
+class Unauthorized(ControlError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ControlError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ControlError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ControlError):
+    status, code = 409, "conflict"
+
+
+class TooLarge(ControlError):
+    status, code = 413, "too_large"
+
+
+class ControlAPIError(WgmeshError):
+    """The server answered with an error (client side)."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(f"{message} (HTTP {status} {code})")
+        self.status, self.code, self.message = status, code, message
+        self.details = details or []

@@ -1,0 +1,247 @@
+"""ACL policy: parse and validate the JSON, then answer "who sees whom" and "what may pass".
+
+Policy document (default deny: only what a rule accepts passes)::
+
+    {
+      "groups": {"group:eng": ["alice-laptop", "tag:dev"]},
+      "tags":   ["tag:dev", "tag:server"],
+      "rules": [
+        {"src": ["group:eng"], "dst": ["tag:server:22,443", "bob:*"], "proto": "tcp"},
+        {"src": ["tag:dev"], "dst": ["tag:server:*"], "caps": ["file-send"]}
+      ]
+    }
+
+Selectors: ``*`` (every node), ``tag:NAME`` (declared in ``tags``),
+``group:NAME`` (members are node names and tags), or a node name. A ``dst``
+entry is ``selector:ports`` with ports ``*``, ``22``, ``1000-2000`` or a comma
+list. ``proto``: any (default) | tcp | udp | icmp. ``caps`` grants the sources
+capabilities on the destinations; ``file-send`` lets them send files
+(``wgmesh.drop``). Two nodes see each other when a rule links them in either
+direction (WireGuard needs both ends configured); the packet filter each node
+gets only accepts what the rules allow *into* it.
+
+The compiled :class:`Policy` works on *base selectors* (``*``, ``tag:x``,
+``node:x``): groups are expanded at compile time, so the control world only
+keeps one member set per base selector and never re-evaluates rules per peer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+
+from wgmesh.control.errors import BadRequest
+from wgmesh.netmap import CAPABILITIES, PROTOS
+
+__all__ = ["DEFAULT_POLICY", "Policy", "PolicyError", "Rule", "node_selectors", "parse_policy"]
+
+#: A fresh network lets every node reach every other and send it files, so it works at once.
+DEFAULT_POLICY: dict[str, Any] = {
+    "groups": {}, "tags": [],
+    "rules": [{"src": ["*"], "dst": ["*:*"], "caps": ["file-send"]}],
+}
+
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_TAG_RE = re.compile(rf"^tag:{_LABEL}$")
+_GROUP_RE = re.compile(rf"^group:{_LABEL}$")
+_NODE_RE = re.compile(rf"^{_LABEL}$")
+_MAX_RULES = 10_000
+
+
+class PolicyError(BadRequest):
+    """The policy is invalid; ``details`` lists every problem with its JSON path."""
+
+    code = "invalid_policy"
+
+
+@attrs.frozen
+class Rule:
+    src: frozenset[str]
+    dst: tuple[tuple[frozenset[str], tuple[tuple[int, int], ...]], ...]
+    proto: str
+    caps: tuple[str, ...]
+
+    @property
+    def dst_selectors(self) -> frozenset[str]:
+        return frozenset().union(*(sels for sels, _ in self.dst))
+
+
+@attrs.frozen
+class Policy:
+    version: int
+    text: str
+    rules: tuple[Rule, ...]
+
+    def linked(self, selectors: frozenset[str]) -> set[str]:
+        """Base selectors of everything a node with ``selectors`` may see."""
+        out: set[str] = set()
+        for r in self.rules:
+            if r.src & selectors:
+                out |= r.dst_selectors
+            if r.dst_selectors & selectors:
+                out |= r.src
+        return out
+
+    def inbound(self, selectors: frozenset[str]) -> list[tuple[Rule, tuple[tuple[int, int], ...]]]:
+        """Rules accepting traffic into a node with ``selectors``, with the ports they open."""
+        out = []
+        for r in self.rules:
+            ports = tuple(p for sels, ps in r.dst if sels & selectors for p in ps)
+            if ports:
+                out.append((r, _merge_ports(ports)))
+        return out
+
+    def caps(self, src: frozenset[str], dst: frozenset[str]) -> tuple[str, ...]:
+        """Capabilities a node with ``src`` selectors holds on one with ``dst`` selectors."""
+        got: set[str] = set()
+        for r in self.rules:
+            if r.caps and r.src & src and r.dst_selectors & dst:
+                got.update(r.caps)
+        return tuple(sorted(got))
+
+
+def node_selectors(name: str, tags: Iterable[str]) -> frozenset[str]:
+    return frozenset({"*", f"node:{name}", *tags})
+
+
+def _merge_ports(ports: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for lo, hi in sorted(ports):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def _ports(text: str) -> tuple[tuple[int, int], ...] | str:
+    if text == "*":
+        return ((0, 65535),)
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            return f"bad port {part!r} (use *, 22, 1000-2000 or a comma list)"
+        a, b = int(lo), int(hi or lo)
+        if not 0 <= a <= b <= 65535:
+            return f"port range {part!r} out of order or beyond 65535"
+        out.append((a, b))
+    return _merge_ports(out)
+
+
+def parse_policy(doc: Any, version: int = 0) -> Policy:
+    """Validate ``doc`` (a parsed JSON object) and compile it; :class:`PolicyError` lists all faults."""
+    errors: list[dict[str, str]] = []
+
+    def err(path: str, message: str) -> None:
+        errors.append({"path": path, "message": message})
+
+    if not isinstance(doc, dict):
+        raise PolicyError("policy must be a JSON object",
+                          [{"path": "", "message": "must be an object"}])
+    for k in sorted(set(doc) - {"groups", "tags", "rules"}):
+        err(k, "unknown key (expected groups, tags, rules)")
+    tags = doc.get("tags", [])
+    declared: set[str] = set()
+    if not isinstance(tags, list):
+        err("tags", "must be a list of tag:NAME")
+    else:
+        for i, t in enumerate(tags):
+            if not isinstance(t, str) or not _TAG_RE.match(t):
+                err(f"tags[{i}]", f"{t!r} is not tag:NAME (lowercase letters, digits, -)")
+            else:
+                declared.add(t)
+
+    def base(sel: Any, path: str, groups_ok: bool) -> set[str]:
+        if not isinstance(sel, str):
+            err(path, "must be a string")
+            return set()
+        if sel == "*":
+            return {"*"}
+        if sel.startswith("tag:"):
+            if sel not in declared:
+                err(path, f"{sel} is not declared in \"tags\"")
+            return {sel}
+        if sel.startswith("group:"):
+            if not groups_ok:
+                err(path, "groups cannot contain groups")
+            elif sel not in groups:
+                err(path, f"{sel} is not defined in \"groups\"")
+            return set(groups.get(sel, ()))
+        if _NODE_RE.match(sel):
+            return {f"node:{sel}"}
+        err(path, f"{sel!r} is not *, tag:NAME, group:NAME or a node name")
+        return set()
+
+    groups: dict[str, set[str]] = {}
+    raw_groups = doc.get("groups", {})
+    if not isinstance(raw_groups, dict):
+        err("groups", "must be an object of group:NAME -> [members]")
+        raw_groups = {}
+    for g, members in raw_groups.items():
+        if not _GROUP_RE.match(g):
+            err(f"groups.{g}", "group names are group:NAME")
+        if not isinstance(members, list):
+            err(f"groups.{g}", "members must be a list")
+            continue
+        groups[g] = set()
+        for i, m in enumerate(members):
+            groups[g] |= base(m, f"groups.{g}[{i}]", groups_ok=False)
+
+    rules: list[Rule] = []
+    raw_rules = doc.get("rules", [])
+    if not isinstance(raw_rules, list) or len(raw_rules) > _MAX_RULES:
+        err("rules", f"must be a list of at most {_MAX_RULES} rules")
+        raw_rules = []
+    for i, r in enumerate(raw_rules):
+        p = f"rules[{i}]"
+        if not isinstance(r, dict):
+            err(p, "must be an object with src and dst")
+            continue
+        for k in sorted(set(r) - {"src", "dst", "proto", "caps", "action"}):
+            err(f"{p}.{k}", "unknown key (expected src, dst, proto, caps)")
+        if r.get("action", "accept") != "accept":
+            err(f"{p}.action", "only \"accept\" exists: everything else is denied by default")
+        src: set[str] = set()
+        if not isinstance(r.get("src"), list) or not r.get("src"):
+            err(f"{p}.src", "must be a non-empty list of selectors")
+        else:
+            for j, s in enumerate(r["src"]):
+                src |= base(s, f"{p}.src[{j}]", groups_ok=True)
+        dst = []
+        if not isinstance(r.get("dst"), list) or not r.get("dst"):
+            err(f"{p}.dst", "must be a non-empty list of selector:ports")
+        else:
+            for j, d in enumerate(r["dst"]):
+                dp = f"{p}.dst[{j}]"
+                if not isinstance(d, str) or ":" not in d:
+                    err(dp, f"{d!r} must be selector:ports, e.g. tag:server:22 or *:*")
+                    continue
+                sel, _, ports_text = d.rpartition(":")
+                ports = _ports(ports_text)
+                if isinstance(ports, str):
+                    err(dp, ports)
+                    continue
+                dst.append((frozenset(base(sel, dp, groups_ok=True)), ports))
+        proto = r.get("proto", "any")
+        if proto not in PROTOS:
+            err(f"{p}.proto", f"{proto!r} is not one of {', '.join(PROTOS)}")
+        caps = r.get("caps", [])
+        if not isinstance(caps, list):
+            err(f"{p}.caps", "must be a list")
+            caps = []
+        for j, c in enumerate(caps):
+            if c not in CAPABILITIES:
+                err(f"{p}.caps[{j}]",
+                    f"unknown capability {c!r} (known: {', '.join(sorted(CAPABILITIES))})")
+        rules.append(Rule(src=frozenset(src), dst=tuple(dst), proto=str(proto),
+                          caps=tuple(sorted({str(c) for c in caps}))))
+    if errors:
+        raise PolicyError(f"policy has {len(errors)} error(s): {errors[0]['path']}: "
+                          f"{errors[0]['message']}", errors)
+    text = json.dumps(doc, sort_keys=True, indent=2)
+    return Policy(version=version, text=text, rules=tuple(rules))
