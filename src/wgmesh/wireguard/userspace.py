@@ -71,6 +71,7 @@ class UserspaceBackend:
         self._thread: threading.Thread | None = None
         self._uapi: UapiServer | None = None
         self._stopped = threading.Event()
+        self._closed = False
         self._desired: dict[Key, PeerConfig] = {}
         self.io_errors = 0
 
@@ -101,8 +102,9 @@ class UserspaceBackend:
             self._set_fwmark(config.fwmark)
 
     def down(self) -> None:
-        if self._stopped.is_set():
+        if self._closed:
             return
+        self._closed = True
         self._stopped.set()
         self._wake()
         if self._uapi is not None:
