@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import sys
 import time
@@ -175,3 +176,67 @@ def test_relay_stun_with_real_client(lab: Lab, tmp_path: Path) -> None:
 
     out = stun_query(lab, pc, relay.ip, 3478)
     assert out["addr"] == [pc.nat.ip, 41641]
+
+
+SINK = """
+import hashlib, json, socket, sys
+s = socket.create_server((sys.argv[1], 5001)); print("listening", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while (d := c.recv(1 << 16)):
+    h.update(d); n += len(d)
+print(json.dumps({"bytes": n, "sha256": h.hexdigest()}), flush=True)
+"""
+SOURCE = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 5001), timeout=60)
+with open(sys.argv[2], "rb") as f:
+    c.sendfile(f)
+c.close()
+"""
+
+
+def test_userspace_wireguard_over_the_relay(lab: Lab, tmp_path: Path) -> None:
+    """Real WireGuard packets: two userspace devices whose only path is the relay."""
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("no /dev/net/tun")
+    tcpdump = need("tcpdump")
+    relay = lab.add_public_host("relay")
+    a = lab.add_node_host("a", "udp-blocked")
+    b = lab.add_node_host("b", "udp-blocked")
+    start_relay(lab, relay, tmp_path)
+    url = f"http://{relay.ip}:{PORT}"
+    ka, fa = node_key(tmp_path, "a")
+    kb, fb = node_key(tmp_path, "b")
+    node = str(Path(__file__).with_name("relay_wg_node.py"))
+    wa = lab.python(a, node, f"{lab.prefix}a", fa, "100.64.7.1/24", url, kb.public.b64(),
+                    "100.64.7.2")
+    wb = lab.python(b, node, f"{lab.prefix}b", fb, "100.64.7.2/24", url, ka.public.b64(),
+                    "100.64.7.1")
+    for w in (wa, wb):
+        wait_line(w, lambda d: d.get("ready"))
+    pcap = tmp_path / "wg.pcap"
+    cap = lab.spawn(relay, [tcpdump, "-i", "eth0", "-s", "0", "-U", "-w", str(pcap),
+                            "tcp", "port", str(PORT)])
+    cap.wait_for_output("listening on", stream="stderr")
+    ping = lab.run(a, ["ping", "-c", "3", "-i", "0.2", "-W", "5", "100.64.7.2"], check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+    size = 50 * 1024 * 1024
+    payload = bytearray(secrets.token_bytes(size))
+    for off in range(0, size - len(MARKER), 4096):
+        payload[off:off + len(MARKER)] = MARKER
+    src = tmp_path / "wg-payload.bin"
+    src.write_bytes(payload)
+    want = hashlib.sha256(payload).hexdigest()
+    del payload
+    sink = lab.python(b, "-c", SINK, "100.64.7.2")
+    sink.wait_for_output("listening")
+    t0 = time.monotonic()
+    assert lab.run(a, [sys.executable, "-c", SOURCE, "100.64.7.2", str(src)],
+                   timeout=300).returncode == 0
+    got = wait_line(sink, lambda d: "sha256" in d, timeout=60)
+    seconds = time.monotonic() - t0
+    print(f"wireguard over relay: {size * 8 / seconds / 1e6:.1f} Mbit/s")
+    assert got == {"bytes": size, "sha256": want}
+    cap.stop()
+    raw = pcap.read_bytes()
+    assert len(raw) > size and MARKER not in raw
