@@ -65,6 +65,7 @@ REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]],
     __import__("wgmesh.wireguard.daemon", fromlist=["add_parser"]).add_parser,
     __import__("wgmesh.relay_server", fromlist=["add_parser"]).add_parser,
     __import__("wgmesh.control.cli", fromlist=["add_parser"]).add_parser,
+    __import__("wgmesh.netcheck", fromlist=["add_parser"]).add_parser,
 ]
 
 
