@@ -215,10 +215,7 @@ def _listen_socket(addr: str, port: int, interface: str | None,
                    netns: str | None) -> socket.socket:
     from wgmesh.wireguard.netns import socket_in
 
-    ip = ipaddress.ip_address(addr)
-    if ip.is_unspecified:
-        raise ValueError(f"the peer API binds only to tunnel addresses, never {addr}")
-    fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    fam = socket.AF_INET6 if ipaddress.ip_address(addr).version == 6 else socket.AF_INET
     s = socket_in(netns, fam, socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -280,6 +277,7 @@ class PeerAPIServer:
         try:
             for addr in self.addresses:
                 sock = _listen_socket(addr, self.port, self.interface, self.netns)
+                self.port = sock.getsockname()[1]  # port 0: the first address picks one
                 await web.SockSite(runner, sock).start()
         except BaseException:
             await runner.cleanup()
@@ -510,6 +508,28 @@ def _target(dest: str, port: int) -> tuple[str, int]:
     return dest, port
 
 
+class _Connection(http.client.HTTPConnection):
+    """An HTTP connection whose socket is made inside ``netns`` (``None``: ours)."""
+
+    def __init__(self, host: str, port: int, timeout: float, netns: str | None) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.netns = netns
+
+    def connect(self) -> None:
+        from wgmesh.wireguard.netns import socket_in
+
+        fam = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        s = socket_in(self.netns, fam, socket.SOCK_STREAM)
+        try:
+            s.settimeout(self.timeout)
+            s.connect((self.host, self.port))
+        except BaseException:
+            s.close()
+            raise
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = s
+
+
 def _request(conn: http.client.HTTPConnection, method: str, path: str,
              q: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
     conn.request(method, f"{path}?{urlencode(q)}")
@@ -528,7 +548,8 @@ def _response(conn: http.client.HTTPConnection) -> tuple[int, dict[str, Any]]:
 
 def send_file(dest: str, path: str | os.PathLike[str], *, port: int = DEFAULT_PORT,
               name: str | None = None, progress: Progress | None = None,
-              retries: int = 5, timeout: float = 30.0) -> SendResult:
+              retries: int = 5, timeout: float = 30.0,
+              netns: str | None = None) -> SendResult:
     """Send one file to a peer's peer API at ``dest`` (its tunnel address). Blocking.
 
     The file streams from disk (``sendfile(2)``, never read whole into
@@ -536,7 +557,8 @@ def send_file(dest: str, path: str | os.PathLike[str], *, port: int = DEFAULT_PO
     breaks, it asks the receiver how much it kept and sends the rest, up to
     ``retries`` times; a later call with the same file resumes the same way,
     as after a killed process. ``progress(done, total)`` is called as bytes go
-    out. Async callers: ``await asyncio.to_thread(send_file, ...)``.
+    out. ``netns``: connect from that network namespace (a Node living in
+    one). Async callers: ``await asyncio.to_thread(send_file, ...)``.
     Raises :class:`DropRefused` with the receiver's reason, or :class:`DropError`.
     """
     path = Path(path)
@@ -555,7 +577,7 @@ def send_file(dest: str, path: str | os.PathLike[str], *, port: int = DEFAULT_PO
         first_offset: int | None = None
         sent = 0
         for attempt in range(retries + 1):
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            conn = _Connection(host, port, timeout, netns)
             try:
                 status, body = _request(conn, "GET", "/v1/offset", q)
                 if status != 200:
