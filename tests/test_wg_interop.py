@@ -26,6 +26,7 @@ pytestmark = pytest.mark.netns
 WG_GO_ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 TRANSFER_MB = int(os.environ.get("WGMESH_WG_TRANSFER_MB", "100"))
 PORT = 51820
+STARTUP_S = float(os.environ.get("WGMESH_WG_STARTUP_S", "20"))  # the VM is slow
 
 RECEIVER = """
 import hashlib, socket, sys
@@ -68,12 +69,16 @@ class Side:
         self.keyfile = tmp / f"{ifname}.key"
         self.keyfile.write_text(self.key.b64())
         self.keyfile.chmod(0o600)
-        argv = ([sys.executable, "-m", "wgmesh", "userspace", "--foreground", ifname]
-                if impl == "wgmesh" else ["wireguard-go", "-f", ifname])
-        self.proc: Process = lab.spawn(host, argv, env={**WG_GO_ENV, **(env or {})})
-        sock = Path(f"/var/run/wireguard/{ifname}.sock")
-        poll(lambda: sock.exists() or self.proc.poll() is not None, 20, f"{ifname} UAPI")
-        assert self.proc.poll() is None, self.proc.stderr
+        self.proc: Process | None = None
+        if impl == "kernel":
+            lab.run(host, ["ip", "link", "add", ifname, "type", "wireguard"])
+        else:
+            argv = ([sys.executable, "-m", "wgmesh", "userspace", "--foreground", ifname]
+                    if impl == "wgmesh" else ["wireguard-go", "-f", ifname])
+            proc = self.proc = lab.spawn(host, argv, env={**WG_GO_ENV, **(env or {})})
+            sock = Path(f"/var/run/wireguard/{ifname}.sock")
+            poll(lambda: sock.exists() or proc.poll() is not None, STARTUP_S, f"{ifname} UAPI")
+            assert proc.poll() is None, proc.stderr
         self.wg("set", ifname, "listen-port", str(PORT), "private-key", str(self.keyfile))
         lab.run(host, ["ip", "addr", "add", f"{self.addr}/24", "dev", ifname])
         lab.run(host, ["ip", "link", "set", ifname, "up"])
@@ -118,7 +123,7 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def transfer(src: Side, dst: Side, payload: tuple[Path, str]) -> float:
     """Send the payload over TCP through the tunnel; check size and sha256 at the far end."""
     rx = src.lab.python(dst.host, "-c", RECEIVER, dst.addr)
-    rx.wait_for_output("listening")
+    rx.wait_for_output("listening", timeout=STARTUP_S)
     t = time.monotonic()
     tx = src.lab.python(src.host, "-c", SENDER, dst.addr, str(payload[0]))
     assert tx.wait(300) == 0, tx.stderr
