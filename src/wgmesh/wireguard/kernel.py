@@ -1,0 +1,528 @@
+"""The in-kernel WireGuard data plane, configured over netlink with pyroute2.
+
+Once a peer is configured, Python never touches its packets: the kernel
+encrypts, routes and roams on its own. This module only speaks netlink:
+rtnetlink (``IPRoute``) for the link, its addresses and routes, and the
+``wireguard`` generic-netlink family for keys and peers, in a given network
+namespace.
+
+Why the peer messages are built here rather than by ``WireGuard.set``:
+pyroute2 sends one peer per call, so a netmap of 500 peers would cost 500
+round trips. :func:`peer_messages` packs the whole :class:`PeerDiff` into as
+few ``WG_CMD_SET_DEVICE`` messages as fit :data:`MAX_MESSAGE_BYTES`, sending
+only the attributes that changed (an endpoint move does not reinstall a
+peer's allowed IPs). It is pure, so its output is unit-tested on a host
+without the module.
+
+The kernel's device dump carries the private key. :func:`parse_device` turns
+it into :class:`DeviceInfo`, which has no field for it, the raw messages are
+dropped there, and netlink errors are re-raised as :class:`BackendError`
+carrying only ``strerror``, never the request.
+
+pyroute2's sync sockets run their own asyncio loop per thread and cannot be
+used from inside a running loop, so every netlink call of a backend runs on
+one private worker thread: the backend is safe to call from any thread,
+including an asyncio loop thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import attrs
+
+from wgmesh.keys import Key
+from wgmesh.wireguard.backend import (
+    BackendError,
+    InterfaceConfig,
+    IPNetwork,
+    PeerConfig,
+    PeerDiff,
+    PeerStats,
+    diff_peers,
+)
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "RTPROT_WGMESH",
+    "DeviceInfo",
+    "KernelBackend",
+    "parse_device",
+    "peer_messages",
+    "routes_for",
+    "set_device_message",
+]
+
+log = logging.getLogger("wgmesh.kernel")
+
+# WireGuard generic-netlink constants (include/uapi/linux/wireguard.h).
+WGPEER_F_REMOVE_ME = 0x1
+WGPEER_F_REPLACE_ALLOWEDIPS = 0x2
+WGPEER_F_UPDATE_ONLY = 0x4
+
+#: Upper bound for one SET_DEVICE message. pyroute2's socket buffers are 1 MiB;
+#: 64 KiB holds ~500 single-address peers and keeps each kernel-side lock short.
+MAX_MESSAGE_BYTES = 65536
+#: Allowed IPs per peer fragment; a peer with more is continued in further fragments.
+ALLOWEDIPS_PER_FRAGMENT = 256
+#: rtnetlink protocol tag on the routes wgmesh installs, so adoption finds exactly them.
+RTPROT_WGMESH = 0x77
+
+_ZERO_KEY = bytes(32)
+T = TypeVar("T")
+
+
+# ---- pure: peer diff -> netlink attribute lists -----------------------------------------
+def _nla_size(payload: int) -> int:
+    return 4 + ((payload + 3) & ~3)
+
+
+def _allowed_ip(net: IPNetwork) -> tuple[dict[str, Any], int]:
+    """One WGALLOWEDIP nest and its encoded size."""
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    packed = net.network_address.packed
+    nest = {"attrs": [["WGALLOWEDIP_A_FAMILY", family], ["WGALLOWEDIP_A_IPADDR", packed],
+                      ["WGALLOWEDIP_A_CIDR_MASK", net.prefixlen]]}
+    return nest, _nla_size(_nla_size(2) + _nla_size(len(packed)) + _nla_size(1))
+
+
+@attrs.frozen
+class _Fragment:
+    """One peer's attributes inside WGDEVICE_A_PEERS, with its encoded size."""
+
+    attrs: list[list[Any]]
+    size: int
+
+
+def _peer_fragments(old: PeerConfig | None, new: PeerConfig | None, key: Key) -> list[_Fragment]:
+    """Attributes that turn ``old`` into ``new`` (``new is None``: remove the peer)."""
+    head: list[list[Any]] = [["WGPEER_A_PUBLIC_KEY", key.b64()]]
+    size = _nla_size(32) + _nla_size(4)
+    if new is None:
+        head.append(["WGPEER_A_FLAGS", WGPEER_F_REMOVE_ME])
+        return [_Fragment(head, _nla_size(size))]
+    flags = 0 if old is None else WGPEER_F_UPDATE_ONLY
+    if new.endpoint is not None and (old is None or old.endpoint != new.endpoint):
+        host, port = new.endpoint
+        head.append(["WGPEER_A_ENDPOINT", {"addr": host, "port": port}])
+        size += _nla_size(16 if ":" not in host else 28)
+    if old is None or old.persistent_keepalive != new.persistent_keepalive:
+        head.append(["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", new.persistent_keepalive])
+        size += _nla_size(2)
+    old_psk = None if old is None else old.preshared_key
+    if new.preshared_key != old_psk:
+        # An all-zero key is how the kernel is told "no preshared key".
+        head.append(["WGPEER_A_PRESHARED_KEY",
+                     base64.b64encode(new.preshared_key or _ZERO_KEY).decode()])
+        size += _nla_size(32)
+    ips: tuple[IPNetwork, ...] = ()
+    if old is None:
+        ips = new.allowed_ips
+    elif old.allowed_ips != new.allowed_ips:
+        flags |= WGPEER_F_REPLACE_ALLOWEDIPS
+        ips = new.allowed_ips
+    chunks = [ips[i:i + ALLOWEDIPS_PER_FRAGMENT]
+              for i in range(0, len(ips), ALLOWEDIPS_PER_FRAGMENT)] or [()]
+    frags = []
+    for n, chunk in enumerate(chunks):
+        fattrs = head if n == 0 else [["WGPEER_A_PUBLIC_KEY", key.b64()]]
+        fflags = flags if n == 0 else WGPEER_F_UPDATE_ONLY  # later ones append
+        fsize = size if n == 0 else _nla_size(32) + _nla_size(4)
+        fattrs = [*fattrs, ["WGPEER_A_FLAGS", fflags]]
+        if chunk:
+            encoded = [_allowed_ip(net) for net in chunk]
+            fattrs.append(["WGPEER_A_ALLOWEDIPS", [e[0] for e in encoded]])
+            fsize += 4 + sum(e[1] for e in encoded)
+        frags.append(_Fragment(fattrs, _nla_size(fsize)))
+    return frags
+
+
+def peer_messages(current: Mapping[Key, PeerConfig], diff: PeerDiff,
+                  limit: int = MAX_MESSAGE_BYTES) -> list[list[list[Any]]]:
+    """The ``WGDEVICE_A_PEERS`` payloads (one list of peer attribute sets per message)
+    that apply ``diff`` to ``current``; removals first, so a re-keyed address is free."""
+    frags: list[_Fragment] = []
+    for key in diff.remove:
+        frags += _peer_fragments(current.get(key), None, key)
+    for p in diff.add:
+        frags += _peer_fragments(None, p, p.public_key)
+    for p in diff.update:
+        frags += _peer_fragments(current[p.public_key], p, p.public_key)
+    messages: list[list[list[Any]]] = []
+    batch: list[list[Any]] = []
+    used = 0
+    budget = limit - 32  # netlink + genl headers, the ifindex and the WGDEVICE_A_PEERS nest
+    for f in frags:
+        if batch and used + f.size > budget:
+            messages.append(batch)
+            batch, used = [], 0
+        batch.append({"attrs": f.attrs})  # type: ignore[arg-type]
+        used += f.size
+    if batch:
+        messages.append(batch)
+    return messages
+
+
+def set_device_message(ifindex: int, device_attrs: list[list[Any]],
+                       peers: list[Any] | None = None) -> Any:
+    """A ``WG_CMD_SET_DEVICE`` message (pyroute2 ``wgmsg``, not yet encoded)."""
+    from pyroute2.netlink.generic.wireguard import WG_CMD_SET_DEVICE, WG_GENL_VERSION, wgmsg
+
+    msg = wgmsg()
+    msg["cmd"] = WG_CMD_SET_DEVICE
+    msg["version"] = WG_GENL_VERSION
+    msg["attrs"].append(["WGDEVICE_A_IFINDEX", ifindex])
+    msg["attrs"].extend(device_attrs)
+    if peers:
+        msg["attrs"].append(["WGDEVICE_A_PEERS", peers])
+    return msg
+
+
+def routes_for(peers: Iterable[PeerConfig],
+               addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
+               ) -> set[IPNetwork]:
+    """Prefixes that need a route via the interface: allowed IPs not already inside an
+    interface address's connected prefix. Default routes (``/0``) are left out: sending
+    everything into the tunnel needs policy routing on the fwmark, the caller's choice."""
+    connected = [a.network for a in addresses]
+    need: set[IPNetwork] = set()
+    for p in peers:
+        for net in p.allowed_ips:
+            if net.prefixlen == 0:
+                continue
+            if any(c.version == net.version and net.subnet_of(c) for c in connected):  # type: ignore[arg-type]
+                continue
+            need.add(net)
+    return need
+
+
+# ---- pure: device dump -> typed info ------------------------------------------------------
+@attrs.frozen
+class DeviceInfo:
+    """A WireGuard device as the kernel reports it, minus the private key."""
+
+    ifindex: int
+    ifname: str
+    public_key: Key | None
+    listen_port: int
+    fwmark: int
+    peers: dict[Key, PeerStats] = attrs.field(factory=dict)
+
+
+def _endpoint(nla: Any) -> tuple[str, int] | None:
+    if nla is None:
+        return None
+    addr, port = nla.get("addr"), nla.get("port")
+    if not port or addr in (None, "0.0.0.0", "::"):
+        return None
+    return (str(addr), int(port))
+
+
+def parse_device(msgs: Iterable[Any]) -> DeviceInfo:
+    """Merge a (possibly multi-part) GET_DEVICE dump into one :class:`DeviceInfo`.
+
+    The kernel splits big devices across messages, repeating a peer whose allowed
+    IPs did not fit; those are merged. Only the attributes named here are read,
+    so the private key never leaves the pyroute2 objects, which the caller drops.
+    """
+    head: dict[str, Any] = {}
+    peers: dict[Key, dict[str, Any]] = {}
+    for msg in msgs:
+        for name in ("WGDEVICE_A_IFINDEX", "WGDEVICE_A_IFNAME", "WGDEVICE_A_LISTEN_PORT",
+                     "WGDEVICE_A_FWMARK", "WGDEVICE_A_PUBLIC_KEY"):
+            value = msg.get_attr(name)
+            if value is not None:
+                head.setdefault(name, value)
+        for peer in msg.get_attr("WGDEVICE_A_PEERS") or ():
+            raw = peer.get_attr("WGPEER_A_PUBLIC_KEY")
+            if raw is None:
+                continue
+            key = Key(raw)
+            entry = peers.setdefault(key, {"ips": []})
+            for ip in peer.get_attr("WGPEER_A_ALLOWEDIPS") or ():
+                if ip.get("addr"):
+                    entry["ips"].append(ip["addr"])
+            if "rx" in entry:
+                continue
+            hs = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
+            secs = (hs["tv_sec"] + hs["tv_nsec"] / 1e9) if hs else 0.0
+            entry.update(
+                endpoint=_endpoint(peer.get_attr("WGPEER_A_ENDPOINT")),
+                handshake=secs or None,
+                rx=peer.get_attr("WGPEER_A_RX_BYTES") or 0,
+                tx=peer.get_attr("WGPEER_A_TX_BYTES") or 0,
+                keepalive=peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0)
+    pub = head.get("WGDEVICE_A_PUBLIC_KEY")
+    pub_key = Key(pub) if pub is not None and Key(pub).raw != _ZERO_KEY else None
+    stats = {}
+    for key, e in peers.items():
+        nets = tuple(ipaddress.ip_network(s, strict=False) for s in e["ips"])
+        stats[key] = PeerStats(public_key=key, endpoint=e.get("endpoint"),
+                               last_handshake=e.get("handshake"), rx_bytes=e.get("rx", 0),
+                               tx_bytes=e.get("tx", 0), allowed_ips=nets,
+                               persistent_keepalive=e.get("keepalive", 0))
+    return DeviceInfo(ifindex=head.get("WGDEVICE_A_IFINDEX", 0),
+                      ifname=head.get("WGDEVICE_A_IFNAME", ""), public_key=pub_key,
+                      listen_port=head.get("WGDEVICE_A_LISTEN_PORT", 0),
+                      fwmark=head.get("WGDEVICE_A_FWMARK", 0), peers=stats)
+
+
+def _config_from_stats(s: PeerStats) -> PeerConfig:
+    return PeerConfig(public_key=s.public_key, allowed_ips=s.allowed_ips, endpoint=s.endpoint,
+                      persistent_keepalive=s.persistent_keepalive)
+
+
+# ---- the backend --------------------------------------------------------------------------
+class KernelBackend:
+    """One in-kernel WireGuard interface in ``netns`` (``None``: this namespace)."""
+
+    kind = "kernel"
+
+    def __init__(self, name: str = "wg0", *, netns: str | None = None) -> None:
+        self.name = name
+        self.netns = netns
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wgmesh-nl-{name}")
+        self._open_worker = True
+        self._ipr: Any = None
+        self._wg: Any = None
+        self._ifindex = 0
+        self._listen_port = 0
+        self._addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
+        self._peers: dict[Key, PeerConfig] = {}
+        self._routes: set[IPNetwork] = set()
+        self.messages_sent = 0  # WG_CMD_SET_DEVICE messages, for the bulk-path tests
+
+    def __repr__(self) -> str:
+        where = f" in {self.netns}" if self.netns else ""
+        return f"<KernelBackend {self.name}{where}: {len(self._peers)} peers>"
+
+    # -- plumbing
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._open_worker:
+            raise BackendError(f"{self.name}: backend is down")
+        return self._worker.submit(self._guarded, fn, *args).result()
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            return fn(*args)
+        except NetlinkError as e:
+            # Only the code: the request (with key material) must not ride along.
+            raise BackendError(f"{self.name}: netlink: {os.strerror(e.code)} "
+                               f"(in {fn.__name__})") from None
+
+    def _open(self) -> None:
+        if self._ipr is not None:
+            return
+        if self.netns is not None and not os.path.exists(f"/run/netns/{self.netns}"):
+            raise BackendError(f"network namespace {self.netns!r} does not exist")
+        from pyroute2 import IPRoute, WireGuard
+
+        self._ipr = IPRoute(netns=self.netns, flags=0, groups=0)
+        try:
+            self._wg = WireGuard(netns=self.netns, flags=0)
+        except Exception as e:
+            self._ipr.close()
+            self._ipr = None
+            raise BackendError("the kernel has no 'wireguard' generic netlink family "
+                               f"(module not loaded or not built): {e}") from None
+
+    def _close(self) -> None:
+        for s in (self._wg, self._ipr):
+            if s is not None:
+                with contextlib.suppress(Exception):
+                    s.close()
+        self._wg = self._ipr = None
+
+    def _set_device(self, device_attrs: list[list[Any]], peers: list[Any] | None = None) -> None:
+        from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+
+        msg = set_device_message(self._ifindex, device_attrs, peers)
+        try:
+            tuple(self._wg.nlm_request(msg, msg_type=self._wg.prid,
+                                       msg_flags=NLM_F_REQUEST | NLM_F_ACK))
+        finally:
+            if isinstance(msg.data, bytearray):
+                msg.data[:] = bytes(len(msg.data))  # the private key may be in there
+        self.messages_sent += 1
+
+    def _dump(self) -> DeviceInfo:
+        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+        from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, wgmsg
+
+        msg = wgmsg()
+        msg["cmd"] = WG_CMD_GET_DEVICE
+        msg["attrs"].append(["WGDEVICE_A_IFINDEX", self._ifindex])
+        replies = tuple(self._wg.nlm_request(msg, msg_type=self._wg.prid,
+                                             msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
+        try:
+            return parse_device(replies)
+        finally:
+            for r in replies:  # strip the key from the decoded dump before it goes anywhere
+                r["attrs"] = [a for a in r["attrs"] if a[0] != "WGDEVICE_A_PRIVATE_KEY"]
+
+    # -- life cycle
+    def up(self, config: InterfaceConfig) -> None:
+        """Create the interface, or adopt an existing WireGuard one with this name
+        (its peers become the current state the next diff starts from)."""
+        if config.name != self.name:
+            raise BackendError(f"config is for {config.name!r}, backend drives {self.name!r}")
+        self._call(self._up, config)
+        log.info("%s: kernel wireguard up, port %d, %d peer(s) adopted", self.name,
+                 self._listen_port, len(self._peers))
+
+    def _up(self, config: InterfaceConfig) -> None:
+        self._open()
+        ipr = self._ipr
+        found = ipr.link_lookup(ifname=self.name)
+        if found:
+            link = ipr.get_links(found[0])[0]
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
+            if kind != "wireguard":
+                raise BackendError(f"{self.name} exists and is a {kind or 'plain'} link, "
+                                   "not wireguard")
+            self._ifindex = found[0]
+        else:
+            try:
+                ipr.link("add", ifname=self.name, kind="wireguard")
+            except Exception as e:
+                code = getattr(e, "code", None)
+                why = os.strerror(code) if code else type(e).__name__
+                if code in (errno.EOPNOTSUPP, errno.ENODEV):
+                    why += " (no wireguard module in this kernel)"
+                raise BackendError(f"cannot create wireguard link {self.name}: {why}") from None
+            self._ifindex = ipr.link_lookup(ifname=self.name)[0]
+        self._set_device([["WGDEVICE_A_PRIVATE_KEY", config.private_key.b64()],
+                          ["WGDEVICE_A_LISTEN_PORT", config.listen_port],
+                          ["WGDEVICE_A_FWMARK", config.fwmark]])
+        self._sync_addresses(config.addresses)
+        ipr.link("set", index=self._ifindex, mtu=config.mtu, state="up")
+        dev = self._dump()
+        self._listen_port = dev.listen_port
+        self._peers = {k: _config_from_stats(s) for k, s in dev.peers.items()}
+        self._routes = self._installed_routes()
+        self._sync_routes()
+
+    def down(self) -> None:
+        """Delete the interface (its routes and addresses go with it)."""
+        def _down() -> None:
+            if self._ipr is not None and self._ifindex:
+                with contextlib.suppress(Exception):
+                    self._ipr.link("del", index=self._ifindex)
+            self._close()
+            self._ifindex = 0
+        if self._open_worker:
+            self._call(_down)
+            self._worker.shutdown()
+            self._open_worker = False
+        self._peers.clear()
+        self._routes.clear()
+
+    def close(self) -> None:
+        """Let go of the netlink sockets but leave the interface running, so a restarted
+        agent can adopt it without dropping a single tunnel packet."""
+        if self._open_worker:
+            self._call(self._close)
+            self._worker.shutdown()
+            self._open_worker = False
+
+    def __enter__(self) -> KernelBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    @property
+    def ifindex(self) -> int:
+        return self._ifindex
+
+    @property
+    def listen_port(self) -> int:
+        return self._listen_port
+
+    # -- addresses and routes
+    def _sync_addresses(self, want: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
+                        ) -> None:
+        have = set()
+        for a in self._ipr.get_addr(index=self._ifindex):
+            have.add(ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"))
+        for a in set(want) - have:
+            self._ipr.addr("add", index=self._ifindex, address=str(a.ip),
+                           prefixlen=a.network.prefixlen)
+        for a in have - set(want):
+            if a.version == 6 and a.ip.is_link_local:
+                continue
+            self._ipr.addr("del", index=self._ifindex, address=str(a.ip),
+                           prefixlen=a.network.prefixlen)
+        self._addresses = tuple(want)
+
+    def _installed_routes(self) -> set[IPNetwork]:
+        found: set[IPNetwork] = set()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for r in self._ipr.get_routes(family=family, oif=self._ifindex):
+                if r["proto"] == RTPROT_WGMESH:
+                    found.add(ipaddress.ip_network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}"))
+        return found
+
+    def _sync_routes(self) -> None:
+        want = routes_for(self._peers.values(), self._addresses)
+        for net in sorted(want - self._routes, key=str):
+            self._ipr.route("replace", dst=str(net), oif=self._ifindex, proto=RTPROT_WGMESH,
+                            family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
+        for net in sorted(self._routes - want, key=str):
+            with contextlib.suppress(Exception):
+                self._ipr.route("del", dst=str(net), oif=self._ifindex, proto=RTPROT_WGMESH,
+                                family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
+        self._routes = want
+
+    @property
+    def routes(self) -> frozenset[IPNetwork]:
+        """Prefixes routed into the interface by this backend."""
+        return frozenset(self._routes)
+
+    # -- peers
+    def set_peers(self, desired: Sequence[PeerConfig]) -> PeerDiff:
+        diff = diff_peers(self._peers, desired)
+        if diff:
+            self._call(self._apply, diff)
+            log.debug("%s: peers +%d ~%d -%d", self.name, len(diff.add), len(diff.update),
+                      len(diff.remove))
+        return diff
+
+    def _apply(self, diff: PeerDiff) -> None:
+        for batch in peer_messages(self._peers, diff):
+            self._set_device([], batch)
+        for key in diff.remove:
+            self._peers.pop(key, None)
+        for p in (*diff.add, *diff.update):
+            self._peers[p.public_key] = p
+        self._sync_routes()
+
+    def set_endpoint(self, key: Key, endpoint: tuple[str, int]) -> None:
+        old = self._peers.get(key)
+        if old is None:
+            raise BackendError(f"no peer {key.short()} on {self.name}")
+        new = attrs.evolve(old, endpoint=endpoint)
+        self._call(self._apply, PeerDiff(add=(), update=(new,), remove=()))
+
+    def peers(self) -> dict[Key, PeerConfig]:
+        """The peer state the next diff starts from."""
+        return dict(self._peers)
+
+    def info(self) -> DeviceInfo:
+        """The device as the kernel sees it now (never the private key)."""
+        return self._call(self._dump)
+
+    def stats(self) -> dict[Key, PeerStats]:
+        return self.info().peers
