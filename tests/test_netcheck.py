@@ -229,27 +229,24 @@ def test_netcheck_udp_blocked_and_hairpin(lab: Lab, tmp_path: Path) -> None:
 
 @pytest.mark.netns
 def test_netcheck_relay_regions_via_the_relays_stun(lab: Lab, tmp_path: Path) -> None:
-    relays = [lab.add_public_host(f"relay{i}") for i in (1, 2)]
-    for i, h in enumerate(relays):
+    relays = [lab.add_public_host(f"relay{i}") for i in (1, 2, 3)]
+    for i, h in enumerate(relays):  # relay 3 runs with its STUN responder off
         p = lab.python(h, "-m", "wgmesh", "relay", "serve", "--listen", f"{h.ip}:3340",
-                       "--key-file", str(tmp_path / f"r{i}.key"))
+                       "--key-file", str(tmp_path / f"r{i}.key"),
+                       *(["--stun-port", "-1"] if i == 2 else []))
         p.wait_for_output('"listening"', timeout=30)
-    # region 2 is 40 ms further away
-    slow = lab.run(relays[1], ["tc", "qdisc", "add", "dev", "eth0", "root", "netem",
-                               "delay", "40ms"], check=False).returncode == 0
     rmap = {"regions": [{"region_id": i + 1, "code": f"r{i + 1}",
                          "nodes": [{"name": h.name, "url": f"http://{h.ip}:3340"}]}
                         for i, h in enumerate(relays)]}
     (tmp_path / "relaymap.json").write_text(json.dumps(rmap))
     pc = lab.add_node_host("pc", "eim")
-    r = run_netcheck(lab, pc, "--relay-map", str(tmp_path / "relaymap.json"))
+    r = run_netcheck(lab, pc, "--relay-map", str(tmp_path / "relaymap.json"), "--timeout", "1.5")
     assert pc.nat is not None
     assert r["udp"] and r["ipv4"].startswith(pc.nat.ip + ":")
-    assert r["mapping_varies_by_dest"] is False
+    assert r["mapping_varies_by_dest"] is False  # two relays saw the same mapping
     lat = r["region_latency"]
-    assert set(lat) == {"1", "2"} and all(v is not None for v in lat.values())
-    if slow:
-        assert lat["2"] > lat["1"] + 0.03 and r["preferred_region"] == 1
-    text = lab.run(pc, [sys.executable, "-m", "wgmesh", "netcheck", "--relay-map",
-                        str(tmp_path / "relaymap.json")], timeout=60).stdout
-    assert "preferred" in text and "Relay regions" in text
+    assert lat["1"] > 0 and lat["2"] > 0 and lat["3"] is None
+    assert r["preferred_region"] == min((1, 2), key=lambda k: lat[str(k)])
+    text = lab.run(pc, [sys.executable, "-m", "wgmesh", "netcheck", "--timeout", "1.5",
+                        "--relay-map", str(tmp_path / "relaymap.json")], timeout=60).stdout
+    assert "<- preferred" in text and "3 (r3): no reply" in text
