@@ -36,6 +36,7 @@ import contextlib
 import hmac
 import json
 import logging
+import resource
 import secrets
 import ssl as _ssl
 import time
@@ -592,6 +593,8 @@ class _StunResponder(asyncio.DatagramProtocol):
 def _serve(a: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # one fd per client
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     key = load_or_create_private_key(a.key_file)
     mesh_key = load_mesh_key(a.mesh_key_file) if a.mesh_key_file else None
     credential = (Path(a.relay_credential_file).read_text().strip()
