@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from wgmesh.errors import WgmeshError
+from wgmesh.status import text_table
 
 __all__ = ["main", "print_table"]
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     """Aligned, human-readable table."""
-    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    print(text_table(list(rows), list(columns)))
 
 
 def _lab_check(a: argparse.Namespace) -> int:
@@ -60,20 +58,21 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     cl.set_defaults(func=_lab_clean)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    _add_lab,
-    __import__("wgmesh.wireguard.daemon", fromlist=["add_parser"]).add_parser,
-    __import__("wgmesh.relay_server", fromlist=["add_parser"]).add_parser,
-    __import__("wgmesh.control.cli", fromlist=["add_parser"]).add_parser,
-    __import__("wgmesh.netcheck", fromlist=["add_parser"]).add_parser,
-]
+def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
+    """Each domain adds its own command group; imported here so ``--help`` lists them all."""
+    from wgmesh import agent, netcheck, relay_server
+    from wgmesh.control import cli as control_cli
+    from wgmesh.wireguard import daemon
+
+    return [agent.add_parser, _add_lab, control_cli.add_parser, relay_server.add_parser,
+            netcheck.add_parser, daemon.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="wgmesh", description="WireGuard meshes on the kernel module, Tailscale-style.")
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    for register in REGISTRARS:
+    for register in _registrars():
         register(sub)
     return ap
 
@@ -83,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except WgmeshError as e:
+        if os.environ.get("WGMESH_DEBUG"):
+            raise
         print(f"wgmesh: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,0 +1,82 @@
+"""A node's state directory: its keys (0600), identity, and last netmap.
+
+The private keys are made here on first use and never leave this directory.
+The cached netmap lets a restarted node configure its peers while the control
+service is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from wgmesh import netmap as nm
+from wgmesh.keys import PrivateKey, load_or_create_private_key
+
+__all__ = ["StateDir"]
+
+
+def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class StateDir:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.path, 0o700)
+
+    @property
+    def node_key(self) -> PrivateKey:
+        """The WireGuard private key (made on first use)."""
+        return load_or_create_private_key(self.path / "node.key")
+
+    @property
+    def disco_key(self) -> PrivateKey:
+        """The disco private key, separate from the WireGuard key by design."""
+        return load_or_create_private_key(self.path / "disco.key")
+
+    @property
+    def inbox(self) -> Path:
+        p = self.path / "inbox"
+        p.mkdir(exist_ok=True, mode=0o700)
+        return p
+
+    def load_secret(self, name: str) -> str | None:
+        """A 0600 credential file (e.g. the node token control issued), or None."""
+        try:
+            return (self.path / name).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def save_secret(self, name: str, value: str) -> None:
+        _atomic_write(self.path / name, value + "\n")
+
+    def load_identity(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / "identity.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def save_identity(self, identity: dict[str, Any]) -> None:
+        _atomic_write(self.path / "identity.json", json.dumps(identity, indent=1))
+
+    def load_netmap(self) -> nm.Netmap | None:
+        """The last netmap, or None if absent or unreadable (never half-applied)."""
+        try:
+            msg = nm.decode((self.path / "netmap.json").read_text())
+        except (FileNotFoundError, nm.NetmapFormatError):
+            return None
+        return msg if isinstance(msg, nm.Netmap) else None
+
+    def save_netmap(self, netmap: nm.Netmap) -> None:
+        _atomic_write(self.path / "netmap.json", nm.encode(netmap).decode())
