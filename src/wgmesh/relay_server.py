@@ -15,12 +15,14 @@ Mesh: with ``mesh_key`` and ``mesh_peers``, the server dials each peer relay
 as a client that proves the mesh key, learns which nodes are connected there,
 and forwards packets for them in one hop (see :mod:`wgmesh.relay`).
 
-Allow-list (optional): with ``control_url`` and ``relay_credential`` the
-server accepts only node keys the control service lists, polling::
+Allow-list (optional): with ``control_url`` and ``relay_credential`` (a
+control API key of role ``relay``: ``wgmesh control apikey create --role
+relay``) the server accepts only node keys the control service lists, polling
+(see ``docs/control-api.yaml``)::
 
     GET {control_url}/v1/relay/nodes
     Authorization: Bearer <relay credential>
-    -> 200 {"nodes": ["<base64 node key>", ...]}
+    -> 200 {"seq": N, "node_keys": ["<base64 node key>", ...]}
 
 Until the first successful fetch it accepts nobody (fail closed); afterwards
 it keeps the last list while control is unreachable, and disconnects nodes
@@ -549,7 +551,7 @@ class RelayServer:
                     async with http.get(url, headers=headers) as r:
                         r.raise_for_status()
                         doc = await r.json()
-                    self.set_allowed(Key(k) for k in doc["nodes"])
+                    self.set_allowed(Key(k) for k in doc["node_keys"])
                     self.counters["allow_list_fetches"] += 1
                 except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
                     self.drops["allow_list_fetch_failed"] += 1
