@@ -272,7 +272,8 @@ class PeerAPIServer:
         app.router.add_get("/v1/offset", self._offset)
         app.router.add_put("/v1/files", self._put)
         # A deep read buffer: fewer pause/resume cycles per megabyte on a fast tunnel.
-        runner = web.AppRunner(app, access_log=None, read_bufsize=4 * CHUNK)
+        runner = web.AppRunner(app, access_log=None, read_bufsize=4 * CHUNK,
+                               shutdown_timeout=2.0)
         await runner.setup()
         try:
             for addr in self.addresses:
@@ -317,9 +318,16 @@ class PeerAPIServer:
             status, body = 400, {"error": str(e)}
         except _Refusal as e:
             status, body = e.status, {"error": e.message, **e.extra}
+        resp = web.json_response(body, status=status)
         if status >= 400:
             self.counters["refused"] += 1
-        return web.json_response(body, status=status)
+            if not request.content.is_eof() and request.protocol is not None:
+                # Refused mid-body: answer, then hang up rather than drain (aiohttp's
+                # lingering close) the rest of a possibly huge file.
+                await resp.prepare(request)
+                await resp.write_eof()
+                request.protocol.force_close()
+        return resp
 
     async def _whoami(self, request: Any) -> Any:
         async def fn(req: Any) -> tuple[int, dict[str, Any]]:
