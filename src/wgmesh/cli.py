@@ -36,6 +36,18 @@ def _lab_check(a: argparse.Namespace) -> int:
     return 0
 
 
+def _lab_grid(a: argparse.Namespace) -> int:
+    from wgmesh.grid import run_grid
+
+    pairs = [tuple(p.split(":", 1)) for p in a.pairs] if a.pairs else None
+    grid = run_grid(a.backend, pairs)  # type: ignore[arg-type]
+    if a.json:
+        print(json.dumps([r.to_json() for r in grid]))
+    else:
+        print(grid)
+    return 0
+
+
 def _lab_clean(a: argparse.Namespace) -> int:
     from wgmesh.lab import clean_leftovers
 
@@ -53,6 +65,12 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--json", action="store_true", help="one JSON list, an object per kind")
     c.add_argument("--hairpin", action="store_true", help="build the NATs with hairpinning")
     c.set_defaults(func=_lab_check)
+    g = ls.add_parser("grid", help="connectivity grid: node pairs behind every pair of NATs")
+    g.add_argument("--backend", default="userspace", choices=["userspace", "kernel"],
+                   help="kernel needs the WireGuard module (run it in the VM tier)")
+    g.add_argument("--pairs", nargs="*", metavar="A:B", help="only these pairs, e.g. eim:eim")
+    g.add_argument("--json", action="store_true", help="a JSON list, one object per pair")
+    g.set_defaults(func=_lab_grid)
     cl = ls.add_parser("clean", help="remove namespaces left by crashed labs")
     cl.add_argument("--all", action="store_true", help="also labs whose owner still runs")
     cl.set_defaults(func=_lab_clean)

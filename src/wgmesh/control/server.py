@@ -430,6 +430,8 @@ class ControlServer:
             raise BadRequest("since: must be a non-negative integer")
         since = int(since_text) if since_text is not None else None
         world, nid = self.world, rec.id
+        if nid not in world.nodes:
+            await self.sync()  # registered a moment ago: the syncer has not run yet
         event = asyncio.Event()
         lines = world.attach(nid, since, event.set)
         first = world.subs[nid].streams == 1
