@@ -186,6 +186,16 @@ def test_call_me_maybe_starts_a_round_but_is_rate_limited() -> None:
     assert p.counters["cmm_rate_limited"] == 1
 
 
+def test_call_me_maybe_is_answered_once_and_answers_are_not() -> None:
+    p = make(endpoints=())
+    out = p.on_call_me_maybe(disco.CallMeMaybe((PUB4,)), 1.0)
+    replies = [o.msg for o in out if isinstance(o, RelayOut)]
+    assert len(replies) == 1 and replies[0].flags & disco.FLAG_REPLY
+    q = make(endpoints=())
+    out = q.on_call_me_maybe(disco.CallMeMaybe((PUB4,), disco.FLAG_REPLY), 1.0)
+    assert not [o for o in out if isinstance(o, RelayOut)] and (0, PUB4) in pings(out)
+
+
 def test_candidate_count_is_bounded() -> None:
     p = make(TraversalConfig(max_candidates=8), endpoints=())
     for i in range(20):
@@ -313,9 +323,9 @@ def test_remove_peer_closes_its_extra_ports() -> None:
 
 def test_candidates_lan_stun_and_hard_nat_guess() -> None:
     c = Candidates(41641)
-    assert c.update(lan=["10.1.0.10", "fe80::1"]) == (
-        Endpoint("10.1.0.10", 41641, "local"), Endpoint("fe80::1", 41641, "local"))
-    assert c.update(lan=["10.1.0.10", "fe80::1"]) is None
+    assert c.update(lan=["10.1.0.10", "fe80::1", "127.0.0.1", "fd00::2"]) == (
+        Endpoint("10.1.0.10", 41641, "local"), Endpoint("fd00::2", 41641, "local"))
+    assert c.update(lan=["10.1.0.10", "fd00::2"]) is None  # link-local never published
     new = c.update(reflexive=[("198.51.100.4", 30001), ("2001:db8::4", 41641)], hard_nat=True)
     assert new is not None
     kinds = {(e.ip, e.port): e.kind for e in new}

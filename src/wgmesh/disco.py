@@ -86,6 +86,8 @@ FLAG_HARD_NAT = 0x01
 FLAG_MANY_PORTS = 0x02
 #: "I am starting a port search against you now": open your ports and ping me from them.
 FLAG_PORT_SEARCH = 0x04
+#: This call-me-maybe answers one of yours (so it is never answered: no ping-pong).
+FLAG_REPLY = 0x08
 
 
 def new_txid() -> bytes:

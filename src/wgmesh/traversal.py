@@ -60,7 +60,7 @@ from typing import Literal
 import attrs
 
 from wgmesh import disco
-from wgmesh.disco import FLAG_HARD_NAT, FLAG_MANY_PORTS, FLAG_PORT_SEARCH, Addr
+from wgmesh.disco import FLAG_HARD_NAT, FLAG_MANY_PORTS, FLAG_PORT_SEARCH, FLAG_REPLY, Addr
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.netmap import Endpoint
 
@@ -319,8 +319,9 @@ class Candidates:
                reflexive: Iterable[Addr] | None = None, hard_nat: bool | None = None,
                local_port: int | None = None) -> tuple[Endpoint, ...] | None:
         """Replace any of the inputs; the new endpoint list if that changed it."""
-        if lan is not None:
-            self._lan = tuple(dict.fromkeys(ipaddress.ip_address(i).compressed for i in lan))
+        if lan is not None:  # link-local needs a scope a peer cannot know: never published
+            self._lan = tuple(dict.fromkeys(a.compressed for a in map(ipaddress.ip_address, lan)
+                                            if not a.is_link_local and not a.is_loopback))
         if reflexive is not None:
             self._reflexive = tuple(dict.fromkeys(norm(r) for r in reflexive))
         if hard_nat is not None:
@@ -422,6 +423,7 @@ class PeerPath:
         self._next_round = now
         self._last_cmm = float("-inf")
         self._last_cmm_round = float("-inf")
+        self._last_cmm_reply = float("-inf")
         self._last_active = now
         self._last_io: tuple[int, int] | None = None
         self._last_hs: float | None = None
@@ -596,11 +598,16 @@ class PeerPath:
         out: list[_Out] = []
         if cmm.flags & FLAG_PORT_SEARCH:
             out += self._open_search_ports(now)
+        if not cmm.flags & FLAG_REPLY and now - self._last_cmm_reply >= self.cfg.cmm_min_interval:
+            # Our last call-me-maybe may have been lost (e.g. sent before the peer
+            # reached the relay): answer, marked so the answer is never answered.
+            self._last_cmm_reply = now
+            out.append(self._cmm(now, FLAG_REPLY))
         if now - self._last_cmm_round < self.cfg.cmm_min_interval:
             self.counters["cmm_rate_limited"] += 1
             return out
         self._last_cmm_round = now
-        return out + self._start_round(now, "cmm")
+        return out + self._start_round(now, "cmm", cmm=False)
 
     # ---- choosing -----------------------------------------------------------------
     def _select(self, now: float) -> list[_Out]:
