@@ -1,0 +1,218 @@
+"""The relay bridge: kernel WireGuard talking to a peer it can only reach via a relay.
+
+The kernel sends WireGuard packets to UDP endpoints and nowhere else. So for a
+relayed peer the kernel's endpoint is a loopback UDP socket owned by wgmesh,
+one per peer::
+
+    kernel wg0 (port L) --udp--> 127.0.0.1:p  --RelayTransport.send(peer, pkt)--> relay
+    kernel wg0 (port L) <--udp-- 127.0.0.1:p  <--RelayBridge.deliver(peer, pkt)-- relay
+
+Each socket is connected to ``127.0.0.1:L``, so it only ever accepts the
+kernel's own packets, and packets from the relay are sent from it, so the
+kernel sees them arrive from exactly the endpoint it has for that peer and its
+roaming logic never moves the peer elsewhere. Switching a peer between relay
+and direct is one endpoint change on the backend (:meth:`RelayBridge.use_relay`,
+:meth:`RelayBridge.use_direct`). While a peer is direct, packets that still
+come in via the relay are dropped: injected, they would make the kernel roam
+the peer back to the loopback endpoint.
+
+The bridge is driven by an asyncio loop but its methods may be called from any
+thread (loop work is handed over with ``call_soon_threadsafe``). The bytes are
+WireGuard ciphertext: the bridge and the relay never see plaintext.
+
+:class:`PipeTransport` joins two bridges over one byte stream (a TCP connection
+in the tests and the benchmark), framing each packet with its sender's key as
+a relay would; the relay client offers the same ``send(dst, packet)`` method.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import attrs
+
+from wgmesh.keys import KEY_LEN, Key
+from wgmesh.wireguard.backend import Backend
+from wgmesh.wireguard.netns import socket_in
+
+__all__ = ["BridgeCounters", "PipeTransport", "RelayBridge", "RelayTransport"]
+
+Address = tuple[str, int]
+MAX_DATAGRAM = 65535
+BATCH = 64  # datagrams read per wake-up, so one busy peer can't starve the others
+
+
+class RelayTransport(Protocol):
+    """Something that carries a packet to the node with public key ``dst``."""
+
+    def send(self, dst: Key, packet: bytes) -> None: ...
+
+
+@attrs.define
+class BridgeCounters:
+    to_relay: int = 0      # kernel -> relay packets
+    from_relay: int = 0    # relay -> kernel packets injected
+    dropped: int = 0       # relay packets for a direct or unknown peer, or failed sends
+
+
+@attrs.define(eq=False)
+class _Port:
+    key: Key
+    sock: socket.socket
+    direct: bool = False
+    counters: BridgeCounters = attrs.field(factory=BridgeCounters)
+
+
+class RelayBridge:
+    """Loopback endpoints for relayed peers of a kernel interface listening on ``wg_port``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, transport: RelayTransport,
+                 wg_port: int, *, netns: str | None = None, host: str = "127.0.0.1") -> None:
+        self.loop = loop
+        self.transport = transport
+        self.wg_port = wg_port
+        self.netns = netns
+        self.host = host
+        self._ports: dict[Key, _Port] = {}
+        self._lock = threading.Lock()
+        self.unknown = 0  # relay packets from peers the bridge has no endpoint for
+
+    def __repr__(self) -> str:
+        return f"<RelayBridge wg port {self.wg_port}: {len(self._ports)} peer(s)>"
+
+    # -- endpoints
+    def add(self, key: Key) -> Address:
+        """The loopback endpoint for ``key`` (created on first use)."""
+        with self._lock:
+            port = self._ports.get(key)
+            if port is None:
+                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+                sock = socket_in(self.netns, family, socket.SOCK_DGRAM)
+                sock.bind((self.host, 0))
+                sock.connect((self.host, self.wg_port))
+                sock.setblocking(False)
+                port = self._ports[key] = _Port(key, sock)
+                self.loop.call_soon_threadsafe(self.loop.add_reader, sock.fileno(),
+                                               self._readable, port)
+        host, pnum = port.sock.getsockname()[:2]
+        return (host, pnum)
+
+    def endpoint(self, key: Key) -> Address:
+        port = self._ports[key]
+        host, pnum = port.sock.getsockname()[:2]
+        return (host, pnum)
+
+    def remove(self, key: Key) -> None:
+        with self._lock:
+            port = self._ports.pop(key, None)
+        if port is not None:
+            def close() -> None:
+                self.loop.remove_reader(port.sock.fileno())
+                port.sock.close()
+            self.loop.call_soon_threadsafe(close)
+
+    def counters(self, key: Key) -> BridgeCounters:
+        return self._ports[key].counters
+
+    # -- switching paths
+    def use_relay(self, backend: Backend, key: Key) -> Address:
+        """Route ``key`` through the relay: one endpoint change on ``backend``."""
+        ep = self.add(key)
+        self._ports[key].direct = False
+        backend.set_endpoint(key, ep)
+        return ep
+
+    def use_direct(self, backend: Backend, key: Key, endpoint: Address) -> None:
+        """Send ``key``'s packets straight to ``endpoint``; the loopback endpoint stays
+        ready, so going back to the relay is instant."""
+        if key in self._ports:
+            self._ports[key].direct = True
+        backend.set_endpoint(key, endpoint)
+
+    # -- packets
+    def _readable(self, port: _Port) -> None:
+        for _ in range(BATCH):
+            try:
+                packet = port.sock.recv(MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError:  # e.g. ICMP unreachable reported on the connected socket
+                port.counters.dropped += 1
+                continue
+            port.counters.to_relay += 1
+            self.transport.send(port.key, packet)
+
+    def deliver(self, src: Key, packet: bytes) -> None:
+        """A packet from the relay, sent by the node ``src``: hand it to the kernel."""
+        port = self._ports.get(src)
+        if port is None:
+            self.unknown += 1
+            return
+        if port.direct:
+            port.counters.dropped += 1
+            return
+        try:
+            port.sock.send(packet)
+        except OSError:  # buffer full or the interface went away: UDP may drop
+            port.counters.dropped += 1
+            return
+        port.counters.from_relay += 1
+
+    def close(self) -> None:
+        for key in list(self._ports):
+            self.remove(key)
+
+
+class PipeTransport:
+    """A point-to-point relay stand-in: packets framed as ``sender key | length | bytes``
+    over one asyncio stream. The far side hands ``(sender, packet)`` to ``on_packet``.
+
+    Writes beyond ``max_buffer`` unsent bytes are dropped, as a congested relay link
+    would: WireGuard runs over UDP semantics, and queueing would only add delay.
+    """
+
+    _HEADER = struct.Struct(f"!{KEY_LEN}sH")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 local: Key, on_packet: Callable[[Key, bytes], None],
+                 max_buffer: int = 1 << 20) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.local = local
+        self.on_packet = on_packet
+        self.max_buffer = max_buffer
+        self.dropped = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def send(self, dst: Key, packet: bytes) -> None:
+        if self.writer.is_closing() or len(packet) > 0xFFFF:
+            self.dropped += 1
+            return
+        if self.writer.transport.get_write_buffer_size() > self.max_buffer:
+            self.dropped += 1
+            return
+        self.writer.write(self._HEADER.pack(self.local.raw, len(packet)) + packet)
+
+    def start(self) -> asyncio.Task[None]:
+        """Start reading frames (call on the loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._read())
+        return self._task
+
+    async def _read(self) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await self.reader.readexactly(self._HEADER.size)
+                raw, length = self._HEADER.unpack(head)
+                packet = await self.reader.readexactly(length)
+                self.on_packet(Key.from_raw(raw), packet)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.writer.close()

@@ -1,0 +1,58 @@
+"""The relay bridge on the host (netns tier): plain UDP sockets stand in for the two
+kernel WireGuard ports. Packets sent to a bridge endpoint come out at the far side's
+port from the far bridge's endpoint for the sender (what kernel roaming needs), in
+both directions; a direct peer's relay packets are dropped, not injected."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from bridgetools import BridgePair
+from kerneltools import wait_for
+from wgmesh.keys import PrivateKey
+from wgmesh.lab import Lab
+from wgmesh.wireguard.netns import socket_in
+
+pytestmark = pytest.mark.netns
+
+
+def test_bridge_relays_both_ways_from_the_peer_endpoint(lab: Lab) -> None:
+    a, b = lab.add_public_host("a"), lab.add_public_host("b")
+    ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
+    wg_a = socket_in(a.ns, socket.AF_INET, socket.SOCK_DGRAM)
+    wg_b = socket_in(b.ns, socket.AF_INET, socket.SOCK_DGRAM)
+    wg_a.bind(("0.0.0.0", 51820))
+    wg_b.bind(("0.0.0.0", 51821))
+    for s in (wg_a, wg_b):
+        s.settimeout(10)
+    try:
+        with BridgePair(a.ns, 51820, ka, b.ns, 51821, kb, b.ip) as pair:
+            ep_b_at_a = pair.a.add(kb)  # a's kernel endpoint for peer b
+            ep_a_at_b = pair.b.add(ka)  # b's kernel endpoint for peer a
+            assert ep_b_at_a[0] == "127.0.0.1"
+            for i in range(50):
+                wg_a.sendto(b"to b %d" % i, ep_b_at_a)
+            got = [wg_b.recvfrom(2048) for _ in range(50)]
+            assert {d for d, _ in got} == {b"to b %d" % i for i in range(50)}
+            assert {src for _, src in got} == {ep_a_at_b}
+            wg_b.sendto(b"to a", ep_a_at_b)
+            assert wg_a.recvfrom(2048) == (b"to a", ep_b_at_a)
+            assert pair.a.counters(kb).to_relay == 50 and pair.b.counters(ka).from_relay == 50
+
+            # a stranger on the loopback can't inject through the bridge socket
+            stray = socket_in(a.ns, socket.AF_INET, socket.SOCK_DGRAM)
+            stray.sendto(b"stray", ep_b_at_a)
+            stray.close()
+            # while b is "direct" at a, relayed packets from b are dropped, not injected
+            pair.on_loop(lambda: setattr(pair.a._ports[kb], "direct", True))
+            wg_b.sendto(b"late relay", ep_a_at_b)
+            wait_for(lambda: pair.a.counters(kb).dropped == 1, 10, "drop of a late packet")
+            pair.on_loop(lambda: setattr(pair.a._ports[kb], "direct", False))
+            wg_b.sendto(b"relay again", ep_a_at_b)
+            assert wg_a.recvfrom(2048) == (b"relay again", ep_b_at_a)
+            assert pair.b.counters(ka).to_relay == 3
+    finally:
+        wg_a.close()
+        wg_b.close()
