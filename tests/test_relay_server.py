@@ -576,3 +576,27 @@ def test_cross_region_reaches_the_peers_home_relay() -> None:
         await s2.close()
 
     run(main())
+
+
+def test_relay_map_arrives_later_and_changes() -> None:
+    async def main() -> None:
+        s1, u1 = await serving()
+        s2, u2 = await serving()
+        homes: list[int] = []
+        c = RelayClient(PrivateKey.generate(), [], on_home_change=homes.append)
+        with pytest.raises(RelayConnectError, match="empty"):
+            await c.start()
+        assert not c.send_nowait(PrivateKey.generate().public, b"x")  # no relay: a drop
+        assert c.drops["not_connected"] == 1
+        await c.set_relays({5: [u1]})
+        await c.wait_connected()
+        assert homes == [5] and len(s1._clients) == 1
+        await c.set_relays({6: [u2]})  # region 5 withdrawn: re-home
+        await c.wait_connected()
+        assert homes == [5, 6] and c.home_region == 6
+        await until(lambda: not s1._clients and len(s2._clients) == 1)
+        await c.close()
+        await s1.close()
+        await s2.close()
+
+    run(main())

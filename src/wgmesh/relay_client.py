@@ -216,12 +216,12 @@ class RelayClient:
     # ---- life cycle ------------------------------------------------------------------
     async def start(self, *, wait: float | None = 10.0) -> None:
         """Probe, pick the home region, connect; with ``wait``, until connected."""
+        self._tasks.append(asyncio.get_running_loop().create_task(self._maintain()))
         if not self.regions:
-            raise RelayConnectError("relay map is empty")
+            raise RelayConnectError("relay map is empty (set_relays() will connect)")
         await self._probe()
         home = self._pick_home()
         self._links[home] = _RegionLink(self, home, home=True)
-        self._tasks.append(asyncio.get_running_loop().create_task(self._maintain()))
         if wait:
             await self.wait_connected(wait)
 
@@ -246,7 +246,9 @@ class RelayClient:
         """Until the home relay has accepted us; raises :class:`RelayConnectError`."""
         try:
             async with asyncio.timeout(timeout):
-                await self._home_link().ready.wait()
+                while (link := self._home_link()) is None:
+                    await asyncio.sleep(0.05)
+                await link.ready.wait()
         except TimeoutError as e:
             raise RelayConnectError(f"no home relay within {timeout}s") from e
 
@@ -269,8 +271,9 @@ class RelayClient:
     def home_region(self) -> int | None:
         return next((r for r, lk in self._links.items() if lk.home), None)
 
-    def _home_link(self) -> _RegionLink:
-        return next(lk for lk in self._links.values() if lk.home)
+    def _home_link(self) -> _RegionLink | None:
+        """``None`` before :meth:`start` or while the relay map is empty."""
+        return next((lk for lk in self._links.values() if lk.home), None)
 
     async def _maintain(self) -> None:
         """Re-probe now and then; move home only past the hysteresis; close idle links."""
@@ -278,7 +281,7 @@ class RelayClient:
         while True:
             await asyncio.sleep(min(5.0, self.probe_interval))
             now = time.monotonic()
-            if now - last_probe >= self.probe_interval:
+            if self.regions and now - last_probe >= self.probe_interval:
                 last_probe = now
                 await self._probe()
                 self._move_home(self._pick_home())
@@ -301,6 +304,20 @@ class RelayClient:
         if self.on_home_change is not None:
             self.on_home_change(region)
 
+    async def set_relays(self, relays: RelayMap | Sequence[str] | Mapping[int, Sequence[str]]
+                         ) -> None:
+        """A new relay map (netmap delta): drop vanished regions, re-home if ours went."""
+        self.regions = regions_of(relays)
+        for region in [r for r in self._links if r not in self.regions]:
+            await self._links.pop(region).close()
+        self.selector.rtt = {r: t for r, t in self.selector.rtt.items() if r in self.regions}
+        if self.regions and self.home_region is None:
+            await self._probe()
+            home = self._pick_home()
+            self._links[home] = _RegionLink(self, home, home=True)
+            if self.on_home_change is not None:
+                self.on_home_change(home)
+
     def _link_up(self, link: _RegionLink) -> None:
         if link.home and link.connects > 1:
             log.info("home relay region %s reconnected via %s", link.region, link.conn
@@ -314,7 +331,7 @@ class RelayClient:
         else:
             self._peer_region.pop(key, None)
 
-    def _link_for(self, dst: Key) -> _RegionLink:
+    def _link_for(self, dst: Key) -> _RegionLink | None:
         region = self._peer_region.get(dst)
         if region is None or region not in self.regions:
             return self._home_link()
@@ -326,9 +343,8 @@ class RelayClient:
 
     def send_nowait(self, dst: Key, data: bytes) -> bool:
         """Queue ``data`` for ``dst``; False (and a drop counted) if no relay is connected."""
-        if self._closed:
-            return False
-        conn = self._link_for(dst).conn
+        link = None if self._closed else self._link_for(dst)
+        conn = link.conn if link is not None else None
         if conn is None or conn.closed:
             self.drops["not_connected"] += 1
             return False
@@ -337,10 +353,13 @@ class RelayClient:
 
     async def send(self, dst: Key, data: bytes, *, timeout: float = 5.0) -> bool:
         """Send with backpressure: waits for a connection and for socket space."""
-        link = self._link_for(dst)
         try:
             async with asyncio.timeout(timeout):
                 while True:
+                    link = self._link_for(dst)
+                    if link is None:
+                        await asyncio.sleep(0.05)
+                        continue
                     await link.ready.wait()
                     conn = link.conn
                     if conn is not None and not conn.closed:
@@ -355,9 +374,10 @@ class RelayClient:
 
     async def ping(self, timeout: float = 5.0) -> float:
         """Round trip through the home relay, in seconds."""
+        await self.wait_connected(timeout)
         link = self._home_link()
-        await asyncio.wait_for(link.ready.wait(), timeout)
-        assert link.conn is not None
+        if link is None or link.conn is None:
+            raise RelayConnectError("home relay connection lost")
         return await link.conn.ping(timeout)
 
     # ---- receiving -------------------------------------------------------------------
