@@ -354,6 +354,7 @@ class _Cand:
     last_ping: float | None = None
     unanswered_since: float | None = None
     bad_until: float = float("-inf")
+    last_pingback: float = float("-inf")
 
     @property
     def rtt(self) -> float | None:
@@ -564,8 +565,11 @@ class PeerPath:
         src = norm(src)
         out: list[_Out] = [DiscoOut(src, sock, disco.Pong(txid, src))]
         c = self._cand(src, sock, "peer")
+        # Their ping means their NAT is open to us now, so our earlier ping was likely
+        # dropped: ping back at once (throttled, in case they ping in a burst).
         if c is not None and not c.fresh(now, self.cfg) and (
-                c.last_ping is None or now - c.last_ping >= self.cfg.probe_interval / 2):
+                now - c.last_pingback >= self.cfg.probe_interval / 2):
+            c.last_pingback = now
             out.append(self._ping(c, now))
         return out
 
@@ -739,9 +743,7 @@ class PeerPath:
         budget = min(self.cfg.search_probes, int((now - s.start_at) * self.cfg.search_rate) + 1)
         out: list[_Out] = []
         for addr in s.ports:
-            txid = disco.new_txid()
-            self._pending[txid] = ((0, addr), now, True)
-            out.append(DiscoOut(addr, 0, disco.Ping(txid, self.local.node_key)))
+            out.append(self._search_ping(addr, 0, now))
             s.sent += 1
             if s.sent >= budget:
                 break
@@ -758,13 +760,17 @@ class PeerPath:
             self._open_socks = self.local.alloc_socks(self.cfg.search_ports)
             out.append(OpenPorts(self.key, self._open_socks))
         self._close_socks_at = now + self.cfg.search_duration + self.cfg.round_duration
-        for sock in self._open_socks:
-            for addr in self._peer_public_v4():
-                c = self._cand(addr, sock, "search")
-                if c is not None:
-                    out.append(self._ping(c, now))
+        targets = self._peer_public_v4()
+        out += [self._search_ping(addr, sock, now) for sock in self._open_socks
+                for addr in targets]
         self.counters["search_ports_opened"] += 1
         return out
+
+    def _search_ping(self, addr: Addr, sock: int, now: float) -> DiscoOut:
+        """A probe that becomes a candidate only if it is answered (no state per miss)."""
+        txid = disco.new_txid()
+        self._pending[txid] = ((sock, addr), now, True)
+        return DiscoOut(addr, sock, disco.Ping(txid, self.local.node_key))
 
     def _close_ports(self, keep: int | None) -> list[_Out]:
         close = tuple(s for s in self._open_socks if s != keep)

@@ -216,7 +216,7 @@ class UdpPort:
 
 
 def _emit(**kw: Any) -> None:
-    print(json.dumps(kw), flush=True)
+    print(json.dumps({**kw, "wall": time.time()}), flush=True)
 
 
 async def _node(a: argparse.Namespace) -> None:
@@ -250,7 +250,7 @@ async def _node(a: argparse.Namespace) -> None:
 
     relay = RelayClient(node, [a.relay], on_packet=on_relay)
     await relay.start()
-    _emit(event="relay", t=time.monotonic() - t0)
+    _emit(event="relay", t=time.monotonic() - t0, rtt=await relay.ping())
 
     done = asyncio.Event()
 

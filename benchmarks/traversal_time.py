@@ -1,0 +1,97 @@
+"""Time from relayed to direct, through real lab NATs, with the production traversal.
+
+Each run starts two fresh nodes (``python -m wgmesh.traversal_driver``: the real
+Traversal over a UDP port, the real relay for call-me-maybe) behind their own NATs
+and measures, on the shared wall clock:
+
+* ``t_relay_s``: node start -> connected to the relay (the first-packet path),
+  STUN included;
+* ``t_direct_s``: the later node on the relay -> both sides direct.
+
+Reference, same runs: the least a coordinated punch can take, one relay round trip
+(call-me-maybe) plus one direct disco round trip (ping/pong). ``ratio`` =
+median ``t_direct_s`` / median reference. Prints one JSON line. Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from wgmesh.keys import PrivateKey
+from wgmesh.lab import Lab
+
+
+def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind_b: str,
+             tag: str) -> dict[str, Any]:
+    hosts = [lab.add_node_host(f"{tag}a", kind_a), lab.add_node_host(f"{tag}b", kind_b)]
+    keys = []
+    for side in "ab":
+        node, dk = PrivateKey.generate(), PrivateKey.generate()
+        node.save(tmp / f"{tag}{side}.key")
+        dk.save(tmp / f"{tag}{side}.disco")
+        keys.append((node.public.b64(), dk.public.b64()))
+    procs = []
+    for i, (side, host) in enumerate(zip("ab", hosts, strict=True)):
+        stun_args = [x for s in stun for x in ("--stun", s)]
+        procs.append(lab.python(
+            host, "-m", "wgmesh.traversal_driver", "--key-file", str(tmp / f"{tag}{side}.key"),
+            "--disco-key-file", str(tmp / f"{tag}{side}.disco"), "--peer", keys[1 - i][0],
+            "--peer-disco", keys[1 - i][1], "--relay", relay, *stun_args,
+            "--duration", "40", "--exit-after-direct", "0.3"))
+    evs = []
+    for p in procs:
+        p.wait(timeout=90)
+        evs.append([json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")])
+    relay_up = [next(e for e in ev if e["event"] == "relay") for ev in evs]
+    direct = [next((e for e in ev if e["event"] == "path" and e["path"] == "direct"), None)
+              for ev in evs]
+    out: dict[str, Any] = {"t_relay_s": max(r["t"] for r in relay_up),
+                           "relay_rtt_s": statistics.median(r["rtt"] for r in relay_up)}
+    if all(direct):
+        out["t_direct_s"] = (max(d["wall"] for d in direct if d)
+                             - max(r["wall"] for r in relay_up))
+        out["disco_rtt_s"] = statistics.median(d["rtt"] for d in direct if d)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--hard-runs", type=int, default=3, help="eim x symmetric runs")
+    a = ap.parse_args()
+    with Lab() as lab, tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        relay, stun2 = lab.add_public_host("relay"), lab.add_public_host("stun2")
+        for i, h in enumerate((relay, stun2)):
+            lab.python(h, "-m", "wgmesh", "relay", "serve", "--listen", f"{h.ip}:3340",
+                       "--key-file", str(tmp / f"relay{i}.key")).wait_for_output(
+                '"listening"', timeout=30)
+        url, stun = f"http://{relay.ip}:3340", [f"{relay.ip}:3478", f"{stun2.ip}:3478"]
+        easy = [run_pair(lab, tmp, url, stun, "eim", "eim", f"e{i}") for i in range(a.runs)]
+        hard = [run_pair(lab, tmp, url, stun, "eim", "symmetric", f"h{i}")
+                for i in range(a.hard_runs)]
+    direct = [r["t_direct_s"] for r in easy if "t_direct_s" in r]
+    ref = [r["relay_rtt_s"] + r["disco_rtt_s"] for r in easy if "disco_rtt_s" in r]
+    hard_t = [r["t_direct_s"] for r in hard if "t_direct_s" in r]
+    med = statistics.median
+    print(json.dumps({
+        "bench": "traversal_time", "runs": a.runs,
+        "eim_eim_direct": f"{len(direct)}/{len(easy)}",
+        "t_direct_s": round(med(direct), 4) if direct else None,
+        "t_relay_s": round(med(r["t_relay_s"] for r in easy), 4),
+        "reference_s": round(med(ref), 6) if ref else None,
+        "ratio": round(med(direct) / med(ref), 1) if direct and ref else None,
+        "eim_symmetric_direct": f"{len(hard_t)}/{len(hard)}",
+        "t_direct_eim_symmetric_s": round(med(hard_t), 2) if hard_t else None,
+        "target_direct_s": 2.0, "target_first_packet_s": 1.0,
+    }))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
