@@ -1,12 +1,35 @@
 """wgmesh: Tailscale-style WireGuard meshes that hand the fast path to the kernel.
 
-Public API: :class:`Lab` (network-namespace experiments), :class:`Key` /
-:class:`PrivateKey`; the node, control and relay servers join as they land.
+Public API:
+
+* :class:`Node` (sync, thread-safe, Jupyter-safe) and :class:`AsyncNode`: join a mesh;
+* :class:`ControlServer`, :class:`RelayServer`: the coordination and relay services;
+* :class:`Netmap`, :class:`Status`, :class:`Event`: what nodes know and report;
+* :class:`Key`, :class:`PrivateKey`: X25519 keys (private ones never print);
+* :class:`Lab`: network-namespace experiments with real NATs.
 """
 
 from wgmesh.errors import WgmeshError
+from wgmesh.events import Event
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.lab import Lab
+from wgmesh.netmap import Netmap
+from wgmesh.node import AsyncNode, Node
+from wgmesh.status import PeerStatus, PingResult, Status
 
-__all__ = ["Key", "Lab", "PrivateKey", "WgmeshError"]
+__all__ = ["AsyncNode", "ControlServer", "Event", "Key", "Lab", "Netmap", "Node", "PeerStatus",
+           "PingResult", "PrivateKey", "RelayServer", "Status", "WgmeshError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The servers pull in aiohttp; import them only when asked for.
+    if name == "ControlServer":
+        from wgmesh.control.server import ControlServer
+
+        return ControlServer
+    if name == "RelayServer":
+        from wgmesh.relay_server import RelayServer
+
+        return RelayServer
+    raise AttributeError(name)

@@ -15,6 +15,7 @@ import logging
 import signal
 from typing import Any
 
+from wgmesh.errors import WgmeshError
 from wgmesh.localapi import DEFAULT_SOCKET, LocalAPIServer, call
 from wgmesh.status import PEER_COLUMNS, text_table
 
@@ -43,7 +44,8 @@ async def run_agent(args: argparse.Namespace) -> int:
     async def netcheck(_p: dict[str, Any]) -> Any:
         return await node.netcheck()
 
-    methods = {"status": status, "ping": ping, "down": down, "netcheck": netcheck}
+    methods = {"status": status, "ping": ping, "down": down, "netcheck": netcheck,
+               **node.file_methods()}
     api = LocalAPIServer(args.socket, methods)
     await api.start()
     loop = asyncio.get_running_loop()
@@ -97,6 +99,14 @@ def _ping(a: argparse.Namespace) -> int:
         print(json.dumps(r.to_json()) if a.json else r)
         failed += r.rtt_ms is None
     return 1 if failed == a.count else 0
+
+
+def resolve_peer(ref: str, socket_path: str = DEFAULT_SOCKET) -> str:
+    """A peer name (or address) to its tunnel address, asking the running agent."""
+    for p in call("status", path=socket_path)["peers"]:
+        if ref in (p["name"], p["ipv4"], p["ipv6"]):
+            return str(p["ipv4"])
+    raise WgmeshError(f"no peer {ref!r} in the running node's netmap")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

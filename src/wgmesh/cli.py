@@ -78,12 +78,15 @@ def _add_lab(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]]:
     """Each domain adds its own command group; imported here so ``--help`` lists them all."""
-    from wgmesh import agent, netcheck, relay_server
+    from wgmesh import agent, demo, drop, netcheck, relay_server
     from wgmesh.control import cli as control_cli
     from wgmesh.wireguard import daemon
 
-    return [agent.add_parser, _add_lab, control_cli.add_parser, relay_server.add_parser,
-            netcheck.add_parser, daemon.add_parser]
+    def files(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+        drop.add_parser(sub, resolve_peer=agent.resolve_peer)
+
+    return [agent.add_parser, files, demo.add_parser, _add_lab, control_cli.add_parser,
+            relay_server.add_parser, netcheck.add_parser, daemon.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,6 +80,7 @@ class AsyncNode:
         self.backend_reason = ""
         self.relay: Any = None
         self.dataplane: Any = None
+        self.peer_api: Any = None
         self.candidates: Any = None
         self.hard_nat = False
         self.last_netcheck: Any = None
@@ -125,7 +126,7 @@ class AsyncNode:
             raise
         self._up = True
         if self.netmap is not None:
-            self._apply_netmap(self.netmap)
+            self._apply_netmap(self.netmap, live=self.control_online)
         self._follow_thread = threading.Thread(target=self._follow, name="wgmesh-netmap",
                                                args=(asyncio.get_running_loop(),), daemon=True)
         self._follow_thread.start()
@@ -172,8 +173,11 @@ class AsyncNode:
             (f"{me.ipv4}/10", f"{me.ipv6}/48")))
         loop = asyncio.get_running_loop()
         port = self._make_port(loop)
+        # Ping the relay every 2 s and give up on it after 6 s of silence: a NAT that
+        # forgot the TCP mapping must not leave the relay path dead for a minute.
         self.relay = RelayClient(self.state.node_key, self.netmap.relay_map,
-                                 on_home_change=self._on_home_change)
+                                 on_home_change=self._on_home_change, keepalive=2.0,
+                                 idle_timeout=6.0)
         cfg = (TraversalConfig.kernel() if self.backend.kind == "kernel"
                else TraversalConfig.userspace())
         trav = Traversal(self.state.disco_key, self.state.node_key.public, cfg)
@@ -188,6 +192,19 @@ class AsyncNode:
         except WgmeshError as e:
             log.warning("no relay reachable yet (%s); retrying in the background", e)
         self._tasks.append(loop.create_task(self._endpoint_loop()))
+        await self._start_peer_api()
+
+    async def _start_peer_api(self) -> None:
+        """The file-drop receiver, bound to the tunnel addresses and the WireGuard device."""
+        from wgmesh.drop import PeerAPIServer, netmap_authorize, netmap_identify
+
+        assert self.netmap is not None
+        me = self.netmap.self_node
+        self.peer_api = PeerAPIServer(
+            self.state.inbox, [me.ipv4, me.ipv6], interface=self.ifname,
+            identify=netmap_identify(lambda: self.netmap),
+            authorize=netmap_authorize(lambda: self.netmap))
+        await self.peer_api.start()
 
     def _make_port(self, loop: asyncio.AbstractEventLoop) -> Any:
         if self.backend.kind == "kernel":
@@ -205,6 +222,8 @@ class AsyncNode:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.peer_api is not None:
+            await self.peer_api.close()
         if self.dataplane is not None:
             await self.dataplane.close()
         if self.relay is not None:
@@ -231,7 +250,7 @@ class AsyncNode:
             loop.call_soon_threadsafe(self._emit, "state", {"control": "rejected",
                                                             "error": str(e)})
 
-    def _apply_netmap(self, netmap: nm.Netmap) -> None:
+    def _apply_netmap(self, netmap: nm.Netmap, live: bool = True) -> None:
         """Fold a new netmap into the backend and traversal: only the peers that changed."""
         from wgmesh.wireguard.backend import PeerConfig
 
@@ -239,7 +258,7 @@ class AsyncNode:
             return
         old = self.netmap if self.netmap is not None and self._peer_keys else None
         self.netmap = netmap
-        self.control_online = True
+        self.control_online = self.control_online or live
         with contextlib.suppress(OSError):
             self.state.save_netmap(netmap)
         now = time.time()
@@ -411,6 +430,43 @@ class AsyncNode:
                                     else None),
                           relay_region=p.home_relay or (self.relay.home_region
                                                         if self.relay else None))
+
+    async def send_file(self, peer: str, path: str | os.PathLike[str],
+                        progress: Callable[[int, int], None] | None = None) -> Any:
+        """Send a file to ``peer``'s inbox through the tunnel (resumable, digest-checked)."""
+        from wgmesh.drop import send_file
+
+        p = self.resolve(peer)
+        return await asyncio.to_thread(send_file, p.ipv4, path, progress=progress)
+
+    def file_methods(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """Local-API methods behind ``wgmesh file send|receive``."""
+        from wgmesh.drop import file_digest
+
+        async def send(p: dict[str, Any]) -> Any:
+            out = []
+            for path in p["paths"]:
+                r = await self.send_file(str(p["peer"]), path)
+                out.append(attrs.asdict(r))
+            return out
+
+        async def listing(p: dict[str, Any]) -> Any:
+            files = await asyncio.to_thread(self.state_inbox().list)
+            return [{"name": f.name, "size": f.size, "mtime": f.mtime,
+                     "sha256": await asyncio.to_thread(file_digest, f.path)
+                     if p.get("sha256", True) else None} for f in files]
+
+        async def receive(p: dict[str, Any]) -> Any:
+            inbox = self.state_inbox()
+            if p.get("wait"):
+                await asyncio.to_thread(inbox.wait, float(p.get("timeout", 0)) or None)
+            moved = await asyncio.to_thread(inbox.move_to, p["dest"])
+            return [str(m) for m in moved]
+
+        return {"file_send": send, "file_list": listing, "file_receive": receive}
+
+    def state_inbox(self) -> Any:
+        return self.peer_api.inbox
 
     def on(self, name: str, callback: Callable[[Event], None]) -> Callable[[], None]:
         return self.events.on(name, callback)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import ssl as _ssl
 import time
 from collections import Counter
@@ -33,10 +34,24 @@ from wgmesh.relay import (
 )
 from wgmesh.relay_stream import FrameStream
 
-__all__ = ["RelayConnectError", "RelayConnection"]
+__all__ = ["MakeSocket", "RelayConnectError", "RelayConnection", "connect_socket"]
 
 OnRecv = Callable[[Key, bytes], None]
+MakeSocket = Callable[[int], socket.socket]
 OnPeer = Callable[[Key, bool, int], None]  # key, present, reason
+
+
+async def connect_socket(make_socket: MakeSocket, host: str, port: int) -> socket.socket:
+    """A TCP socket from ``make_socket``, connected without blocking the loop."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = make_socket(family)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class RelayConnectError(WgmeshError):
@@ -76,8 +91,13 @@ class RelayConnection(FrameStream):
                    mesh_key: bytes | None = None, ssl: _ssl.SSLContext | None = None,
                    on_recv: OnRecv | None = None, on_peer: OnPeer | None = None,
                    timeout: float = 10.0, keepalive: float = 20.0, idle_timeout: float = 65.0,
-                   queue_frames: int = 256, write_timeout: float = 5.0) -> RelayConnection:
-        """Connect, upgrade and authenticate; raises :class:`RelayConnectError`."""
+                   queue_frames: int = 256, write_timeout: float = 5.0,
+                   make_socket: MakeSocket | None = None) -> RelayConnection:
+        """Connect, upgrade and authenticate; raises :class:`RelayConnectError`.
+
+        ``make_socket(family)`` supplies the unconnected TCP socket, e.g. one
+        created inside another network namespace (the kernel bridge's case).
+        """
         u = url if isinstance(url, RelayURL) else RelayURL.parse(url)
         info: dict[str, Any] = {"mesh_key": mesh_key.hex()} if mesh_key else {}
         if u.tls and ssl is None:
@@ -92,9 +112,12 @@ class RelayConnection(FrameStream):
         conn: RelayConnection | None = None
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    factory, u.host, u.port, ssl=ssl if u.tls else None,
-                    server_hostname=u.host if u.tls else None)
+                tls = {"ssl": ssl, "server_hostname": u.host} if u.tls else {}
+                if make_socket is None:
+                    _, conn = await loop.create_connection(factory, u.host, u.port, **tls)
+                else:
+                    sock = await connect_socket(make_socket, u.host, u.port)
+                    _, conn = await loop.create_connection(factory, sock=sock, **tls)
                 await conn._ready
         except (OSError, TimeoutError, RelayConnectError) as e:  # SSLError is an OSError
             if conn is not None:
@@ -173,7 +196,9 @@ class RelayConnection(FrameStream):
         if time.monotonic() - self.last_rx > self._idle_timeout:
             self.abort("idle_timeout")
             return
-        self.write_frame(encode_frame(FrameType.KEEPALIVE))
+        # A PING, not a bare keepalive: the relay's PONG proves the path still works both
+        # ways, so a connection a NAT silently forgot dies after idle_timeout, not never.
+        self.write_frame(encode_frame(FrameType.PING, os.urandom(8)))
         self._arm_timer()
 
     def on_closed(self) -> None:

@@ -1,0 +1,186 @@
+"""The node's inbound packet filter: the ACL rules from the netmap, enforced on the tunnel.
+
+Two enforcers of the same rules:
+
+* :class:`PacketFilter` (sans-I/O) for the userspace device: it sees every
+  decrypted inbound packet and every outbound one, keeps connection tracking of
+  the flows this node started (so replies pass), and accepts a new inbound flow
+  only if a rule does. Decisions are cached per flow, so the per-packet cost is a
+  header slice and a dict lookup.
+* :func:`nft_ruleset` for the kernel backend: the same policy as an nftables
+  table on the WireGuard interface (``ct state established,related`` plays the
+  part of the tracking), installed and removed by :func:`install_nft`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+
+from wgmesh.errors import WgmeshError
+from wgmesh.netmap import FilterRule
+
+__all__ = ["PacketFilter", "install_nft", "nft_ruleset", "parse_flow", "remove_nft"]
+
+TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
+_PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMP6: "icmp"}
+FLOW_TTL = {TCP: 3600.0, UDP: 180.0, ICMP: 30.0, ICMP6: 30.0}
+MAX_FLOWS = 65536
+MAX_DECISIONS = 16384
+
+Flow = tuple[int, bytes, int, bytes, int]  # proto, src, sport, dst, dport
+
+
+def parse_flow(pkt: bytes | memoryview) -> Flow | None:
+    """(proto, src, sport, dst, dport) of an IP packet; ICMP echo id stands in for ports.
+
+    None for anything too short to be IP. Non-first IPv4 fragments carry no ports
+    and get port -1.
+    """
+    if len(pkt) < 20:
+        return None
+    v = pkt[0] >> 4
+    if v == 4:
+        ihl = (pkt[0] & 0x0F) * 4
+        proto = pkt[9]
+        src, dst = bytes(pkt[12:16]), bytes(pkt[16:20])
+        if (pkt[6] & 0x1F) or pkt[7]:  # fragment offset != 0
+            return proto, src, -1, dst, -1
+        off = ihl
+    elif v == 6 and len(pkt) >= 40:
+        proto = pkt[6]
+        src, dst = bytes(pkt[8:24]), bytes(pkt[24:40])
+        off = 40
+    else:
+        return None
+    if proto in (TCP, UDP) and len(pkt) >= off + 4:
+        return proto, src, (pkt[off] << 8) | pkt[off + 1], dst, (pkt[off + 2] << 8) | pkt[off + 3]
+    if proto in (ICMP, ICMP6) and len(pkt) >= off + 6:
+        ident = (pkt[off + 4] << 8) | pkt[off + 5]
+        return proto, src, ident, dst, ident
+    return proto, src, 0, dst, 0
+
+
+class PacketFilter:
+    """Default-deny inbound filter with connection tracking (see the module docstring)."""
+
+    def __init__(self, rules: Sequence[FilterRule] = ()) -> None:
+        self.flows: OrderedDict[Flow, float] = OrderedDict()
+        self.counters = {"accepted": 0, "dropped": 0, "tracked": 0, "malformed": 0}
+        self.set_rules(rules)
+
+    def set_rules(self, rules: Sequence[FilterRule]) -> None:
+        self._rules = [
+            (tuple(ipaddress.ip_network(c, strict=False) for c in r.src),
+             tuple(ipaddress.ip_network(c, strict=False) for c in r.dst),
+             r.ports, r.proto) for r in rules]
+        self._decisions: OrderedDict[tuple[int, bytes, bytes, int], bool] = OrderedDict()
+        self.allow_all = any(
+            p == "any" and ports == ((0, 65535),)
+            and any(n.prefixlen == 0 and n.version == 4 for n in s)
+            and any(n.prefixlen == 0 and n.version == 6 for n in s)
+            and any(n.prefixlen == 0 and n.version == 4 for n in d)
+            and any(n.prefixlen == 0 and n.version == 6 for n in d)
+            for s, d, ports, p in self._rules)
+
+    def outbound(self, pkt: bytes | memoryview, now: float) -> None:
+        """A packet we send into the tunnel: its flow's replies become acceptable."""
+        if self.allow_all:
+            return
+        f = parse_flow(pkt)
+        if f is None:
+            return
+        proto, src, sport, dst, dport = f
+        key = (proto, dst, dport, src, sport)  # as the reply will look
+        self.flows[key] = now + FLOW_TTL.get(proto, 60.0)
+        self.flows.move_to_end(key)
+        if len(self.flows) > MAX_FLOWS:
+            self.flows.popitem(last=False)
+
+    def inbound(self, pkt: bytes | memoryview, now: float) -> bool:
+        """Should this decrypted packet from a peer reach us?"""
+        if self.allow_all:
+            self.counters["accepted"] += 1
+            return True
+        f = parse_flow(pkt)
+        if f is None:
+            self.counters["malformed"] += 1
+            return False
+        exp = self.flows.get(f)
+        if exp is not None and exp >= now:
+            self.counters["tracked"] += 1
+            return True
+        proto, src, _sport, dst, dport = f
+        if proto in (ICMP, ICMP6):
+            # Only echo requests open a flow by rule; other ICMP passes with a tracked flow.
+            dport = 0
+        ok = self._decide(proto, src, dst, dport)
+        self.counters["accepted" if ok else "dropped"] += 1
+        return ok
+
+    def _decide(self, proto: int, src: bytes, dst: bytes, port: int) -> bool:
+        key = (proto, src, dst, port)
+        hit = self._decisions.get(key)
+        if hit is not None:
+            return hit
+        s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+        name = _PROTO_NAMES.get(proto, "other")
+        ok = any(p in ("any", name) and (port < 0 or any(lo <= port <= hi for lo, hi in ports))
+                 and any(s in n for n in sn) and any(d in n for n in dn)
+                 for sn, dn, ports, p in self._rules)
+        self._decisions[key] = ok
+        if len(self._decisions) > MAX_DECISIONS:
+            self._decisions.popitem(last=False)
+        return ok
+
+
+def _set(cidrs: Iterable[str], version: int) -> str | None:
+    nets = [str(n) for c in cidrs if (n := ipaddress.ip_network(c, strict=False)).version
+            == version]
+    return "{ " + ", ".join(nets) + " }" if nets else None
+
+
+def nft_ruleset(ifname: str, rules: Sequence[FilterRule]) -> str:
+    """An nftables table that enforces ``rules`` on packets arriving from ``ifname``."""
+    table = f"wgmesh_{ifname.replace('-', '_')}"
+    lines = [f"table inet {table} {{", "  chain input {",
+             "    type filter hook input priority filter; policy accept;",
+             f'    iifname "{ifname}" ct state established,related accept']
+    for r in rules:
+        ports = ", ".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in r.ports)
+        protos = ["tcp", "udp"] if r.proto == "any" else [r.proto]
+        for v, fam in ((4, "ip"), (6, "ip6")):
+            src, dst = _set(r.src, v), _set(r.dst, v)
+            if src is None or dst is None:
+                continue
+            match = f'    iifname "{ifname}" {fam} saddr {src} {fam} daddr {dst}'
+            if r.ports == ((0, 65535),) and r.proto == "any":
+                lines.append(f"{match} accept")
+                continue
+            for proto in protos:
+                if proto == "icmp":
+                    icmp = "icmp" if v == 4 else "icmpv6"
+                    lines.append(f"{match} meta l4proto {icmp} accept")
+                else:
+                    lines.append(f"{match} {proto} dport {{ {ports} }} accept")
+    lines += [f'    iifname "{ifname}" drop', "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _nft(script: str) -> None:
+    cp = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
+    if cp.returncode != 0:
+        raise WgmeshError(f"nft failed: {cp.stderr.strip()}")
+
+
+def install_nft(ifname: str, rules: Sequence[FilterRule]) -> None:
+    """Replace wgmesh's table for ``ifname`` atomically (one nft transaction)."""
+    table = f"wgmesh_{ifname.replace('-', '_')}"
+    _nft(f"table inet {table}\ndelete table inet {table}\n" + nft_ruleset(ifname, rules))
+
+
+def remove_nft(ifname: str) -> None:
+    table = f"wgmesh_{ifname.replace('-', '_')}"
+    _nft(f"table inet {table}\ndelete table inet {table}\n")
