@@ -1,21 +1,33 @@
 #!/bin/sh
-# A throwaway PostgreSQL for the service tier.
-#   start-postgres.sh DIR         initdb into DIR, start on 127.0.0.1, print the DSN (only that)
-#   start-postgres.sh --stop DIR  stop it
-# scripts/test.sh relies on this interface.
+# Start a throwaway PostgreSQL for the service tier and print its DSN.
+#
+#   eval "$(scripts/start-postgres.sh [DIR])"   # exports WGMESH_TEST_POSTGRES_DSN, WGMESH_PG_DIR
+#   scripts/start-postgres.sh --stop DIR        # stop it and delete DIR
+#
+# initdb refuses to run as root, so as root the cluster runs as user postgres.
+# It listens on 127.0.0.1 (a free port) and a unix socket inside DIR only;
+# trust auth is fine because nothing outside this machine can connect.
 set -eu
-BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-[ -n "$BIN" ] || { echo "postgresql not installed (scripts/setup-debian.sh)" >&2; exit 1; }
+BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
 if [ "${1:-}" = "--stop" ]; then
-    su postgres -s /bin/sh -c "$BIN/pg_ctl -D '$2/data' -m fast stop" >/dev/null
-    rm -rf "$2"
+    DIR=${2:?usage: $0 --stop DIR}
+    as_pg "$BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+    rm -rf "$DIR"
     exit 0
 fi
-DIR=$1
-PORT=${WGMESH_PG_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}
+
+DIR=${1:-$(mktemp -d /tmp/wgmesh-pg.XXXXXX)}
 mkdir -p "$DIR"
-chown postgres "$DIR"
-su postgres -s /bin/sh -c "$BIN/initdb -D '$DIR/data' -A trust -U postgres >/dev/null"
-su postgres -s /bin/sh -c "$BIN/pg_ctl -D '$DIR/data' -l '$DIR/log' -w -o \"-c listen_addresses=127.0.0.1 -p $PORT -k '$DIR' -c max_connections=300 -c fsync=off\" start" >/dev/null
-su postgres -s /bin/sh -c "$BIN/createdb -h 127.0.0.1 -p $PORT wgmesh_test"
-echo "postgresql://postgres@127.0.0.1:$PORT/wgmesh_test"
+[ "$(id -u)" = 0 ] && chown postgres: "$DIR"
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+as_pg "$BIN/initdb" -D "$DIR/data" -U postgres -A trust -E UTF8 --no-sync >"$DIR/initdb.log" 2>&1
+as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w \
+    -o "-c listen_addresses=127.0.0.1 -p $PORT -k $DIR -c fsync=off -c max_connections=200" \
+    start >/dev/null
+as_pg "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U postgres wgmesh
+DSN="postgresql://postgres@127.0.0.1:$PORT/wgmesh"
+echo "export WGMESH_TEST_POSTGRES_DSN='$DSN'"
+echo "export WGMESH_PG_DIR='$DIR'"
+echo "# stop with: $0 --stop $DIR" >&2

@@ -155,6 +155,7 @@ class ControlServer:
         self.admin_key: str | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="control-db")
         self._kick: asyncio.Event | None = None
+        self._stopping: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Future[None]] = set()
         self._stop = threading.Event()
@@ -176,13 +177,15 @@ class ControlServer:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._kick = asyncio.Event()
+        self._stopping = asyncio.Event()
         self.store = await self._db(open_store, self.db, key_expiry_s=self.key_expiry_s)
         await self._db(self._bootstrap)
         self.world = World(self.store.ula_prefix)
         await self._reload()
         app = web.Application(client_max_size=ADMIN_BODY_LIMIT, middlewares=[_errors])
         self._routes(app)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, backlog=4096)
         await site.start()
@@ -196,12 +199,13 @@ class ControlServer:
         log.info("control listening on %s", self.url)
 
     async def stop(self) -> None:
+        # Loops end on the flag: Python 3.11's wait_for can swallow a cancel.
         self._stop.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        self.kick()
+        if self._stopping is not None:
+            self._stopping.set()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self.world is not None:
             for sub in self.world.subs.values():
                 sub.closed = True
@@ -300,10 +304,12 @@ class ControlServer:
 
     async def _syncer(self) -> None:
         assert self.store is not None and self.world is not None and self._kick is not None
-        while True:
+        while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self.poll_s)
             self._kick.clear()
+            if self._stop.is_set():
+                return
             try:
                 await self.sync()
             except Exception:
@@ -331,10 +337,15 @@ class ControlServer:
     async def _ticker(self) -> None:
         assert self.world is not None and self.store is not None
         n = 0
-        while True:
-            await asyncio.sleep(1.0)
-            self.world.tick()
-            self.world.flush()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 1.0)
+            if self._stop.is_set():
+                return
+            self.world.gc()
+            due = self.world.due_expiries()
+            if due and await self._db(self.store.record_expiries, due):
+                self.kick()
             n += 1
             if n % 300 == 0:
                 await self._db(self.store.prune_changes, self.keep_changes)

@@ -195,6 +195,8 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
     ]),
     (2, ["CREATE INDEX challenges_expiry ON challenges (expires_at)"]),
+    # The key expiry already announced, so replicas record each expiry once.
+    (3, ["ALTER TABLE nodes ADD COLUMN expiry_recorded {real} NOT NULL DEFAULT 0"]),
 ]
 
 _NODE_COLS = ("id, name, node_key, disco_key, addr_index, tags, created_at, key_expiry, "
@@ -447,9 +449,24 @@ class Store(ABC):
         now = time.time()
         with self._tx() as tx:
             rec = self._resolve(tx, ref)
-            tx.run("UPDATE nodes SET key_expiry = ? WHERE id = ?", now, rec.id)
+            tx.run("UPDATE nodes SET key_expiry = ?, expiry_recorded = ? WHERE id = ?",
+                   now, now, rec.id)
             self._audit(tx, actor, "node.expire", f"node:{rec.id}", {"name": rec.name})
             return self._node_changed(tx, rec.id)
+
+    def record_expiries(self, node_ids: Sequence[int]) -> int:
+        """Announce keys whose expiry time passed (audit + change); how many were new."""
+        now, n = time.time(), 0
+        with self._tx() as tx:
+            for nid in node_ids:
+                if tx.run("UPDATE nodes SET expiry_recorded = key_expiry WHERE id = ? AND "
+                          "key_expiry > 0 AND key_expiry <= ? AND expiry_recorded != key_expiry",
+                          nid, now) == 1:
+                    rec = self._node_changed(tx, nid)
+                    self._audit(tx, "system", "node.key_expired", f"node:{nid}",
+                                {"name": rec.name, "key_expiry": rec.key_expiry})
+                    n += 1
+        return n
 
     def delete_node(self, ref: str, actor: str) -> NodeRecord:
         with self._tx() as tx:

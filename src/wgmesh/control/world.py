@@ -264,14 +264,24 @@ class World:
             sub.policy_dirty = True
             self.dirty.add(sub.node_id)
 
-    def tick(self) -> None:
-        """Expire nodes whose key expiry passed; forget long-idle subscribers."""
-        now = self.clock()
+    def due_expiries(self) -> list[int]:
+        """Live nodes whose key expiry has passed.
+
+        The server records them in the store, so the expiry reaches every
+        stream as an ordinary change with its own sequence number (a delta
+        without a new number would be dropped by :func:`netmap.apply`).
+        """
+        now, due = self.clock(), []
         while self._expiries and self._expiries[0][0] <= now:
             expiry, nid = heapq.heappop(self._expiries)
             rec = self.nodes.get(nid)
             if rec is not None and rec.key_expiry == expiry and nid in self.live:
-                self._node_changed(rec, rec)
+                due.append(nid)
+        return due
+
+    def gc(self) -> None:
+        """Forget subscribers that stayed disconnected past the grace period."""
+        now = self.clock()
         for nid, sub in list(self.subs.items()):
             if sub.streams == 0 and now - sub.idle_since > self.grace_s:
                 del self.subs[nid]
