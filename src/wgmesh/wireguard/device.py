@@ -50,6 +50,8 @@ __all__ = ["Destination", "Device", "RateLimiter", "RelaySource"]
 
 Destination = tuple[str, int] | Callable[[bytes], object]
 _U32 = struct.Struct("<I")
+_ZEROS = bytes(16)
+MAX_PACKET = 65535
 
 
 @attrs.frozen
@@ -129,6 +131,8 @@ class Device:
         self._load_until = float("-inf")
         self._last_gc = float("-inf")
         self._last_tai = b""
+        self._inbuf = bytearray(MAX_PACKET + 16)
+        self._scratch = memoryview(bytearray(MAX_PACKET + 64))
         self.set_private_key(private_key)
 
     # ---- configuration ------------------------------------------------------------
@@ -307,24 +311,35 @@ class Device:
 
     def _receive_transport(self, data: bytes | memoryview, src: tuple[str, int] | RelaySource,
                            now: float) -> None:
+        n = self.open_transport(memoryview(data), src, now, self._scratch)
+        if n:
+            self.out_tun.append(bytes(self._scratch[:n]))
+
+    def open_transport(self, data: memoryview, src: tuple[str, int] | RelaySource, now: float,
+                       out: memoryview) -> int:
+        """Fast path for a transport message: decrypt into ``out``, run the receive-side
+        timers, and check the inner packet. Returns the IP packet's length in ``out``, or
+        0 when there is nothing for TUN (keepalive, or dropped and counted)."""
         (receiver,) = _U32.unpack_from(data, 4)
         entry = self.index.get(receiver)
         if entry is None or entry[1] is None:
             self.drops["unknown_index"] += 1
-            return
+            return 0
         peer, kp = entry
         if now - kp.birth >= self.timing.reject_after_time or \
                 kp.replay.greatest >= REJECT_AFTER_MESSAGES:
             self.drops["expired_key"] += 1
-            return
-        plain = kp.decrypt(data)
-        if plain is None:
+            return 0
+        if len(out) < len(data):
+            self.drops["too_big"] += 1
+            return 0
+        n = kp.decrypt_into(data, out)
+        if n < 0:
             self.drops["bad_transport"] += 1
-            return
+            return 0
         peer.rx_bytes += len(data)
-        rotated = peer.received_with(kp)
-        if rotated is not None:
-            for old in rotated:
+        if kp is peer.next:
+            for old in peer.received_with(kp) or ():
                 self._drop_keypair(old)
             self._handshake_complete(peer, now)
             if peer.staged:
@@ -335,46 +350,78 @@ class Device:
                 now - kp.birth >= self.timing.initiator_rekey_on_receive:
             peer.sent_lastminute_handshake = True
             self._initiate(peer, now, retry=False)
-        if not plain:
-            return  # keepalive
+        if n == 0:
+            return 0  # keepalive
         if peer.t_send_keepalive is None:
             peer.t_send_keepalive = now + self.timing.keepalive_timeout
         else:
             peer.need_another_keepalive = True
-        self._deliver(peer, plain)
+        return self._check_inner(peer, out, n)
 
-    def _deliver(self, peer: Peer, plain: bytes) -> None:
-        """Trim padding, check the inner source is one this peer may use, hand to TUN."""
+    def _check_inner(self, peer: Peer, plain: memoryview, n: int) -> int:
+        """Length without padding, if the inner source is one this peer may use; else 0."""
         v = plain[0] >> 4
-        if v == 4 and len(plain) >= 20:
-            n = (plain[2] << 8) | plain[3]
-        elif v == 6 and len(plain) >= 40:
-            n = ((plain[4] << 8) | plain[5]) + 40
+        if v == 4 and n >= 20:
+            ln = (plain[2] << 8) | plain[3]
+            owner = self.allowed.lookup_v4(int.from_bytes(plain[12:16], "big"))
+        elif v == 6 and n >= 40:
+            ln = ((plain[4] << 8) | plain[5]) + 40
+            owner = self.allowed.lookup_v6(int.from_bytes(plain[8:24], "big"))
         else:
             self.drops["not_ip"] += 1
-            return
-        if n > len(plain):
+            return 0
+        if ln > n:
             self.drops["bad_ip_length"] += 1
-            return
-        if self.allowed.lookup_packet_src(plain) is not peer:
+            return 0
+        if owner is not peer:
             self.drops["source_not_allowed"] += 1
-            return
-        self.out_tun.append(plain if n == len(plain) else plain[:n])
+            return 0
+        return ln
 
     # ---- outbound IP packets ----------------------------------------------------------
     def send(self, packet: bytes | memoryview, now: float) -> None:
         """One IP packet read from TUN: route it by destination and encrypt it."""
-        peer = self.allowed.lookup_packet_dst(packet)
+        n = len(packet)
+        if n > len(self._scratch) - 64:
+            self.drops["too_big"] += 1
+            return
+        buf = self._inbuf
+        buf[:n] = packet
+        r = self.seal(buf, n, self._scratch, now)
+        if r is not None:
+            self.out_udp.append((bytes(self._scratch[:r[0]]), r[1]))
+
+    def seal(self, buf: bytearray, n: int, out: memoryview, now: float
+             ) -> tuple[int, Destination] | None:
+        """Fast path for one IP packet ``buf[:n]`` from TUN.
+
+        Pads it in place (``buf`` needs 16 spare bytes), encrypts it into ``out`` and
+        returns (length, destination). None when there is nothing to send now: no
+        route or endpoint (counted), or no fresh key (the packet is staged and a
+        handshake starts; look at :attr:`out_udp`)."""
+        peer = self.allowed.lookup_packet_dst(memoryview(buf)[:n])
         if peer is None:
             self.drops["no_route"] += 1
-            return
-        if peer.destination is None:
+            return None
+        dest = peer.relay or peer.endpoint
+        if dest is None:
             self.drops["no_endpoint"] += 1
-            return
-        n = len(packet)
+            return None
         p = padded_len(n, self.mtu)
-        plain = bytes(packet) if p == n else bytes(packet) + bytes(p - n)
-        self._send_plain(peer, plain, now)
+        if p > n:
+            buf[n:p] = _ZEROS[:p - n]
+        kp = peer.current
+        if kp is None or now - kp.birth >= self.timing.reject_after_time or \
+                kp.send_counter >= REJECT_AFTER_MESSAGES:
+            peer.staged.append(bytes(buf[:p]))
+            self._initiate(peer, now, retry=False)
+            return None
+        length = kp.encrypt_into(out, memoryview(buf)[:p])
+        peer.tx_bytes += length
+        self.authenticated_sent(peer, now)
+        self.data_sent(peer, now)
+        self.keep_key_fresh(peer, kp, now)
+        return length, dest
 
     def valid_send_keypair(self, peer: Peer, now: float) -> Keypair | None:
         kp = peer.current
@@ -507,7 +554,7 @@ class Device:
 
     def _roam(self, peer: Peer, src: tuple[str, int] | RelaySource) -> None:
         """Authenticated packets move the endpoint to where they came from (roaming)."""
-        if not isinstance(src, RelaySource) and peer.endpoint != src:
+        if peer.endpoint != src and not isinstance(src, RelaySource):
             peer.endpoint = (src[0], src[1])
 
     # ---- timers ----------------------------------------------------------------------

@@ -19,6 +19,7 @@ __all__ = ["Keypair", "ReplayWindow", "padded_len"]
 _WORDS = COUNTER_BITS_TOTAL // 64
 _HDR = struct.Struct("<II Q")  # type+reserved, receiver index, counter
 _NONCE = struct.Struct("<4xQ")
+_COUNTER = struct.Struct("<Q")
 _TYPE_WORD = MSG_TRANSPORT  # type 4, reserved zero, as one little-endian u32
 
 
@@ -89,25 +90,34 @@ class Keypair:
         n = self.send_counter
         self.send_counter = n + 1
         _HDR.pack_into(out, 0, _TYPE_WORD, self.remote_index, n)
+        end = TRANSPORT_HEADER_LEN + len(plaintext) + TAG_LEN
         self._send.encrypt_into(_NONCE.pack(n), plaintext, None,
-                                memoryview(out)[TRANSPORT_HEADER_LEN:TRANSPORT_HEADER_LEN
-                                                + len(plaintext) + TAG_LEN])
-        return TRANSPORT_HEADER_LEN + len(plaintext) + TAG_LEN
+                                memoryview(out)[TRANSPORT_HEADER_LEN:end])
+        return end
 
     def encrypt(self, plaintext: bytes) -> bytes:
         out = bytearray(TRANSPORT_HEADER_LEN + len(plaintext) + TAG_LEN)
         self.encrypt_into(out, plaintext)
         return bytes(out)
 
+    def decrypt_into(self, msg: memoryview, out: memoryview) -> int:
+        """Write the plaintext of a transport message into ``out``; its length, or -1 when
+        the message is forged or replayed (``out`` may then hold garbage)."""
+        (counter,) = _COUNTER.unpack_from(msg, 8)
+        if counter >= REJECT_AFTER_MESSAGES:
+            return -1
+        n = len(msg) - TRANSPORT_HEADER_LEN - TAG_LEN
+        try:
+            self._recv.decrypt_into(_NONCE.pack(counter), msg[TRANSPORT_HEADER_LEN:], None,
+                                    out[:n])
+        except InvalidTag:
+            return -1
+        if not self.replay.check_and_set(counter):
+            return -1
+        return n
+
     def decrypt(self, msg: bytes | memoryview) -> bytes | None:
         """The plaintext of a transport message, or None (forged, or replayed)."""
-        (counter,) = struct.unpack_from("<Q", msg, 8)
-        if counter >= REJECT_AFTER_MESSAGES:
-            return None
-        try:
-            plain = self._recv.decrypt(_NONCE.pack(counter), msg[TRANSPORT_HEADER_LEN:], None)
-        except InvalidTag:
-            return None
-        if not self.replay.check_and_set(counter):
-            return None
-        return plain
+        out = bytearray(max(0, len(msg) - TRANSPORT_HEADER_LEN - TAG_LEN))
+        n = self.decrypt_into(memoryview(msg), memoryview(out))
+        return None if n < 0 else bytes(out)

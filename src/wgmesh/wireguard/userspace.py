@@ -25,6 +25,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from wgmesh.wireguard.backend import (
     diff_peers,
 )
 from wgmesh.wireguard.device import Destination, Device, RelaySource
+from wgmesh.wireguard.noise import MSG_TRANSPORT, message_type
 from wgmesh.wireguard.timers import Timing, timing_from_env
 from wgmesh.wireguard.tun import Tun
 from wgmesh.wireguard.uapi import DeviceSet, PeerStatus, UapiError, UapiServer, format_get
@@ -47,6 +49,12 @@ __all__ = ["UserspaceBackend"]
 
 BATCH = 64
 SO_MARK = 36
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SOCKET_BUFFER = 4 << 20
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_CMSG_SPACE = socket.CMSG_SPACE(4)
 _ZERO_KEY = bytes(32)
 
 
@@ -74,6 +82,12 @@ class UserspaceBackend:
         self._closed = False
         self._desired: dict[Key, PeerConfig] = {}
         self.io_errors = 0
+        self._gso = True
+        self._inbuf = bytearray(1 << 16)
+        self._inmv = memoryview(self._inbuf)[:65535]
+        self._omv = memoryview(bytearray(GSO_MAX_BYTES + (1 << 16) + 64))
+        self._rmv = memoryview(bytearray(1 << 16))
+        self._tmv = memoryview(bytearray(1 << 16))
 
     # ---- life cycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -283,8 +297,14 @@ class UserspaceBackend:
                 self._socks[socket.AF_INET6] = v6
             for s in self._socks.values():
                 s.setblocking(False)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                                     (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+                    try:  # root may exceed net.core.[rw]mem_max: bursts from GSO need room
+                        s.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+                    except OSError:
+                        s.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+                with contextlib.suppress(OSError):  # coalesced receive, where the kernel can
+                    s.setsockopt(SOL_UDP, UDP_GRO, 1)
             self._port = chosen
             self._set_fwmark(self._fwmark)
             self._gen += 1
@@ -295,7 +315,7 @@ class UserspaceBackend:
         for s in self._socks.values():
             s.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
 
-    def _sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _sendto(self, data: bytes | memoryview, addr: tuple[str, int]) -> None:
         s = self._socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
         if s is None:
             self.io_errors += 1
@@ -336,8 +356,6 @@ class UserspaceBackend:
     def _loop(self) -> None:
         assert self._tun is not None
         tun_fd = self._tun.fd
-        buf = bytearray(1 << 16)
-        mv = memoryview(buf)
         dev = self.device
         gen = -1
         poller = select.poll()
@@ -363,38 +381,104 @@ class UserspaceBackend:
                 for fd, ev in events:
                     if fd == tun_fd:
                         if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL) or \
-                                not self._read_tun(tun_fd, mv, now):
+                                not self._read_tun(tun_fd, now):
                             return  # the interface was deleted: stop, as wireguard-go does
                     elif fd == self._wake_r:
                         with contextlib.suppress(OSError):
                             os.read(fd, 4096)
                     elif fd in fds and gen == self._gen:
-                        self._read_udp(fds[fd], buf, mv, now)
-                deadline = dev.next_deadline()
+                        self._read_udp(fds[fd], tun_fd, now)
                 if deadline is not None and now >= deadline:
                     dev.tick(now)
                 self._flush()
 
-    def _read_tun(self, fd: int, mv: memoryview, now: float) -> bool:
-        send = self.device.send
+    def _read_tun(self, fd: int, now: float) -> bool:
+        """Drain TUN: encrypt each packet straight into a UDP GSO batch (one ``sendmsg``
+        for up to 64 datagrams of one size to one destination). False: TUN is gone."""
+        seal = self.device.seal
+        inbuf, inmv, omv = self._inbuf, self._inmv, self._omv
+        used = seg = count = 0
+        dest: Destination | None = None
+        short = False  # a shorter datagram ends a GSO batch
+        alive = True
         for _ in range(BATCH):
             try:
-                n = os.readv(fd, [mv])
+                n = os.readv(fd, [inmv])
             except BlockingIOError:
-                return True
+                break
             except OSError as e:
-                return e.errno not in (errno.EBADFD, errno.EIO, errno.ENXIO)
-            send(mv[:n], now)
-        return True
+                alive = e.errno not in (errno.EBADFD, errno.EIO, errno.ENXIO)
+                break
+            r = seal(inbuf, n, omv[used:], now)
+            if r is None:
+                continue
+            length, d = r
+            if callable(d):
+                d(bytes(omv[used:used + length]))
+                continue
+            if count and (d != dest or length > seg or short or count >= GSO_MAX_SEGMENTS
+                          or used + length > GSO_MAX_BYTES):
+                self._send_batch(used, seg, count, dest)
+                omv[:length] = omv[used:used + length]
+                used = count = 0
+            if count == 0:
+                dest, seg, short = d, length, False
+            elif length < seg:
+                short = True
+            used += length
+            count += 1
+        if count:
+            self._send_batch(used, seg, count, dest)
+        return alive
 
-    def _read_udp(self, sock: socket.socket, buf: bytearray, mv: memoryview, now: float) -> None:
-        receive = self.device.receive
+    def _send_batch(self, used: int, seg: int, count: int, dest: Destination | None) -> None:
+        assert isinstance(dest, tuple)
+        omv = self._omv
+        if count > 1 and self._gso:
+            s = self._socks.get(socket.AF_INET6 if ":" in dest[0] else socket.AF_INET)
+            if s is None:
+                self.io_errors += 1
+                return
+            try:
+                s.sendmsg([omv[:used]], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))], 0,
+                           dest)
+                return
+            except BlockingIOError:
+                self.io_errors += 1
+                return
+            except OSError as e:
+                if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                    self.io_errors += 1
+                    return
+                self._gso = False  # no UDP GSO here: send one by one from now on
+        for off in range(0, used, seg):
+            self._sendto(omv[off:min(off + seg, used)], dest)
+
+    def _read_udp(self, sock: socket.socket, tun_fd: int, now: float) -> None:
+        """Drain one UDP socket; with UDP GRO one ``recvmsg`` brings many datagrams."""
+        dev = self.device
+        rmv, tmv = self._rmv, self._tmv
         for _ in range(BATCH):
             try:
-                n, addr = sock.recvfrom_into(buf)
+                nbytes, anc, _flags, addr = sock.recvmsg_into([rmv], _CMSG_SPACE)
             except BlockingIOError:
                 return
             except OSError:
                 self.io_errors += 1
                 return
-            receive(mv[:n], (addr[0], addr[1]), now)
+            src = (addr[0], addr[1])
+            seg = nbytes
+            for level, kind, data in anc:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                    seg = struct.unpack_from("=i", data)[0] or nbytes
+            for off in range(0, nbytes, seg):
+                d = rmv[off:min(off + seg, nbytes)]
+                if message_type(d) == MSG_TRANSPORT:
+                    n = dev.open_transport(d, src, now, tmv)
+                    if n:
+                        try:
+                            os.write(tun_fd, tmv[:n])
+                        except OSError:
+                            self.io_errors += 1
+                else:
+                    dev.receive(d, src, now)

@@ -1,0 +1,105 @@
+"""Throughput of the tunnel: wgmesh userspace <-> wgmesh vs wireguard-go <-> wireguard-go.
+
+Two lab hosts, the same implementation on both, configured with the stock ``wg``
+tool; iperf3 TCP and UDP through the tunnel. Prints ONE JSON line: Mbit/s and
+packets/s (counted on the receiver's tunnel interface) per implementation and
+protocol, and ``ratio`` = wgmesh TCP / wireguard-go TCP.
+
+    sudo .venv/bin/python benchmarks/userspace_throughput.py [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from wgmesh.keys import PrivateKey
+from wgmesh.lab import Host, Lab
+
+ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
+PORT = 51820
+
+
+def start(lab: Lab, host: Host, ifname: str, impl: str, key: PrivateKey, addr: str,
+          tmp: Path) -> None:
+    argv = ([sys.executable, "-m", "wgmesh", "userspace", "--foreground", ifname]
+            if impl == "wgmesh" else ["wireguard-go", "-f", ifname])
+    proc = lab.spawn(host, argv, env=ENV)
+    deadline = time.monotonic() + 30
+    while not Path(f"/var/run/wireguard/{ifname}.sock").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"{impl} did not start: {proc.stderr[-500:]}")
+        time.sleep(0.05)
+    kf = tmp / f"{ifname}.key"
+    kf.write_text(key.b64())
+    kf.chmod(0o600)
+    lab.run(host, ["wg", "set", ifname, "listen-port", str(PORT), "private-key", str(kf)])
+    lab.run(host, ["ip", "addr", "add", f"{addr}/24", "dev", ifname])
+    lab.run(host, ["ip", "link", "set", ifname, "mtu", "1420", "up"])
+
+
+def rx_packets(lab: Lab, host: Host, ifname: str) -> int:
+    return int(lab.run(host, ["cat", f"/sys/class/net/{ifname}/statistics/rx_packets"]).stdout)
+
+
+def iperf(lab: Lab, client: Host, server: Host, ifname: str, dst: str, seconds: float,
+          udp: bool) -> dict[str, float]:
+    srv = lab.spawn(server, ["iperf3", "-s", "-1", "-B", dst])
+    time.sleep(0.3)  # iperf3 has no readiness signal; the client retries below anyway
+    argv = ["iperf3", "-c", dst, "-t", str(seconds), "-J"]
+    if udp:
+        argv += ["-u", "-b", "0", "-l", "1372"]  # 1372 + 28 = 1400 fits the 1420 tunnel MTU
+    before, t0 = rx_packets(lab, server, ifname), time.monotonic()
+    for _ in range(5):
+        r = lab.run(client, argv, check=False, timeout=seconds + 30)
+        if r.returncode == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise SystemExit(f"iperf3 failed: {r.stdout[-500:]} {r.stderr[-500:]}")
+    elapsed = time.monotonic() - t0
+    pkts = rx_packets(lab, server, ifname) - before
+    srv.stop()
+    end = json.loads(r.stdout)["end"]
+    summary = end["sum"] if udp else end["sum_received"]
+    out = {"mbps": round(summary["bits_per_second"] / 1e6, 1),
+           "pps": round(pkts / min(elapsed, seconds + 1))}
+    if udp:
+        out["loss_percent"] = round(summary.get("lost_percent", 0.0), 1)
+    return out
+
+
+def run_pair(impl: str, seconds: float) -> dict[str, dict[str, float]]:
+    with Lab() as lab, tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        a, b = lab.add_public_host("a"), lab.add_public_host("b")
+        ia, ib = f"{lab.prefix}a", f"{lab.prefix}b"
+        ka, kb = PrivateKey.generate(), PrivateKey.generate()
+        start(lab, a, ia, impl, ka, "10.90.0.1", tmp)
+        start(lab, b, ib, impl, kb, "10.90.0.2", tmp)
+        lab.run(a, ["wg", "set", ia, "peer", kb.public.b64(), "allowed-ips", "10.90.0.2/32",
+                    "endpoint", f"{b.ip}:{PORT}"])
+        lab.run(b, ["wg", "set", ib, "peer", ka.public.b64(), "allowed-ips", "10.90.0.1/32"])
+        lab.run(a, ["ping", "-c", "2", "-W", "5", "10.90.0.2"])
+        return {"tcp": iperf(lab, a, b, ib, "10.90.0.2", seconds, udp=False),
+                "udp": iperf(lab, a, b, ib, "10.90.0.2", seconds, udp=True)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (lab namespaces)")
+    res = {impl: run_pair(impl, args.seconds) for impl in ("wgmesh", "wireguard-go")}
+    res["ratio"] = round(res["wgmesh"]["tcp"]["mbps"] / res["wireguard-go"]["tcp"]["mbps"], 3)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
