@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -313,3 +315,43 @@ def test_binds_only_to_given_addresses(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             drop.PeerAPIServer(tmp_path, bad, identify=lambda ip: None,
                                authorize=lambda w: False)
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def _start_put(port: int, data: bytes, sent: int) -> socket.socket:
+    """A PUT of ``data`` that stops after ``sent`` bytes, its connection left open."""
+    from urllib.parse import urlencode
+
+    q = urlencode({"name": "cut.bin", "size": len(data), "offset": 0,
+                   "sha256": hashlib.sha256(data).hexdigest()})
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(f"PUT /v1/files?{q} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n"
+              .encode() + data[:sent])
+    return c
+
+
+@pytest.mark.parametrize("how", ["closed", "silent", "superseded"])
+def test_interrupted_transfer_keeps_its_bytes_and_resumes(
+        how: str, serve: Callable[..., LoopServer], tmp_path: Path) -> None:
+    """A cut, a silent (NAT flushed) or a still-open stale connection: resume from its bytes."""
+    s = serve(idle_timeout=0.3 if how == "silent" else 60.0)
+    data = os.urandom(1 << 20)
+    c = _start_put(s.server.port, data, 300_000)
+    partials = s.server.inbox.partial_dir
+    _wait_until(lambda: sum(p.stat().st_size for p in partials.iterdir()) == 300_000)
+    if how == "closed":
+        c.close()
+    if how != "superseded":
+        _wait_until(lambda: s.server.counters["interrupted"] == 1)
+    assert s.server.inbox.list() == []
+    r = drop.send_file("127.0.0.1", _file(tmp_path, "cut.bin", data), port=s.server.port)
+    c.close()
+    assert (r.resumed_from, r.sent) == (300_000, len(data) - 300_000)
+    assert (s.server.inbox.dir / "cut.bin").read_bytes() == data
+    assert list(partials.iterdir()) == []

@@ -239,14 +239,15 @@ class PeerAPIServer:
     device they live on (strongly recommended: the listener is then bound to
     the device too); ``netns`` the namespace to listen in (``None``: ours).
     ``quota`` caps what the inbox may hold in total (completed and partial),
-    ``reserve`` is disk space always left free.
+    ``reserve`` is disk space always left free. A transfer silent for
+    ``idle_timeout`` seconds is treated as interrupted (its bytes are kept).
     """
 
     def __init__(self, inbox: Inbox | str | os.PathLike[str], addresses: Sequence[str], *,
                  identify: Identify, authorize: Authorize, port: int = DEFAULT_PORT,
                  interface: str | None = None, netns: str | None = None,
                  quota: int | None = None, reserve: int = 64 << 20, fsync: bool = True,
-                 partial_max_age: float = 7 * 86400) -> None:
+                 partial_max_age: float = 7 * 86400, idle_timeout: float = 60.0) -> None:
         if not addresses:
             raise ValueError("the peer API needs at least one tunnel address")
         for a in addresses:
@@ -257,7 +258,7 @@ class PeerAPIServer:
         self.identify, self.authorize = identify, authorize
         self.port, self.interface, self.netns = port, interface, netns
         self.quota, self.reserve, self.fsync = quota, reserve, fsync
-        self.partial_max_age = partial_max_age
+        self.partial_max_age, self.idle_timeout = partial_max_age, idle_timeout
         self.counters: dict[str, int] = {"received": 0, "refused": 0, "interrupted": 0}
         self._active: dict[Path, _Active] = {}
         self._runner: Any = None
@@ -318,6 +319,11 @@ class PeerAPIServer:
             status, body = 400, {"error": str(e)}
         except _Refusal as e:
             status, body = e.status, {"error": e.message, **e.extra}
+        except _Interrupted:
+            # Cut or silent: nobody reads an answer; hang up so nothing lingers.
+            if request.protocol is not None:
+                request.protocol.force_close()
+            return web.Response(status=400)
         resp = web.json_response(body, status=status)
         if status >= 400:
             self.counters["refused"] += 1
@@ -398,8 +404,10 @@ class PeerAPIServer:
 
     async def _write(self, req: Any, who: PeerIdentity, offer: Offer,
                      partial: Path) -> tuple[int, dict[str, Any]]:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        complete = False
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise _disk_refusal(e, offer, partial) from e
         try:
             os.ftruncate(fd, offer.offset)
             digest = await asyncio.to_thread(_hash_prefix, partial, offer.offset)
@@ -407,14 +415,14 @@ class PeerAPIServer:
             got = offer.offset
             while got < offer.size:
                 try:
-                    chunk = await req.content.readany()
-                except (TimeoutError, OSError) as e:
-                    raise _Interrupted from e
-                except Exception as e:  # aiohttp's payload errors on a cut connection
-                    if type(e).__module__.startswith("aiohttp"):
-                        raise _Interrupted from e
-                    raise
+                    async with asyncio.timeout(self.idle_timeout):
+                        chunk = await req.content.readany()
+                except (TimeoutError, OSError):
+                    chunk = b""
                 if not chunk:
+                    # The sender is gone (killed, or the path died): nobody is left to
+                    # answer, and what arrived stays in the resume area.
+                    self.counters["interrupted"] += 1
                     raise _Interrupted
                 got += len(chunk)
                 digest.update(chunk)
@@ -425,25 +433,24 @@ class PeerAPIServer:
                                     f" {digest.hexdigest()}, not the sender's {offer.sha256}")
             if self.fsync:
                 await asyncio.to_thread(os.fsync, fd)
-            complete = True
-        except _Interrupted:
-            # Nobody is left to answer; what arrived stays in the resume area.
-            self.counters["interrupted"] += 1
-            raise _Refusal(400, "transfer interrupted") from None
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(partial)
-                raise _Refusal(507, f"the receiver's disk filled up while receiving"
-                                    f" {offer.name}; nothing was kept") from e
-            raise
+            raise _disk_refusal(e, offer, partial) from e
         finally:
             os.close(fd)
-        assert complete
         final = self.inbox.commit(partial, offer.name)
         self.counters["received"] += 1
         return 201, {"name": final.name, "size": offer.size, "sha256": offer.sha256,
                      "from": who.name}
+
+
+def _disk_refusal(e: OSError, offer: Offer, partial: Path) -> _Refusal:
+    """A write failure as an answer. A full disk keeps nothing; other errors keep the partial."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        return _Refusal(507, f"the receiver's disk filled up while receiving {offer.name};"
+                             " nothing was kept")
+    return _Refusal(500, f"the receiver could not store {offer.name}: {e.strerror}")
 
 
 class _Interrupted(Exception):
