@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import os
 import socket
 import threading
@@ -355,3 +356,26 @@ def test_interrupted_transfer_keeps_its_bytes_and_resumes(
     assert (r.resumed_from, r.sent) == (300_000, len(data) - 300_000)
     assert (s.server.inbox.dir / "cut.bin").read_bytes() == data
     assert list(partials.iterdir()) == []
+
+
+def test_progress_bar_ends_at_full() -> None:
+    out = io.StringIO()
+    show = drop._progress_bar("f.bin", out)
+    for done in (0, 50, 100):
+        show(done, 100)
+    show(0, 0)  # an empty file is complete at once
+    lines = out.getvalue().split("\r")
+    assert "100%" in lines[-2] and lines[-2].endswith("\n") and "100%" in lines[-1]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wgmesh import dropd
+
+    assert dropd.main(["file", "send", "not-an-address", str(tmp_path)]) == 1
+    assert "tunnel address" in capsys.readouterr().err
+    assert dropd.main(["file", "send", "127.0.0.1", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("wgmesh: error:") and err.count("\n") == 1
+    assert dropd.main(["file", "receive", "--state-dir", str(tmp_path), "--wait",
+                       "--timeout", "0.05"]) == 1
+    assert "no file arrived" in capsys.readouterr().err

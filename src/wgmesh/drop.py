@@ -299,12 +299,17 @@ class PeerAPIServer:
         await self.close()
 
     # ---- request plumbing ------------------------------------------------------------
-    def _sender(self, request: Any) -> PeerIdentity:
+    def _identify(self, request: Any) -> PeerIdentity:
+        """The WireGuard peer behind the connection's source address, or 403."""
         peer = request.transport.get_extra_info("peername") if request.transport else None
         ip = str(peer[0]).split("%", 1)[0] if peer else ""
         who = self.identify(ip) if ip else None
         if who is None:
             raise _Refusal(403, f"{ip or 'this address'} is not a peer of this node's mesh")
+        return who
+
+    def _sender(self, request: Any) -> PeerIdentity:
+        who = self._identify(request)
         if not self.authorize(who):
             raise _Refusal(403, f"{who.name} may not send files to this node"
                                 " (the policy grants no file-send capability)")
@@ -330,17 +335,15 @@ class PeerAPIServer:
             if not request.content.is_eof() and request.protocol is not None:
                 # Refused mid-body: answer, then hang up rather than drain (aiohttp's
                 # lingering close) the rest of a possibly huge file.
-                await resp.prepare(request)
-                await resp.write_eof()
+                with contextlib.suppress(ConnectionError):
+                    await resp.prepare(request)
+                    await resp.write_eof()
                 request.protocol.force_close()
         return resp
 
     async def _whoami(self, request: Any) -> Any:
         async def fn(req: Any) -> tuple[int, dict[str, Any]]:
-            peer = req.transport.get_extra_info("peername") if req.transport else None
-            who = self.identify(str(peer[0]).split("%", 1)[0]) if peer else None
-            if who is None:
-                raise _Refusal(403, "not a peer of this node's mesh")
+            who = self._identify(req)
             return 200, {"name": who.name, "key": who.node_key.b64(),
                          "may_send": bool(self.authorize(who))}
         return await self._handle(request, fn)
@@ -437,7 +440,10 @@ class PeerAPIServer:
             raise _disk_refusal(e, offer, partial) from e
         finally:
             os.close(fd)
-        final = self.inbox.commit(partial, offer.name)
+        try:
+            final = self.inbox.commit(partial, offer.name)
+        except OSError as e:
+            raise _disk_refusal(e, offer, partial) from e
         self.counters["received"] += 1
         return 201, {"name": final.name, "size": offer.size, "sha256": offer.sha256,
                      "from": who.name}
