@@ -471,6 +471,27 @@ class Lab:
         """Start this interpreter in ``host``'s namespace, e.g. ``lab.python(h, '-m', 'x')``."""
         return self.spawn(host, [sys.executable, *args], env=env)
 
+    def topology(self) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        """Underlay links and each host's role, for :meth:`plot`."""
+        roles = {"internet": "internet"}
+        links = []
+        for h in self.hosts.values():
+            if isinstance(h, NatRouter):
+                roles[h.name] = "nat"
+                links.append((h.name, "internet"))
+            else:
+                roles[h.name] = ("relay" if h.name.startswith("relay") else
+                                 "control" if h.name.startswith("control") else "node")
+                links.append((h.name, h.nat.name if h.nat else "internet"))
+        return links, roles
+
+    def plot(self, paths: Sequence[tuple[str, str, str, float | None]] = ()) -> object:
+        """A topology picture (needs the ``plot`` extra); ``paths`` adds peer edges."""
+        from wgmesh.plot import plot_topology
+
+        links, roles = self.topology()
+        return plot_topology(links, roles, paths, title=f"lab {self.prefix}")
+
     def __repr__(self) -> str:
         return f"<Lab {self.prefix}: {', '.join(self.hosts) or 'empty'}>"
 

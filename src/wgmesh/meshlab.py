@@ -167,6 +167,20 @@ class MeshLab:
                 raise LabError(f"peers missing from netmaps after {timeout}s: {missing}")
             time.sleep(0.1)
 
+    def paths(self) -> list[tuple[str, str, str, float | None]]:
+        """(a, b, direct|relay, rtt ms) for every pair, as node ``a`` sees it."""
+        out = []
+        names = list(self.nodes)
+        for i, a in enumerate(names):
+            for p in self.nodes[a].status()["peers"]:
+                if p["name"] in names[i + 1:]:
+                    out.append((a, p["name"], p["path"], p["rtt_ms"]))
+        return out
+
+    def plot(self) -> object:
+        """The lab's topology with every pair's current path and latency."""
+        return self.lab.plot(self.paths())
+
     def close(self) -> None:
         for n in self.nodes.values():
             n.stop()
