@@ -1,0 +1,205 @@
+"""Sans-I/O pieces of control: policy compiler, audit chain, fan-out world, helpers."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import attrs
+import pytest
+
+from wgmesh import netmap as nm
+from wgmesh.control import addressing, credentials
+from wgmesh.control.audit import GENESIS, AuditEntry, entry_hash, verify
+from wgmesh.control.client import Backoff
+from wgmesh.control.policy import DEFAULT_POLICY, PolicyError, node_selectors, parse_policy
+from wgmesh.control.store import Change, NodeRecord
+from wgmesh.control.world import World
+from wgmesh.keys import Key
+
+pytestmark = pytest.mark.unit
+ULA = "fd00:1:2::/48"
+
+
+def test_policy_compiles_groups_ports_and_caps() -> None:
+    p = parse_policy({"tags": ["tag:web"], "groups": {"group:ops": ["alice", "tag:web"]},
+                      "rules": [{"src": ["group:ops"], "dst": ["tag:web:80,443,81-90,22"],
+                                 "proto": "tcp", "caps": ["file-send"]}]})
+    (rule,) = p.rules
+    assert rule.src == {"node:alice", "tag:web"}
+    web = node_selectors("w1", ["tag:web"])
+    assert p.inbound(web)[0][1] == ((22, 22), (80, 90), (443, 443))
+    assert p.caps(node_selectors("alice", []), web) == ("file-send",)
+    assert p.caps(web, node_selectors("alice", [])) == ()
+    assert p.linked(node_selectors("bob", [])) == set()
+    assert "tag:web" in p.linked(node_selectors("alice", []))
+    assert "node:alice" in p.linked(web)  # visibility is symmetric
+    parse_policy(DEFAULT_POLICY)
+
+
+@pytest.mark.parametrize(("doc", "path"), [
+    ([], ""), ({"rules": {}}, "rules"), ({"rules": [{"src": [], "dst": ["*:*"]}]}, "rules[0].src"),
+    ({"rules": [{"src": ["*"], "dst": ["*"]}]}, "rules[0].dst[0]"),
+    ({"rules": [{"src": ["*"], "dst": ["*:70000"]}]}, "rules[0].dst[0]"),
+    ({"rules": [{"src": ["*"], "dst": ["*:9-3"]}]}, "rules[0].dst[0]"),
+    ({"rules": [{"src": ["*"], "dst": ["*:*"], "action": "drop"}]}, "rules[0].action"),
+    ({"rules": [{"src": ["*"], "dst": ["*:*"], "proto": "sctp"}]}, "rules[0].proto"),
+    ({"groups": {"group:a": ["group:b"]}, "rules": []}, "groups.group:a[0]"),
+    ({"groups": {"ops": []}}, "groups.ops"),
+    ({"rules": [{"src": ["Bad Name"], "dst": ["*:*"]}]}, "rules[0].src[0]"),
+])
+def test_policy_errors_name_the_path(doc: object, path: str) -> None:
+    with pytest.raises(PolicyError) as e:
+        parse_policy(doc)
+    assert path in [d["path"] for d in e.value.details]
+
+
+def _chain(n: int) -> list[AuditEntry]:
+    out, prev = [], GENESIS
+    for i in range(1, n + 1):
+        detail = json.dumps({"i": i})
+        h = entry_hash(prev, i, 1000.0 + i, "admin", "x.y", f"t{i}", detail)
+        out.append(AuditEntry(i, 1000.0 + i, "admin", "x.y", f"t{i}", detail, prev, h))
+        prev = h
+    return out
+
+
+def test_audit_chain_detects_edit_deletion_and_reordering() -> None:
+    chain = _chain(5)
+    assert verify(chain).ok and verify(chain).entries == 5
+    edited = [*chain[:2], attrs.evolve(chain[2], actor="mallory"), *chain[3:]]
+    assert verify(edited).first_bad_seq == 3
+    assert verify(chain[:2] + chain[3:]).first_bad_seq == 4
+    assert not verify([chain[1], chain[0], *chain[2:]]).ok
+    forged = attrs.evolve(chain[2], detail='{"i":99}')
+    assert verify([*chain[:2], forged]).reason.startswith("entry content")
+
+
+def _rec(i: int, tags: tuple[str, ...] = (), **kw: object) -> NodeRecord:
+    v4, v6 = addressing.address_for(i, ULA)
+    base = NodeRecord(id=i, name=f"n{i}", node_key=Key.from_raw(i.to_bytes(32, "big")),
+                      disco_key=Key.from_raw((i + 10**6).to_bytes(32, "big")), addr_index=i,
+                      ipv4=v4, ipv6=v6, tags=tags, created_at=0.0, key_expiry=0.0)
+    return attrs.evolve(base, **kw)
+
+
+class _Seq:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def node(self, rec: NodeRecord) -> Change:
+        self.n += 1
+        return Change(self.n, "node", str(rec.id), json.dumps(rec.to_json()))
+
+
+def _world(nodes: list[NodeRecord], policy: dict) -> tuple[World, _Seq, dict[int, list[bytes]]]:
+    w = World(ULA)
+    w.load(nodes, 1, json.dumps(policy), nm.RelayMap(), 0)
+    seq = _Seq()
+    got: dict[int, list[bytes]] = {}
+    for n in nodes:
+        got[n.id] = w.attach(n.id, None, lambda: None)
+    return w, seq, got
+
+
+PARTITIONED = {"tags": [f"tag:g{g}" for g in range(3)] + ["tag:hub"],
+               "rules": [{"src": [f"tag:g{g}"], "dst": [f"tag:g{g}:*"]} for g in range(3)]
+               + [{"src": ["*"], "dst": ["tag:hub:*"]}]}
+
+
+def test_world_fans_out_only_to_nodes_that_see_the_change() -> None:
+    nodes = [_rec(i, (f"tag:g{i % 3}",)) for i in range(1, 31)] + [_rec(99, ("tag:hub",))]
+    w, seq, first = _world(nodes, PARTITIONED)
+    full = nm.decode(first[1][0])
+    assert isinstance(full, nm.Netmap)
+    assert set(full.peers) == {i for i in range(1, 31) if i % 3 == 1 and i != 1} | {99}
+    assert len(nm.decode(first[99][0]).peers) == 30
+    w.apply(seq.node(attrs.evolve(nodes[0], endpoints=(nm.Endpoint("192.0.2.1", 7),))))
+    assert w.dirty == {i for i in range(2, 31) if i % 3 == 1} | {99}
+    dirty = set(w.dirty)
+    assert w.flush() == 10
+    lines = {nid: w.subs[nid].out[-1] for nid in dirty}
+    assert len(set(lines.values())) == 1  # one shared encoding, not one per recipient
+    d = nm.decode(next(iter(lines.values())))
+    assert isinstance(d, nm.NetmapDelta) and d.peers_changed == (
+        nm.PeerChange(id=1, endpoints=(nm.Endpoint("192.0.2.1", 7),)),)
+
+
+def test_world_delta_size_is_independent_of_mesh_size() -> None:
+    sizes = []
+    for n in (10, 300):
+        nodes = [_rec(i) for i in range(1, n + 1)]
+        w, seq, _ = _world(nodes, DEFAULT_POLICY)
+        w.apply(seq.node(attrs.evolve(nodes[4], home_relay=2,
+                                      endpoints=(nm.Endpoint("198.51.100.4", 41641),))))
+        w.flush()
+        sizes.append({len(w.subs[r].out[-1]) for r in w.visible[5]})
+        assert len(w.visible[5]) == n - 1
+    assert sizes[0] == sizes[1] and len(sizes[0]) == 1
+
+
+def test_world_policy_change_and_removal_reach_subscribers_as_deltas() -> None:
+    nodes = [_rec(1, ("tag:g0",)), _rec(2, ("tag:g1",))]
+    w, seq, first = _world(nodes, PARTITIONED)
+    m1 = nm.decode(first[1][0])
+    assert not m1.peers
+    seq.n += 1
+    w.apply(Change(seq.n, "policy", "2", json.dumps(DEFAULT_POLICY)))
+    w.flush()
+    m1 = nm.apply(m1, nm.decode(w.subs[1].take()))
+    assert set(m1.peers) == {2} and m1.policy_version == 2 and m1.peers[2].caps == ("file-send",)
+    assert nm.packet_allowed(m1.filter, nodes[1].ipv4, nodes[0].ipv4, "udp", 53)
+    seq.n += 1
+    w.apply(Change(seq.n, "node_removed", "2", "{}"))
+    w.flush()
+    m1 = nm.apply(m1, nm.decode(w.subs[1].take()))
+    assert not m1.peers and 2 not in w.subs
+
+
+def test_world_resume_replays_only_missed_lines() -> None:
+    nodes = [_rec(1), _rec(2)]
+    w, seq, _ = _world(nodes, DEFAULT_POLICY)
+    w.detach(1, lambda: None)
+    mark = w.subs[1].seq
+    for relay in (1, 2, 3):
+        w.apply(seq.node(attrs.evolve(nodes[1], home_relay=relay)))
+        w.flush()
+    lines = w.attach(1, mark + 1, lambda: None)
+    assert [nm.decode(x).peers_changed[0].home_relay for x in lines] == [2, 3]
+    assert isinstance(nm.decode(w.attach(1, 10**6, lambda: None)[0]), nm.Netmap)
+
+
+def test_world_expiry_is_reported_then_applied_as_a_change() -> None:
+    now = [100.0]
+    w = World(ULA, clock=lambda: now[0])
+    nodes = [_rec(1), _rec(2, key_expiry=150.0)]
+    w.load(nodes, 1, json.dumps(DEFAULT_POLICY), nm.RelayMap(), 0)
+    w.attach(1, None, lambda: None)
+    assert w.due_expiries() == []
+    now[0] = 151.0
+    assert w.due_expiries() == [2]
+    w.apply(Change(1, "node", "2", json.dumps(nodes[1].to_json())))
+    w.flush()
+    assert nm.decode(w.subs[1].take()).peers_removed == (2,)
+    assert w.live_keys() == [nodes[0].node_key.b64()]
+
+
+def test_credentials_and_addressing() -> None:
+    cid, token, h = credentials.mint(credentials.AUTH_KEY)
+    parsed = credentials.parse(token, credentials.AUTH_KEY)
+    assert parsed is not None and parsed[0] == cid and credentials.matches(parsed[1], h)
+    assert credentials.parse(token, credentials.API_KEY) is None
+    assert not credentials.matches(parsed[1] + "x", h)
+    assert addressing.next_index(254) == 257 and addressing.next_index(0) == 1
+    assert addressing.address_for(257, ULA) == ("100.64.1.1", "fd00:1:2::101")
+    assert addressing.new_ula_prefix().endswith("::/48")
+    assert addressing.unique_name("a", {"a", "a-2"}) == "a-3"
+
+
+def test_backoff_grows_with_jitter_and_caps() -> None:
+    b = Backoff(base_s=1, cap_s=8, rng=random.Random(1))
+    delays = [b.next_delay() for _ in range(6)]
+    for d, ceiling in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert ceiling / 2 <= d <= ceiling
+    b.reset()
+    assert b.next_delay() <= 1
