@@ -143,3 +143,18 @@ def test_bad_authkey_is_a_clear_error(lab: Lab) -> None:
     assert cp.returncode == 1 and "Traceback" not in cp.stderr
     assert "auth" in cp.stderr.lower()
     mesh.close()
+
+
+def test_provisioning_example(lab: Lab) -> None:
+    """examples/provision.py: an admin-API auth key, then a node up with it."""
+    mesh = MeshLab(lab, relays=1)
+    h = lab.add_node_host("web-1", "eim")
+    script = Path(__file__).parent.parent / "examples" / "provision.py"
+    cp = lab.run(h, [sys.executable, str(script), "--control", mesh.control_url,
+                     "--api-key-file", str(mesh.api_key_file), "--state-dir",
+                     str(mesh.dir / "web"), "--hostname", "web-1", "--backend", "userspace",
+                     "--once"], timeout=120)
+    assert "web-1" in cp.stdout and "100.64." in cp.stdout
+    nodes = mesh.admin("nodes", "list", "--json")
+    assert '"web-1"' in nodes
+    mesh.close()
