@@ -27,6 +27,7 @@ import collections
 import contextlib
 import logging
 import random
+import socket
 import ssl as _ssl
 import threading
 import time
@@ -36,7 +37,7 @@ from typing import Any
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.netmap import RelayMap
 from wgmesh.relay import RelayURL
-from wgmesh.relay_conn import RelayConnectError, RelayConnection
+from wgmesh.relay_conn import MakeSocket, RelayConnectError, RelayConnection, connect_socket
 
 __all__ = ["HomeSelector", "RelayClient", "RelayClientThread", "regions_of"]
 
@@ -86,20 +87,23 @@ class HomeSelector:
         return self.home
 
 
-async def tcp_rtt(url: str, timeout: float = 2.0) -> float | None:
+async def tcp_rtt(url: str, timeout: float = 2.0,
+                  make_socket: MakeSocket | None = None) -> float | None:
     """Time of a TCP connect to the relay (one RTT; works where UDP is blocked)."""
     u = RelayURL.parse(url)
     start = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
-            _, w = await asyncio.open_connection(u.host, u.port)
+            sock = await connect_socket(make_socket or _plain_socket, u.host, u.port)
     except (OSError, TimeoutError):
         return None
     rtt = time.monotonic() - start
-    w.close()
-    with contextlib.suppress(OSError):
-        await w.wait_closed()
+    sock.close()
     return rtt
+
+
+def _plain_socket(family: int) -> socket.socket:
+    return socket.socket(family, socket.SOCK_STREAM)
 
 
 class _RegionLink:
@@ -135,7 +139,8 @@ class _RegionLink:
                     conn = await RelayConnection.open(
                         url, c.private_key, ssl=c.ssl, on_recv=c._on_recv,
                         on_peer=c._on_peer, keepalive=c.keepalive, idle_timeout=c.idle_timeout,
-                        queue_frames=c.queue_frames, timeout=c.connect_timeout)
+                        queue_frames=c.queue_frames, timeout=c.connect_timeout,
+                        make_socket=c.make_socket)
                     break
                 except RelayConnectError as e:
                     c.node_rtt[url] = None
@@ -174,7 +179,8 @@ class RelayClient:
 
     ``on_packet(src, data)`` and ``on_peer(key, present, reason)`` run on the
     event loop and must not block; without ``on_packet``, packets queue
-    (bounded, oldest dropped) for ``async for``.
+    (bounded, oldest dropped) for ``async for``. ``make_socket(family)``
+    creates the TCP sockets (e.g. inside a network namespace).
     """
 
     def __init__(self, private_key: PrivateKey,
@@ -186,7 +192,8 @@ class RelayClient:
                  idle_timeout: float = 65.0, connect_timeout: float = 5.0,
                  queue_frames: int = 1024, probe_interval: float = 60.0,
                  idle_close: float = 120.0, backoff_min: float = 0.1,
-                 backoff_max: float = 10.0, rx_queue: int = 4096) -> None:
+                 backoff_max: float = 10.0, rx_queue: int = 4096,
+                 make_socket: MakeSocket | None = None) -> None:
         self.private_key = private_key
         self.public_key = private_key.public
         self.regions = regions_of(relays)
@@ -202,6 +209,7 @@ class RelayClient:
         self.idle_close = idle_close
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
+        self.make_socket = make_socket
         self.selector = HomeSelector()
         self.node_rtt: dict[str, float | None] = {}
         self.drops: collections.Counter[str] = collections.Counter()
@@ -255,7 +263,7 @@ class RelayClient:
     # ---- home region -----------------------------------------------------------------
     async def _probe(self) -> None:
         urls = [u for us in self.regions.values() for u in us]
-        rtts = await asyncio.gather(*(tcp_rtt(u) for u in urls))
+        rtts = await asyncio.gather(*(tcp_rtt(u, make_socket=self.make_socket) for u in urls))
         self.node_rtt.update(zip(urls, rtts, strict=True))
         for region, us in self.regions.items():
             alive = [t for u in us if (t := self.node_rtt.get(u)) is not None]
