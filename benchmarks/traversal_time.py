@@ -1,6 +1,6 @@
 """Time from relayed to direct, through real lab NATs, with the production traversal.
 
-Each run starts two fresh nodes (``python -m wgmesh.traversal_driver``: the real
+Each run starts two fresh nodes (``python -m wgmesh.traversal_lab``: the real
 Traversal over a UDP port, the real relay for call-me-maybe) behind their own NATs
 and measures, on the shared wall clock:
 
@@ -40,7 +40,7 @@ def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind
     for i, (side, host) in enumerate(zip("ab", hosts, strict=True)):
         stun_args = [x for s in stun for x in ("--stun", s)]
         procs.append(lab.python(
-            host, "-m", "wgmesh.traversal_driver", "--key-file", str(tmp / f"{tag}{side}.key"),
+            host, "-m", "wgmesh.traversal_lab", "--key-file", str(tmp / f"{tag}{side}.key"),
             "--disco-key-file", str(tmp / f"{tag}{side}.disco"), "--peer", keys[1 - i][0],
             "--peer-disco", keys[1 - i][1], "--relay", relay, *stun_args,
             "--duration", "40", "--exit-after-direct", "0.3"))
@@ -53,7 +53,9 @@ def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind
               for ev in evs]
     out: dict[str, Any] = {"t_relay_s": max(r["t"] for r in relay_up),
                            "relay_rtt_s": statistics.median(r["rtt"] for r in relay_up)}
-    if all(direct):
+    if not all(direct):  # say why on stderr; stdout stays one JSON line
+        print(json.dumps({"miss": tag, "final": [ev[-1] for ev in evs]}), file=sys.stderr)
+    else:
         out["t_direct_s"] = (max(d["wall"] for d in direct if d)
                              - max(r["wall"] for r in relay_up))
         out["disco_rtt_s"] = statistics.median(d["rtt"] for d in direct if d)

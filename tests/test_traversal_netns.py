@@ -36,7 +36,7 @@ def pair(lab: Lab, tmp: Path, kind_a: str, kind_b: str, duration: float,
     for i, (name, host) in enumerate(zip(("a", "b"), hosts, strict=True)):
         peer = keys[1 - i]
         procs.append(lab.python(
-            host, "-m", "wgmesh.traversal_driver", "--key-file", str(tmp / f"{name}.key"),
+            host, "-m", "wgmesh.traversal_lab", "--key-file", str(tmp / f"{name}.key"),
             "--disco-key-file", str(tmp / f"{name}.disco"), "--peer", peer[0].b64(),
             "--peer-disco", peer[1].b64(), "--relay", f"http://{relay.ip}:3340",
             "--stun", f"{relay.ip}:3478", "--stun", f"{stun2.ip}:3478",
