@@ -240,3 +240,34 @@ def test_userspace_wireguard_over_the_relay(lab: Lab, tmp_path: Path) -> None:
     cap.stop()
     raw = pcap.read_bytes()
     assert len(raw) > size and MARKER not in raw
+
+
+TLS_CLIENT = """
+import asyncio, ssl, sys
+from wgmesh.keys import PrivateKey
+from wgmesh.relay_conn import RelayConnection
+async def main():
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    c = await RelayConnection.open(sys.argv[1], PrivateKey.generate(), ssl=ctx)
+    print("rtt", await c.ping(), flush=True)
+asyncio.run(main())
+"""
+
+
+def test_cli_relay_behind_tls_on_443(lab: Lab, tmp_path: Path) -> None:
+    from test_relay_server import _self_signed
+
+    relay = lab.add_public_host("relay")
+    pc = lab.add_node_host("pc", "udp-blocked")
+    cert, key = _self_signed(tmp_path, ip=relay.ip)
+    p = lab.python(relay, "-m", "wgmesh", "relay", "serve", "--listen", f"{relay.ip}:443",
+                   "--key-file", str(tmp_path / "relay.key"), "--tls-cert", str(cert),
+                   "--tls-key", str(key), "--stun-port", "-1")
+    assert json.loads(p.wait_for_output('"listening"', timeout=20))["tls"] is True
+    ok = lab.run(pc, [sys.executable, "-c", TLS_CLIENT, f"https://{relay.ip}", str(cert)])
+    assert ok.stdout.startswith("rtt ")
+    # a client that does not trust the certificate refuses the relay
+    other, _ = _self_signed(tmp_path / "other", ip=relay.ip)
+    bad = lab.run(pc, [sys.executable, "-c", TLS_CLIENT, f"https://{relay.ip}", str(other)],
+                  check=False)
+    assert bad.returncode != 0 and "RelayConnectError" in bad.stderr

@@ -315,7 +315,10 @@ def test_mesh_forwards_one_hop_and_checks_the_key() -> None:
     run(main())
 
 
-def _self_signed(tmp: Path) -> tuple[Path, Path]:
+def _self_signed(tmp: Path, ip: str | None = None) -> tuple[Path, Path]:
+    """A throwaway CA-less certificate for "localhost" (and ``ip``), as PEM files."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -328,8 +331,11 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
             .public_key(key.public_key()).serial_number(1)
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost")]
+                + ([x509.IPAddress(ipaddress.ip_address(ip))] if ip else [])), False)
             .sign(key, hashes.SHA256()))
+    tmp.mkdir(parents=True, exist_ok=True)
     c, k = tmp / "cert.pem", tmp / "key.pem"
     c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     k.write_bytes(key.private_bytes(serialization.Encoding.PEM,

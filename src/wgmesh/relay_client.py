@@ -391,7 +391,11 @@ class RelayClient:
     # ---- receiving -------------------------------------------------------------------
     def _on_recv(self, src: Key, data: bytes) -> None:
         if self.on_packet is not None:
-            self.on_packet(src, data)
+            try:
+                self.on_packet(src, data)
+            except Exception:  # the caller's bug must not cost the relay connection
+                self.drops["on_packet_error"] += 1
+                log.exception("relay on_packet callback failed")
             return
         if len(self._rx) == self._rx.maxlen:
             self.drops["rx_queue_full"] += 1
@@ -400,7 +404,11 @@ class RelayClient:
 
     def _on_peer(self, key: Key, present: bool, reason: int) -> None:
         if self.on_peer is not None:
-            self.on_peer(key, present, reason)
+            try:
+                self.on_peer(key, present, reason)
+            except Exception:
+                self.drops["on_peer_error"] += 1
+                log.exception("relay on_peer callback failed")
 
     def __aiter__(self) -> AsyncIterator[tuple[Key, bytes]]:
         return self._iter()
