@@ -161,6 +161,7 @@ class ControlServer:
         self._stop = threading.Event()
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
+        self._listener: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -193,9 +194,10 @@ class ControlServer:
         self._tasks = [asyncio.create_task(self._syncer()), asyncio.create_task(self._ticker())]
         if isinstance(self.store, PostgresStore):
             store = self.store
-            threading.Thread(target=store.listen, name="control-listen", daemon=True,
-                             args=(self._stop, lambda: loop.call_soon_threadsafe(self.kick))
-                             ).start()
+            self._listener = threading.Thread(
+                target=store.listen, name="control-listen", daemon=True,
+                args=(self._stop, lambda: loop.call_soon_threadsafe(self.kick)))
+            self._listener.start()
         log.info("control listening on %s", self.url)
 
     async def stop(self) -> None:
@@ -206,6 +208,8 @@ class ControlServer:
             self._stopping.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
+        if self._listener is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._listener.join, 5)
         if self.world is not None:
             for sub in self.world.subs.values():
                 sub.closed = True

@@ -760,11 +760,16 @@ class PostgresStore(Store):
         """Call ``on_notify`` after each batch of change notifications until ``stop`` (blocks)."""
         import psycopg
 
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(f"LISTEN {self.channel}")
-            while not stop.is_set():
-                if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
-                    on_notify()
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {self.channel}")
+                    on_notify()  # whatever committed while we were not listening
+                    while not stop.is_set():
+                        if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
+                            on_notify()
+            except psycopg.Error:
+                stop.wait(1.0)  # the server's poll covers the gap; reconnect
 
     def close(self) -> None:
         self.conn.close()
