@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import os
+import socket
 import struct
 import subprocess
 from collections.abc import Iterable
@@ -21,6 +22,8 @@ TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
+SIOCSIFTXQLEN = 0x8943
+TX_QUEUE_LEN = 4096
 
 
 def _ip(*args: str) -> None:
@@ -50,6 +53,13 @@ class Tun:
             os.close(self.fd)
             raise BackendError(f"TUNSETIFF {name}: {e.strerror}") from e
         self.name = name
+        self._set_txqueuelen(TX_QUEUE_LEN)
+
+    def _set_txqueuelen(self, qlen: int) -> None:
+        """A deep queue: TUN drops (rather than pushes back) when the reader falls behind,
+        and a Python reader on a shared CPU does, in bursts; drops cost TCP retransmits."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), SIOCSIFTXQLEN, struct.pack("16si12x", self.name.encode(), qlen))
 
     def configure(self, mtu: int, addresses: Iterable[ipaddress.IPv4Interface
                                                      | ipaddress.IPv6Interface] = ()) -> None:
