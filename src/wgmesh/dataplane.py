@@ -36,7 +36,7 @@ from wgmesh.wireguard.backend import Backend
 
 log = logging.getLogger("wgmesh.dataplane")
 
-__all__ = ["DataPlane", "PeerPathStatus", "Port", "UserspacePort"]
+__all__ = ["DataPlane", "KernelPort", "PeerPathStatus", "Port", "UserspacePort"]
 
 Addr = tuple[str, int]
 STATS_INTERVAL = 1.0
@@ -93,6 +93,50 @@ class UserspacePort:
 
     def close(self) -> None:
         self.backend.on_other = None
+
+
+class KernelPort:
+    """Kernel WireGuard: STUN/disco through sharedsock on its port, relayed peers through
+    loopback endpoints of the relay bridge. Python never sees a direct-path packet."""
+
+    def __init__(self, backend: Any, loop: asyncio.AbstractEventLoop) -> None:
+        from wgmesh.wireguard.sharedsock import SharedSocket
+
+        self.backend = backend
+        self.loop = loop
+        self.shared = SharedSocket.for_backend(backend)
+        self.bridge: Any = None
+
+    def start(self, on_datagram: Callable[[bytes, Addr], None],
+              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None:
+        from wgmesh.wireguard.proxy import RelayBridge
+
+        self.shared.add_reader(self.loop, on_datagram)
+        self.bridge = RelayBridge(self.loop, on_wireguard_for_relay, self.backend.listen_port,
+                                  netns=self.backend.netns)
+
+    def send(self, data: bytes, addr: Addr) -> None:
+        self.shared.send(data, addr)
+
+    def use_relay(self, key: Key) -> None:
+        self.bridge.use_relay(self.backend, key)
+
+    def use_direct(self, key: Key, addr: Addr) -> None:
+        self.bridge.use_direct(self.backend, key, addr)
+
+    def inject(self, key: Key, data: bytes) -> None:
+        self.bridge.deliver(key, data)
+
+    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | Any | None:
+        if endpoint is not None and endpoint[0] in ("127.0.0.1", "::1"):
+            return RELAY  # a loopback endpoint is the bridge: the peer goes via the relay
+        return endpoint
+
+    def close(self) -> None:
+        self.shared.remove_reader(self.loop)
+        self.shared.close()
+        if self.bridge is not None:
+            self.bridge.close()
 
 
 @attrs.define

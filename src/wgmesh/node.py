@@ -81,6 +81,7 @@ class AsyncNode:
         self.relay: Any = None
         self.dataplane: Any = None
         self.peer_api: Any = None
+        self._filter_applied: tuple[nm.FilterRule, ...] | None = None
         self.candidates: Any = None
         self.hard_nat = False
         self.last_netcheck: Any = None
@@ -207,12 +208,10 @@ class AsyncNode:
         await self.peer_api.start()
 
     def _make_port(self, loop: asyncio.AbstractEventLoop) -> Any:
+        from wgmesh.dataplane import KernelPort, UserspacePort
+
         if self.backend.kind == "kernel":
-            from wgmesh.wireguard.proxy import KernelPort
-
             return KernelPort(self.backend, loop)
-        from wgmesh.dataplane import UserspacePort
-
         return UserspacePort(self.backend, loop)
 
     async def down(self) -> None:
@@ -230,6 +229,11 @@ class AsyncNode:
             with contextlib.suppress(Exception):
                 await self.relay.close()
         if self.backend is not None:
+            if self.backend.kind == "kernel" and self._filter_applied is not None:
+                from wgmesh.wireguard.filter import remove_nft
+
+                with contextlib.suppress(WgmeshError):
+                    remove_nft(self.ifname)
             await asyncio.to_thread(self.backend.down)
         if self._control is not None:
             self._control.close()
@@ -303,9 +307,21 @@ class AsyncNode:
         return out
 
     def _apply_filter(self, netmap: nm.Netmap) -> None:
-        apply = getattr(self.backend, "set_filter", None)
-        if apply is not None:
-            apply(netmap.filter, (netmap.self_node.ipv4, netmap.self_node.ipv6))
+        """Enforce the netmap's inbound rules: nftables on a kernel interface, the device's
+        own connection-tracking filter in userspace. Only when the rules changed."""
+        if netmap.filter == self._filter_applied:
+            return
+        try:
+            if self.backend.kind == "kernel":
+                from wgmesh.wireguard.filter import install_nft
+
+                install_nft(self.ifname, netmap.filter)
+            else:
+                self.backend.set_filter(netmap.filter)
+        except WgmeshError as e:
+            log.error("installing the packet filter failed: %s", e)
+            return
+        self._filter_applied = netmap.filter
 
     # ---- endpoints -----------------------------------------------------------------
     async def _endpoint_loop(self) -> None:

@@ -27,6 +27,7 @@ import attrs
 
 from wgmesh.wireguard.allowedips import AllowedIPs
 from wgmesh.wireguard.crypto import tai64n
+from wgmesh.wireguard.filter import PacketFilter
 from wgmesh.wireguard.noise import (
     MSG_COOKIE,
     MSG_INITIATION,
@@ -127,6 +128,8 @@ class Device:
         self.out_tun: list[bytes] = []
         # Hook: non-WireGuard datagrams (STUN, disco) sharing the port go here.
         self.on_other: Callable[[bytes, tuple[str, int]], object] | None = None
+        # Hook: the node's ACL (wgmesh.wireguard.filter.PacketFilter), None = accept all.
+        self.packet_filter: PacketFilter | None = None
         self._load_window = (float("-inf"), 0)
         self._load_until = float("-inf")
         self._last_gc = float("-inf")
@@ -356,7 +359,12 @@ class Device:
             peer.t_send_keepalive = now + self.timing.keepalive_timeout
         else:
             peer.need_another_keepalive = True
-        return self._check_inner(peer, out, n)
+        ln = self._check_inner(peer, out, n)
+        pf = self.packet_filter
+        if ln and pf is not None and not pf.inbound(out[:ln], now):
+            self.drops["filtered"] += 1
+            return 0
+        return ln
 
     def _check_inner(self, peer: Peer, plain: memoryview, n: int) -> int:
         """Length without padding, if the inner source is one this peer may use; else 0."""
@@ -403,6 +411,8 @@ class Device:
         if peer is None:
             self.drops["no_route"] += 1
             return None
+        if self.packet_filter is not None:
+            self.packet_filter.outbound(memoryview(buf)[:n], now)
         dest = peer.relay or peer.endpoint
         if dest is None:
             self.drops["no_endpoint"] += 1

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from wgmesh.keys import Key
+from wgmesh.netmap import FilterRule
 from wgmesh.wireguard.backend import (
     BackendError,
     InterfaceConfig,
@@ -40,6 +41,7 @@ from wgmesh.wireguard.backend import (
     diff_peers,
 )
 from wgmesh.wireguard.device import Destination, Device, RelaySource
+from wgmesh.wireguard.filter import PacketFilter
 from wgmesh.wireguard.noise import MSG_TRANSPORT, message_type
 from wgmesh.wireguard.timers import Timing, timing_from_env
 from wgmesh.wireguard.tun import Tun
@@ -192,6 +194,14 @@ class UserspaceBackend:
                                                 tuple(self.device.allowed.networks(p)),
                                                 p.persistent_keepalive)
                     for k, p in self.device.peers.items()}
+
+    def set_filter(self, rules: Sequence[FilterRule]) -> None:
+        """Enforce the netmap's inbound ACL in the device (with connection tracking)."""
+        with self._lock:
+            if self.device.packet_filter is None:
+                self.device.packet_filter = PacketFilter(rules)
+            else:
+                self.device.packet_filter.set_rules(rules)
 
     # ---- hooks for NAT traversal and the relay -------------------------------------
     def _other(self, data: bytes, addr: tuple[str, int]) -> None:
