@@ -6,7 +6,9 @@ and measures, on the shared wall clock:
 
 * ``t_relay_s``: node start -> connected to the relay (the first-packet path),
   STUN included;
-* ``t_direct_s``: the later node on the relay -> both sides direct.
+* ``t_direct_s``: the later node on the relay -> both sides direct;
+* ``t_recover_s``: a's NAT reboots (mappings flushed, a new port from then on) ->
+  both sides direct again (via relay, re-STUN and call-me-maybe in between).
 
 Reference, same runs: the least a coordinated punch can take, one relay round trip
 (call-me-maybe) plus one direct disco round trip (ping/pong). ``ratio`` =
@@ -20,15 +22,29 @@ import json
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from wgmesh.keys import PrivateKey
-from wgmesh.lab import Lab
+from wgmesh.lab import Host, Lab, Process
+
+
+def _events(p: Process) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+
+
+def _reboot_nat(lab: Lab, host: Host) -> float:
+    """The router forgets every mapping and maps to other ports from now on."""
+    assert host.nat is not None
+    lab.run(host.nat, ["iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "-o", "eth0", "-p",
+                       "udp", "-j", "MASQUERADE", "--to-ports", "50000-50100"])
+    host.nat.flush()
+    return time.time()
 
 
 def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind_b: str,
-             tag: str) -> dict[str, Any]:
+             tag: str, reboot: bool = False) -> dict[str, Any]:
     hosts = [lab.add_node_host(f"{tag}a", kind_a), lab.add_node_host(f"{tag}b", kind_b)]
     keys = []
     for side in "ab":
@@ -43,11 +59,24 @@ def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind
             host, "-m", "wgmesh.traversal_lab", "--key-file", str(tmp / f"{tag}{side}.key"),
             "--disco-key-file", str(tmp / f"{tag}{side}.disco"), "--peer", keys[1 - i][0],
             "--peer-disco", keys[1 - i][1], "--relay", relay, *stun_args,
-            "--duration", "40", "--exit-after-direct", "0.3"))
+            "--duration", "40", "--exit-after-direct", "0.3",
+            "--directs", "2" if reboot else "1"))
+    t_reboot = None
+    if reboot:
+        deadline = time.monotonic() + 20
+        while not all(any(e["event"] == "path" for e in _events(p)) for p in procs):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        t_reboot = _reboot_nat(lab, hosts[0])
     evs = []
     for p in procs:
         p.wait(timeout=90)
-        evs.append([json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")])
+        evs.append(_events(p))
+    if t_reboot is not None:
+        again = [[e["wall"] for e in ev if e["event"] == "path" and e["path"] == "direct"
+                  and e["wall"] > t_reboot] for ev in evs]
+        return {"t_recover_s": max(a[-1] for a in again) - t_reboot} if all(again) else {}
     relay_up = [next(e for e in ev if e["event"] == "relay") for ev in evs]
     direct = [next((e for e in ev if e["event"] == "path" and e["path"] == "direct"), None)
               for ev in evs]
@@ -66,6 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--hard-runs", type=int, default=3, help="eim x symmetric runs")
+    ap.add_argument("--reboot-runs", type=int, default=3, help="NAT reboot recovery runs")
     a = ap.parse_args()
     with Lab() as lab, tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
@@ -78,9 +108,12 @@ def main() -> None:
         easy = [run_pair(lab, tmp, url, stun, "eim", "eim", f"e{i}") for i in range(a.runs)]
         hard = [run_pair(lab, tmp, url, stun, "eim", "symmetric", f"h{i}")
                 for i in range(a.hard_runs)]
+        reboot = [run_pair(lab, tmp, url, stun, "eim", "eim", f"r{i}", reboot=True)
+                  for i in range(a.reboot_runs)]
     direct = [r["t_direct_s"] for r in easy if "t_direct_s" in r]
     ref = [r["relay_rtt_s"] + r["disco_rtt_s"] for r in easy if "disco_rtt_s" in r]
     hard_t = [r["t_direct_s"] for r in hard if "t_direct_s" in r]
+    rec = [r["t_recover_s"] for r in reboot if "t_recover_s" in r]
     med = statistics.median
     print(json.dumps({
         "bench": "traversal_time", "runs": a.runs,
@@ -91,7 +124,9 @@ def main() -> None:
         "ratio": round(med(direct) / med(ref), 1) if direct and ref else None,
         "eim_symmetric_direct": f"{len(hard_t)}/{len(hard)}",
         "t_direct_eim_symmetric_s": round(med(hard_t), 2) if hard_t else None,
-        "target_direct_s": 2.0, "target_first_packet_s": 1.0,
+        "nat_reboot_recovered": f"{len(rec)}/{len(reboot)}",
+        "t_recover_s": round(med(rec), 2) if rec else None,
+        "target_direct_s": 2.0, "target_first_packet_s": 1.0, "target_recover_s": 10.0,
     }))
 
 

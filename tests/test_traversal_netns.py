@@ -4,6 +4,7 @@ relay carries call-me-maybe) and go direct by disco wherever the NATs allow."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,26 @@ def test_port_search_through_a_real_symmetric_nat(lab: Lab, tmp_path: Path) -> N
     direct = next(e["t"] for e in events(a) if e["event"] == "path")
     relay_up = next(e["t"] for e in events(a) if e["event"] == "relay")
     assert direct - relay_up < 5 + 20 + 2
+
+
+def test_nat_reboot_with_a_new_port_recovers_within_ten_seconds(lab: Lab, tmp_path: Path
+                                                                ) -> None:
+    """a's router forgets every mapping and maps a to another port from now on."""
+    a, b, ha, _hb = pair(lab, tmp_path, "eim", "eim", 30)
+    deadline = time.monotonic() + 15
+    while not any(e["event"] == "path" for e in events(b)):
+        assert time.monotonic() < deadline, b.stdout + b.stderr[-2000:]
+        time.sleep(0.05)
+    assert ha.nat is not None
+    lab.run(ha.nat, ["iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "-o", "eth0", "-p",
+                     "udp", "-j", "MASQUERADE", "--to-ports", "50000-50100"])
+    ha.nat.flush()
+    t_flush = time.time()
+    finish(a), finish(b)
+    for p in (a, b):
+        after = [e for e in events(p) if e["event"] == "path" and e["wall"] > t_flush]
+        assert [e["path"] for e in after][-1:] == ["direct"], after
+        back = after[-1]["wall"] - t_flush
+        assert back <= 10.0, back
+    moved = [e for e in events(b) if e["event"] == "path" and e["wall"] > t_flush][-1]
+    assert moved["endpoint"][0] == ha.nat.ip and 50000 <= moved["endpoint"][1] <= 50100

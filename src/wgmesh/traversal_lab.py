@@ -98,27 +98,42 @@ async def _node(a: argparse.Namespace) -> None:
     trav = Traversal(PrivateKey.load(a.disco_key_file), node.public, cfg)
     relay = RelayClient(node, [a.relay])
     done = asyncio.Event()
+    directs: list[float] = []
 
     def on_path(key: Key, st: Any) -> None:
         info = trav.path(key)
         _emit(event="path", t=time.monotonic() - t0, path=st.path, endpoint=st.endpoint,
               rtt=st.rtt, reason=st.reason, sock=info.sock if info else 0)
-        if st.path == "direct" and a.exit_after_direct is not None:
-            loop.call_later(a.exit_after_direct, done.set)
+        if st.path == "direct":
+            directs.append(time.monotonic())
+            if a.exit_after_direct is not None and len(directs) == a.directs:
+                loop.call_later(a.exit_after_direct, done.set)
+
+    servers = [StunServer((h, int(p))) for h, p in (s.rsplit(":", 1) for s in a.stun)]
+    cands = Candidates(a.port)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def restun() -> None:
+        """What the Node does: netcheck from the port, then publish (here: call-me-maybe)."""
+        report = await dp.netcheck(servers)
+        cands.update(lan=report.local_addresses, reflexive=[r for r in (report.ipv4,) if r],
+                     hard_nat=report.hard_nat)
+        _emit(event="netcheck", t=time.monotonic() - t0, ipv4=report.ipv4,
+              hard_nat=report.hard_nat, candidates=[str(e) for e in cands.endpoints])
+        dp.set_local(list(cands.addrs), report.hard_nat)
+
+    def on_stale(reason: str) -> None:
+        task = loop.create_task(restun())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     port = PlainPort(loop, a.port)
-    dp = DataPlane(NoWireGuard(), port, relay, trav, on_path_changed=on_path)  # type: ignore[arg-type]
+    dp = DataPlane(NoWireGuard(), port, relay, trav,  # type: ignore[arg-type]
+                   on_path_changed=on_path, on_candidates_stale=on_stale)
     dp.start()
-    servers = [StunServer((h, int(p))) for h, p in (s.rsplit(":", 1) for s in a.stun)]
-    report = await dp.netcheck(servers)
-    cands = Candidates(a.port)
-    cands.update(lan=report.local_addresses, reflexive=[r for r in (report.ipv4,) if r],
-                 hard_nat=report.hard_nat)
-    _emit(event="netcheck", t=time.monotonic() - t0, ipv4=report.ipv4,
-          hard_nat=report.hard_nat, candidates=[str(e) for e in cands.endpoints])
+    await restun()
     await relay.start()
     _emit(event="relay", t=time.monotonic() - t0, rtt=await relay.ping())
-    dp.set_local(list(cands.addrs), report.hard_nat)
     dp.upsert_peer(peer, peer_disco, [], None)
     try:
         with contextlib.suppress(TimeoutError):
@@ -147,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--search-ports", type=int, default=256)
     ap.add_argument("--no-port-search", action="store_true")
     ap.add_argument("--exit-after-direct", type=float, metavar="SECONDS",
-                    help="stop this long after the path went direct")
+                    help="stop this long after the path went direct (--directs times)")
+    ap.add_argument("--directs", type=int, default=1)
     a = ap.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_node(a))
