@@ -254,6 +254,31 @@ class Netmap:
         """May ``peer`` use capability ``cap`` on this node?"""
         return cap in peer.caps
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per peer, for tables (text and Jupyter)."""
+        return [{"peer": p.name, "ipv4": p.ipv4, "key": p.node_key.short(),
+                 "online": p.online, "home_relay": p.home_relay or None,
+                 "endpoints": " ".join(str(e) for e in p.endpoints) or None,
+                 "caps": ",".join(p.caps) or None}
+                for p in sorted(self.peers.values(), key=lambda p: p.name)]
+
+    def __str__(self) -> str:
+        from wgmesh.status import text_table
+
+        me = self.self_node
+        return (f"netmap seq {self.seq} for {me.name} {me.ipv4}: {len(self.peers)} peer(s), "
+                f"{len(self.filter)} filter rule(s)\n" + text_table(self.rows(), _NETMAP_COLUMNS))
+
+    def _repr_html_(self) -> str:
+        from wgmesh.status import html_table
+
+        me = self.self_node
+        return html_table(self.rows(), _NETMAP_COLUMNS,
+                          caption=f"netmap seq {self.seq} for {me.name} {me.ipv4}")
+
+
+_NETMAP_COLUMNS = ["peer", "ipv4", "key", "online", "home_relay", "endpoints", "caps"]
+
 
 @attrs.frozen
 class NetmapDelta:

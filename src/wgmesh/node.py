@@ -541,8 +541,30 @@ class Node:
         return self._loop.call(self._node.ping(peer, count=count, timeout=timeout),
                                timeout * count + 5)
 
+    def netcheck(self) -> dict[str, Any]:
+        """UDP, reflexive addresses, hard NAT, relay latency, hairpin, from the WG port."""
+        return self._loop.call(self._node.netcheck(), 30)
+
+    def send_file(self, peer: str, path: str | os.PathLike[str],
+                  progress: Callable[[int, int], None] | None = None) -> Any:
+        """Send ``path`` to ``peer`` through the tunnel; ``progress(done, total)`` as it goes."""
+        return self._loop.call(self._node.send_file(peer, path, progress), None)
+
+    @property
+    def netmap(self) -> nm.Netmap | None:
+        return self._node.netmap
+
     def on(self, name: str, callback: Callable[[Event], None]) -> Callable[[], None]:
         return self.events.on(name, callback)
+
+    def plot(self) -> object:
+        """This node and its peers, edges coloured by path with their latency."""
+        from wgmesh.plot import plot_topology
+
+        st = self.status()
+        roles = {st.name: "node", **{p.name: "node" for p in st.peers}}
+        return plot_topology([], roles, [(st.name, p.name, p.path, p.rtt_ms) for p in st.peers],
+                             title=f"{st.name} ({st.backend})")
 
     def wait_for(self, predicate: Callable[[Status], bool], timeout: float = 30,
                  interval: float = 0.2) -> Status:
