@@ -9,12 +9,12 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 import wgmesh
+from polling import wait_for
 from wgmesh.lab import Lab
 from wgmesh.meshlab import MeshLab
 
@@ -22,25 +22,14 @@ pytestmark = pytest.mark.netns
 WGMESH = [sys.executable, "-m", "wgmesh"]
 
 
-def _until(pred, timeout: float = 20.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s")
-        time.sleep(interval)
-
-
 def test_agents_go_direct_and_ping_through_the_tunnel(lab: Lab) -> None:
     mesh = MeshLab(lab)
     a, b = mesh.add_node("a", "eim"), mesh.add_node("b", "eim")
     mesh.wait_connected()
-    first = _until(lambda: (r := a.ping("b", timeout=1)) and r["rtt_ms"] is not None and r)
+    first = wait_for(lambda: (r := a.ping("b", timeout=1)) and r["rtt_ms"] is not None and r)
     assert first["peer"] == "b"
-    _until(lambda: (p := a.peer("b")) and p["path"] == "direct")
-    r = _until(lambda: (r := a.ping("b", timeout=1))["rtt_ms"] and r["path"] == "direct" and r)
+    wait_for(lambda: (p := a.peer("b")) and p["path"] == "direct")
+    r = wait_for(lambda: (r := a.ping("b", timeout=1))["rtt_ms"] and r["path"] == "direct" and r)
     assert r["endpoint"].startswith("198.51.100.")  # b's NAT mapping, not its LAN address
     st = b.status()
     assert st["backend"] == "userspace" and st["ipv4"].startswith("100.")
@@ -76,7 +65,7 @@ def test_sync_node_in_a_namespace_with_events_and_restart_from_cache(lab: Lab,
         assert isinstance(st, wgmesh.Status) and st.ipv4
         na.wait_for(lambda s: s.peer("b") is not None, timeout=20)
         assert got_direct.wait(20), seen
-        r = _until(lambda: (r := na.ping("b", timeout=1)).rtt_ms is not None and r)
+        r = wait_for(lambda: (r := na.ping("b", timeout=1)).rtt_ms is not None and r)
         assert r.peer == "b"
         assert "PEER" in str(na.status()) and "<table>" in na.status()._repr_html_()
         key_file = tmp_path / "a" / "node.key"
@@ -92,7 +81,7 @@ def test_sync_node_in_a_namespace_with_events_and_restart_from_cache(lab: Lab,
         st2 = na.up()
         assert (st2.ipv4, st2.public_key) == (addr, pub)
         assert not st2.control_online
-        r = _until(lambda: (r := na.ping("b", timeout=1)).rtt_ms is not None and r, 30)
+        r = wait_for(lambda: (r := na.ping("b", timeout=1)).rtt_ms is not None and r, 30)
         assert r.peer == "b"
     finally:
         na.down()

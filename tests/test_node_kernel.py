@@ -6,27 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 
 import pytest
 
 from flows import SERVER, connect
+from polling import wait_for
 from wgmesh.drop import DEFAULT_PORT
 from wgmesh.lab import Lab
 from wgmesh.meshlab import MeshLab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
-
-
-def _until(pred, timeout: float):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s")
-        time.sleep(0.3)
 
 
 def test_kernel_nodes_direct_relay_filter_and_file(lab: Lab) -> None:
@@ -42,10 +31,10 @@ def test_kernel_nodes_direct_relay_filter_and_file(lab: Lab) -> None:
     assert a.status()["backend"] == "kernel"
 
     # relay first (via the loopback bridge), then direct for the EIM pair
-    r = _until(lambda: (r := a.ping("c", timeout=3)) and r["rtt_ms"] is not None and r, 120)
+    r = wait_for(lambda: (r := a.ping("c", timeout=3)) and r["rtt_ms"] is not None and r, 120)
     assert r["path"] == "relay"
-    _until(lambda: (p := a.peer("b")) and p["path"] == "direct", 120)
-    r = _until(lambda: (r := a.ping("b", timeout=3))["rtt_ms"] and r["path"] == "direct" and r,
+    wait_for(lambda: (p := a.peer("b")) and p["path"] == "direct", 120)
+    r = wait_for(lambda: (r := a.ping("b", timeout=3))["rtt_ms"] and r["path"] == "direct" and r,
                60)
     assert r["endpoint"].startswith("198.51.100.")
     pb = a.peer("b")
