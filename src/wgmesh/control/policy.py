@@ -27,6 +27,7 @@ keeps one member set per base selector and never re-evaluates rules per peer.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable
@@ -97,11 +98,36 @@ class Policy:
 
     def caps(self, src: frozenset[str], dst: frozenset[str]) -> tuple[str, ...]:
         """Capabilities a node with ``src`` selectors holds on one with ``dst`` selectors."""
-        got: set[str] = set()
-        for r in self.rules:
-            if r.caps and r.src & src and r.dst_selectors & dst:
-                got.update(r.caps)
-        return tuple(sorted(got))
+        return self.caps_for(self.cap_masks(src)[0] & self.cap_masks(dst)[1])
+
+    def cap_masks(self, selectors: frozenset[str]) -> tuple[int, int]:
+        """Bit masks of the capability rules a node is a source / a destination of.
+
+        Per peer pair the capabilities are then one AND and a lookup
+        (:meth:`caps_for`), which keeps full maps of big meshes cheap.
+        """
+        src = dst = 0
+        for i, r in enumerate(self._cap_rules):
+            if r.src & selectors:
+                src |= 1 << i
+            if r.dst_selectors & selectors:
+                dst |= 1 << i
+        return src, dst
+
+    def caps_for(self, mask: int) -> tuple[str, ...]:
+        hit = self._caps_memo.get(mask)
+        if hit is None:
+            got = {c for i, r in enumerate(self._cap_rules) if mask >> i & 1 for c in r.caps}
+            hit = self._caps_memo[mask] = tuple(sorted(got))
+        return hit
+
+    @functools.cached_property
+    def _cap_rules(self) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules if r.caps)
+
+    @functools.cached_property
+    def _caps_memo(self) -> dict[int, tuple[str, ...]]:
+        return {}
 
 
 def node_selectors(name: str, tags: Iterable[str]) -> frozenset[str]:

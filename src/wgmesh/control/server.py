@@ -157,7 +157,8 @@ class ControlServer:
         self._kick: asyncio.Event | None = None
         self._stopping: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Future[None]] = set()
+        self._presence: dict[int, bool] = {}
+        self._presence_event: asyncio.Event | None = None
         self._stop = threading.Event()
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -179,6 +180,7 @@ class ControlServer:
         self._loop = loop
         self._kick = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._presence_event = asyncio.Event()
         self.store = await self._db(open_store, self.db, key_expiry_s=self.key_expiry_s)
         await self._db(self._bootstrap)
         self.world = World(self.store.ula_prefix)
@@ -191,7 +193,8 @@ class ControlServer:
         site = web.TCPSite(self._runner, self.host, self.port, backlog=4096)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self._tasks = [asyncio.create_task(self._syncer()), asyncio.create_task(self._ticker())]
+        self._tasks = [asyncio.create_task(c) for c in (self._syncer(), self._ticker(),
+                                                        self._presence_writer())]
         if isinstance(self.store, PostgresStore):
             store = self.store
             self._listener = threading.Thread(
@@ -204,8 +207,9 @@ class ControlServer:
         # Loops end on the flag: Python 3.11's wait_for can swallow a cancel.
         self._stop.set()
         self.kick()
-        if self._stopping is not None:
-            self._stopping.set()
+        for ev in (self._stopping, self._presence_event):
+            if ev is not None:
+                ev.set()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=5)
         if self._listener is not None:
@@ -456,7 +460,7 @@ class ControlServer:
             await resp.prepare(request)
             await resp.write(b"".join(lines))
             if first:
-                self._spawn(self._set_online(nid, True))
+                self._presence_changed(nid, True)
             sub = world.subs.get(nid)
             while sub is not None and not sub.closed and not sub.overflow:
                 with contextlib.suppress(TimeoutError):
@@ -474,18 +478,29 @@ class ControlServer:
             world.detach(nid, event.set)
             sub = world.subs.get(nid)
             if sub is not None and sub.streams == 0 and not self._stop.is_set():
-                self._spawn(self._set_online(nid, False))
+                self._presence_changed(nid, False)
         return resp
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _presence_changed(self, nid: int, online: bool) -> None:
+        """Queue an online/offline report; the presence writer commits them in batches."""
+        self._presence[nid] = online
+        if self._presence_event is not None:
+            self._presence_event.set()
 
-    async def _set_online(self, nid: int, online: bool) -> None:
-        assert self.store is not None
-        with contextlib.suppress(ControlError):
-            await self._db(self.store.update_node, nid, online=online, last_seen=time.time())
+    async def _presence_writer(self) -> None:
+        """One transaction per batch: a storm of 10,000 connects is a few commits, not 10,000."""
+        assert self.store is not None and self._presence_event is not None
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._presence_event.wait(), 1.0)
+            self._presence_event.clear()
+            if not self._presence or self._stop.is_set():
+                continue
+            batch, self._presence = self._presence, {}
+            try:
+                await self._db(self.store.set_presence, batch, time.time())
+            except Exception:
+                log.exception("presence update failed")
             self.kick()
 
     async def _update(self, request: web.Request) -> web.Response:

@@ -419,16 +419,14 @@ class Store(ABC):
         return self._node(row)
 
     def update_node(self, node_id: int, *, endpoints: Sequence[Endpoint] | None = None,
-                    home_relay: int | None = None, hostinfo: dict[str, Any] | None = None,
-                    online: bool | None = None, last_seen: float | None = None) -> NodeRecord:
+                    home_relay: int | None = None,
+                    hostinfo: dict[str, Any] | None = None) -> NodeRecord:
         """The node's own reports: no audit entry (they are not security events)."""
         sets, params = [], []
         for col, val in (("endpoints", None if endpoints is None else json.dumps(
                               [{"ip": e.ip, "port": e.port, "kind": e.kind} for e in endpoints])),
                          ("home_relay", home_relay),
-                         ("hostinfo", None if hostinfo is None else json.dumps(hostinfo)),
-                         ("online", None if online is None else int(online)),
-                         ("last_seen", last_seen)):
+                         ("hostinfo", None if hostinfo is None else json.dumps(hostinfo))):
             if val is not None:
                 sets.append(f"{col} = ?")
                 params.append(val)
@@ -440,6 +438,14 @@ class Store(ABC):
                     raise NotFound(f"no node {node_id}")
                 return rec
             return self._node_changed(tx, node_id)
+
+    def set_presence(self, online: dict[int, bool], now: float) -> None:
+        """Online/offline reports of many nodes in one transaction (deleted ones are skipped)."""
+        with self._tx() as tx:
+            for nid, on in online.items():
+                if tx.run("UPDATE nodes SET online = ?, last_seen = ? WHERE id = ?",
+                          int(on), now, nid) == 1:
+                    self._node_changed(tx, nid)
 
     def list_nodes(self) -> list[NodeRecord]:
         with self._read() as tx:

@@ -74,7 +74,7 @@ class Subscriber:
 
 class World:
     def __init__(self, ula_prefix: str, *, clock: Callable[[], float] = time.time,
-                 ring_entries: int = 128, ring_bytes: int = 512 * 1024,
+                 ring_entries: int = 128, ring_bytes: int = 256 * 1024,
                  out_limit: int = 16 * 1024 * 1024, grace_s: float = 120.0) -> None:
         self.ula_prefix = ula_prefix
         self.clock = clock
@@ -93,6 +93,7 @@ class World:
         self._expiries: list[tuple[float, int]] = []
         self._patch_cache: dict[tuple[int, frozenset[str]], tuple[int, str]] = {}
         self._peer_cache: dict[tuple[int, tuple[str, ...]], tuple[int, str]] = {}
+        self._cap_masks: dict[int, tuple[int, int]] = {}
         self.stats = {"lines": 0, "bytes": 0, "full_maps": 0, "resumes": 0}
 
     # ------------------------------------------------------------ loading
@@ -103,6 +104,7 @@ class World:
         self.nodes = {n.id: n for n in nodes}
         self.version = dict.fromkeys(self.nodes, seq)
         self.policy = parse_policy(json.loads(policy_text), policy_version)
+        self._cap_masks.clear()
         self.relay_map = relay_map
         now = self.clock()
         self.live = {i for i, n in self.nodes.items() if n.live(now)}
@@ -175,6 +177,7 @@ class World:
         is_live = new is not None and new.live(self.clock())
         heavy = (old is None or new is None or was_live != is_live
                  or any(getattr(old, f) != getattr(new, f) for f in _HEAVY))
+        self._cap_masks.pop(nid, None)
         if new is None:
             self.nodes.pop(nid, None)
             self.version.pop(nid, None)
@@ -246,6 +249,7 @@ class World:
     def _policy_changed(self, policy: Policy) -> None:
         old_caps = {r.caps and (r.src, r.dst_selectors, r.caps) for r in self.policy.rules}
         self.policy = policy
+        self._cap_masks.clear()
         caps_changed = old_caps != {r.caps and (r.src, r.dst_selectors, r.caps)
                                     for r in policy.rules}
         for nid in self.live:
@@ -306,11 +310,15 @@ class World:
             self._patch_cache[(pid, fields)] = hit
         return hit[1]
 
+    def _masks(self, nid: int) -> tuple[int, int]:
+        hit = self._cap_masks.get(nid)
+        if hit is None:
+            hit = self._cap_masks[nid] = self.policy.cap_masks(self._selectors(self.nodes[nid]))
+        return hit
+
     def _caps(self, pid: int, for_id: int) -> tuple[str, ...]:
-        if not any(r.caps for r in self.policy.rules):
-            return ()
-        return self.policy.caps(self._selectors(self.nodes[pid]),
-                                self._selectors(self.nodes[for_id]))
+        """What peer ``pid`` may do to node ``for_id``."""
+        return self.policy.caps_for(self._masks(pid)[0] & self._masks(for_id)[1])
 
     def filter_for(self, nid: int) -> tuple[nm.FilterRule, ...]:
         """Packet-filter rules compiled for node ``nid`` (it is the destination)."""
