@@ -94,7 +94,8 @@ def test_port_search_through_a_real_symmetric_nat(lab: Lab, tmp_path: Path) -> N
 def test_nat_reboot_with_a_new_port_recovers_within_ten_seconds(lab: Lab, tmp_path: Path
                                                                 ) -> None:
     """a's router forgets every mapping and maps a to another port from now on."""
-    a, b, ha, _hb = pair(lab, tmp_path, "eim", "eim", 30)
+    a, b, ha, _hb = pair(lab, tmp_path, "eim", "eim", 30, "--exit-after-direct", "1",
+                         "--directs", "2")
     deadline = time.monotonic() + 15
     while not any(e["event"] == "path" for e in events(b)):
         assert time.monotonic() < deadline, b.stdout + b.stderr[-2000:]
