@@ -20,13 +20,13 @@ def events(p: Process) -> list[dict]:
 
 
 def pair(lab: Lab, tmp: Path, kind_a: str, kind_b: str, duration: float,
-         *extra: str) -> tuple[Process, Process, Host, Host]:
+         *extra: str, hosts: list[Host] | None = None) -> tuple[Process, Process, Host, Host]:
     relay, stun2 = lab.add_public_host("relay"), lab.add_public_host("stun2")
     for i, h in enumerate((relay, stun2)):  # stun2: a second STUN server tells a hard NAT
         lab.python(h, "-m", "wgmesh", "relay", "serve", "--listen", f"{h.ip}:3340",
                    "--key-file", str(tmp / f"relay{i}.key")).wait_for_output(
             '"listening"', timeout=30)
-    hosts = [lab.add_node_host("a", kind_a), lab.add_node_host("b", kind_b)]
+    hosts = hosts or [lab.add_node_host("a", kind_a), lab.add_node_host("b", kind_b)]
     keys = []
     for name in ("a", "b"):
         node, dk = PrivateKey.generate(), PrivateKey.generate()
@@ -113,3 +113,13 @@ def test_nat_reboot_with_a_new_port_recovers_within_ten_seconds(lab: Lab, tmp_pa
         assert back <= 10.0, back
     moved = [e for e in events(b) if e["event"] == "path" and e["wall"] > t_flush][-1]
     assert moved["endpoint"][0] == ha.nat.ip and 50000 <= moved["endpoint"][1] <= 50100
+
+
+def test_same_lan_prefers_the_lan_path_over_a_hairpinned_one(lab: Lab, tmp_path: Path) -> None:
+    """Both the LAN and the router's hairpin work; the LAN address wins."""
+    router = lab.add_nat("home", "eim", hairpin=True)
+    hosts = [lab.add_host("a", router), lab.add_host("b", router)]
+    a, b, ha, hb = pair(lab, tmp_path, "", "", 10, "--exit-after-direct", "3", hosts=hosts)
+    fa, fb = finish(a), finish(b)
+    assert fa["path"] == "direct" and fb["path"] == "direct", (fa, fb)
+    assert fa["endpoint"][0] == hb.ip and fb["endpoint"][0] == ha.ip
