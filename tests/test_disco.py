@@ -190,3 +190,9 @@ def test_fuzz_authenticated_garbage_never_raises(body: bytes, mtype: int) -> Non
     wire = MAGIC + A.public.raw + nonce + box.encrypt(plain, nonce).ciphertext
     got = b.open(wire)
     assert got is None or got[0] == A.public
+
+
+def test_sender_of_reads_the_claimed_key_without_crypto() -> None:
+    a, _ = pair()
+    assert disco.sender_of(a.seal(B.public, Ping(disco.new_txid(), A.public))) == A.public
+    assert disco.sender_of(b"wgm") is None and disco.sender_of(bytes(100)) is None

@@ -294,6 +294,7 @@ def test_unknown_sender_is_dropped() -> None:
     a, b, _ka, _kb = nodes()
     wire = a.disco.seal(b.disco_public, disco.Ping(b"x" * 12, ME))
     assert b.on_udp(wire, PUB4, 0.1) == [] and b.counters["drop_unknown_sender"] == 1
+    assert not b.disco.counters  # dropped before any key agreement
 
 
 def test_local_candidate_change_tells_every_peer() -> None:

@@ -58,6 +58,7 @@ __all__ = [
     "Pong",
     "is_disco",
     "new_txid",
+    "sender_of",
 ]
 
 Addr = tuple[str, int]
@@ -98,6 +99,14 @@ def new_txid() -> bytes:
 def is_disco(data: bytes) -> bool:
     """Cheap demux test for a datagram on a port shared with WireGuard and STUN."""
     return len(data) >= HEADER_LEN + MAC_LEN + _PLAIN_HDR.size and data.startswith(MAGIC)
+
+
+def sender_of(data: bytes) -> Key | None:
+    """The claimed sender key, unauthenticated: lets a receiver drop strangers before
+    spending a key agreement on them."""
+    if not is_disco(data):
+        return None
+    return Key.from_raw(data[len(MAGIC):len(MAGIC) + KEY_LEN])
 
 
 @attrs.frozen

@@ -909,17 +909,23 @@ class Traversal:
         return out
 
     # ---- input --------------------------------------------------------------------
+    def _known(self, data: bytes) -> bool:
+        sender = disco.sender_of(data)
+        if sender is not None and sender not in self._by_disco:
+            self.counters["drop_unknown_sender"] += 1
+            return False
+        return True
+
     def on_udp(self, data: bytes, src: tuple[str, int], now: float, sock: int = 0
                ) -> list[Action]:
+        if not self._known(data):
+            return []
         opened = self.disco.open(data)
         if opened is None:
             return []
         sender, msg = opened
-        node = self._by_disco.get(sender)
-        peer = self.peers.get(node) if node else None
-        if peer is None:
-            self.counters["drop_unknown_sender"] += 1
-            return []
+        node = self._by_disco[sender]  # _known() checked the key the box was opened with
+        peer = self.peers[node]
         if isinstance(msg, disco.Ping):
             if msg.node_key != node:
                 self.counters["drop_node_key_mismatch"] += 1
@@ -931,6 +937,8 @@ class Traversal:
 
     def on_relay(self, src_node: Key, data: bytes, now: float) -> list[Action]:
         """Disco that came through the relay from ``src_node`` (the relay vouches for it)."""
+        if not self._known(data):
+            return []
         opened = self.disco.open(data)
         if opened is None:
             return []
