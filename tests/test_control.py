@@ -535,3 +535,40 @@ def test_relay_endpoint_lists_live_node_keys(server: ControlServer, authkey: str
     with pytest.raises(ControlAPIError) as e:
         ControlClient(server.url, api_key=ca.node_token).relay_nodes()
     assert e.value.status == 401
+
+
+def test_relay_map_from_file_and_admin_update_reach_streams(tmp_path: Path) -> None:
+    rm = {"regions": [{"region_id": 1, "code": "lab", "name": "Lab", "nodes": [
+        {"name": "r1", "url": "http://203.0.113.10:8443", "stun_port": 3478}]}]}
+    path = tmp_path / "relays.json"
+    path.write_text(json.dumps(rm))
+    with ControlServer(listen="127.0.0.1:0", state_dir=tmp_path, relay_map_file=path,
+                       keepalive_s=0.3) as srv:
+        admin = ControlClient(srv.url, api_key=srv.admin_key)
+        ca, _, _ = register(srv.url, admin.create_auth_key()["key"], "a")
+        f = Follower(ca)
+        try:
+            f.wait(lambda m: m.relay_map.region(1) is not None, "relay map from file")
+            assert f.map.relay_map.region(1).nodes[0].stun_address == ("203.0.113.10", 3478)
+            rm["regions"].append({"region_id": 2, "code": "two", "nodes": []})
+            admin.set_relay_map(rm)
+            f.wait(lambda m: m.relay_map.region(2) is not None, "relay map delta")
+        finally:
+            f.close()
+
+
+def test_a_newer_stream_of_the_same_node_replaces_the_older(server: ControlServer,
+                                                           authkey: str) -> None:
+    ca, _, _ = register(server.url, authkey, "a")
+    cb, _, b = register(server.url, authkey, "b")
+    old = Follower(ControlClient(server.url, node_token=ca.node_token))
+    old.wait(lambda m: b.id in m.peers, "old stream")
+    new = Follower(ControlClient(server.url, node_token=ca.node_token))
+    try:
+        new.wait(lambda m: b.id in m.peers, "new stream")
+        wait_until(lambda: not old.thread.is_alive(), what="old stream ends")
+        cb.update(home_relay=5)
+        new.wait(lambda m: m.peers[b.id].home_relay == 5, "delta on the new stream")
+        assert server.world.subs[1].streams == 1
+    finally:
+        new.close()

@@ -466,8 +466,8 @@ class ControlServer:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), self.keepalive_s)
                 event.clear()
-                if sub.closed or sub.overflow:
-                    break
+                if sub.closed or sub.overflow or sub.wake != event.set:
+                    break  # deleted, too slow, or replaced by a newer stream of this node
                 data = sub.take()
                 if not data:
                     data = nm.encode(nm.Keepalive(seq=sub.seq))

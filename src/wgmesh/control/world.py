@@ -420,7 +420,7 @@ class World:
         if sub is None:
             return
         sub.streams = max(0, sub.streams - 1)
-        if sub.wake is wake:
+        if sub.wake == wake:  # bound methods: equal, never identical
             sub.wake = None
             sub.out.clear()
             sub.out_bytes = 0
