@@ -90,7 +90,7 @@ class VMRunner:
             "#!/bin/sh\n"
             "modprobe wireguard; modprobe tun\n"
             f"cd {shlex.quote(root)}\n"
-            f"export WGMESH_IN_VM=1 WGMESH_VM_RESULTS={shlex.quote(str(results))}"
+            f"export WGMESH_IN_VM=1 WGMESH_TIME_SCALE=6 WGMESH_VM_RESULTS={shlex.quote(str(results))}"
             " PYTHONDONTWRITEBYTECODE=1 PATH="
             f"{shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
             f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -q -rA "

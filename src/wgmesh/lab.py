@@ -54,6 +54,7 @@ from wgmesh.errors import WgmeshError
 
 __all__ = [
     "NAT_KINDS",
+    "TIME_SCALE",
     "Host",
     "Lab",
     "LabError",
@@ -69,6 +70,9 @@ NAT_KINDS: tuple[NatKind, ...] = ("none", "eim", "symmetric", "udp-blocked")
 PREFIX_RE = re.compile(r"^wgm[0-9a-f]{6}$")
 NS_RE = re.compile(r"^(wgm[0-9a-f]{6})-")
 STATE_DIR = Path("/run/wgmesh/labs")
+
+#: Multiplies the lab's waits; the kernel-tier VM (TCG, ~10x slower Python) sets it.
+TIME_SCALE = float(os.environ.get("WGMESH_TIME_SCALE", "1") or 1)
 
 PUBLIC_NET = "203.0.113"
 ALT_NET = "192.0.2"
@@ -174,8 +178,10 @@ class Process:
         return self._read(self._err)
 
     def wait_for_output(self, needle: str, timeout: float = 10.0, stream: str = "stdout") -> str:
-        """Poll the output until ``needle`` appears; raise if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout
+        """Poll the output until ``needle`` appears; raise if the process dies or time runs out.
+
+        ``timeout`` is scaled by :data:`TIME_SCALE`."""
+        deadline = time.monotonic() + timeout * TIME_SCALE
         while True:
             text = self.stdout if stream == "stdout" else self.stderr
             if needle in text:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wgmesh.lab import Host, Lab, LabError, NatKind, Process
+from wgmesh.lab import TIME_SCALE, Host, Lab, LabError, NatKind, Process
 from wgmesh.localapi import call
 
 __all__ = ["MeshLab", "MeshNode"]
@@ -156,7 +156,7 @@ class MeshLab:
     def wait_connected(self, timeout: float = 60) -> None:
         """Every node sees every other node (policy permitting) in its netmap."""
         self.wait_up(timeout)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * TIME_SCALE
         names = set(self.nodes)
         while True:
             missing = {n.name: names - {n.name} - {p["name"] for p in n.status()["peers"]}
