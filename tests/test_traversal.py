@@ -214,6 +214,25 @@ def test_kernel_commit_waits_for_a_handshake_on_the_path() -> None:
     assert RelayIngress(PEER, False) in res and p.state is PathState.DIRECT
 
 
+def test_kernel_trusts_wireguard_traffic_that_stays_on_the_path() -> None:
+    p = make(TraversalConfig.kernel(active_timeout=None))
+    p.on_wg_stats(0.2, RELAY, 100.0, 1000, 1000)
+    answer(p, p.tick(0.5), PUB4, 0.51)
+    assert p.on_wg_stats(1.0, PUB4, 100.0, 1500, 1100) == []  # baseline, taken on the path
+    assert p.on_wg_stats(2.0, RELAY, 100.0, 1600, 1200)       # relayed: flipped, re-assert
+    assert p.state is PathState.PENDING
+    p.on_wg_stats(3.0, PUB4, 100.0, 1600, 1300)  # back on the path: a new baseline
+    assert p.state is PathState.PENDING
+    res = p.on_wg_stats(4.0, PUB4, 100.0, 1700, 1400)
+    assert RelayIngress(PEER, False) in res and p.state is PathState.DIRECT
+    assert any(isinstance(a, PathChanged) and a.reason == "wireguard-rx" for a in res)
+    q = make(TraversalConfig.kernel(active_timeout=None, confirm_by_rx=False))
+    answer(q, q.tick(0.5), PUB4, 0.51)
+    for t, rx in ((1.0, 10), (2.0, 20), (3.0, 30)):
+        q.on_wg_stats(t, PUB4, None, rx, rx)
+    assert q.state is PathState.PENDING  # strict: a handshake or nothing
+
+
 def test_kernel_without_handshake_rolls_back_and_marks_the_path_bad() -> None:
     p = make(TraversalConfig.kernel(active_timeout=None))
     answer(p, p.tick(0.5), PUB4, 0.51)

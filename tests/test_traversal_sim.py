@@ -137,6 +137,7 @@ class SimNode:
         self.refresh: list[float] = []
         self.wg: dict[Any, FakeWG] = {}
         self.cfg = cfg
+        self.can_force_handshake = True
 
     @property
     def internal(self) -> Addr:
@@ -164,7 +165,7 @@ class SimNode:
                 wg = self.wg.get(a.key)
                 if wg is not None and not wg.pinned:
                     wg.endpoint, wg.sock = a.endpoint, a.sock
-                    if a.handshake:
+                    if a.handshake and self.can_force_handshake:
                         wg.send("init")
             elif isinstance(a, RelayIngress):
                 self.ingress[a.key] = a.enabled
@@ -499,6 +500,20 @@ def test_kernel_direct_is_trusted_only_after_a_handshake() -> None:
     assert t is not None
     assert a.wg[b.key].endpoint == b.reflexive() and b.wg[a.key].endpoint == a.reflexive()
     assert a.ingress[b.key] is False
+
+
+def test_kernel_goes_direct_on_wireguard_traffic_when_no_handshake_can_be_forced() -> None:
+    sim = Sim()
+    a, b = sim.add("a", "eim", KERNEL), sim.add("b", "eim", KERNEL)
+    a.can_force_handshake = b.can_force_handshake = False
+    sim.connect(a, b, kernel=True)
+    for n in (a, b):  # an old session: the last handshake predates every commit
+        next(iter(n.wg.values())).last_handshake = -100.0
+    t = sim.run_until(both_direct(a, b), 6)
+    assert t is not None, a.t.peers[b.key].counters
+    assert any(e.reason == "wireguard-rx" for _, e in a.events)
+    sim.run(sim.now + 60)
+    assert both_direct(a, b)()
 
 
 def test_kernel_rolls_back_when_wireguard_is_blocked_but_disco_passes() -> None:

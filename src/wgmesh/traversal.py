@@ -27,7 +27,10 @@ Kernel WireGuard (``confirm_handshake=True``): disco can pass where WireGuard
 cannot, so a committed path is only *trusted* once the peer stats show a
 WireGuard handshake newer than the commit, with the endpoint still on the
 path (``SetEndpoint.handshake`` asks the driver to force one, e.g. by
-re-adding the peer with a keepalive). Without one within ``handshake_timeout``
+re-adding the peer with a keepalive), or (``confirm_by_rx``) received bytes
+growing between two samples that both show the endpoint on the path: WireGuard
+moves the endpoint to the source of every authenticated packet, so the last one
+came from the path. Without one within ``handshake_timeout``
 the path is marked bad until the next round and the peer returns to the relay.
 WireGuard roams to the source of the latest authenticated packet, so while
 the other side still sends via the relay our kernel endpoint flips back to the
@@ -136,6 +139,9 @@ class TraversalConfig:
     #: ``None``: always active. Otherwise heartbeats stop this long after the last traffic.
     active_timeout: float | None = 45.0
     confirm_handshake: bool = False
+    #: Also trust a pending path once WireGuard received packets while its endpoint
+    #: stayed on it across two stats samples (for drivers that cannot force a handshake).
+    confirm_by_rx: bool = True
     handshake_timeout: float = 5.0
     stop_relay_ingress: bool = True
     port_search: bool = True
@@ -431,6 +437,7 @@ class PeerPath:
         self._hs_baseline: float | None = None
         self._pending_deadline: float | None = None
         self._hs_elsewhere = False
+        self._rx_baseline: int | None = None
         self._last_reassert = float("-inf")
         self._ingress = True
         self._search: _Search | None = None
@@ -639,6 +646,7 @@ class PeerPath:
             self._pending_deadline = now + self.cfg.handshake_timeout
             self._hs_baseline = self._last_hs
             self._hs_elsewhere = False
+            self._rx_baseline = None
             return out
         return out + self._confirm(now, reason)
 
@@ -688,8 +696,18 @@ class PeerPath:
         if best is not None:
             fresh_hs = last_handshake is not None and (
                 self._hs_baseline is None or last_handshake > self._hs_baseline)
-            if self.state is PathState.PENDING and fresh_hs and ep == best.addr:
-                out += self._confirm(now, "handshake")
+            if ep != best.addr:
+                self._rx_baseline = None  # packets from elsewhere: start over
+            if self.state is PathState.PENDING and ep == best.addr:
+                if fresh_hs:
+                    out += self._confirm(now, "handshake")
+                elif self._rx_baseline is None or not self.cfg.confirm_by_rx:
+                    self._rx_baseline = rx_bytes
+                elif rx_bytes > self._rx_baseline:
+                    # Authenticated packets arrived and WireGuard still points at the
+                    # path: the last of them came from it (any other source would have
+                    # moved the endpoint). As good as a handshake, without forcing one.
+                    out += self._confirm(now, "wireguard-rx")
             elif ep is RELAY and now - self._last_reassert >= 1.0:
                 self._hs_elsewhere |= self.state is PathState.PENDING and fresh_hs
                 # WireGuard roamed back to the bridge (the peer still sends via the relay).
