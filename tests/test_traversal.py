@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wgmesh import disco
 from wgmesh.keys import PrivateKey
@@ -354,3 +356,60 @@ def test_candidates_lan_stun_and_hard_nat_guess() -> None:
     assert kinds[("2001:db8::4", 41641)] == "stun"  # the guess equals it: listed once
     assert c.update(hard_nat=False) is not None and len(c.endpoints) == 4
     assert ("198.51.100.4", 30001) in c.addrs
+
+
+# ---------------------------------------------------------------- invariants under fuzz
+
+_ADDRS = [PUB4, LAN4, PUB6, ("198.51.100.8", 41641), ("198.51.100.9", 1234)]
+_events = st.lists(st.one_of(
+    st.tuples(st.just("tick"), st.floats(0, 8)),
+    st.tuples(st.just("ping"), st.sampled_from(_ADDRS), st.integers(0, 2)),
+    st.tuples(st.just("pong"), st.sampled_from(_ADDRS), st.integers(0, 2), st.booleans()),
+    st.tuples(st.just("cmm"), st.lists(st.sampled_from(_ADDRS), max_size=4),
+              st.integers(0, 15)),
+    st.tuples(st.just("stats"), st.sampled_from([*_ADDRS, RELAY, None]),
+              st.one_of(st.none(), st.floats(0, 50)), st.integers(0, 10**6)),
+    st.tuples(st.just("netmap"), st.lists(st.sampled_from(_ADDRS), max_size=4)),
+), max_size=60)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@given(events=_events)
+@settings(max_examples=120, deadline=None)
+def test_fuzzed_event_sequences_keep_the_invariants(kernel: bool, events: list) -> None:
+    cfg = (TraversalConfig.kernel if kernel else TraversalConfig)(active_timeout=20.0)
+    p = PeerPath(PEER, LocalInfo(ME, (PUB4,), hard_nat=kernel), cfg, 0.0)
+    now = 0.0
+    ingress = True
+    sent: list = []
+    for ev in events:
+        kind = ev[0]
+        if kind == "tick":
+            now += ev[1]
+            out = p.tick(now)
+        elif kind == "ping":
+            out = p.on_ping(ev[1], ev[2], disco.new_txid(), now)
+        elif kind == "pong":
+            txids = [o.msg.txid for o in sent if isinstance(o, DiscoOut)
+                     and isinstance(o.msg, disco.Ping) and o.addr == ev[1] and o.sock == ev[2]]
+            txid = txids[-1] if txids and ev[3] else disco.new_txid()
+            out = p.on_pong(ev[1], ev[2], disco.Pong(txid, PUB4), now + 0.001)
+        elif kind == "cmm":
+            out = p.on_call_me_maybe(disco.CallMeMaybe(tuple(ev[1]), ev[2]), now)
+        elif kind == "stats":
+            out = p.on_wg_stats(now, ev[1], ev[2], ev[3], ev[3])
+        else:
+            out = p.set_endpoints(ev[1], now)
+        sent += out
+        for o in out:
+            if isinstance(o, RelayIngress):
+                assert o.enabled != ingress  # only real changes are announced
+                ingress = o.enabled
+        assert (p.state is PathState.RELAY) == (p.best is None)
+        assert kernel or p.state is not PathState.PENDING
+        assert ingress or p.state is not PathState.RELAY
+        assert len(p.candidates()) <= cfg.max_candidates
+        wake = p.next_wakeup()
+        if wake <= now:  # something is due: ticking it must move the timers on
+            p.tick(now)
+            assert p.next_wakeup() > now
