@@ -1,10 +1,11 @@
 """File drop: send files peer to peer, inside the WireGuard tunnel only.
 
 Each node runs a **peer API**, an HTTP server bound only to its tunnel
-addresses (and, given the interface, to the WireGuard device itself, so a
-packet that arrives on the underlay with a forged tunnel source is refused by
-the kernel: Linux otherwise accepts packets for any local address on any
-interface). Files never touch the control service or a relay in plaintext.
+addresses and, given the interface, to the WireGuard device itself: Linux
+accepts a packet for any local address on any interface, so without the
+device binding a neighbour on the underlay could route the tunnel address to
+us and connect around WireGuard. Files never touch the control service, and a
+relay only ever carries them as WireGuard ciphertext.
 
 Who is sending is decided by the receiver alone, from the source address of
 the TCP connection: WireGuard's cryptokey routing only admits a source address
@@ -24,7 +25,7 @@ receiver already holds, so an interrupted transfer resumes where it stopped;
 the receiver re-hashes what it kept and checks the whole file's SHA-256 before
 the file appears. Refusals: 400 bad name or request, 403 not a peer or not
 allowed, 409 offset ahead of the receiver, 413 over quota, 422 digest mismatch,
-507 disk full.
+500 the receiver could not write, 507 disk full.
 """
 
 from __future__ import annotations
@@ -204,11 +205,13 @@ class _Active:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    raise AssertionError
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
 
 
 def _listen_socket(addr: str, port: int, interface: str | None,
