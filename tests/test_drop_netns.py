@@ -173,6 +173,30 @@ def test_killed_sender_resumes(mesh: tuple[Lab, WgNode, WgNode], work: Path) -> 
         srv.close()
 
 
+def test_transfer_survives_a_nat_flush(mesh: tuple[Lab, WgNode, WgNode], work: Path) -> None:
+    """Bob's router forgets every mapping mid-transfer; the file still arrives intact."""
+    lab, a, b = mesh
+    srv = _node_server(a, b, work / "inbox")
+    try:
+        size = 100 * MiB
+        src = _random_file(work / "flushed.bin", size)
+        sender = lab.spawn(b.host, [sys.executable, "-m", "wgmesh.dropd", "file", "send",
+                                    "--port", str(srv.server.port), a.ip, str(src), "--json"])
+        partials = work / "inbox" / ".partial"
+        deadline = time.monotonic() + 60
+        while sum(p.stat().st_size for p in partials.iterdir()) < size // 3:
+            assert sender.poll() is None, f"sender finished before the flush: {sender.stdout}"
+            assert time.monotonic() < deadline, "transfer never got going"
+            time.sleep(0.01)
+        assert b.host.nat is not None
+        b.host.nat.flush()
+        assert sender.wait(120) == 0, sender.stderr
+        assert json.loads(sender.stdout)["sha256"] == _sha(src) == _sha(work / "inbox" /
+                                                                         "flushed.bin")
+    finally:
+        srv.close()
+
+
 def test_hostile_names_quota_and_policy(mesh: tuple[Lab, WgNode, WgNode], work: Path) -> None:
     """Refusals through the tunnel: clear errors, and nothing outside the inbox."""
     _, a, b = mesh
@@ -196,8 +220,8 @@ def test_hostile_names_quota_and_policy(mesh: tuple[Lab, WgNode, WgNode], work: 
             drop.send_file(a.ip, src, port=denied.server.port, netns=b.host.ns)
         assert e.value.status == 403
         assert _tree(work) == before
-        ok = drop.send_file(a.ip, _random_file(work / "three.bin", 3 * MiB), port=port,
-                            netns=b.host.ns)
+        ok = drop.send_file(f"[{a.ip6}]:{port}", _random_file(work / "three.bin", 3 * MiB),
+                            netns=b.host.ns)  # over IPv6 inside the tunnel, for a change
         assert ok.name == "three.bin"
         # The quota counts what the inbox already holds.
         with pytest.raises(drop.DropRefused, match="quota"):
