@@ -68,11 +68,12 @@ def main() -> int:
             for _ in range(a.rounds):
                 iperfs.append(_iperf(lab, bob, wa.ip, a.iperf_seconds))
                 c0 = _cpu_seconds(srv.pid)
-                w0 = sum(_cpu_seconds(n.process.pid) for n in (wa, wb))
+                wg_pids = [n.process.pid for n in (wa, wb) if n.process is not None]
+                w0 = sum(map(_cpu_seconds, wg_pids))
                 cp = lab.run(bob, [sys.executable, "-m", "wgmesh.dropd", "file", "send",
                                    wa.ip, str(src), "--json"], timeout=600)
                 recv_cpu += _cpu_seconds(srv.pid) - c0
-                wg_cpu += sum(_cpu_seconds(n.process.pid) for n in (wa, wb)) - w0
+                wg_cpu += sum(map(_cpu_seconds, wg_pids)) - w0
                 r = json.loads(cp.stdout)
                 drops.append(r["size"] / r["seconds"])
                 (inbox / r["name"]).unlink()

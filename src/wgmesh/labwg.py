@@ -1,4 +1,4 @@
-"""Static wireguard-go tunnels between lab hosts, configured with ``wg`` and ``ip``.
+"""Static WireGuard tunnels between lab hosts, configured with ``wg`` and ``ip``.
 
 Data-plane users (the file drop's peer API, benchmarks) need real WireGuard
 tunnels before the Node exists, and independently of its traversal logic. This
@@ -7,7 +7,8 @@ tunnel address, one peer per other host with exactly that peer's addresses as
 allowed IPs, so WireGuard's cryptokey routing is what ties a source address to
 a key. Hosts behind NAT dial the public ones and keep the mapping open; public
 hosts learn the NATed endpoint from the authenticated packets (WireGuard
-roaming), so NATed-to-public works without traversal.
+roaming), so NATed-to-public works without traversal. The device is
+wireguard-go, or the kernel module where it exists (the VM tier).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from typing import Literal
 
 import attrs
 
@@ -40,7 +42,7 @@ class WgNode:
     ip: str
     ip6: str
     key: PrivateKey = attrs.field(repr=False)
-    process: Process = attrs.field(repr=False)
+    process: Process | None = attrs.field(repr=False)  # wireguard-go; None for the kernel
 
     @property
     def public_key(self) -> Key:
@@ -62,18 +64,24 @@ def _wait_uapi(node_ifname: str, proc: Process, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def wg_mesh(lab: Lab, hosts: Sequence[Host], *, mtu: int = 1420) -> list[WgNode]:
-    """A full mesh of wireguard-go interfaces over ``hosts``; handshakes are confirmed.
+def wg_mesh(lab: Lab, hosts: Sequence[Host], *, mtu: int = 1420,
+            device: Literal["wireguard-go", "kernel"] = "wireguard-go") -> list[WgNode]:
+    """A full mesh of WireGuard interfaces over ``hosts``; handshakes are confirmed.
 
     Interface names carry the lab prefix because wireguard-go's UAPI sockets
     share one directory across namespaces. The processes belong to the lab and
-    die with it; deleting the namespace deletes the interfaces.
+    die with it; deleting the namespace deletes the interfaces. At most one
+    host may be behind NAT per pair: nothing here punches holes.
     """
     nodes: list[WgNode] = []
     for i, host in enumerate(hosts, start=1):
         ifname = f"{lab.prefix}{i}"
-        proc = lab.spawn(host, ["wireguard-go", "-f", ifname], env=_WG_GO_ENV)
-        _wait_uapi(ifname, proc)
+        proc = None
+        if device == "kernel":
+            lab.run(host, ["ip", "link", "add", ifname, "type", "wireguard"])
+        else:
+            proc = lab.spawn(host, ["wireguard-go", "-f", ifname], env=_WG_GO_ENV)
+            _wait_uapi(ifname, proc)
         node = WgNode(host, ifname, f"{TUNNEL_NET4}.{i}", f"{TUNNEL_NET6}{i:x}",
                       PrivateKey.generate(), proc)
         lab.run(host, ["wg", "set", ifname, "private-key", "/dev/stdin",
@@ -86,6 +94,8 @@ def wg_mesh(lab: Lab, hosts: Sequence[Host], *, mtu: int = 1420) -> list[WgNode]
         for b in nodes:
             if a is b:
                 continue
+            if not (a.host.public or b.host.public):
+                raise LabError(f"{a.host.name} and {b.host.name} are both behind NAT")
             argv = ["wg", "set", a.ifname, "peer", b.public_key.b64(),
                     "allowed-ips", f"{b.ip}/32,{b.ip6}/128"]
             if b.host.public:
