@@ -458,7 +458,8 @@ class ControlServer:
                                            "Cache-Control": "no-store"})
         try:
             await resp.prepare(request)
-            await resp.write(b"".join(lines))
+            for chunk in lines:
+                await resp.write(chunk)
             if first:
                 self._presence_changed(nid, True)
             sub = world.subs.get(nid)

@@ -24,7 +24,7 @@ import heapq
 import json
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -345,13 +345,30 @@ class World:
         return _J([nm.to_json(r) for r in self.filter_for(nid)])
 
     def full_map(self, nid: int) -> bytes:
+        return b"".join(self.full_map_chunks(nid))
+
+    def full_map_chunks(self, nid: int, chunk_peers: int = 128) -> Iterator[bytes]:
+        """The full map as a few bytes chunks, encoded lazily as the stream drains.
+
+        Only a chunk per connection is in memory at a time, so 10,000 nodes
+        connecting at once do not hold 10,000 full maps. Peers changed while the
+        map is being written are safe: deltas carry current state, so a later
+        delta re-sends whatever a chunk showed early.
+        """
         rec = self.nodes[nid]
-        peers = ",".join(self._peer_frag(p, self._caps(p, nid))
-                         for p in sorted(self.visible.get(nid, ())))
-        return (f'{{"type":"netmap","seq":{self.seq},"self":{_J(nm.to_json(rec.info()))},'
-                f'"peers":[{peers}],"relay_map":{_J(nm.to_json(self.relay_map))},'
-                f'"filter":{self._filter_json(nid)},"policy_version":{self.policy.version}}}\n'
-                ).encode()
+        yield (f'{{"type":"netmap","seq":{self.seq},"self":{_J(nm.to_json(rec.info()))},'
+               f'"relay_map":{_J(nm.to_json(self.relay_map))},'
+               f'"filter":{self._filter_json(nid)},"policy_version":{self.policy.version},'
+               '"peers":[').encode()
+        ids = sorted(self.visible.get(nid, ()))
+        sep = ""
+        for i in range(0, len(ids), chunk_peers):
+            frags = [self._peer_frag(p, self._caps(p, nid))
+                     for p in ids[i:i + chunk_peers] if p in self.nodes]
+            if frags:
+                yield (sep + ",".join(frags)).encode()
+                sep = ","
+        yield b"]}\n"
 
     def _delta(self, sub: Subscriber) -> bytes | None:
         nid = sub.node_id
@@ -388,8 +405,9 @@ class World:
         return f'{{"type":"delta","seq":{self.seq},{",".join(parts)}}}\n'.encode()
 
     # ------------------------------------------------------------ streams
-    def attach(self, nid: int, since: int | None, wake: Callable[[], None]) -> list[bytes]:
-        """A stream for ``nid`` opens: the lines it must be sent first."""
+    def attach(self, nid: int, since: int | None,
+               wake: Callable[[], None]) -> Iterable[bytes]:
+        """A stream for ``nid`` opens: the bytes it must be sent first (write them in order)."""
         if nid not in self.nodes:
             raise NotFound(f"no node {nid}")
         sub = self.subs.get(nid)
@@ -413,7 +431,7 @@ class World:
         sub.floor = sub.seq = self.seq
         sub.filter_sent = self._filter_json(nid)
         self.dirty.discard(nid)
-        return [self.full_map(nid)]
+        return self.full_map_chunks(nid)
 
     def detach(self, nid: int, wake: Callable[[], None]) -> None:
         sub = self.subs.get(nid)
