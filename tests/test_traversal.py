@@ -104,6 +104,15 @@ def test_lan_beats_a_faster_public_path_and_ipv6_gets_a_bonus() -> None:
     assert q.info().endpoint == PUB4  # 10.5 ms x 0.9 is better, but not by the hysteresis
 
 
+def test_an_advertised_path_beats_a_learnt_one_of_similar_latency() -> None:
+    router = ("10.1.0.1", 30000)  # b's pings hairpinned through the router arrive from here
+    p = make(endpoints=(LAN4,))
+    out = p.on_ping(router, 0, b"h" * 12, 0.1)
+    assert SetEndpoint(PEER, router, 0, False) in answer(p, out, router, 0.1011)
+    out = p.tick(0.5)
+    assert SetEndpoint(PEER, LAN4, 0, False) in answer(p, out, LAN4, 0.5012)
+
+
 def test_hysteresis_switches_only_for_a_clearly_better_path() -> None:
     other = ("198.51.100.8", 41641)
     p = make(endpoints=(PUB4, other))

@@ -136,6 +136,9 @@ class TraversalConfig:
     lan_factor: float = 0.5
     v6_factor: float = 0.9
     extra_socket_factor: float = 1.2
+    #: A path the peer never advertised (learnt from its pings, e.g. through a router's
+    #: hairpin) only wins when clearly faster than an advertised one.
+    learned_factor: float = 1.5
     #: ``None``: always active. Otherwise heartbeats stop this long after the last traffic.
     active_timeout: float | None = 45.0
     confirm_handshake: bool = False
@@ -469,6 +472,8 @@ class PeerPath:
             s *= self.cfg.v6_factor
         if c.sock:
             s *= self.cfg.extra_socket_factor
+        if not c.sources & {"netmap", "cmm"}:
+            s *= self.cfg.learned_factor
         return s
 
     def next_wakeup(self) -> float:
