@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from wgmesh.lab import NAT_KINDS, Lab, NatKind
+from wgmesh.lab import NAT_KINDS, TIME_SCALE, Lab, NatKind
 from wgmesh.meshlab import MeshLab, MeshNode
 from wgmesh.status import html_table, text_table
 
@@ -92,13 +92,15 @@ def measure_pair(mesh: MeshLab, index: int, ka: NatKind, kb: NatKind, *,
                  backend: str | None = None, direct_budget: float = 25.0,
                  recover_budget: float = 10.0, first_budget: float = 15.0) -> GridResult:
     backend = backend or mesh.backend
+    direct_budget, recover_budget, first_budget = (
+        b * TIME_SCALE for b in (direct_budget, recover_budget, first_budget))
     na, nb = f"g{index}a", f"g{index}b"
     a = mesh.add_node(na, ka, backend=backend)
     b = mesh.add_node(nb, kb, backend=backend)
     try:
         a.proc.wait_for_output("wgmesh up:", timeout=60)
         b.proc.wait_for_output("wgmesh up:", timeout=60)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 30 * TIME_SCALE
         while not (a.peer(nb) and b.peer(na)):
             if time.monotonic() > deadline:
                 return GridResult(ka, kb, backend, False, None, None, None, None)
