@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -74,6 +75,8 @@ class Streams:
         self.marker: bytes | None = None
         self.hits: dict[int, tuple[float, int]] = {}
         self.tasks: list[asyncio.Task[None]] = []
+        self.pending: set[int] = set()
+        self.done = asyncio.Event()
 
     async def open(self, session: aiohttp.ClientSession, parallel: int = 200) -> None:
         sem = asyncio.Semaphore(parallel)
@@ -111,6 +114,9 @@ class Streams:
             for line in lines:
                 if self.marker is not None and self.marker in line and i not in self.hits:
                     self.hits[i] = (now, len(line) + 1)
+                    self.pending.discard(i)
+                    if not self.pending:
+                        self.done.set()
 
     async def quiesce(self, session: aiohttp.ClientSession, admin_key: str,
                       idle_s: float = 1.0, timeout: float = 900) -> None:
@@ -132,15 +138,15 @@ class Streams:
                       recipients: set[int], port: int, timeout: float = 60) -> tuple[list[float],
                                                                                   list[int]]:
         self.hits.clear()
+        self.pending, self.done = set(recipients), asyncio.Event()
         self.marker = b'"port":%d,' % port
         t0 = time.monotonic()
         async with session.post(self.url + "/v1/node/update",
                                 headers={"Authorization": f"Bearer {changer_token}"},
                                 json={"endpoints": [f"198.51.100.1:{port}"]}) as r:
             assert r.status == 200, await r.text()
-        deadline = t0 + timeout
-        while not recipients <= set(self.hits) and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.done.wait(), timeout)
         got = [self.hits[i] for i in recipients if i in self.hits]
         if len(got) < len(recipients):
             print(f"warning: {len(recipients) - len(got)} recipients missed the change",
