@@ -49,7 +49,8 @@ class Port(Protocol):
               on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None: ...
     def send(self, data: bytes, addr: Addr) -> None: ...
     def use_relay(self, key: Key) -> None: ...
-    def use_direct(self, key: Key, addr: Addr) -> None: ...
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        """Point the peer at ``addr``; ``handshake``: make WireGuard handshake on it now."""
     def inject(self, key: Key, data: bytes) -> None: ...
     def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | Any | None:
         """The stats endpoint as traversal sees it: an address, or RELAY."""
@@ -80,8 +81,8 @@ class UserspacePort:
         self.backend.set_peer_relay(
             key, lambda data: loop.call_soon_threadsafe(out, key, bytes(data)))
 
-    def use_direct(self, key: Key, addr: Addr) -> None:
-        self.backend.set_endpoint(key, addr)
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        self.backend.set_endpoint(key, addr)  # the device handshakes as it needs to
 
     def inject(self, key: Key, data: bytes) -> None:
         self.backend.inject_from_relay(key, data)
@@ -121,8 +122,17 @@ class KernelPort:
     def use_relay(self, key: Key) -> None:
         self.bridge.use_relay(self.backend, key)
 
-    def use_direct(self, key: Key, addr: Addr) -> None:
-        self.bridge.use_direct(self.backend, key, addr)
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        # Not bridge.use_direct: relayed packets must keep flowing until traversal trusts
+        # the direct path (RelayIngress), which the data plane enforces.
+        if handshake and (pc := self.backend.peers().get(key)) is not None:
+            # A fresh peer entry has no session, and its persistent keepalive makes the
+            # kernel handshake at once, on the new endpoint: the proof traversal waits for.
+            others = [c for k, c in self.backend.peers().items() if k != key]
+            self.backend.set_peers(others)
+            self.backend.set_peers([*others, attrs.evolve(pc, endpoint=addr)])
+            return
+        self.backend.set_endpoint(key, addr)
 
     def inject(self, key: Key, data: bytes) -> None:
         self.bridge.deliver(key, data)
@@ -313,7 +323,7 @@ class DataPlane:
             elif a.sock and (s := self._extra.get(a.sock)) is not None:
                 self._route_via_socket(a.key, s, a.endpoint)  # type: ignore[arg-type]
             else:
-                self.port.use_direct(a.key, a.endpoint)  # type: ignore[arg-type]
+                self.port.use_direct(a.key, a.endpoint, a.handshake)  # type: ignore[arg-type]
         elif isinstance(a, traversal.RelayIngress):
             self._relay_ingress[a.key] = a.enabled
         elif isinstance(a, traversal.OpenPorts):
