@@ -37,6 +37,12 @@ def test_agents_go_direct_and_ping_through_the_tunnel(lab: Lab) -> None:
     assert peer["name"] == "a" and peer["last_handshake"] and peer["rx_bytes"] > 0
     sock = Path(a.socket)
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    # netcheck from the node's own WireGuard port, through the agent
+    nc = a.call("netcheck")
+    assert nc["udp"] and nc["ipv4"].startswith("198.51.100.") and nc["hard_nat"] is False
+    cp = subprocess.run([*WGMESH, "netcheck", "--socket", a.socket], capture_output=True,
+                        text=True, timeout=60, check=True)
+    assert "198.51.100." in cp.stdout
     mesh.close()
 
 

@@ -375,7 +375,7 @@ def _cmd(a: Any) -> int:
             raise WgmeshError(f"--relay-map {a.relay_map}: {e}") from e
         servers += servers_from_relay_map(relay_map)
     if not servers:
-        raise WgmeshError("no STUN servers: give --stun HOST[:PORT] or --relay-map FILE")
+        return _from_agent(a)
     sock = None
     if a.port:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -393,6 +393,30 @@ def _cmd(a: Any) -> int:
     return 0
 
 
+def _from_agent(a: Any) -> int:
+    """No servers given: ask the running node agent, which probes from its WireGuard port
+    against its netmap's relays (the mapping its WireGuard packets really get)."""
+    from wgmesh.errors import WgmeshError
+    from wgmesh.localapi import call
+
+    try:
+        d = call("netcheck", path=a.socket, timeout=a.timeout + 30)
+    except WgmeshError as e:
+        raise WgmeshError(f"{e}; or give --stun HOST[:PORT] / --relay-map FILE") from None
+    if a.json:
+        print(json.dumps(d))
+        return 0
+    report = NetcheckReport(
+        udp=d["udp"], ipv4=_parse_addr(d["ipv4"]) if d["ipv4"] else None,
+        ipv6=_parse_addr(d["ipv6"]) if d["ipv6"] else None,
+        mapping_varies_by_dest=d["mapping_varies_by_dest"], hairpin=d["hairpin"],
+        region_latency={int(k): v for k, v in d["region_latency"].items()},
+        preferred_region=d["preferred_region"], seen_by=d["seen_by"], nat_type=d["nat_type"],
+        local_addresses=tuple(d["local_addresses"]))
+    print(format_report(report))
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     """Register ``wgmesh netcheck`` (see :mod:`wgmesh.cli`)."""
     p = sub.add_parser("netcheck", help="report UDP, reflexive addresses, NAT hardness, "
@@ -406,4 +430,6 @@ def add_parser(sub: Any) -> None:
                         "server (e.g. coturn with two addresses)")
     p.add_argument("--port", type=int, default=0, help="probe from this local UDP port")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    p.add_argument("--socket", default="/run/wgmesh/wgmesh.sock",
+                   help="with no --stun/--relay-map: ask the node agent on this socket")
     p.set_defaults(func=_cmd)
