@@ -1,9 +1,9 @@
 """Throughput of the tunnel: wgmesh userspace <-> wgmesh vs wireguard-go <-> wireguard-go.
 
 Two lab hosts, the same implementation on both, configured with the stock ``wg``
-tool; iperf3 TCP and UDP through the tunnel. Prints ONE JSON line: Mbit/s and
-packets/s (counted on the receiver's tunnel interface) per implementation and
-protocol, and ``ratio`` = wgmesh TCP / wireguard-go TCP.
+tool; iperf3 TCP and UDP through the tunnel. Prints ONE JSON line: Mbit/s (what
+iperf3 received) and packets/s (entering the sender's tunnel) per implementation
+and protocol, and ``ratio`` = wgmesh TCP / wireguard-go TCP.
 
     sudo .venv/bin/python benchmarks/userspace_throughput.py [--seconds 5] [--rounds 3]
 
@@ -46,18 +46,21 @@ def start(lab: Lab, host: Host, ifname: str, impl: str, key: PrivateKey, addr: s
     lab.run(host, ["ip", "link", "set", ifname, "mtu", "1420", "up"])
 
 
-def rx_packets(lab: Lab, host: Host, ifname: str) -> int:
-    return int(lab.run(host, ["cat", f"/sys/class/net/{ifname}/statistics/rx_packets"]).stdout)
+def tx_packets(lab: Lab, host: Host, ifname: str) -> int:
+    """Packets the kernel handed to the sender's tunnel (one per IP packet: the receiving
+    side may merge TCP segments into one TUN write, so its rx count would undercount)."""
+    return int(lab.run(host, ["cat", f"/sys/class/net/{ifname}/statistics/tx_packets"]).stdout)
 
 
 def iperf(lab: Lab, client: Host, server: Host, ifname: str, dst: str, seconds: float,
           udp: bool) -> dict[str, float]:
+    """iperf3 from ``client`` to ``server``; ``ifname`` is the client's tunnel."""
     srv = lab.spawn(server, ["iperf3", "-s", "-1", "-B", dst])
     time.sleep(0.3)  # iperf3 has no readiness signal; the client retries below anyway
     argv = ["iperf3", "-c", dst, "-t", str(seconds), "-J"]
     if udp:
         argv += ["-u", "-b", "0", "-l", "1372"]  # 1372 + 28 = 1400 fits the 1420 tunnel MTU
-    before, t0 = rx_packets(lab, server, ifname), time.monotonic()
+    before, t0 = tx_packets(lab, client, ifname), time.monotonic()
     for _ in range(5):
         r = lab.run(client, argv, check=False, timeout=seconds + 30)
         if r.returncode == 0:
@@ -66,7 +69,7 @@ def iperf(lab: Lab, client: Host, server: Host, ifname: str, dst: str, seconds: 
     else:
         raise SystemExit(f"iperf3 failed: {r.stdout[-500:]} {r.stderr[-500:]}")
     elapsed = time.monotonic() - t0
-    pkts = rx_packets(lab, server, ifname) - before
+    pkts = tx_packets(lab, client, ifname) - before
     srv.stop()
     end = json.loads(r.stdout)["end"]
     summary = end["sum_received"]  # what arrived, not what the sender offered
@@ -89,8 +92,8 @@ def run_pair(impl: str, seconds: float) -> dict[str, dict[str, float]]:
                     "endpoint", f"{b.ip}:{PORT}"])
         lab.run(b, ["wg", "set", ib, "peer", ka.public.b64(), "allowed-ips", "10.90.0.1/32"])
         lab.run(a, ["ping", "-c", "2", "-W", "5", "10.90.0.2"])
-        return {"tcp": iperf(lab, a, b, ib, "10.90.0.2", seconds, udp=False),
-                "udp": iperf(lab, a, b, ib, "10.90.0.2", seconds, udp=True)}
+        return {"tcp": iperf(lab, a, b, ia, "10.90.0.2", seconds, udp=False),
+                "udp": iperf(lab, a, b, ia, "10.90.0.2", seconds, udp=True)}
 
 
 def best(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:

@@ -21,6 +21,7 @@ __all__ = ["Tun", "link_exists"]
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
 SIOCSIFTXQLEN = 0x8943
 TX_QUEUE_LEN = 4096
@@ -37,9 +38,15 @@ def link_exists(name: str) -> bool:
 
 
 class Tun:
-    """An open TUN interface. Closing the fd removes the (non-persistent) interface."""
+    """An open TUN interface. Closing the fd removes the (non-persistent) interface.
 
-    def __init__(self, name: str) -> None:
+    With ``vnet`` every read and write carries a virtio-net header, so writes may be
+    TCP super-packets that the kernel takes in one piece (see ``offload.py``). No
+    offloads are offered for reads: the kernel checksums in C, which measured
+    cheaper than TSO plus checksums in Python (benchmarks/README.md).
+    """
+
+    def __init__(self, name: str, vnet: bool = True) -> None:
         if not name or len(name) >= IFNAMSIZ or "/" in name:
             raise BackendError(f"bad interface name {name!r}")
         try:
@@ -47,12 +54,13 @@ class Tun:
         except OSError as e:
             raise BackendError(f"cannot open /dev/net/tun: {e.strerror} (modprobe tun?)") from e
         try:
-            ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
-            fcntl.ioctl(self.fd, TUNSETIFF, ifr)
+            flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet else 0)
+            fcntl.ioctl(self.fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         except OSError as e:
             os.close(self.fd)
             raise BackendError(f"TUNSETIFF {name}: {e.strerror}") from e
         self.name = name
+        self.vnet = vnet
         self._set_txqueuelen(TX_QUEUE_LEN)
 
     def _set_txqueuelen(self, qlen: int) -> None:

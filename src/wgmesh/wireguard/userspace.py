@@ -43,6 +43,7 @@ from wgmesh.wireguard.backend import (
 from wgmesh.wireguard.device import Destination, Device, RelaySource
 from wgmesh.wireguard.filter import PacketFilter
 from wgmesh.wireguard.noise import MSG_TRANSPORT, message_type
+from wgmesh.wireguard.offload import VNET_HDR_LEN, ZERO_HDR, Coalescer
 from wgmesh.wireguard.timers import Timing, timing_from_env
 from wgmesh.wireguard.tun import Tun
 from wgmesh.wireguard.uapi import DeviceSet, PeerStatus, UapiError, UapiServer, format_get
@@ -65,12 +66,15 @@ class UserspaceBackend:
 
     kind = "userspace"
 
-    def __init__(self, name: str, *, timing: Timing | None = None, uapi: bool = True) -> None:
+    def __init__(self, name: str, *, timing: Timing | None = None, uapi: bool = True,
+                 gro: bool = True) -> None:
         self.name = name
         self.device = Device(timing=timing or timing_from_env())
         self.on_other: Callable[[bytes, tuple[str, int]], object] | None = None
         self.device.on_other = self._other
         self._serve_uapi = uapi
+        # WGMESH_WG_OFFLOAD=0 turns TUN coalescing off (for comparison runs).
+        self._vnet = gro and os.environ.get("WGMESH_WG_OFFLOAD", "1") != "0"
         self._lock = threading.RLock()
         self._tun: Tun | None = None
         self._socks: dict[int, socket.socket] = {}  # family -> socket
@@ -90,11 +94,19 @@ class UserspaceBackend:
         self._omv = memoryview(bytearray(GSO_MAX_BYTES + (1 << 16) + 64))
         self._rmv = memoryview(bytearray(1 << 16))
         self._tmv = memoryview(bytearray(1 << 16))
+        self._hdrmv = memoryview(bytearray(VNET_HDR_LEN))
+        self._coalescer = Coalescer(self._write_tun)
+        self._tun_fd = -1
+        self._now = 0.0
+        self._b_used = self._b_count = self._b_seg = 0
+        self._b_dest: Destination | None = None
+        self._b_short = False
 
     # ---- life cycle ----------------------------------------------------------------
     def start(self) -> None:
         """Create the TUN interface, bind UDP, start the data thread and UAPI."""
-        self._tun = Tun(self.name)
+        self._tun = Tun(self.name, vnet=self._vnet)
+        self._tun_fd = self._tun.fd
         try:
             self._bind(0)
             self._thread = threading.Thread(target=self._run, name=f"wg-{self.name}",
@@ -344,12 +356,9 @@ class UserspaceBackend:
         udp, tun = self.device.drain()
         for data, dst in udp:
             self._send(data, dst)
-        fd = self._tun.fd if self._tun is not None else -1
+        vnet = self._tun is not None and self._tun.vnet
         for pkt in tun:
-            try:
-                os.write(fd, pkt)
-            except OSError:
-                self.io_errors += 1
+            self._write_tun(ZERO_HDR + pkt if vnet else pkt)
 
     def _send(self, data: bytes, dst: Destination) -> None:
         if callable(dst):
@@ -405,41 +414,50 @@ class UserspaceBackend:
     def _read_tun(self, fd: int, now: float) -> bool:
         """Drain TUN: encrypt each packet straight into a UDP GSO batch (one ``sendmsg``
         for up to 64 datagrams of one size to one destination). False: TUN is gone."""
-        seal = self.device.seal
-        inbuf, inmv, omv = self._inbuf, self._inmv, self._omv
-        used = seg = count = 0
-        dest: Destination | None = None
-        short = False  # a shorter datagram ends a GSO batch
+        inbuf, inmv = self._inbuf, self._inmv
+        iov = [self._hdrmv, inmv] if self._tun is not None and self._tun.vnet else [inmv]
+        skip = len(iov[0]) if len(iov) == 2 else 0
         alive = True
+        self._now = now
         for _ in range(BATCH):
             try:
-                n = os.readv(fd, [inmv])
+                n = os.readv(fd, iov) - skip  # the virtio-net header lands apart
             except BlockingIOError:
                 break
             except OSError as e:
                 alive = e.errno not in (errno.EBADFD, errno.EIO, errno.ENXIO)
                 break
-            r = seal(inbuf, n, omv[used:], now)
-            if r is None:
-                continue
-            length, d = r
-            if callable(d):
-                d(bytes(omv[used:used + length]))
-                continue
-            if count and (d != dest or length > seg or short or count >= GSO_MAX_SEGMENTS
-                          or used + length > GSO_MAX_BYTES):
-                self._send_batch(used, seg, count, dest)
-                omv[:length] = omv[used:used + length]
-                used = count = 0
-            if count == 0:
-                dest, seg, short = d, length, False
-            elif length < seg:
-                short = True
-            used += length
-            count += 1
-        if count:
-            self._send_batch(used, seg, count, dest)
+            if n > 0:
+                self._seal(inbuf, n)
+        self._end_batch()
         return alive
+
+    def _seal(self, buf: bytearray, n: int) -> None:
+        """Encrypt one packet into the pending GSO batch, sending the batch when it ends."""
+        omv, used = self._omv, self._b_used
+        r = self.device.seal(buf, n, omv[used:], self._now)
+        if r is None:
+            return
+        length, d = r
+        if callable(d):
+            d(bytes(omv[used:used + length]))
+            return
+        count = self._b_count
+        if count and (d != self._b_dest or length > self._b_seg or self._b_short
+                      or count >= GSO_MAX_SEGMENTS or used + length > GSO_MAX_BYTES):
+            self._send_batch(used, self._b_seg, count, self._b_dest)
+            omv[:length] = omv[used:used + length]
+            used = count = 0
+        if count == 0:
+            self._b_dest, self._b_seg, self._b_short = d, length, False
+        elif length < self._b_seg:
+            self._b_short = True  # GSO: only the last datagram may be shorter
+        self._b_used, self._b_count = used + length, count + 1
+
+    def _end_batch(self) -> None:
+        if self._b_count:
+            self._send_batch(self._b_used, self._b_seg, self._b_count, self._b_dest)
+        self._b_used = self._b_count = 0
 
     def _send_batch(self, used: int, seg: int, count: int, dest: Destination | None) -> None:
         assert isinstance(dest, tuple)
@@ -464,18 +482,21 @@ class UserspaceBackend:
         for off in range(0, used, seg):
             self._sendto(omv[off:min(off + seg, used)], dest)
 
+
     def _read_udp(self, sock: socket.socket, tun_fd: int, now: float) -> None:
-        """Drain one UDP socket; with UDP GRO one ``recvmsg`` brings many datagrams."""
+        """Drain one UDP socket; with UDP GRO one ``recvmsg`` brings many datagrams.
+        With the virtio-net header, in-order TCP segments merge into one TUN write."""
         dev = self.device
         rmv, tmv = self._rmv, self._tmv
+        coalescer = self._coalescer if self._tun is not None and self._tun.vnet else None
         for _ in range(BATCH):
             try:
                 nbytes, anc, _flags, addr = sock.recvmsg_into([rmv], _CMSG_SPACE)
             except BlockingIOError:
-                return
+                break
             except OSError:
                 self.io_errors += 1
-                return
+                break
             src = (addr[0], addr[1])
             seg = nbytes
             for level, kind, data in anc:
@@ -483,12 +504,22 @@ class UserspaceBackend:
                     seg = struct.unpack_from("=i", data)[0] or nbytes
             for off in range(0, nbytes, seg):
                 d = rmv[off:min(off + seg, nbytes)]
-                if message_type(d) == MSG_TRANSPORT:
-                    n = dev.open_transport(d, src, now, tmv)
-                    if n:
-                        try:
-                            os.write(tun_fd, tmv[:n])
-                        except OSError:
-                            self.io_errors += 1
-                else:
+                if message_type(d) != MSG_TRANSPORT:
                     dev.receive(d, src, now)
+                    continue
+                n = dev.open_transport(d, src, now, tmv)
+                if not n:
+                    continue
+                if coalescer is not None:
+                    coalescer.add(tmv, n)
+                else:
+                    self._write_tun(tmv[:n])
+        if coalescer is not None:
+            coalescer.flush()
+
+    def _write_tun(self, pkt: bytes | memoryview) -> None:
+        """One packet (with its virtio-net header when coalescing is on) to TUN."""
+        try:
+            os.write(self._tun_fd, pkt)
+        except OSError:
+            self.io_errors += 1
