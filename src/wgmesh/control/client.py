@@ -63,6 +63,7 @@ class ControlClient:
         self.node_token, self.api_key = node_token, api_key
         self.timeout_s, self.stream_timeout_s = timeout_s, stream_timeout_s
         self.session = requests.Session()
+        #: The last sequence number a stream delivered: ``stream(since=client.last_seq)`` resumes.
         self.last_seq: int | None = None
 
     def close(self) -> None:

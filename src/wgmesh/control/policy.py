@@ -38,7 +38,7 @@ import attrs
 from wgmesh.control.errors import BadRequest
 from wgmesh.netmap import CAPABILITIES, PROTOS
 
-__all__ = ["DEFAULT_POLICY", "Policy", "PolicyError", "Rule", "node_selectors", "parse_policy"]
+__all__ = ["DEFAULT_POLICY", "TAG_RE", "Policy", "PolicyError", "Rule", "node_selectors", "parse_policy"]
 
 #: A fresh network lets every node reach every other and send it files, so it works at once.
 DEFAULT_POLICY: dict[str, Any] = {
@@ -47,7 +47,7 @@ DEFAULT_POLICY: dict[str, Any] = {
 }
 
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_TAG_RE = re.compile(rf"^tag:{_LABEL}$")
+TAG_RE = re.compile(rf"^tag:{_LABEL}$")
 _GROUP_RE = re.compile(rf"^group:{_LABEL}$")
 _NODE_RE = re.compile(rf"^{_LABEL}$")
 _MAX_RULES = 10_000
@@ -177,7 +177,7 @@ def parse_policy(doc: Any, version: int = 0) -> Policy:
         err("tags", "must be a list of tag:NAME")
     else:
         for i, t in enumerate(tags):
-            if not isinstance(t, str) or not _TAG_RE.match(t):
+            if not isinstance(t, str) or not TAG_RE.match(t):
                 err(f"tags[{i}]", f"{t!r} is not tag:NAME (lowercase letters, digits, -)")
             else:
                 declared.add(t)

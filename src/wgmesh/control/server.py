@@ -38,6 +38,7 @@ from wgmesh import netmap as nm
 from wgmesh.control import credentials
 from wgmesh.control.audit import verify
 from wgmesh.control.errors import BadRequest, ControlError, Forbidden, TooLarge, Unauthorized
+from wgmesh.control.policy import TAG_RE
 from wgmesh.control.store import PostgresStore, Registration, Store, open_store
 from wgmesh.control.world import World
 from wgmesh.keys import Key, KeyFormatError, PrivateKey
@@ -115,7 +116,7 @@ def _key_field(d: dict[str, Any], name: str, optional: bool = False) -> Key | No
 def _tags(d: dict[str, Any]) -> list[str]:
     tags = _get(d, "tags", list, [], maxlen=_TAG_MAX)
     for t in tags:
-        if not isinstance(t, str) or not t.startswith("tag:") or not nm._NAME_RE.match(t[4:]):
+        if not isinstance(t, str) or not TAG_RE.match(t):
             raise BadRequest(f"tags: {t!r} is not tag:NAME")
     return tags
 
