@@ -303,3 +303,22 @@ def test_full_disk_refused_before_and_during(mesh: tuple[Lab, WgNode, WgNode],
             assert list(partials.iterdir()) == []
         finally:
             srv.close()
+
+
+def test_receive_moves_across_file_systems(work: Path) -> None:
+    """`file receive DIR` onto another file system: copied under a hidden name, then linked."""
+    from wgmesh.inbox import Inbox
+
+    inbox = Inbox(work / "inbox")
+    inbox.create()
+    data = os.urandom(MiB)
+    part = inbox.partial_path("k", "far.bin", len(data), hashlib.sha256(data).hexdigest())
+    part.write_bytes(data)
+    inbox.commit(part, "far.bin")
+    with _tmpfs("8m") as fs:
+        (fs / "far.bin").write_bytes(b"already here")
+        moved = inbox.move_to(fs)
+        assert [p.name for p in moved] == ["far (1).bin"]
+        assert moved[0].read_bytes() == data and sorted(os.listdir(fs)) == ["far (1).bin",
+                                                                             "far.bin"]
+    assert inbox.list() == []

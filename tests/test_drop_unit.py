@@ -379,3 +379,47 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert dropd.main(["file", "receive", "--state-dir", str(tmp_path), "--wait",
                        "--timeout", "0.05"]) == 1
     assert "no file arrived" in capsys.readouterr().err
+
+
+def test_whoami_names_the_tunnel_identity(serve: Callable[..., LoopServer]) -> None:
+    s = serve(authorize=lambda who: False)
+    c = drop._Connection("127.0.0.1", s.server.port, 10, None)
+    try:
+        status, body = drop._request(c, "GET", "/v1/whoami", {})
+    finally:
+        c.close()
+    assert (status, body) == (200, {"name": "bob", "key": BOB.node_key.b64(),
+                                    "may_send": False})
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopServer]:
+    s = LoopServer(tmp_path_factory.mktemp("fuzz") / "inbox", quota=1 << 20)
+    yield s
+    s.close()
+
+
+_QUERY_KEY = st.sampled_from(["name", "size", "sha256", "offset", "x"])
+
+
+@given(q=st.lists(st.tuples(_QUERY_KEY, st.text(max_size=40)), max_size=6),
+       body=st.binary(max_size=64), method=st.sampled_from(["PUT", "GET"]))
+@settings(max_examples=150, deadline=None)
+def test_live_server_fuzz(fuzz_server: LoopServer, q: list[tuple[str, str]], body: bytes,
+                          method: str) -> None:
+    """Arbitrary requests get a clear 4xx, never a 5xx, and leave nothing behind."""
+    from urllib.parse import urlencode
+
+    path = "/v1/files" if method == "PUT" else "/v1/offset"
+    c = drop._Connection("127.0.0.1", fuzz_server.server.port, 10, None)
+    try:
+        c.putrequest(method, f"{path}?{urlencode(q)}")
+        c.putheader("Content-Length", str(len(body)))
+        c.endheaders()
+        c.send(body)
+        status, resp = drop._response(c)
+    finally:
+        c.close()
+    inbox = fuzz_server.server.inbox
+    assert status in (200, 400, 409, 413, 422) and (status == 200 or resp["error"])
+    assert inbox.list() == [] and list(inbox.partial_dir.iterdir()) == []
