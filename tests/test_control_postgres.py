@@ -115,3 +115,16 @@ def test_addresses_and_audit_on_postgres(replicas: tuple[ControlServer, ControlS
     assert ControlClient(b.url, api_key=b.admin_key).audit_verify()["entries"] > len(entries)
     wait_until(lambda: b.world.seq == a.world.seq, what="replicas converge")
     assert b.world.live == a.world.live
+
+
+def test_store_reconnects_after_its_connection_is_killed(dsn: str) -> None:
+    import psycopg
+
+    store = PostgresStore(dsn)
+    pid = store.conn.info.backend_pid
+    with psycopg.connect(DSN, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(psycopg.OperationalError):
+        store.get_policy()  # the request in flight fails...
+    assert store.get_policy()[0] == 1  # ...the next one reconnects
+    store.close()

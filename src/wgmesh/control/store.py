@@ -748,15 +748,25 @@ class PostgresStore(Store):
     def _ddl_types(self) -> dict[str, str]:
         return {"pk": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION"}
 
+    def _connection(self) -> Any:
+        """The connection, re-opened if the database restarted or the link broke."""
+        if self.conn.closed or self.conn.broken:
+            import psycopg
+
+            self.conn = psycopg.connect(self.dsn, autocommit=True)
+        return self.conn
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Tx]:
-        with self.conn.transaction(), self.conn.cursor() as cur:
+        conn = self._connection()
+        with conn.transaction(), conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
             yield _PgTx(cur)
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[Tx]:
-        with self.conn.transaction(), self.conn.cursor() as cur:
+        conn = self._connection()
+        with conn.transaction(), conn.cursor() as cur:
             yield _PgTx(cur)
 
     def _notify(self, tx: Tx, seq: int) -> None:
