@@ -798,7 +798,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
     fs = f.add_subparsers(dest="file_cmd", required=True)
     s = fs.add_parser("send", help="send files to a peer through the tunnel")
     s.add_argument("peer", metavar="PEER", help="peer name or tunnel address")
-    s.add_argument("paths", metavar="PATH", nargs="+")
+    s.add_argument("paths", metavar="PATH", nargs="+", help="files to send")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help="the peer's peer API port")
     s.add_argument("--json", action="store_true", help="one JSON object per file")
     s.set_defaults(func=lambda a: cmd_send(a, resolve_peer))
