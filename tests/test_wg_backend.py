@@ -92,6 +92,7 @@ out["other"] = [data.decode(errors="replace"), addr[0], reply.decode(errors="rep
 enter(ns_a)
 out["wg_show"] = subprocess.run(["wg", "show", prefix + "a", "peers"], capture_output=True,
                                 text=True).stdout.strip() == kb.public.b64()
+out["counters"] = sorted(A.counters())
 rm = A.set_peers([])
 out["removed"] = len(rm.remove)
 qa.put(None); qb.put(None)
@@ -115,3 +116,4 @@ def test_backend_protocol_relay_and_shared_port_hooks(lab: Lab) -> None:
     assert out["diffs"] == [False, 1]
     assert out["other"] == ["\x00\x01hello-stun", b.ip, "pong:\x00\x01hello-stun"]
     assert out["wg_show"] and out["removed"] == 1 and out["down"]
+    assert "io_errors" in out["counters"]

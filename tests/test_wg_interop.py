@@ -325,3 +325,14 @@ def test_wg_quick_brings_up_wgmesh(lab: Lab, tmp_path: Path) -> None:
         finally:
             lab.run(qa, [*env, "wg-quick", "down", str(conf)], timeout=60)
         poll(lambda: not Path(f"/var/run/wireguard/{ifq}.sock").exists(), 10, "daemon exit")
+
+
+def test_ipv6_endpoint(lab: Lab, tmp_path: Path) -> None:
+    with two_sides(lab, tmp_path) as (a, b):
+        assert b.host.ip6 is not None
+        a.wg("set", a.ifname, "peer", b.key.public.b64(), "allowed-ips", f"{b.addr}/32",
+             "endpoint", f"[{b.host.ip6}]:{PORT}")
+        b.add_peer(a, endpoint=False)
+        a.ping(b)
+        b.ping(a)
+        assert b.endpoint() == f"[{a.host.ip6}]:{PORT}"

@@ -215,6 +215,12 @@ class UserspaceBackend:
             else:
                 self.device.packet_filter.set_rules(rules)
 
+    def counters(self) -> dict[str, int]:
+        """Dropped packets by reason (bad MAC, replay, unknown index, cookie replies sent,
+        ...), plus socket/TUN errors: hostile input shows up here, never as exceptions."""
+        with self._lock:
+            return {**self.device.drops, "io_errors": self.io_errors}
+
     # ---- hooks for NAT traversal and the relay -------------------------------------
     def _other(self, data: bytes, addr: tuple[str, int]) -> None:
         cb = self.on_other
