@@ -97,6 +97,13 @@ def bad_requests(e: dict[str, Any]) -> list[tuple[Any, ...]]:
         ("PUT", "/v1/admin/relay-map", a, {"relay_map": {"regions": [{
             "region_id": 1, "code": "x", "nodes": [{"name": "r", "url": "ftp://x"}]}]}}, 400),
         ("GET", "/v1/admin/audit?after=-1", a, None, 400),
+        ("GET", "/v1/admin/audit?limit=%C2%B2", a, None, 400),
+        ("GET", "/v1/admin/audit?after=99999999999999999999999", a, None, 400),
+        ("POST", "/v1/admin/nodes/%C2%B2/expire", a, None, 404),
+        ("POST", "/v1/admin/nodes/99999999999999999999999/expire", a, None, 404),
+        ("POST", "/v1/node/update", n, {"endpoints": ["1.2.3.4:\u00b2"]}, 400),
+        ("PUT", "/v1/admin/policy", a, {"policy": {"rules": [{"src": ["*"],
+                                                             "dst": ["*:\u00b2"]}]}}, 400),
         ("GET", "/v1/nope", None, None, 404),
         ("DELETE", "/v1/register", None, None, 405),
     ]
@@ -157,3 +164,21 @@ def test_server_survives_fuzzing(env: dict[str, Any]) -> None:
     assert requests.get(env["url"] + "/v1/health", timeout=5).json()["ok"]
     assert env["admin"].audit_verify()["ok"]
     assert [n["name"] for n in env["admin"].nodes()] == ["victim"]
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(since=st.integers(0, 2**50).map(str) | st.text(max_size=12)
+       | st.sampled_from(["²", "٣", "9" * 19]))
+def test_fuzz_stream_resume_sequence(env: dict[str, Any], since: str) -> None:
+    """Any ``since`` gets a 400 or a stream that starts with a map or deltas it can apply."""
+    from wgmesh import netmap as nm
+
+    with requests.get(env["url"] + "/v1/netmap", params={"since": since}, stream=True,
+                      timeout=10, headers={"Authorization": f"Bearer {env['node']}"}) as r:
+        if not (since.isascii() and since.isdigit() and len(since) <= 18):
+            assert r.status_code == 400 and r.json()["error"] == "bad_request"
+            return
+        assert r.status_code == 200
+        first = nm.decode(next(r.iter_lines()))
+        assert isinstance(first, nm.Netmap | nm.NetmapDelta | nm.Keepalive)

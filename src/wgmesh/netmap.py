@@ -504,7 +504,7 @@ def _int_val(v: Any, path: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
 
 
 def _int_of(text: str, ctx: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
         raise NetmapFormatError(f"endpoint {ctx!r}: bad port")
     return int(text)
 

@@ -144,13 +144,17 @@ def _merge_ports(ports: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...
     return tuple((lo, hi) for lo, hi in out)
 
 
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5
+
+
 def _ports(text: str) -> tuple[tuple[int, int], ...] | str:
     if text == "*":
         return ((0, 65535),)
     out = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
+        if not _digits(lo) or (hi and not _digits(hi)):
             return f"bad port {part!r} (use *, 22, 1000-2000 or a comma list)"
         a, b = int(lo), int(hi or lo)
         if not 0 <= a <= b <= 65535:

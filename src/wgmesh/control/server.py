@@ -121,6 +121,11 @@ def _tags(d: dict[str, Any]) -> list[str]:
     return tags
 
 
+def _is_uint(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts "²", which ``int`` refuses."""
+    return text.isascii() and text.isdigit() and len(text) <= 18  # fits an SQL BIGINT
+
+
 def _bearer(request: web.Request) -> str:
     h = request.headers.get("Authorization", "")
     if not h.startswith("Bearer "):
@@ -446,7 +451,7 @@ class ControlServer:
         assert self.world is not None and self.store is not None
         rec = await self._node(request)
         since_text = request.query.get("since")
-        if since_text is not None and not since_text.isdigit():
+        if since_text is not None and not _is_uint(since_text):
             raise BadRequest("since: must be a non-negative integer")
         since = int(since_text) if since_text is not None else None
         world, nid = self.world, rec.id
@@ -648,7 +653,7 @@ class ControlServer:
         assert self.store is not None
         q = request.query
         for k in ("after", "limit"):
-            if k in q and not q[k].isdigit():
+            if k in q and not _is_uint(q[k]):
                 raise BadRequest(f"{k}: must be a non-negative integer")
         after, limit = int(q.get("after", 0)), min(int(q.get("limit", 1000)), 10_000)
         store = self.store

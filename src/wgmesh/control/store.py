@@ -305,7 +305,8 @@ class Store(ABC):
                seq, ts, actor, action, target, text, prev, h)
 
     def _resolve(self, tx: Tx, ref: str) -> NodeRecord:
-        rec = (self._node_where(tx, "id = ?", int(ref)) if ref.isdigit()
+        numeric = ref.isascii() and ref.isdigit() and len(ref) < 19  # fits an INTEGER
+        rec = (self._node_where(tx, "id = ?", int(ref)) if numeric
                else self._node_where(tx, "name = ?", ref))
         if rec is None:
             raise NotFound(f"no node {ref!r}")
