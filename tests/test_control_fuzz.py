@@ -61,6 +61,8 @@ def bad_requests(e: dict[str, Any]) -> list[tuple[Any, ...]]:
         ("POST", "/v1/register", None, {"node_key": key, "disco_key": key, "hostname": "x",
                                         "challenge_id": "x", "proof": "!!"}, 400),
         ("POST", "/v1/register", None, b"{" + b" " * 70_000 + b"}", 413),
+        ("POST", "/v1/register", None, b"[" * 60_000, 400),
+        ("PUT", "/v1/admin/policy", a, b'{"policy":' + b"[" * 500_000, 400),
         ("GET", "/v1/netmap", None, None, 401),
         ("GET", "/v1/netmap", "wgn_0123456789abcdef_" + "x" * 43, None, 401),
         ("GET", "/v1/netmap?since=abc", n, None, 400),

@@ -182,6 +182,11 @@ def test_relay_node_stun_address_defaults_to_url_host() -> None:
     assert nm.RelayNode(name="r", url="https://x", stun_port=0).stun_address is None
 
 
+def test_decode_deep_nesting_is_a_format_error() -> None:
+    with pytest.raises(nm.NetmapFormatError):
+        nm.decode(b"[" * 100_000)
+
+
 def test_decode_errors_name_the_field() -> None:
     obj = nm.to_json(_map())
     obj["peers"][0]["node_key"] = "nope"

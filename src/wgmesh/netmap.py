@@ -433,7 +433,7 @@ def decode(line: bytes | str) -> Message:
     """Parse one wire line; :class:`NetmapFormatError` if it is not a valid message."""
     try:
         obj = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise NetmapFormatError(f"not JSON: {e}") from None
     return from_json(obj)
 

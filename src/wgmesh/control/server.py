@@ -81,7 +81,7 @@ async def _body(request: web.Request, limit: int) -> dict[str, Any]:
         raise TooLarge(f"body larger than {limit} bytes")
     try:
         obj = json.loads(raw or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("body is not valid JSON") from None
     if not isinstance(obj, dict):
         raise BadRequest("body must be a JSON object")
