@@ -15,7 +15,8 @@ pytestmark = pytest.mark.netns
 
 POLICY = {"groups": {}, "tags": ["tag:web"], "rules": [
     {"src": ["*"], "dst": ["tag:web:80"], "proto": "tcp"},
-    {"src": ["*"], "dst": ["*:*"], "proto": "icmp"}]}
+    {"src": ["*"], "dst": ["*:*"], "proto": "icmp"},
+    {"src": ["*"], "dst": ["tag:web:22"], "proto": "tcp", "caps": ["file-send"]}]}
 
 def test_acl_enforced_in_userspace_device(lab: Lab) -> None:
     mesh = MeshLab(lab, relays=1, policy=POLICY)
@@ -31,4 +32,9 @@ def test_acl_enforced_in_userspace_device(lab: Lab) -> None:
     assert connect(lab, a.host, web_ip, 80) == "hello"     # allowed: * -> tag:web:80
     assert connect(lab, a.host, web_ip, 81).startswith("refused")  # port not in the rule
     assert connect(lab, web.host, a_ip, 80).startswith("refused")  # nothing allows -> a
+    # file-send opens the peer API's port to its holders, whatever the port rules say
+    f = mesh.dir / "doc.txt"
+    f.write_text("through the filter")
+    a.call("file_send", {"peer": "web", "paths": [str(f)]}, timeout=60)
+    assert [x["name"] for x in web.call("file_list")] == ["doc.txt"]
     mesh.close()

@@ -11,7 +11,6 @@ import pytest
 
 from flows import SERVER, connect
 from polling import wait_for
-from wgmesh.drop import DEFAULT_PORT
 from wgmesh.lab import Lab
 from wgmesh.meshlab import MeshLab
 
@@ -21,7 +20,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 def test_kernel_nodes_direct_relay_filter_and_file(lab: Lab) -> None:
     policy = {"groups": {}, "tags": ["tag:web"], "rules": [
         {"src": ["*"], "dst": ["*:*"], "proto": "icmp"},
-        {"src": ["*"], "dst": [f"*:{DEFAULT_PORT}"], "proto": "tcp", "caps": ["file-send"]},
+        {"src": ["*"], "dst": ["*:22"], "proto": "tcp", "caps": ["file-send"]},
         {"src": ["*"], "dst": ["tag:web:80"], "proto": "tcp"}]}
     mesh = MeshLab(lab, relays=1, backend="kernel", policy=policy)
     a = mesh.add_node("a", "eim")

@@ -309,19 +309,34 @@ class AsyncNode:
     def _apply_filter(self, netmap: nm.Netmap) -> None:
         """Enforce the netmap's inbound rules: nftables on a kernel interface, the device's
         own connection-tracking filter in userspace. Only when the rules changed."""
-        if netmap.filter == self._filter_applied:
+        rules = (*netmap.filter, *self._drop_rules(netmap))
+        if rules == self._filter_applied:
             return
         try:
             if self.backend.kind == "kernel":
                 from wgmesh.wireguard.filter import install_nft
 
-                install_nft(self.ifname, netmap.filter)
+                install_nft(self.ifname, rules)
             else:
-                self.backend.set_filter(netmap.filter)
+                self.backend.set_filter(rules)
         except WgmeshError as e:
             log.error("installing the packet filter failed: %s", e)
             return
-        self._filter_applied = netmap.filter
+        self._filter_applied = rules
+
+    @staticmethod
+    def _drop_rules(netmap: nm.Netmap) -> tuple[nm.FilterRule, ...]:
+        """The file-send capability opens the peer API's port to the peers holding it, even
+        where the port rules would not."""
+        from wgmesh.drop import DEFAULT_PORT
+
+        senders = [a for p in netmap.peers.values() if nm.CAP_FILE_SEND in p.caps
+                   for a in (f"{p.ipv4}/32", f"{p.ipv6}/128")]
+        if not senders:
+            return ()
+        me = netmap.self_node
+        return (nm.FilterRule(src=tuple(senders), dst=(f"{me.ipv4}/32", f"{me.ipv6}/128"),
+                              ports=((DEFAULT_PORT, DEFAULT_PORT),), proto="tcp"),)
 
     # ---- endpoints -----------------------------------------------------------------
     async def _endpoint_loop(self) -> None:
