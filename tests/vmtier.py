@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class VMRunner:
         self.results: dict[str, dict[str, Any]] | None = None
         self.error: str | None = None
         self.summary: str | None = None
+        self._thread: threading.Thread | None = None
         _runners.append(self)
 
     def skip_reason(self) -> str | None:
@@ -91,7 +93,7 @@ class VMRunner:
             "modprobe wireguard; modprobe tun\n"
             f"cd {shlex.quote(root)}\n"
             f"export WGMESH_IN_VM=1 WGMESH_TIME_SCALE=6 WGMESH_VM_RESULTS={shlex.quote(str(results))}"
-            " PYTHONDONTWRITEBYTECODE=1 PATH="
+            " PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH="
             f"{shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
             f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -q -rA "
             f"{' '.join(shlex.quote(n) for n in self.nodeids)} > {shlex.quote(str(out))} 2>&1\n"
@@ -120,13 +122,29 @@ class VMRunner:
         for r in (self.results or {}).values():
             counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no results"
+        slow = sorted(((r.get("duration", 0), n) for n, r in (self.results or {}).items()),
+                      reverse=True)
         self.summary = (f"{os.path.basename(vmlinuz)} under virtme-ng, {len(self.nodeids)} "
-                        f"test(s), {time.monotonic() - started:.0f}s: {summary}")
+                        f"test(s), {time.monotonic() - started:.0f}s: {summary}\n"
+                        + "\n".join(f"  {d:6.1f}s {n}" for d, n in slow))
         shutil.rmtree(rw, ignore_errors=True)
 
-    def result(self, nodeid: str) -> dict[str, Any]:
-        if self.results is None and self.error is None:
+    def start_background(self) -> None:
+        """Boot the VM now, on a thread: the host tiers run while the kernel tier does."""
+        self._thread = threading.Thread(target=self._run_safely, name="wgmesh-vm", daemon=True)
+        self._thread.start()
+
+    def _run_safely(self) -> None:
+        try:
             self.run()
+        except Exception as e:  # reported by every kernel test, never lost
+            self.error = f"the VM runner crashed: {e!r}"
+
+    def result(self, nodeid: str) -> dict[str, Any]:
+        if self._thread is None:
+            self.start_background()
+        assert self._thread is not None
+        self._thread.join()
         if self.error is not None:
             raise VMTestFailed(self.error)
         assert self.results is not None
@@ -168,16 +186,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     runner = VMRunner(config, [i.nodeid for i in kernel_items])
     reason = runner.skip_reason()
-    for idx, item in enumerate(items):
-        if not item.get_closest_marker("kernel"):
-            continue
-        if reason:
+    if reason:
+        for item in kernel_items:
             item.add_marker(pytest.mark.skip(reason=reason))
-            continue
+        return
+    stand_ins = []
+    for item in kernel_items:
         stand_in = VMItem.from_parent(item.parent, name=item.name, runner=runner,
                                       target=item.nodeid)
         stand_in.own_markers.extend(item.own_markers)
-        items[idx] = stand_in
+        stand_ins.append(stand_in)
+    # The VM boots now and works while the host tiers run; its results are read last.
+    items[:] = [i for i in items if not i.get_closest_marker("kernel")] + stand_ins
+    runner.start_background()
 
 
 _vm_results: dict[str, dict[str, Any]] = {}
@@ -194,7 +215,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             text = report.longrepr[2]
         else:
             text = str(report.longrepr or "")
-        _vm_results[report.nodeid] = {"outcome": report.outcome, "longrepr": text[-6000:]}
+        _vm_results[report.nodeid] = {"outcome": report.outcome, "longrepr": text[-6000:],
+                                      "duration": round(report.duration, 1)}
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
