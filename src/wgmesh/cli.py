@@ -39,6 +39,12 @@ def _lab_check(a: argparse.Namespace) -> int:
 def _lab_grid(a: argparse.Namespace) -> int:
     from wgmesh.grid import run_grid
 
+    if a.backend == "kernel":
+        from wgmesh.wireguard.backend import kernel_wireguard_available
+
+        ok, why = kernel_wireguard_available()
+        if not ok:
+            raise WgmeshError(f"--backend kernel: {why}; run it in the VM (see README)")
     pairs = [tuple(p.split(":", 1)) for p in a.pairs] if a.pairs else None
     grid = run_grid(a.backend, pairs)  # type: ignore[arg-type]
     if a.json:
