@@ -7,6 +7,8 @@ import random
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wgmesh import netmap as nm
 from wgmesh.control import addressing, credentials
@@ -204,3 +206,57 @@ def test_backoff_grows_with_jitter_and_caps() -> None:
         assert ceiling / 2 <= d <= ceiling
     b.reset()
     assert b.next_delay() <= 1
+
+
+POLICIES = [
+    DEFAULT_POLICY,
+    PARTITIONED,
+    {"tags": ["tag:g0", "tag:g1", "tag:g2", "tag:hub"],
+     "groups": {"group:x": ["tag:g1", "n3"]},
+     "rules": [{"src": ["group:x"], "dst": ["tag:hub:22"], "proto": "tcp",
+                "caps": ["file-send"]},
+               {"src": ["tag:g0"], "dst": ["tag:g2:80-90"]}]},
+]
+TAGSETS = [(), ("tag:g0",), ("tag:g1",), ("tag:g2",), ("tag:hub",), ("tag:g0", "tag:hub")]
+node_ops = st.tuples(st.just("node"), st.integers(1, 7), st.sampled_from(TAGSETS),
+                     st.integers(0, 3), st.booleans(), st.integers(0, 2))
+ops = st.lists(st.one_of(
+    node_ops, node_ops, node_ops,
+    st.tuples(st.just("remove"), st.integers(1, 7)),
+    st.tuples(st.just("policy"), st.integers(0, len(POLICIES) - 1)),
+    st.tuples(st.just("relay"), st.integers(1, 3)),
+), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_world_incremental_views_match_a_full_rebuild(script: list[tuple]) -> None:
+    """After any change sequence, every stream's map (full map + deltas) equals a fresh one."""
+    w = World(ULA, clock=lambda: 1000.0)
+    w.load([], 1, json.dumps(DEFAULT_POLICY), nm.RelayMap(), 0)
+    views: dict[int, nm.Netmap] = {}
+    for seq, op in enumerate(script, 1):
+        if op[0] == "node":
+            _, nid, tags, relay, online, expiry = op
+            rec = _rec(nid, tags, home_relay=relay, online=online,
+                       key_expiry=(0.0, 5000.0, 10.0)[expiry],
+                       endpoints=((nm.Endpoint("192.0.2.1", 1000 + relay),) if relay else ()))
+            w.apply(Change(seq, "node", str(nid), json.dumps(rec.to_json())))
+        elif op[0] == "remove":
+            w.apply(Change(seq, "node_removed", str(op[1]), "{}"))
+            views.pop(op[1], None)
+        elif op[0] == "policy":
+            w.apply(Change(seq, "policy", str(seq), json.dumps(POLICIES[op[1]])))
+        else:
+            rm = {"regions": [{"region_id": op[1], "code": f"r{op[1]}", "nodes": []}]}
+            w.apply(Change(seq, "relay_map", "", json.dumps(rm)))
+        w.flush()
+        for nid in list(views):
+            for line in w.subs[nid].take().splitlines():
+                views[nid] = nm.apply(views[nid], nm.decode(line))
+        for nid in w.nodes:
+            if nid not in views:
+                views[nid] = nm.decode(b"".join(w.attach(nid, None, lambda: None)))
+        for nid, view in views.items():
+            fresh = nm.decode(w.full_map(nid))
+            assert attrs.evolve(view, seq=0) == attrs.evolve(fresh, seq=0), (nid, op)
