@@ -62,6 +62,11 @@ def _ts(t: float) -> str:
     return "never" if not t else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
 
 
+def _redact(db: str) -> str:
+    """A DSN without its password, for logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", db)
+
+
 def _serve(a: argparse.Namespace) -> int:
     import asyncio
 
@@ -80,7 +85,7 @@ def _serve(a: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, done.set)
         await srv.start()
-        print(f"wgmesh control: listening on {srv.url}, db {srv.db}, "
+        print(f"wgmesh control: listening on {srv.url}, db {_redact(srv.db)}, "
               f"admin key file {srv.api_key_file}", flush=True)
         try:
             await done.wait()
