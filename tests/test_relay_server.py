@@ -606,3 +606,21 @@ def test_relay_map_arrives_later_and_changes() -> None:
         await s2.close()
 
     run(main())
+
+
+def test_twins_with_one_key_back_off_instead_of_spinning() -> None:
+    async def main() -> None:
+        srv, url = await serving()
+        key = PrivateKey.generate()
+        twins = [RelayClient(key, [url], backoff_min=0.05, backoff_max=0.5) for _ in range(2)]
+        for t in twins:
+            await t.start()
+        t0 = time.monotonic()
+        await until(lambda: time.monotonic() - t0 > 2.0, timeout=5)
+        replaced = srv.drops["replaced"]
+        assert 1 <= replaced <= 25, replaced  # newest wins each time, but at a bounded rate
+        for t in twins:
+            await t.close()
+        await srv.close()
+
+    run(main())

@@ -160,6 +160,9 @@ class _RegionLink:
             self.conn = None
             if time.monotonic() - connected_at > 10:
                 backoff = c.backoff_min
+            else:  # a relay that keeps dropping us (or a twin with our key): don't spin
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, c.backoff_max)
 
     def set_home(self, home: bool) -> None:
         self.home = home

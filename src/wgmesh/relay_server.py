@@ -645,7 +645,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
     s.add_argument("--mesh-key-file", help="hex mesh key shared by the relays of this region")
     s.add_argument("--mesh-peer", nargs="+", action="extend", default=[], metavar="URL",
-                   help="other relays of this region, e.g. http://203.0.113.11:3340")
+                   help="the other relays of this region, e.g. http://203.0.113.11:3340"
+                        " (list every other one: each relay dials each)")
     s.add_argument("--mesh-ca", help="CA bundle to verify https mesh peers")
     s.add_argument("--control", metavar="URL",
                    help="control service: accept only the nodes it lists")
