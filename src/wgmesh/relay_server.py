@@ -118,6 +118,7 @@ class _Client(FrameStream):
         self.bucket = (_TokenBucket(server.rate_limit_bytes, server.rate_burst)
                        if server.rate_limit_bytes else None)
         self.interest: set[bytes] = set()  # peers this client sent to
+        self.told_not_here: dict[bytes, float] = {}  # absent peer -> when we last said so
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -453,7 +454,11 @@ class RelayServer:
                     counters["packets_mesh_out"] += 1
                     continue
                 self.drops["unknown_dest"] += 1
-                c.write_frame(frame_peer(FrameType.PEER_GONE, dst, GONE_NOT_HERE))
+                if now - c.told_not_here.get(dst, -1.0) >= 1.0:  # one notice a second
+                    if len(c.told_not_here) >= _MAX_INTEREST:
+                        c.told_not_here.clear()
+                    c.told_not_here[dst] = now
+                    c.write_frame(frame_peer(FrameType.PEER_GONE, dst, GONE_NOT_HERE))
             elif ftype == FrameType.KEEPALIVE:
                 pass
             elif ftype == FrameType.PING:
