@@ -8,7 +8,8 @@ two public hosts, and measures:
 * ``direct_mbps``: the same pump, same framing and Python costs at both ends,
   over a direct TCP connection between the two hosts (the reference);
   ``ratio`` = relay / direct; ``iperf3_direct_mbps`` is the kernel's own figure;
-* ``pairs100_mbps``: 100 concurrent source/sink client pairs through the relay;
+* ``pairs_mbps``: 100 concurrent source/sink client pairs through the relay;
+* ``relay_tls_mbps``: one pair through the same relay code serving TLS on 443;
 * ``rss_*``: the relay's resident memory empty, with 1,000 idle clients
   connected, and again after they idled for a while (flat = no growth).
 
@@ -22,6 +23,8 @@ import argparse
 import asyncio
 import json
 import resource
+import ssl
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,7 +43,11 @@ def _raise_nofile() -> None:
 
 
 # ---- roles (run inside lab hosts) ------------------------------------------------------
-async def relay_sink(url: str, n: int, quiet: float) -> None:
+def _ssl(ca: str | None) -> ssl.SSLContext | None:
+    return ssl.create_default_context(cafile=ca) if ca else None
+
+
+async def relay_sink(url: str, n: int, quiet: float, ca: str | None) -> None:
     from wgmesh.keys import PrivateKey
     from wgmesh.relay_conn import RelayConnection
 
@@ -55,7 +62,7 @@ async def relay_sink(url: str, n: int, quiet: float) -> None:
         stats["last"] = now
 
     keys = [PrivateKey.generate() for _ in range(n)]
-    conns = [await RelayConnection.open(url, k, on_recv=on_recv, queue_frames=4096)
+    conns = [await RelayConnection.open(url, k, on_recv=on_recv, queue_frames=4096, ssl=_ssl(ca))
              for k in keys]
     emit(ready=True, keys=[k.public.b64() for k in keys])
     while not stats["packets"] or time.monotonic() - stats["last"] < quiet:
@@ -67,12 +74,12 @@ async def relay_sink(url: str, n: int, quiet: float) -> None:
         c.close()
 
 
-async def relay_source(url: str, peers: list[str], seconds: float) -> None:
+async def relay_source(url: str, peers: list[str], seconds: float, ca: str | None) -> None:
     from wgmesh.keys import Key, PrivateKey
     from wgmesh.relay_conn import RelayConnection
 
-    conns = [await RelayConnection.open(url, PrivateKey.generate(), queue_frames=4096)
-             for _ in peers]
+    conns = [await RelayConnection.open(url, PrivateKey.generate(), queue_frames=4096,
+                                        ssl=_ssl(ca)) for _ in peers]
     dsts = [Key(p) for p in peers]
     packet = bytes(PACKET)
     sent = 0
@@ -149,12 +156,13 @@ def role(argv: list[str]) -> None:
     ap.add_argument("args", nargs="*")
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--ca")
     a = ap.parse_args(argv)
     _raise_nofile()
     if a.role == "relay-sink":
-        coro = relay_sink(a.args[0], a.n, 1.0)
+        coro = relay_sink(a.args[0], a.n, 1.0, a.ca)
     elif a.role == "relay-source":
-        coro = relay_source(a.args[0], a.args[1].split(","), a.seconds)
+        coro = relay_source(a.args[0], a.args[1].split(","), a.seconds, a.ca)
     elif a.role == "direct-sink":
         coro = direct_sink(a.args[0], 1.0)
     elif a.role == "direct-source":
@@ -208,11 +216,11 @@ def main() -> None:
         def last(p: object) -> dict[str, object]:
             return json.loads(p.stdout.strip().splitlines()[-1])  # type: ignore[attr-defined]
 
-        def pump(n: int) -> dict[str, object]:
-            sink = lab.python(dst, me, "relay-sink", url, "--n", str(n))
+        def pump(n: int, via: str = url, *tls: str) -> dict[str, object]:
+            sink = lab.python(dst, me, "relay-sink", via, "--n", str(n), *tls)
             keys = json.loads(sink.wait_for_output('"ready"', timeout=60).splitlines()[0])["keys"]
-            source = lab.python(src, me, "relay-source", url, ",".join(keys),
-                                "--seconds", str(a.seconds))
+            source = lab.python(src, me, "relay-source", via, ",".join(keys),
+                                "--seconds", str(a.seconds), *tls)
             deadline = time.monotonic() + a.seconds + 60
             while sink.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -235,6 +243,17 @@ def main() -> None:
                       if cp.returncode == 0 else None)
         pairs = pump(a.pairs)
         drops = metrics()["drops"]
+        # the same relay code behind TLS on 443 (a throwaway certificate for its address)
+        cert, key = f"/tmp/{lab.prefix}-relay.crt", f"/tmp/{lab.prefix}-relay.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=relay", "-days", "1",
+                        "-addext", f"subjectAltName=IP:{relay.ip}", "-keyout", key, "-out", cert],
+                       check=True, capture_output=True)
+        tls_srv = lab.python(relay, "-m", "wgmesh", "relay", "serve", "--listen",
+                             f"{relay.ip}:443", "--stun-port", "-1", "--tls-cert", cert,
+                             "--tls-key", key, "--key-file", f"/tmp/{lab.prefix}-relay.key")
+        tls_srv.wait_for_output('"listening"', timeout=30)
+        tls = pump(1, f"https://{relay.ip}", "--ca", cert)
 
 
     relay_mbps = float(relayed["mbps"])  # type: ignore[arg-type]
@@ -242,6 +261,7 @@ def main() -> None:
     emit(relay_mbps=round(relay_mbps, 1), direct_mbps=round(direct_mbps, 1),
          ratio=round(relay_mbps / direct_mbps, 3), relay_pps=round(float(relayed["pps"])),  # type: ignore[arg-type]
          iperf3_direct_mbps=iperf_mbps and round(iperf_mbps, 1),
+         relay_tls_mbps=round(float(tls["mbps"]), 1),  # type: ignore[arg-type]
          pairs=a.pairs, pairs_mbps=round(float(pairs["mbps"]), 1),  # type: ignore[arg-type]
          pairs_pps=round(float(pairs["pps"])),  # type: ignore[arg-type]
          packet_bytes=PACKET, seconds=a.seconds,
