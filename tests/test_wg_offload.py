@@ -59,6 +59,10 @@ def tcp_packet(v6: bool, payload: bytes, seq: int = 1000, flags: int = 0x18,
     return bytes(ip + tcp)
 
 
+def ihl_of(v6: bool) -> int:
+    return 40 if v6 else 20
+
+
 def valid(pkt: bytes) -> bool:
     v6 = pkt[0] >> 4 == 6
     ihl = 40 if v6 else 20
@@ -88,6 +92,13 @@ def test_coalesce_in_order_segments(v6: bool) -> None:
         c.add(memoryview(s), len(s))
     c.flush()
     assert len(written) == 2  # GRO does not merge a FIN, nor do we
+    c.add(memoryview(segs[0]), len(segs[0]))
+    psh = tcp_packet(v6, chunks[1], seq=1000 + seg, flags=0x18, options=ts)
+    c.add(memoryview(psh), len(psh))
+    c.add(memoryview(segs[2]), len(segs[2]))  # PSH ended the merge
+    c.flush()
+    assert len(written) == 4 and written[2][VNET_HDR_LEN + ihl_of(v6) + 13] == 0x18
+    del written[2:]
     ihl = 40 if v6 else 20
     hl = ihl + 32
     flags, gso_type, hdr_len, gso_size, cstart, coff = VNET_HDR.unpack_from(written[0])
@@ -112,12 +123,15 @@ def test_coalescer_keeps_flows_and_gaps_apart() -> None:
     other = tcp_packet(False, b"o" * 100, seq=1400, flags=0x10, src="10.0.0.9")
     udp = bytearray(a1)
     udp[9] = 17
-    for p in (a1, a2, gap, other, bytes(udp)):
+    frag1, frag2 = bytearray(a1), bytearray(a2)  # "more fragments" set: never merged
+    frag1[6] |= 0x20
+    frag2[6] |= 0x20
+    for p in (a1, a2, gap, other, bytes(udp), bytes(frag1), bytes(frag2)):
         c.add(memoryview(p), len(p))
     c.flush()
     kinds = [VNET_HDR.unpack_from(w)[1] for w in written]
-    assert kinds == [GSO_TCPV4, GSO_NONE, GSO_NONE, GSO_NONE]
-    assert written[1][10:] == gap and written[2][10:] == other and written[3][10:] == bytes(udp)
+    assert kinds == [GSO_TCPV4] + [GSO_NONE] * 5
+    assert [w[10:] for w in written[1:]] == [gap, other, bytes(udp), bytes(frag1), bytes(frag2)]
 
 
 @settings(max_examples=300, deadline=None)

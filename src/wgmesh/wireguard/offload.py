@@ -97,7 +97,8 @@ class Coalescer:
 
     def add(self, pkt: memoryview, n: int) -> None:
         offs = _tcp_offsets(pkt, n)
-        if offs is None or (not offs[0] and (pkt[0] & 15) != 5):
+        # IPv4 with options or any fragment (MF or an offset) is never merged.
+        if offs is None or (not offs[0] and ((pkt[0] & 15) != 5 or pkt[6] & 0x3F or pkt[7])):
             self.flush()
             self._emit_plain(pkt, n)
             return
@@ -110,7 +111,10 @@ class Coalescer:
             self._len += payload
             self._segs += 1
             self._next_seq = (self._next_seq + payload) & 0xFFFFFFFF
-            if payload < self._seg or flags & _PSH:
+            if flags & _PSH:
+                self._buf[VNET_HDR_LEN + ihl + 13] |= _PSH  # as GRO carries PSH over
+                self._closed = True
+            elif payload < self._seg:
                 self._closed = True
             return
         self.flush()
@@ -129,7 +133,9 @@ class Coalescer:
         # IPv4 also TOS, DF and TTL; IPv6 traffic class/flow label and hop limit.
         ip = bytes(pkt[0:4]) + bytes(pkt[7:8]) + bytes(pkt[8:40]) if v6 else \
             bytes(pkt[1:2]) + bytes(pkt[6:7]) + bytes(pkt[8:9]) + bytes(pkt[12:20])
-        return ip + bytes(pkt[ihl:ihl + 4]) + bytes(pkt[ihl + 8:ihl + 16]) + bytes(pkt[ihl + 20:h])
+        tcp = bytearray(pkt[ihl:ihl + 4]) + pkt[ihl + 8:ihl + 16] + pkt[ihl + 20:h]
+        tcp[9] &= ~_PSH & 0xFF  # a PSH segment may join (and then ends) a merge
+        return ip + bytes(tcp)
 
     def _can_merge(self, pkt: memoryview, v6: bool, ihl: int, h: int, flags: int,
                    payload: int) -> bool:
