@@ -450,3 +450,20 @@ def test_changing_private_key_restarts_sessions() -> None:
     assert p.b.peers == {}
     p.a.set_private_key(dh_generate())
     assert p.pa.current is None and not [k for k, v in p.a.index.items() if v[0] is p.pa]
+
+
+def test_message_count_limits() -> None:
+    from wgmesh.wireguard.timers import REJECT_AFTER_MESSAGES, REKEY_AFTER_MESSAGES
+    p = Pair()
+    p.a_to_b()
+    kp = p.pa.current
+    assert kp is not None
+    kp.send_counter = REKEY_AFTER_MESSAGES + 1
+    p.clock.now += T.rekey_timeout  # past the initiation rate limit
+    n = sent_types(p, "a").count(1)
+    p.a_to_b()  # still sent under the old key, and a rekey starts
+    assert sent_types(p, "a").count(1) == n + 1 and p.pa.current is not kp
+    old = p.pa.current
+    assert old is not None
+    old.send_counter = REJECT_AFTER_MESSAGES
+    assert p.a.valid_send_keypair(p.pa, p.now) is None  # never reuse a nonce past the limit

@@ -572,8 +572,8 @@ class Device:
         ds = [d for p in self.peers.values() for d in p.deadlines()]
         return min(ds) if ds else None
 
-    def tick(self, now: float) -> None:
-        """Fire every timer that is due (timers.c)."""
+    def tick(self, now: float) -> float | None:
+        """Fire every timer that is due (timers.c); returns the next deadline."""
         if now - self._last_gc >= 1.0:
             self._last_gc = now
             self.ratelimiter.gc(now)
@@ -602,6 +602,7 @@ class Device:
             if peer.t_persistent is not None and now >= peer.t_persistent:
                 peer.t_persistent = None
                 self._send_keepalive(peer, now)
+        return self.next_deadline()
 
     def drain(self) -> tuple[list[tuple[bytes, Destination]], list[bytes]]:
         """Take the pending outputs."""

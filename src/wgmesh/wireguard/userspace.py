@@ -51,6 +51,7 @@ from wgmesh.wireguard.uapi import DeviceSet, PeerStatus, UapiError, UapiServer, 
 __all__ = ["UserspaceBackend"]
 
 BATCH = 64
+TICK = 0.1  # seconds between timer passes at most
 SO_MARK = 36
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOCKET_BUFFER = 4 << 20
@@ -385,6 +386,7 @@ class UserspaceBackend:
         gen = -1
         poller = select.poll()
         fds: dict[int, socket.socket] = {}
+        due = 0.0
         poller.register(self._wake_r, select.POLLIN)
         poller.register(tun_fd, select.POLLIN)
         while not self._stopped.is_set():
@@ -397,10 +399,8 @@ class UserspaceBackend:
                     for fd in fds:
                         poller.register(fd, select.POLLIN)
                     gen = self._gen
-            deadline = dev.next_deadline()
             now = time.monotonic()
-            timeout = 1000 if deadline is None else max(0, min(1000, (deadline - now) * 1000 + 1))
-            events = poller.poll(timeout)
+            events = poller.poll(max(0.0, (due - now) * 1000 + 1))
             with self._lock:
                 now = time.monotonic()
                 for fd, ev in events:
@@ -413,8 +413,12 @@ class UserspaceBackend:
                             os.read(fd, 4096)
                     elif fd in fds and gen == self._gen:
                         self._read_udp(fds[fd], tun_fd, now)
-                if deadline is not None and now >= deadline:
-                    dev.tick(now)
+                if now >= due:
+                    # Timers armed since the last tick are never sooner than REKEY_TIMEOUT,
+                    # so ticking at least every TICK keeps them on time without walking
+                    # every peer on every wake-up.
+                    nxt = dev.tick(now)
+                    due = now + TICK if nxt is None else min(nxt, now + TICK)
                 self._flush()
 
     def _read_tun(self, fd: int, now: float) -> bool:
