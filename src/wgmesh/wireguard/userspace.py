@@ -1,10 +1,13 @@
 """The ``userspace`` backend: the sans-I/O :class:`Device` driven over TUN and UDP.
 
 One thread owns the data path. It ``poll``s the TUN fd and the UDP sockets and
-drains each in batches with non-blocking ``recvfrom_into``/``readv`` into one
-reused buffer: on this machine that is several times faster than asyncio
-datagram endpoints. Configuration (the :class:`Backend` API, or the stock ``wg``
-tool over the UAPI socket) takes the same lock for a moment.
+drains each in batches with non-blocking ``readv``/``recvmsg_into`` into buffers
+allocated once: on this machine that is several times faster than asyncio
+datagram endpoints. Sends use UDP GSO (one ``sendmsg`` per burst to a peer),
+receives UDP GRO, and TCP segments are merged before the TUN write
+(:mod:`wgmesh.wireguard.offload`); ``benchmarks/README.md`` has the figures.
+Configuration (the :class:`Backend` API, or the stock ``wg`` tool over the UAPI
+socket) takes the same lock for a moment. ``counters()`` reports every drop.
 
 Hooks for the relay and NAT traversal, all safe to call from any thread:
 
