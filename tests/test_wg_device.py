@@ -467,3 +467,35 @@ def test_message_count_limits() -> None:
     assert old is not None
     old.send_counter = REJECT_AFTER_MESSAGES
     assert p.a.valid_send_keypair(p.pa, p.now) is None  # never reuse a nonce past the limit
+
+
+def test_allowed_ips_scale_and_reassignment() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    t: AllowedIPs[int] = AllowedIPs()
+    for i in range(2000):
+        t.insert(f"10.{i >> 8}.{i & 255}.0/24", i)
+        t.insert(f"fd00::{i:x}/128", i)
+    assert t.lookup("10.3.7.9") == 3 * 256 + 7 and t.lookup("fd00::7cf") == 0x7CF
+    t.remove_value(5)
+    assert t.lookup("10.0.5.1") is None and t.networks(5) == []
+    assert [str(n) for n in t.networks(6)] == ["10.0.6.0/24", "fd00::6/128"]
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 32), st.integers(0, 3)),
+                    max_size=40), st.integers(0, 2**32 - 1))
+    def matches_model(ops: list[tuple[int, int, int]], probe: int) -> None:
+        table: AllowedIPs[int] = AllowedIPs()
+        model: dict[ipaddress.IPv4Network, int] = {}
+        for b, plen, owner in ops:
+            net = ipaddress.IPv4Network((b << 24, plen), strict=False)
+            table.insert(net, owner)
+            model[net] = owner
+        addr = ipaddress.IPv4Address(probe)
+        best = max((n for n in model if addr in n), key=lambda n: n.prefixlen, default=None)
+        assert table.lookup(addr) == (model[best] if best is not None else None)
+        for owner in range(4):
+            assert set(table.networks(owner)) == {n for n, o in model.items() if o == owner}
+
+    matches_model()

@@ -2,7 +2,9 @@
 
 One dict per prefix length, probed from the longest length present down. Real
 configurations use few distinct lengths (/32, /24, /128, /0 ...), so a lookup is a
-handful of dict probes on an int taken straight from the packet header.
+handful of dict probes on an int taken straight from the packet header. Each value
+also knows its own entries, so listing or removing one peer's networks costs
+that peer's entries, not the table's.
 """
 
 from __future__ import annotations
@@ -18,25 +20,30 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class _Family(Generic[T]):
-    __slots__ = ("bits", "lengths", "tables")
+    __slots__ = ("bits", "lengths", "owned", "tables")
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
         self.tables: dict[int, dict[int, T]] = {}
         self.lengths: list[int] = []  # descending
+        self.owned: dict[T, set[tuple[int, int]]] = {}  # value -> its (prefix length, key)
 
     def insert(self, addr: int, plen: int, value: T) -> None:
         t = self.tables.get(plen)
         if t is None:
             t = self.tables[plen] = {}
             self.lengths = sorted(self.tables, reverse=True)
-        t[addr >> (self.bits - plen)] = value
+        key = addr >> (self.bits - plen)
+        prev = t.get(key)
+        if prev is not None:
+            self.owned[prev].discard((plen, key))
+        t[key] = value
+        self.owned.setdefault(value, set()).add((plen, key))
 
     def remove_where(self, value: T) -> None:
-        for plen in list(self.tables):
+        for plen, key in self.owned.pop(value, ()):
             t = self.tables[plen]
-            for k in [k for k, v in t.items() if v is value]:
-                del t[k]
+            del t[key]
             if not t:
                 del self.tables[plen]
         self.lengths = sorted(self.tables, reverse=True)
@@ -50,8 +57,7 @@ class _Family(Generic[T]):
         return None
 
     def entries(self, value: T) -> list[tuple[int, int]]:
-        return [(k << (self.bits - plen) if plen else 0, plen)
-                for plen, t in self.tables.items() for k, v in t.items() if v is value]
+        return [(key << (self.bits - plen), plen) for plen, key in self.owned.get(value, ())]
 
 
 class AllowedIPs(Generic[T]):

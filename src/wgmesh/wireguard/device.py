@@ -240,6 +240,10 @@ class Device:
         else:
             self._receive_response(msg, src, now)
 
+    def _static_static(self, public: bytes) -> bytes | None:
+        peer = self.peers.get(public)
+        return peer.handshake.static_static if peer is not None and peer.handshake else None
+
     def _reply_destination(self, src: tuple[str, int] | RelaySource) -> Destination:
         if isinstance(src, RelaySource):
             peer = self.peers.get(src.key)
@@ -250,8 +254,7 @@ class Device:
     def _receive_initiation(self, msg: bytes, src: tuple[str, int] | RelaySource,
                             now: float) -> None:
         assert self.local is not None
-        ss = {p.public: p.handshake.static_static for p in self.peers.values() if p.handshake}
-        r = consume_initiation(self.local, msg, ss)
+        r = consume_initiation(self.local, msg, self._static_static)
         if r is None:
             self.drops["bad_handshake"] += 1
             return

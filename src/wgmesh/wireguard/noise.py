@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac as _hmac
 import os
 import struct
+from collections.abc import Callable
 
 import attrs
 
@@ -188,11 +189,13 @@ class InitiationResult:
 
 
 def consume_initiation(local: LocalIdentity, msg: bytes,
-                       static_static: dict[bytes, bytes] | None = None) -> InitiationResult | None:
+                       static_static: Callable[[bytes], bytes | None] | None = None,
+                       ) -> InitiationResult | None:
     """Decrypt message 1 addressed to ``local``; None if it is not authentic.
 
-    ``static_static`` caches DH(our static, their static) per known peer, saving one
-    X25519 per handshake; unknown senders fall back to computing it.
+    ``static_static(their_static)`` returns the cached DH(our static, their static)
+    of a known peer, saving one X25519 per handshake; unknown senders fall back to
+    computing it.
     """
     (sender,) = struct.unpack_from("<I", msg, 4)
     e_i = bytes(msg[8:40])
@@ -203,7 +206,7 @@ def consume_initiation(local: LocalIdentity, msg: bytes,
         enc_static = bytes(msg[40:88])
         s_i = c.aead_decrypt(k, 0, enc_static, h)
         h = c.hash_(h, enc_static)
-        ss = (static_static or {}).get(s_i) or c.dh(local.private, s_i)
+        ss = (static_static(s_i) if static_static else None) or c.dh(local.private, s_i)
         ck, k = c.kdf(ck, ss, 2)
         enc_ts = bytes(msg[88:116])
         ts = c.aead_decrypt(k, 0, enc_ts, h)
