@@ -89,11 +89,15 @@ def _ping_ok(node: MeshNode, peer: str, timeout: float = 1.0) -> dict[str, Any] 
 
 
 def measure_pair(mesh: MeshLab, index: int, ka: NatKind, kb: NatKind, *,
-                 backend: str | None = None, direct_budget: float = 25.0,
-                 recover_budget: float = 10.0, first_budget: float = 15.0) -> GridResult:
+                 backend: str | None = None, direct_budget: float | None = None,
+                 recover_budget: float = 10.0, first_budget: float | None = None
+                 ) -> GridResult:
+    """One pair. Budgets in seconds; ``None``: the defaults (25 s to direct, 15 s to the
+    first packet) stretched by :data:`~wgmesh.lab.TIME_SCALE` for slow (emulated) hosts.
+    The flush-recovery budget is the target itself and is not stretched."""
     backend = backend or mesh.backend
-    direct_budget, recover_budget, first_budget = (
-        b * TIME_SCALE for b in (direct_budget, recover_budget, first_budget))
+    direct_budget = 25.0 * TIME_SCALE if direct_budget is None else direct_budget
+    first_budget = 15.0 * TIME_SCALE if first_budget is None else first_budget
     na, nb = f"g{index}a", f"g{index}b"
     a = mesh.add_node(na, ka, backend=backend)
     b = mesh.add_node(nb, kb, backend=backend)
