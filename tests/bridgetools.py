@@ -48,8 +48,8 @@ class BridgePair:
             return ta, tb
 
         self.ta, self.tb = self.call(setup())
-        self.a = RelayBridge(self.loop, self.ta, port_a, netns=ns_a)
-        self.b = RelayBridge(self.loop, self.tb, port_b, netns=ns_b)
+        self.a = RelayBridge(self.loop, self.ta.send, port_a, netns=ns_a)
+        self.b = RelayBridge(self.loop, self.tb.send, port_b, netns=ns_b)
 
     def call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)

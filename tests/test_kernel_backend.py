@@ -34,6 +34,10 @@ def test_kernel_backend_lifecycle(lab: Lab, caplog: pytest.LogCaptureFixture) ->
     from wgmesh.wireguard.kernel import KernelBackend
 
     caplog.set_level(logging.DEBUG)
+    seen: list[str] = []  # everything any logger emits, pyroute2's DEBUG dumps included
+    tap = logging.Handler(logging.DEBUG)
+    tap.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger().addHandler(tap)
     a, b = lab.add_public_host("a"), lab.add_public_host("b")
     ka, kb = PrivateKey.generate(), PrivateKey.generate()
     wa, wb = KernelBackend("wg0", netns=a.ns), KernelBackend("wg0", netns=b.ns)
@@ -101,9 +105,11 @@ def test_kernel_backend_lifecycle(lab: Lab, caplog: pytest.LogCaptureFixture) ->
         lab.run(a, ["ping", "-c", "1", "-W", "5", "100.64.0.2"])
 
         secret = (ka.b64(), kb.b64())
-        for text in (repr(wa), repr(wa.info()), repr(wa.stats()), caplog.text):
-            assert not any(s in text for s in secret)
+        assert any("WGDEVICE_A_PRIVATE_KEY" in m for m in seen)  # dumps were logged ...
+        for text in (repr(wa), repr(wa.info()), repr(wa.stats()), caplog.text, *seen):
+            assert not any(s in text for s in secret)  # ... without the key
     finally:
+        logging.getLogger().removeHandler(tap)
         wa.down()
         wb.down()
     assert "wg0" not in lab.run(a, ["ip", "link"]).stdout

@@ -39,7 +39,7 @@ def test_stun_from_the_wireguard_port_sees_wireguards_mapping(lab: Lab) -> None:
         wg_seen = ws.stats()[kp.public].endpoint
         assert wg_seen is not None and wg_seen[0] == nat.ip
 
-        with StunResponder(srv.ns) as stun_srv, SharedSocket(wp.listen_port, netns=pc.ns) as ss:
+        with StunResponder(srv.ns) as stun_srv, SharedSocket.for_backend(wp) as ss:
             mapped = stun_query(lambda d: ss.send(d, (srv.ip, 3478)), ss.recv)
             assert mapped == wg_seen == stun_srv.seen[-1]
 

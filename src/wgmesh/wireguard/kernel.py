@@ -14,10 +14,12 @@ only the attributes that changed (an endpoint move does not reinstall a
 peer's allowed IPs). It is pure, so its output is unit-tested on a host
 without the module.
 
-The kernel's device dump carries the private key. :func:`parse_device` turns
-it into :class:`DeviceInfo`, which has no field for it, the raw messages are
-dropped there, and netlink errors are re-raised as :class:`BackendError`
-carrying only ``strerror``, never the request.
+The kernel's device dump carries the private key, and pyroute2 logs every
+decoded reply at DEBUG. So replies are decoded by a message class that leaves
+the key an undecoded blob (:func:`redacted_socket_class`), :func:`parse_device`
+turns them into :class:`DeviceInfo`, which has no field for it, and netlink
+errors are re-raised as :class:`BackendError` carrying only ``strerror``,
+never the request.
 
 pyroute2's sync sockets run their own asyncio loop per thread and cannot be
 used from inside a running loop, so every netlink call of a backend runs on
@@ -30,6 +32,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -50,6 +53,7 @@ from wgmesh.wireguard.backend import (
     PeerStats,
     diff_peers,
 )
+from wgmesh.wireguard.netns import netns_path, socket_in
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -58,6 +62,7 @@ __all__ = [
     "KernelBackend",
     "parse_device",
     "peer_messages",
+    "redacted_socket_class",
     "routes_for",
     "set_device_message",
 ]
@@ -74,6 +79,7 @@ WGPEER_F_UPDATE_ONLY = 0x4
 MAX_MESSAGE_BYTES = 65536
 #: Allowed IPs per peer fragment; a peer with more is continued in further fragments.
 ALLOWEDIPS_PER_FRAGMENT = 256
+NETLINK_ROUTE, NETLINK_GENERIC = 0, 16
 #: rtnetlink protocol tag on the routes wgmesh installs, so adoption finds exactly them.
 RTPROT_WGMESH = 0x77
 
@@ -170,6 +176,34 @@ def peer_messages(current: Mapping[Key, PeerConfig], diff: PeerDiff,
     if batch:
         messages.append(batch)
     return messages
+
+
+@functools.cache
+def redacted_socket_class() -> Any:
+    """pyroute2's ``WireGuard`` socket, decoding replies with the private key left as an
+    undecoded blob: pyroute2 logs every decoded reply at DEBUG, so a decoded key would
+    reach any log handler. Requests are encoded by their own (stock) message class."""
+    from pyroute2 import WireGuard
+    from pyroute2.netlink.generic import AsyncGenericNetlinkSocket
+    from pyroute2.netlink.generic.wireguard import WG_GENL_NAME, AsyncWireGuard, wgmsg
+
+    class RedactedDump(wgmsg):  # type: ignore[misc]
+        _nlmsg_base__compiled_nla = False  # pyroute2 caches the parent's table otherwise
+        nla_map = tuple((name, "none") if name == "WGDEVICE_A_PRIVATE_KEY" else (name, kind)
+                        for name, kind in wgmsg.nla_map)
+
+    class AsyncRedacted(AsyncWireGuard):  # type: ignore[misc]
+        async def setup_endpoint(self) -> None:
+            if getattr(self.local, "transport", None) is not None:
+                return
+            await AsyncGenericNetlinkSocket.setup_endpoint(self)
+            await self.bind(WG_GENL_NAME, RedactedDump)
+
+    class RedactedWireGuard(WireGuard):  # type: ignore[misc]
+        async_class = AsyncRedacted
+        dump_class = RedactedDump
+
+    return RedactedWireGuard
 
 
 def set_device_message(ifindex: int, device_attrs: list[list[Any]],
@@ -324,13 +358,18 @@ class KernelBackend:
     def _open(self) -> None:
         if self._ipr is not None:
             return
-        if self.netns is not None and not os.path.exists(f"/run/netns/{self.netns}"):
+        if self.netns is not None and not os.path.exists(netns_path(self.netns)):
             raise BackendError(f"network namespace {self.netns!r} does not exist")
-        from pyroute2 import IPRoute, WireGuard
+        from pyroute2 import IPRoute
 
-        self._ipr = IPRoute(netns=self.netns, flags=0, groups=0)
+        # pyroute2's own netns support forks a child per socket, which can hang for good
+        # in a process that already runs threads (an asyncio loop, the bridge); a socket
+        # made in the namespace by a short-lived thread, handed over by fd, cannot.
+        rt = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
+        self._ipr = IPRoute(fileno=rt.detach(), groups=0)
+        gn = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_GENERIC)
         try:
-            self._wg = WireGuard(netns=self.netns, flags=0)
+            self._wg = redacted_socket_class()(fileno=gn.detach())
         except Exception as e:
             self._ipr.close()
             self._ipr = None
@@ -363,13 +402,8 @@ class KernelBackend:
         msg = wgmsg()
         msg["cmd"] = WG_CMD_GET_DEVICE
         msg["attrs"].append(["WGDEVICE_A_IFINDEX", self._ifindex])
-        replies = tuple(self._wg.nlm_request(msg, msg_type=self._wg.prid,
-                                             msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
-        try:
-            return parse_device(replies)
-        finally:
-            for r in replies:  # strip the key from the decoded dump before it goes anywhere
-                r["attrs"] = [a for a in r["attrs"] if a[0] != "WGDEVICE_A_PRIVATE_KEY"]
+        return parse_device(self._wg.nlm_request(msg, msg_type=self._wg.prid,
+                                                 msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
 
     # -- life cycle
     def up(self, config: InterfaceConfig) -> None:

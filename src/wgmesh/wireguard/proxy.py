@@ -4,7 +4,7 @@ The kernel sends WireGuard packets to UDP endpoints and nowhere else. So for a
 relayed peer the kernel's endpoint is a loopback UDP socket owned by wgmesh,
 one per peer::
 
-    kernel wg0 (port L) --udp--> 127.0.0.1:p  --RelayTransport.send(peer, pkt)--> relay
+    kernel wg0 (port L) --udp--> 127.0.0.1:p  --send(peer, pkt)-------------> relay
     kernel wg0 (port L) <--udp-- 127.0.0.1:p  <--RelayBridge.deliver(peer, pkt)-- relay
 
 Each socket is connected to ``127.0.0.1:L``, so it only ever accepts the
@@ -16,13 +16,20 @@ and direct is one endpoint change on the backend (:meth:`RelayBridge.use_relay`,
 come in via the relay are dropped: injected, they would make the kernel roam
 the peer back to the loopback endpoint.
 
+With the relay client::
+
+    client = RelayClient(key, relays, on_packet=lambda src, pkt: bridge.deliver(src, pkt))
+    bridge = RelayBridge(loop, client.send_nowait, backend.listen_port, netns=...)
+
+``send`` must not block (``RelayClient.send_nowait``, ``RelayClientThread.send``):
+it runs on the loop for every packet, and a full relay link drops, as UDP may.
 The bridge is driven by an asyncio loop but its methods may be called from any
 thread (loop work is handed over with ``call_soon_threadsafe``). The bytes are
 WireGuard ciphertext: the bridge and the relay never see plaintext.
 
 :class:`PipeTransport` joins two bridges over one byte stream (a TCP connection
-in the tests and the benchmark), framing each packet with its sender's key as
-a relay would; the relay client offers the same ``send(dst, packet)`` method.
+in the kernel-tier test and the benchmark), framing each packet with its
+sender's key as a relay would.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from typing import Protocol
 
 import attrs
 
@@ -41,17 +47,15 @@ from wgmesh.keys import KEY_LEN, Key
 from wgmesh.wireguard.backend import Backend
 from wgmesh.wireguard.netns import socket_in
 
-__all__ = ["BridgeCounters", "PipeTransport", "RelayBridge", "RelayTransport"]
+__all__ = ["BridgeCounters", "PipeTransport", "RelayBridge", "SendToPeer"]
 
 Address = tuple[str, int]
 MAX_DATAGRAM = 65535
 BATCH = 64  # datagrams read per wake-up, so one busy peer can't starve the others
 
 
-class RelayTransport(Protocol):
-    """Something that carries a packet to the node with public key ``dst``."""
-
-    def send(self, dst: Key, packet: bytes) -> None: ...
+#: Carries a packet to the node with public key ``dst``; must not block.
+SendToPeer = Callable[[Key, bytes], object]
 
 
 @attrs.define
@@ -72,10 +76,10 @@ class _Port:
 class RelayBridge:
     """Loopback endpoints for relayed peers of a kernel interface listening on ``wg_port``."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, transport: RelayTransport,
-                 wg_port: int, *, netns: str | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: SendToPeer, wg_port: int, *,
+                 netns: str | None = None, host: str = "127.0.0.1") -> None:
         self.loop = loop
-        self.transport = transport
+        self.send = send
         self.wg_port = wg_port
         self.netns = netns
         self.host = host
@@ -146,7 +150,7 @@ class RelayBridge:
                 port.counters.dropped += 1
                 continue
             port.counters.to_relay += 1
-            self.transport.send(port.key, packet)
+            self.send(port.key, packet)
 
     def deliver(self, src: Key, packet: bytes) -> None:
         """A packet from the relay, sent by the node ``src``: hand it to the kernel."""

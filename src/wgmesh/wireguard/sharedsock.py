@@ -29,11 +29,15 @@ import select
 import socket
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from wgmesh.disco import MAGIC as DISCO_MAGIC
 from wgmesh.errors import WgmeshError
 from wgmesh.stun import MAGIC_COOKIE
 from wgmesh.wireguard.netns import socket_in
+
+if TYPE_CHECKING:
+    from wgmesh.wireguard.kernel import KernelBackend
 
 __all__ = [
     "SIGNATURES",
@@ -233,6 +237,11 @@ class SharedSocket:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def for_backend(cls, backend: KernelBackend) -> SharedSocket:
+        """The shared socket for a running kernel backend: its port, namespace, fwmark."""
+        return cls(backend.listen_port, netns=backend.netns, fwmark=backend.info().fwmark)
 
     def __repr__(self) -> str:
         return (f"<SharedSocket port {self.port}: sent {self.sent}, received {self.received},"
