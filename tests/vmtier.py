@@ -14,11 +14,14 @@ records their outcomes.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import glob
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,6 +53,15 @@ def _host_has_kernel_wg() -> bool:
 
 
 _runners: list[VMRunner] = []
+_live_vms: set[int] = set()
+
+
+@atexit.register
+def _kill_live_vms() -> None:
+    """An interrupted host run must not leave a VM behind."""
+    for pgid in list(_live_vms):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 class VMTestFailed(Exception):
@@ -104,14 +116,29 @@ class VMRunner:
         if os.environ.get("WGMESH_VM_KVM") == "1":
             argv.remove("--disable-kvm")
         started = time.monotonic()
+        proc: subprocess.Popen[str] | None = None
         try:
             env = {**os.environ,
                    "PATH": f"{Path(vng).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
-            cp = subprocess.run(argv, capture_output=True, text=True, timeout=VM_TIMEOUT,
-                                stdin=subprocess.DEVNULL, cwd=str(rw), env=env)
-            boot_log = (cp.stdout + cp.stderr)[-3000:]
-        except subprocess.TimeoutExpired:
-            boot_log = f"VM timed out after {VM_TIMEOUT:.0f}s"
+            # Own session: on a timeout the whole tree goes, qemu included (it is vng's
+            # grandchild and would otherwise run on, eating a core).
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, stdin=subprocess.DEVNULL, cwd=str(rw), env=env,
+                                    start_new_session=True)
+            _live_vms.add(proc.pid)
+            try:
+                out_text, _ = proc.communicate(timeout=VM_TIMEOUT)
+                boot_log = out_text[-3000:]
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                boot_log = f"VM timed out after {VM_TIMEOUT:.0f}s"
+        finally:
+            if proc is not None:
+                _live_vms.discard(proc.pid)
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
         inner = out.read_text(errors="replace") if out.exists() else ""
         if results.exists():
             self.results = json.loads(results.read_text())
