@@ -153,3 +153,40 @@ def test_provisioning_example(lab: Lab) -> None:
     nodes = mesh.admin("nodes", "list", "--json")
     assert '"web-1"' in nodes
     mesh.close()
+
+
+ASYNC_SCRIPT = """
+import asyncio, sys, wgmesh
+
+async def main(url, key, state):
+    async with wgmesh.AsyncNode(url, authkey=key, state_dir=state, hostname="anode",
+                                ifname="wganode", backend="userspace") as node:
+        events = node.events.aiter()
+        st = await node.status()
+        print("up", st.name, st.ipv4, flush=True)
+        async def first_peer():
+            async for ev in events:
+                if ev.name == "peer_added":
+                    return ev.data["name"]
+        print("peer", await asyncio.wait_for(first_peer(), 60), flush=True)
+        for _ in range(100):
+            r = await node.ping("bnode", timeout=1)
+            if r.rtt_ms is not None:
+                print("pong", r.path, flush=True)
+                break
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_async_node_with_event_iterator(lab: Lab) -> None:
+    mesh = MeshLab(lab, relays=1)
+    key = mesh.authkey()
+    h = lab.add_node_host("anode", "eim")
+    p = lab.python(h, "-c", ASYNC_SCRIPT, mesh.control_url, key, str(mesh.dir / "anode"))
+    p.wait_for_output("up anode 100.64.", timeout=60)
+    mesh.add_node("bnode", "eim")
+    out = p.wait_for_output("pong", timeout=90)
+    assert "peer bnode" in out
+    assert p.wait(30) == 0, p.stderr[-2000:]
+    mesh.close()

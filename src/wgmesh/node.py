@@ -106,7 +106,10 @@ class AsyncNode:
         if self._up:
             return await self.status()
         from wgmesh.control.client import ControlClient
+        from wgmesh.wireguard.select import open_backend
 
+        # Choose the data plane first: "no root" or "no TUN" should not cost a registration.
+        self.backend, self.backend_reason = open_backend(self.backend_kind, self.ifname)
         node_key, disco_key = self.state.node_key, self.state.disco_key
         token = self.state.load_secret("node.token")
         self._control = ControlClient(self.control_url, node_token=token)
@@ -163,11 +166,9 @@ class AsyncNode:
         from wgmesh.relay_client import RelayClient
         from wgmesh.traversal import Candidates, Traversal, TraversalConfig
         from wgmesh.wireguard.backend import InterfaceConfig
-        from wgmesh.wireguard.select import open_backend
 
         assert self.netmap is not None
         me = self.netmap.self_node
-        self.backend, self.backend_reason = open_backend(self.backend_kind, self.ifname)
         log.info("backend %s: %s", self.backend.kind, self.backend_reason)
         await asyncio.to_thread(self.backend.up, InterfaceConfig(
             self.ifname, self.state.node_key, self.listen_port,
