@@ -79,3 +79,25 @@ def test_files_relayed_and_direct_never_in_plaintext_outside_the_tunnel(lab: Lab
         sorted(sizes)
     assert not any(os.path.exists(mesh.dir / "nodes" / "office" / n) for n in sizes)
     mesh.close()
+
+
+@pytest.mark.slow
+def test_one_gigabyte_over_the_relay(lab: Lab) -> None:
+    """1 GiB (sparse, with random blocks) between Nodes whose only path is the relay."""
+    mesh = MeshLab(lab, relays=1)
+    a, b = mesh.add_node("a", "eim"), mesh.add_node("b", "udp-blocked")
+    mesh.wait_connected()
+    path = mesh.dir / "big.bin"
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)
+        for off in range(0, 1 << 30, 1 << 24):
+            f.seek(off)
+            f.write(os.urandom(4096))
+    with open(path, "rb") as f:
+        want = hashlib.file_digest(f, "sha256").hexdigest()
+    res = a.call("file_send", {"peer": "b", "paths": [str(path)]}, timeout=900)
+    assert res[0]["size"] == 1 << 30 and a.peer("b")["path"] == "relay"
+    assert [(f["size"], f["sha256"]) for f in b.call("file_list", timeout=300)] == \
+        [(1 << 30, want)]
+    path.unlink()
+    mesh.close()
