@@ -1,0 +1,196 @@
+"""Kernel fast path: does wgmesh's configuration cost any throughput? And the relay bridge?
+
+Two public lab hosts, one kernel WireGuard tunnel between them, iperf3 (TCP) through it:
+
+* ``hand``: the tunnel set up with ``ip`` and ``wg``, the reference;
+* ``wgmesh``: the same tunnel set up by :class:`wgmesh.wireguard.kernel.KernelBackend`;
+* ``relay``: the wgmesh tunnel with both endpoints on the relay bridge (loopback UDP
+  endpoints, a TCP pipe between the two bridges, Python moving every packet).
+
+Rounds run hand/wgmesh in ABBA order so drift on the shared machine hits both alike.
+One JSON line: ``ratio`` is the median over rounds of wgmesh / hand (the two runs of a
+round are adjacent in time; target >= 0.98), ``relay_ratio`` = relay / median wgmesh.
+
+The host kernel has no WireGuard, so run on the host it boots one virtme-ng VM
+(as the kernel test tier does) and runs itself inside::
+
+    sudo .venv/bin/python benchmarks/kernel_overhead.py [--seconds 4] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # bridgetools: the relay stand-in the tests use
+
+A_IP, B_IP = "100.64.0.1", "100.64.0.2"
+_T0 = time.monotonic()
+
+
+def note(what: str) -> None:
+    """Progress on stderr (inside the VM it lands in a file the host can watch)."""
+    print(f"[{time.monotonic() - _T0:6.1f}s] {what}", file=sys.stderr, flush=True)
+PORT_A, PORT_B = 51820, 51821
+
+
+def iperf(lab, a, b, seconds: float, ip: str = B_IP) -> float:  # type: ignore[no-untyped-def]
+    """Mbit/s received by b (at ``ip``, its tunnel address) from a."""
+    srv = lab.spawn(b, ["iperf3", "-s", "-1", "--forceflush", "-B", ip])
+    try:
+        srv.wait_for_output("Server listening", timeout=60)
+        out = lab.run(a, ["iperf3", "-c", ip, "-t", str(seconds), "-J"],
+                      timeout=seconds + 60).stdout
+    finally:
+        srv.stop()
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+
+
+def by_hand(lab, a, b, ka, kb) -> None:  # type: ignore[no-untyped-def]
+    for host, key, port, ip, peer, peer_host, peer_port, peer_ip in (
+            (a, ka, PORT_A, A_IP, kb, b, PORT_B, B_IP),
+            (b, kb, PORT_B, B_IP, ka, a, PORT_A, A_IP)):
+        lab.run(host, ["ip", "link", "add", "wg0", "type", "wireguard"])
+        lab.run(host, ["wg", "set", "wg0", "private-key", "/dev/stdin", "listen-port", str(port),
+                       "peer", peer.public.b64(), "endpoint", f"{peer_host.ip}:{peer_port}",
+                       "allowed-ips", f"{peer_ip}/32"], input=key.b64())
+        lab.run(host, ["ip", "addr", "add", f"{ip}/24", "dev", "wg0"])
+        lab.run(host, ["ip", "link", "set", "wg0", "mtu", "1420", "up"])
+
+
+def with_wgmesh(a, b, ka, kb, endpoints=None):  # type: ignore[no-untyped-def]
+    from wgmesh.wireguard.backend import InterfaceConfig, PeerConfig
+    from wgmesh.wireguard.kernel import KernelBackend
+
+    ep_b, ep_a = endpoints or ((b.ip, PORT_B), (a.ip, PORT_A))
+    wa, wb = KernelBackend("wg0", netns=a.ns), KernelBackend("wg0", netns=b.ns)
+    wa.up(InterfaceConfig("wg0", ka, listen_port=PORT_A, addresses=[f"{A_IP}/24"]))
+    wb.up(InterfaceConfig("wg0", kb, listen_port=PORT_B, addresses=[f"{B_IP}/24"]))
+    wa.set_peers([PeerConfig(kb.public, [f"{B_IP}/32"], ep_b)])
+    wb.set_peers([PeerConfig(ka.public, [f"{A_IP}/32"], ep_a)])
+    return wa, wb
+
+
+def teardown(lab, a, b) -> None:  # type: ignore[no-untyped-def]
+    for h in (a, b):
+        lab.run(h, ["ip", "link", "del", "wg0"], check=False)
+
+
+def measure(seconds: float, rounds: int) -> dict[str, object]:
+    from bridgetools import BridgePair
+    from wgmesh.keys import PrivateKey
+    from wgmesh.lab import Lab
+
+    note("imports done")
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    hand, mesh, relay = [], [], []
+    with Lab() as lab:
+        a, b = lab.add_public_host("a"), lab.add_public_host("b")
+        for n in range(rounds):
+            # ABBA order, so drift on the shared machine hits both configurations alike
+            for how in (("hand", "wgmesh") if n % 2 == 0 else ("wgmesh", "hand")):
+                if how == "hand":
+                    by_hand(lab, a, b, ka, kb)
+                else:
+                    wa, wb = with_wgmesh(a, b, ka, kb)
+                lab.run(a, ["ping", "-c", "1", "-W", "10", B_IP])
+                runs = hand if how == "hand" else mesh
+                runs.append(iperf(lab, a, b, seconds))
+                note(f"{how}: {runs[-1]:.0f} Mbit/s")
+                if how == "hand":
+                    teardown(lab, a, b)
+                else:
+                    wa.down()
+                    wb.down()
+        with BridgePair(a.ns, PORT_A, ka.public, b.ns, PORT_B, kb.public, b.ip) as pair:
+            eps = (pair.a.add(kb.public), pair.b.add(ka.public))
+            wa, wb = with_wgmesh(a, b, ka, kb, eps)
+            try:
+                lab.run(a, ["ping", "-c", "1", "-W", "10", B_IP])
+                relay.append(iperf(lab, a, b, seconds))
+                note(f"relay bridge: {relay[-1]:.0f} Mbit/s")
+                relayed = pair.a.counters(kb.public).to_relay
+            finally:
+                wa.down()
+                wb.down()
+    h, m, r = (statistics.median(x) for x in (hand, mesh, relay))
+    # each round's two runs are adjacent in time: their ratio shrugs off slow drift
+    pairs = [m_ / h_ for h_, m_ in zip(hand, mesh, strict=True)]
+    return {"benchmark": "kernel_overhead", "ratio": round(statistics.median(pairs), 3),
+            "wgmesh_mbps": round(m, 1), "hand_mbps": round(h, 1),
+            "relay_mbps": round(r, 1), "relay_ratio": round(r / m, 3),
+            "relay_packets": relayed, "rounds": rounds, "seconds": seconds,
+            "hand_runs": [round(x, 1) for x in hand], "wgmesh_runs": [round(x, 1) for x in mesh],
+            "round_ratios": [round(x, 3) for x in pairs],
+            "where": "virtme-ng VM, qemu TCG (no KVM)" if os.environ.get("WGMESH_IN_VM")
+            else "this kernel"}
+
+
+def in_vm(args: argparse.Namespace) -> int:
+    """Boot one VM and run this script inside it; print its JSON line."""
+    from vmtier import find_kernel
+
+    kernel = find_kernel()
+    vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
+    if kernel is None or not Path(vng).exists():
+        print(json.dumps({"benchmark": "kernel_overhead", "error": "need vng and a /boot "
+                          "kernel with the wireguard module"}))
+        return 1
+    rw = Path(tempfile.mkdtemp(prefix="wgmesh-bench-"))
+    note(f"booting the VM; progress in {rw / 'err'}")
+    try:
+        out = rw / "result.json"
+        script = rw / "run.sh"
+        script.write_text(
+            "modprobe wireguard; modprobe tun\n"
+            f"cd {shlex.quote(str(ROOT))}\n"
+            f"export WGMESH_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 "
+            f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
+            f"{shlex.quote(sys.executable)} {shlex.quote(__file__)} --inside "
+            f"--seconds {args.seconds} --rounds {args.rounds} > {out} 2> {rw / 'err'}\n")
+        argv = [vng, "--disable-kvm", "-r", kernel[0], "--memory", "2G", "--cpus", "2",
+                "--rwdir", str(rw), "--exec", f"sh {script}"]
+        env = {**os.environ, "PATH": f"{Path(vng).parent}:{os.environ.get('PATH', '')}"}
+        subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, cwd=rw, env=env,
+                       timeout=1200)
+        lines = out.read_text().strip().splitlines() if out.exists() else []
+        if not lines:
+            err = (rw / "err").read_text()[-2000:] if (rw / "err").exists() else "no output"
+            print(json.dumps({"benchmark": "kernel_overhead", "error": err}))
+            return 1
+        print(lines[-1])
+        return 0
+    finally:
+        shutil.rmtree(rw, ignore_errors=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=4.0, help="iperf3 time per run")
+    ap.add_argument("--rounds", type=int, default=3, help="hand/wgmesh rounds (median)")
+    ap.add_argument("--inside", action="store_true", help="measure here (used inside the VM)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from wgmesh.wireguard.backend import kernel_wireguard_available
+
+    if not args.inside and not kernel_wireguard_available()[0]:
+        return in_vm(args)
+    started = time.monotonic()
+    result = measure(args.seconds, args.rounds)
+    result["elapsed_s"] = round(time.monotonic() - started, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
