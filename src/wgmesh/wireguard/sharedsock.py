@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -189,8 +191,6 @@ def bpf_program(port: int, family: int, signatures: Sequence[tuple[int, bytes]] 
 
 
 def _attach(sock: socket.socket, program: list[Insn]) -> None:
-    import ctypes
-
     raw = b"".join(struct.pack("HBBI", *insn) for insn in program)
     buf = ctypes.create_string_buffer(raw)
     fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
@@ -312,8 +312,6 @@ class SharedSocket:
     def recv(self, timeout: float | None = None) -> tuple[bytes, Address] | None:
         """The next STUN/disco datagram as ``(data, (src ip, src port))``, or ``None``
         when ``timeout`` seconds pass first."""
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._socks:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
