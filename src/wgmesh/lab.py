@@ -459,9 +459,11 @@ class Lab:
     # ---- processes --------------------------------------------------------------------
     def run(self, host: Host, argv: Sequence[str], *, check: bool = True, timeout: float = 60,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in ``host``'s namespace to completion; output captured."""
-        return _sh(["ip", "netns", "exec", host.ns, *argv], check=check, timeout=timeout,
-                   input=input)
+        """Run ``argv`` in ``host``'s namespace to completion; output captured.
+
+        ``timeout`` is scaled by :data:`TIME_SCALE`."""
+        return _sh(["ip", "netns", "exec", host.ns, *argv], check=check,
+                   timeout=timeout * TIME_SCALE, input=input)
 
     def spawn(self, host: Host, argv: Sequence[str], *, env: dict[str, str] | None = None,
               cwd: str | None = None) -> Process:
