@@ -16,18 +16,6 @@ from wgmesh.wireguard.netns import socket_in
 T = TypeVar("T")
 
 
-def wait_for(cond: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll ``cond`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.05)
-
-
 class StunResponder:
     """A STUN Binding server on UDP ``port`` (IPv4 and IPv6) inside ``netns``, on a thread;
     ``seen`` records every request's source address as the server observed it."""

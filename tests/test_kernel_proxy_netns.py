@@ -10,7 +10,7 @@ import socket
 import pytest
 
 from bridgetools import BridgePair
-from kerneltools import wait_for
+from polling import wait_for
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Lab
 from wgmesh.wireguard.netns import socket_in

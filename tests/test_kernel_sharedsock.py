@@ -13,7 +13,8 @@ import threading
 
 import pytest
 
-from kerneltools import StunResponder, stun_query, wait_for
+from kerneltools import StunResponder, stun_query
+from polling import wait_for
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Lab
 from wgmesh.wireguard.backend import InterfaceConfig, PeerConfig

@@ -9,7 +9,8 @@ import socket
 
 import pytest
 
-from kerneltools import StunResponder, stun_query, wait_for
+from kerneltools import StunResponder, stun_query
+from polling import wait_for
 from wgmesh.disco import MAGIC as DISCO_MAGIC
 from wgmesh.lab import Lab
 from wgmesh.wireguard.netns import socket_in
