@@ -24,23 +24,13 @@ from typing import Any
 import pytest
 import requests
 
+from polling import wait_for as wait_until
 from wgmesh import netmap as nm
 from wgmesh.cli import main as cli_main
 from wgmesh.control import ControlAPIError, ControlClient, ControlServer
 from wgmesh.keys import PrivateKey
 
 pytestmark = pytest.mark.service
-
-
-def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll ``pred`` until truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Follower:

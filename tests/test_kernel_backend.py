@@ -20,16 +20,6 @@ from wgmesh.wireguard.backend import InterfaceConfig, PeerConfig
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 
 
-def _wait(cond, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_kernel_backend_lifecycle(lab: Lab, caplog: pytest.LogCaptureFixture) -> None:
     from wgmesh.wireguard.kernel import KernelBackend
 

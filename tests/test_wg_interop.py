@@ -12,12 +12,13 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import need
+from polling import wait_for as poll
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Host, Lab, Process
 
@@ -46,16 +47,6 @@ with open(sys.argv[2], "rb") as f:
         c.sendall(b)
 c.shutdown(socket.SHUT_WR); c.recv(1); print("sent", flush=True)
 """
-
-
-def poll(pred: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Side:
