@@ -225,7 +225,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         stand_ins.append(stand_in)
     # The VM boots now and works while the host tiers run; its results are read last.
     items[:] = [i for i in items if not i.get_closest_marker("kernel")] + stand_ins
-    runner.start_background()
+    if not config.option.collectonly:
+        runner.start_background()
 
 
 _vm_results: dict[str, dict[str, Any]] = {}
