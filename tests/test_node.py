@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import wgmesh
+import wgmesh.localapi
 from polling import wait_for
 from wgmesh.lab import Lab
 from wgmesh.meshlab import MeshLab
@@ -189,4 +190,23 @@ def test_async_node_with_event_iterator(lab: Lab) -> None:
     out = p.wait_for_output("pong", timeout=90)
     assert "peer bnode" in out
     assert p.wait(30) == 0, p.stderr[-2000:]
+    mesh.close()
+
+
+def test_deleted_node_registers_again_with_its_auth_key(lab: Lab) -> None:
+    mesh = MeshLab(lab, relays=1)
+    a = mesh.add_node("a", "none")
+    a.proc.wait_for_output("wgmesh up:", timeout=60)
+    key_before = a.status()["public_key"]
+    a.stop()
+    mesh.admin("nodes", "delete", "a")
+    h = lab.hosts["a"]
+    p = lab.python(h, "-m", "wgmesh", "up", "--control", mesh.control_url, "--authkey",
+                   mesh.authkey(), "--state-dir", str(mesh.dir / "nodes" / "a"), "--hostname",
+                   "a", "--ifname", "wga", "--backend", "userspace", "--socket",
+                   str(mesh.dir / "a-again.sock"))
+    p.wait_for_output("wgmesh up:", timeout=60)
+    st = wgmesh.localapi.call("status", path=mesh.dir / "a-again.sock")
+    assert st["public_key"] == key_before  # same node key, a new registration
+    assert '"a"' in mesh.admin("nodes", "list", "--json")
     mesh.close()

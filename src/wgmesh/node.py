@@ -137,6 +137,19 @@ class AsyncNode:
         return await self.status()
 
     async def _register(self, node_key: Any, disco_key: Any, token: str | None) -> None:
+        from wgmesh.control.errors import ControlAPIError
+
+        try:
+            await self._register_once(node_key, disco_key, token)
+        except ControlAPIError as e:
+            # Our token no longer works (node deleted or expired): with an auth key, join
+            # again under the same node key; without one, say so.
+            if e.status not in (401, 403) or token is None or not self.authkey:
+                raise
+            log.warning("control rejected the stored token (%s); registering again", e)
+            await self._register_once(node_key, disco_key, None)
+
+    async def _register_once(self, node_key: Any, disco_key: Any, token: str | None) -> None:
         ident = self.state.load_identity()
         if token is None or ident is None or ident.get("control_url") != self.control_url:
             if not self.authkey:
@@ -156,9 +169,13 @@ class AsyncNode:
         self.state.save_netmap(first)
 
     def _first_netmap(self) -> nm.Netmap:
-        for msg in self._control.stream():
-            if isinstance(msg, nm.Netmap):
-                return msg
+        stream = self._control.stream()
+        try:
+            for msg in stream:
+                if isinstance(msg, nm.Netmap):
+                    return msg
+        finally:
+            stream.close()  # the follower opens its own stream, resuming from this seq
         raise WgmeshError("control closed the netmap stream before sending a map")
 
     async def _start_dataplane(self) -> None:
