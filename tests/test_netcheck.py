@@ -169,10 +169,12 @@ def test_classic_gives_up_within_its_hard_timeout() -> None:
 
 
 @pytest.mark.unit
-def test_cli_needs_servers() -> None:
-    cp = subprocess.run([sys.executable, "-m", "wgmesh", "netcheck"], capture_output=True,
-                        text=True, timeout=60)
-    assert cp.returncode == 1 and "no STUN servers" in cp.stderr
+def test_cli_needs_servers_or_an_agent(tmp_path: Path) -> None:
+    cp = subprocess.run([sys.executable, "-m", "wgmesh", "netcheck", "--socket",
+                         str(tmp_path / "no-agent.sock")], capture_output=True, text=True,
+                        timeout=60)
+    assert cp.returncode == 1 and "no wgmesh agent running" in cp.stderr
+    assert "--stun" in cp.stderr and "Traceback" not in cp.stderr
 
 
 # ---------------------------------------------------------------- netns
