@@ -111,7 +111,7 @@ class VMRunner:
             f"{' '.join(shlex.quote(n) for n in self.nodeids)} > {shlex.quote(str(out))} 2>&1\n"
             f"echo $? > {shlex.quote(str(rw / 'rc'))}\n")
         vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
-        argv = [vng, "--disable-kvm", "-r", vmlinuz, "--memory", "2G", "--cpus", "2",
+        argv = [vng, "--disable-kvm", "-r", vmlinuz, "--memory", "4G", "--cpus", "2",
                 "--rwdir", str(rw), "--exec", f"sh {script}"]
         if os.environ.get("WGMESH_VM_KVM") == "1":
             argv.remove("--disable-kvm")
