@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import need
+from flows import transfer
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Host, Lab, Process
 
@@ -178,23 +179,6 @@ def test_relay_stun_with_real_client(lab: Lab, tmp_path: Path) -> None:
     assert out["addr"] == [pc.nat.ip, 41641]
 
 
-SINK = """
-import hashlib, json, socket, sys
-s = socket.create_server((sys.argv[1], 5001)); print("listening", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while (d := c.recv(1 << 16)):
-    h.update(d); n += len(d)
-print(json.dumps({"bytes": n, "sha256": h.hexdigest()}), flush=True)
-"""
-SOURCE = """
-import socket, sys
-c = socket.create_connection((sys.argv[1], 5001), timeout=60)
-with open(sys.argv[2], "rb") as f:
-    c.sendfile(f)
-c.close()
-"""
-
-
 def test_userspace_wireguard_over_the_relay(lab: Lab, tmp_path: Path) -> None:
     """Real WireGuard packets: two userspace devices whose only path is the relay."""
     if not os.path.exists("/dev/net/tun"):
@@ -226,17 +210,9 @@ def test_userspace_wireguard_over_the_relay(lab: Lab, tmp_path: Path) -> None:
         payload[off:off + len(MARKER)] = MARKER
     src = tmp_path / "wg-payload.bin"
     src.write_bytes(payload)
-    want = hashlib.sha256(payload).hexdigest()
     del payload
-    sink = lab.python(b, "-c", SINK, "100.64.7.2")
-    sink.wait_for_output("listening")
-    t0 = time.monotonic()
-    assert lab.run(a, [sys.executable, "-c", SOURCE, "100.64.7.2", str(src)],
-                   timeout=300).returncode == 0
-    got = wait_line(sink, lambda d: "sha256" in d, timeout=60)
-    seconds = time.monotonic() - t0
+    seconds = transfer(lab, a, b, "100.64.7.2", src, port=5001)
     print(f"wireguard over relay: {size * 8 / seconds / 1e6:.1f} Mbit/s")
-    assert got == {"bytes": size, "sha256": want}
     cap.stop()
     raw = pcap.read_bytes()
     assert len(raw) > size and MARKER not in raw

@@ -11,12 +11,12 @@ import hashlib
 import os
 import re
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import flows
 from conftest import need
 from polling import wait_for as poll
 from wgmesh.keys import PrivateKey
@@ -29,24 +29,6 @@ TRANSFER_MB = int(os.environ.get("WGMESH_WG_TRANSFER_MB", "100"))
 PORT = 51820
 STARTUP_S = float(os.environ.get("WGMESH_WG_STARTUP_S", "20"))  # the VM is slow
 
-RECEIVER = """
-import hashlib, socket, sys
-s = socket.create_server((sys.argv[1], 5001)); print("listening", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b: break
-    h.update(b); n += len(b)
-print(n, h.hexdigest(), flush=True)
-"""
-SENDER = """
-import socket, sys
-c = socket.create_connection((sys.argv[1], 5001), timeout=60)
-with open(sys.argv[2], "rb") as f:
-    while (b := f.read(1 << 16)):
-        c.sendall(b)
-c.shutdown(socket.SHUT_WR); c.recv(1); print("sent", flush=True)
-"""
 
 
 class Side:
@@ -113,16 +95,8 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def transfer(src: Side, dst: Side, payload: tuple[Path, str]) -> float:
     """Send the payload over TCP through the tunnel; check size and sha256 at the far end."""
-    rx = src.lab.python(dst.host, "-c", RECEIVER, dst.addr)
-    rx.wait_for_output("listening", timeout=STARTUP_S)
-    t = time.monotonic()
-    tx = src.lab.python(src.host, "-c", SENDER, dst.addr, str(payload[0]))
-    assert tx.wait(300) == 0, tx.stderr
-    assert rx.wait(30) == 0, rx.stderr
-    elapsed = time.monotonic() - t
-    n, digest = rx.stdout.split()[-2:]
-    assert int(n) == payload[0].stat().st_size and digest == payload[1]
-    return elapsed
+    return flows.transfer(src.lab, src.host, dst.host, dst.addr, payload[0], port=5001,
+                          startup=STARTUP_S)
 
 
 @contextlib.contextmanager
