@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import random
 import socket
@@ -37,7 +36,13 @@ from typing import Any
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.netmap import RelayMap
 from wgmesh.relay import RelayURL
-from wgmesh.relay_conn import MakeSocket, RelayConnectError, RelayConnection, connect_socket
+from wgmesh.relay_conn import (
+    ConnectionKeeper,
+    MakeSocket,
+    RelayConnectError,
+    RelayConnection,
+    connect_socket,
+)
 
 __all__ = ["HomeSelector", "RelayClient", "RelayClientThread", "regions_of"]
 
@@ -106,7 +111,7 @@ def _plain_socket(family: int) -> socket.socket:
     return socket.socket(family, socket.SOCK_STREAM)
 
 
-class _RegionLink:
+class _RegionLink(ConnectionKeeper):
     """The connection to one region: nearest node first, fail over, back off."""
 
     def __init__(self, client: RelayClient, region: int, home: bool) -> None:
@@ -169,12 +174,6 @@ class _RegionLink:
         if self.conn is not None:
             self.conn.note_preferred(home)
 
-    async def close(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        if self.conn is not None:
-            self.conn.close()
 
 
 class RelayClient:

@@ -10,6 +10,7 @@ the connection sends keepalives and aborts itself when the server falls silent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -56,6 +57,21 @@ async def connect_socket(make_socket: MakeSocket, host: str, port: int) -> socke
 
 class RelayConnectError(WgmeshError):
     """The relay could not be reached, or refused us."""
+
+
+class ConnectionKeeper:
+    """Something that runs a task keeping one :class:`RelayConnection` up (a client's
+    region link, a relay's mesh link); closing stops the task, then the connection."""
+
+    task: asyncio.Task[None]
+    conn: RelayConnection | None
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        if self.conn is not None:
+            self.conn.close()
 
 
 class RelayConnection(FrameStream):

@@ -66,7 +66,7 @@ from wgmesh.relay import (
     open_client_hello,
     parse_forward,
 )
-from wgmesh.relay_conn import RelayConnectError, RelayConnection
+from wgmesh.relay_conn import ConnectionKeeper, RelayConnectError, RelayConnection
 from wgmesh.relay_stream import FrameStream
 
 __all__ = ["RelayServer", "add_parser", "load_mesh_key"]
@@ -140,7 +140,7 @@ class _Client(FrameStream):
         self.server._closed(self)
 
 
-class _MeshLink:
+class _MeshLink(ConnectionKeeper):
     """Our outbound connection to one mesh peer: presence in, FORWARD out."""
 
     def __init__(self, server: RelayServer, url: str) -> None:
@@ -193,12 +193,6 @@ class _MeshLink:
             if raw not in srv._clients:
                 srv._announce_to_interested(raw, present=False)
 
-    async def close(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-        if self.conn is not None:
-            self.conn.close()
 
 
 class RelayServer:
