@@ -92,19 +92,29 @@ class HomeSelector:
         return self.home
 
 
-async def tcp_rtt(url: str, timeout: float = 2.0,
-                  make_socket: MakeSocket | None = None) -> float | None:
-    """Time of a TCP connect to the relay (one RTT; works where UDP is blocked)."""
+async def relay_rtt(url: str, timeout: float = 2.0, make_socket: MakeSocket | None = None,
+                    ssl: _ssl.SSLContext | None = None) -> float | None:
+    """Round trip of ``GET /health`` on an open connection to the relay (TCP, so it works
+    where UDP is blocked; the relay's answer, so it is the latency of the service itself, as
+    Tailscale's HTTPS latency check). None if the relay does not answer in time."""
     u = RelayURL.parse(url)
-    start = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
             sock = await connect_socket(make_socket or _plain_socket, u.host, u.port)
-    except (OSError, TimeoutError):
+            ctx = (ssl or _ssl.create_default_context()) if u.tls else None
+            reader, writer = await asyncio.open_connection(
+                sock=sock, ssl=ctx, server_hostname=u.host if ctx else None)
+            try:
+                start = time.monotonic()
+                writer.write(f"GET /health HTTP/1.1\r\nHost: {u.host}\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                status = await reader.readline()
+                rtt = time.monotonic() - start
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, _ssl.SSLError):
         return None
-    rtt = time.monotonic() - start
-    sock.close()
-    return rtt
+    return rtt if status.startswith(b"HTTP/1.1 200") else None
 
 
 def _plain_socket(family: int) -> socket.socket:
@@ -265,7 +275,8 @@ class RelayClient:
     # ---- home region -----------------------------------------------------------------
     async def _probe(self) -> None:
         urls = [u for us in self.regions.values() for u in us]
-        rtts = await asyncio.gather(*(tcp_rtt(u, make_socket=self.make_socket) for u in urls))
+        rtts = await asyncio.gather(*(relay_rtt(u, make_socket=self.make_socket, ssl=self.ssl)
+                                      for u in urls))
         self.node_rtt.update(zip(urls, rtts, strict=True))
         for region, us in self.regions.items():
             alive = [t for u in us if (t := self.node_rtt.get(u)) is not None]
