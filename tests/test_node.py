@@ -4,6 +4,7 @@ restart from the cached netmap, and the CLI's one-line errors."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -44,6 +45,18 @@ def test_agents_go_direct_and_ping_through_the_tunnel(lab: Lab) -> None:
     cp = subprocess.run([*WGMESH, "netcheck", "--socket", a.socket], capture_output=True,
                         text=True, timeout=60, check=True)
     assert "198.51.100." in cp.stdout
+    # the CLI over the same socket: an aligned table, JSON, and ping with its path
+    cp = subprocess.run([*WGMESH, "status", "--socket", a.socket], capture_output=True,
+                        text=True, timeout=60, check=True)
+    head, row = cp.stdout.splitlines()[1:3]
+    assert head.split()[:3] == ["PEER", "ADDRESS", "PATH"] and row.split()[0] == "b"
+    assert head.index("PATH") == row.index("direct")
+    cp = subprocess.run([*WGMESH, "status", "--json", "--socket", a.socket],
+                        capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(cp.stdout)["peers"][0]["name"] == "b"
+    cp = subprocess.run([*WGMESH, "ping", "b", "--socket", a.socket], capture_output=True,
+                        text=True, timeout=60, check=True)
+    assert cp.stdout.startswith("pong from b") and "via direct 198.51.100." in cp.stdout
     mesh.close()
 
 
