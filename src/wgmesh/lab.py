@@ -221,21 +221,33 @@ _signals_installed = False
 
 
 def _close_all() -> None:
+    if os.getpid() != _handler_pid:
+        return  # a forked child: the labs belong to the parent
     for lab in list(_open_labs):
         lab.close()
 
 
+_handler_pid = 0
+
+
 def _on_term(signum: int, frame: object) -> None:
-    # Turn SIGTERM into an exception so ``with Lab()`` blocks unwind and clean up.
+    # Turn SIGTERM into an exception so ``with Lab()`` blocks unwind and clean up. A forked
+    # child inherits this handler (pyroute2 forks to open sockets in a namespace); there it
+    # must die as by default, never unwind a copy of its parent's stack.
+    if os.getpid() != _handler_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise SystemExit(128 + signum)
 
 
 def _install_signal_handlers() -> None:
-    global _signals_installed
+    global _signals_installed, _handler_pid
     if _signals_installed or threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
         signal.signal(signal.SIGTERM, _on_term)
+    _handler_pid = os.getpid()
     atexit.register(_close_all)
     _signals_installed = True
 
