@@ -12,21 +12,27 @@ import pytest
 from bridgetools import BridgePair
 from polling import wait_for
 from wgmesh.keys import PrivateKey
-from wgmesh.lab import Lab
+from wgmesh.lab import Host, Lab
 from wgmesh.wireguard.netns import socket_in
 
 pytestmark = pytest.mark.netns
 
 
-def test_bridge_relays_both_ways_from_the_peer_endpoint(lab: Lab) -> None:
-    a, b = lab.add_public_host("a"), lab.add_public_host("b")
-    ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
+def _wg_ports(a: Host, b: Host) -> tuple[socket.socket, socket.socket]:
+    """UDP sockets standing in for the kernel WireGuard ports 51820 (a) and 51821 (b)."""
     wg_a = socket_in(a.ns, socket.AF_INET, socket.SOCK_DGRAM)
     wg_b = socket_in(b.ns, socket.AF_INET, socket.SOCK_DGRAM)
     wg_a.bind(("0.0.0.0", 51820))
     wg_b.bind(("0.0.0.0", 51821))
     for s in (wg_a, wg_b):
         s.settimeout(10)
+    return wg_a, wg_b
+
+
+def test_bridge_relays_both_ways_from_the_peer_endpoint(lab: Lab) -> None:
+    a, b = lab.add_public_host("a"), lab.add_public_host("b")
+    ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
+    wg_a, wg_b = _wg_ports(a, b)
     try:
         with BridgePair(a.ns, 51820, ka, b.ns, 51821, kb, b.ip) as pair:
             ep_b_at_a = pair.a.add(kb)  # a's kernel endpoint for peer b
@@ -71,12 +77,7 @@ def test_bridge_over_the_real_relay(lab: Lab) -> None:
 
     a, b = lab.add_public_host("a"), lab.add_public_host("b")
     pa, pb = PrivateKey.generate(), PrivateKey.generate()
-    wg_a = socket_in(a.ns, socket.AF_INET, socket.SOCK_DGRAM)
-    wg_b = socket_in(b.ns, socket.AF_INET, socket.SOCK_DGRAM)
-    wg_a.bind(("0.0.0.0", 51820))
-    wg_b.bind(("0.0.0.0", 51821))
-    for s in (wg_a, wg_b):
-        s.settimeout(10)
+    wg_a, wg_b = _wg_ports(a, b)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
