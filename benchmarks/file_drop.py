@@ -1,7 +1,7 @@
 """File-drop throughput over a wireguard-go tunnel against raw iperf3 TCP over the same tunnel.
 
 Two lab hosts, one wireguard-go tunnel. Rounds alternate an iperf3 run and a
-file drop (``wgmesh.dropd file send`` to a ``wgmesh.dropd serve`` peer API,
+file drop (``wgmesh.lab.dropd file send`` to a ``wgmesh.lab.dropd serve`` peer API,
 fsync and digest checks on, as shipped), so both see the same machine load;
 the medians are compared. Prints one JSON line; ``ratio`` is drop / iperf3
 (target >= 0.8). The payload is random, generated in /tmp and deleted.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from wgmesh.lab import Lab, LabError
-from wgmesh.labwg import wg_mesh
+from wgmesh.lab.wg import wg_mesh
 
 MiB = 1 << 20
 
@@ -60,7 +60,7 @@ def main() -> int:
             alice, bob = lab.add_public_host("alice"), lab.add_public_host("bob")
             wa, wb = wg_mesh(lab, [alice, bob])
             lab.spawn(alice, ["iperf3", "-s", "-B", wa.ip])
-            srv = lab.python(alice, "-m", "wgmesh.dropd", "serve", "--interface", wa.ifname,
+            srv = lab.python(alice, "-m", "wgmesh.lab.dropd", "serve", "--interface", wa.ifname,
                              "--state-dir", str(work / "alice"), "--allow-all")
             srv.wait_for_output("listening", timeout=30)
             inbox = work / "alice" / "inbox"
@@ -70,7 +70,7 @@ def main() -> int:
                 c0 = _cpu_seconds(srv.pid)
                 wg_pids = [n.process.pid for n in (wa, wb) if n.process is not None]
                 w0 = sum(map(_cpu_seconds, wg_pids))
-                cp = lab.run(bob, [sys.executable, "-m", "wgmesh.dropd", "file", "send",
+                cp = lab.run(bob, [sys.executable, "-m", "wgmesh.lab.dropd", "file", "send",
                                    wa.ip, str(src), "--json"], timeout=600)
                 recv_cpu += _cpu_seconds(srv.pid) - c0
                 wg_cpu += sum(map(_cpu_seconds, wg_pids)) - w0

@@ -88,6 +88,7 @@ def teardown(lab, a, b) -> None:  # type: ignore[no-untyped-def]
 
 def measure(seconds: float, rounds: int) -> dict[str, object]:
     from bridgetools import BridgePair
+
     from wgmesh.keys import PrivateKey
     from wgmesh.lab import Lab
 

@@ -49,7 +49,7 @@ def _ssl(ca: str | None) -> ssl.SSLContext | None:
 
 async def relay_sink(url: str, n: int, quiet: float, ca: str | None) -> None:
     from wgmesh.keys import PrivateKey
-    from wgmesh.relay_conn import RelayConnection
+    from wgmesh.relaynet.connection import RelayConnection
 
     stats = {"packets": 0, "bytes": 0, "first": 0.0, "last": 0.0}
 
@@ -76,7 +76,7 @@ async def relay_sink(url: str, n: int, quiet: float, ca: str | None) -> None:
 
 async def relay_source(url: str, peers: list[str], seconds: float, ca: str | None) -> None:
     from wgmesh.keys import Key, PrivateKey
-    from wgmesh.relay_conn import RelayConnection
+    from wgmesh.relaynet.connection import RelayConnection
 
     conns = [await RelayConnection.open(url, PrivateKey.generate(), queue_frames=4096,
                                         ssl=_ssl(ca)) for _ in peers]
@@ -141,7 +141,7 @@ async def direct_source(host: str, seconds: float) -> None:
 
 async def idle_clients(url: str, n: int) -> None:
     from wgmesh.keys import PrivateKey
-    from wgmesh.relay_conn import RelayConnection
+    from wgmesh.relaynet.connection import RelayConnection
 
     conns = []
     for _ in range(n):

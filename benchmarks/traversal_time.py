@@ -1,6 +1,6 @@
 """Time from relayed to direct, through real lab NATs, with the production traversal.
 
-Each run starts two fresh nodes (``python -m wgmesh.traversal_lab``: the real
+Each run starts two fresh nodes (``python -m wgmesh.lab.traversal``: the real
 Traversal over a UDP port, the real relay for call-me-maybe) behind their own NATs
 and measures, on the shared wall clock:
 
@@ -56,7 +56,7 @@ def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind
     for i, (side, host) in enumerate(zip("ab", hosts, strict=True)):
         stun_args = [x for s in stun for x in ("--stun", s)]
         procs.append(lab.python(
-            host, "-m", "wgmesh.traversal_lab", "--key-file", str(tmp / f"{tag}{side}.key"),
+            host, "-m", "wgmesh.lab.traversal", "--key-file", str(tmp / f"{tag}{side}.key"),
             "--disco-key-file", str(tmp / f"{tag}{side}.disco"), "--peer", keys[1 - i][0],
             "--peer-disco", keys[1 - i][1], "--relay", relay, *stun_args,
             "--duration", "40", "--exit-after-direct", "0.3",

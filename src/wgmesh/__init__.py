@@ -10,12 +10,12 @@ Public API:
 """
 
 from wgmesh.errors import WgmeshError
-from wgmesh.events import Event
 from wgmesh.keys import Key, PrivateKey
-from wgmesh.lab import Lab
+from wgmesh.lab.network import Lab
 from wgmesh.netmap import Netmap
-from wgmesh.node import AsyncNode, Node
-from wgmesh.status import PeerStatus, PingResult, Status
+from wgmesh.node.api import AsyncNode, Node
+from wgmesh.node.events import Event
+from wgmesh.node.status import PeerStatus, PingResult, Status
 
 __all__ = ["AsyncNode", "ControlServer", "Event", "Key", "Lab", "Netmap", "Node", "PeerStatus",
            "PingResult", "PrivateKey", "RelayServer", "Status", "WgmeshError"]
@@ -29,7 +29,7 @@ def __getattr__(name: str) -> object:
 
         return ControlServer
     if name == "RelayServer":
-        from wgmesh.relay_server import RelayServer
+        from wgmesh.relaynet.server import RelayServer
 
         return RelayServer
     raise AttributeError(name)

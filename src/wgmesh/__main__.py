@@ -1,5 +1,5 @@
 import sys
 
-from wgmesh.cli import main
+from wgmesh.cli.main import main
 
 sys.exit(main())

@@ -56,7 +56,7 @@ __all__ = [
     "to_json",
 ]
 
-#: A peer holding this capability on a node may send that node files (``wgmesh.drop``).
+#: A peer holding this capability on a node may send that node files (``wgmesh.drop.peerapi``).
 CAP_FILE_SEND = "file-send"
 #: Every capability the policy language knows; unknown names are rejected.
 CAPABILITIES = frozenset({CAP_FILE_SEND})
@@ -263,14 +263,14 @@ class Netmap:
                 for p in sorted(self.peers.values(), key=lambda p: p.name)]
 
     def __str__(self) -> str:
-        from wgmesh.status import text_table
+        from wgmesh.display import text_table
 
         me = self.self_node
         return (f"netmap seq {self.seq} for {me.name} {me.ipv4}: {len(self.peers)} peer(s), "
                 f"{len(self.filter)} filter rule(s)\n" + text_table(self.rows(), _NETMAP_COLUMNS))
 
     def _repr_html_(self) -> str:
-        from wgmesh.status import html_table
+        from wgmesh.display import html_table
 
         me = self.self_node
         return html_table(self.rows(), _NETMAP_COLUMNS,

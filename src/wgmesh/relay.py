@@ -321,17 +321,3 @@ class RelayURL:
     def upgrade_request(self) -> bytes:
         return (f"GET {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUpgrade: {UPGRADE_TOKEN}\r\n"
                 "Connection: Upgrade\r\n\r\n").encode()
-
-
-_DRIVERS = {"RelayServer": "wgmesh.relay_server", "RelayClient": "wgmesh.relay_client",
-            "RelayClientThread": "wgmesh.relay_client", "RelayConnection": "wgmesh.relay_conn"}
-
-
-def __getattr__(name: str) -> Any:
-    """``from wgmesh.relay import RelayServer`` etc.: the asyncio drivers live in their own
-    modules (relay_server, relay_client, relay_conn) and load only when asked for."""
-    if name in _DRIVERS:
-        import importlib
-
-        return getattr(importlib.import_module(_DRIVERS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -857,7 +857,7 @@ class PeerPath:
 class Traversal:
     """All peers of one node: routes disco in, seals disco out, aggregates timers.
 
-    Driver contract (:class:`wgmesh.dataplane.DataPlane` is the production driver):
+    Driver contract (:class:`wgmesh.node.dataplane.DataPlane` is the production driver):
 
     * feed every datagram that :func:`~wgmesh.disco.is_disco` accepts to
       :meth:`on_udp` (with the id of the socket it came in on, 0 for the

@@ -16,7 +16,7 @@ Selectors: ``*`` (every node), ``tag:NAME`` (declared in ``tags``),
 entry is ``selector:ports`` with ports ``*``, ``22``, ``1000-2000`` or a comma
 list. ``proto``: any (default) | tcp | udp | icmp. ``caps`` grants the sources
 capabilities on the destinations; ``file-send`` lets them send files
-(``wgmesh.drop``). Two nodes see each other when a rule links them in either
+(``wgmesh.drop.peerapi``). Two nodes see each other when a rule links them in either
 direction (WireGuard needs both ends configured); the packet filter each node
 gets only accepts what the rules allow *into* it.
 

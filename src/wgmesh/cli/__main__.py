@@ -1,0 +1,5 @@
+import sys
+
+from wgmesh.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,317 @@
+"""``wgmesh control ...``: run the server and administer it over its HTTP API.
+
+Admin commands find the server in ``--server`` / ``$WGMESH_CONTROL_URL``
+(default http://127.0.0.1:8420) and the API key in ``$WGMESH_API_KEY``, else
+the file ``--api-key-file`` / ``$WGMESH_API_KEY_FILE``, else the bootstrap
+file ``<state dir>/admin.key`` that ``serve`` writes on first start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from wgmesh.errors import WgmeshError
+
+__all__ = ["add_parser"]
+
+DEFAULT_LISTEN = "127.0.0.1:8420"
+
+
+def _duration(text: str) -> float:
+    """``3600``, ``90s``, ``30m``, ``12h``, ``7d``; ``0`` means never."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 3600, 30m, 12h, 7d)")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _client(a: argparse.Namespace) -> Any:
+    from wgmesh.control.client import ControlClient
+    from wgmesh.control.server import default_state_dir
+
+    key = os.environ.get("WGMESH_API_KEY")
+    if not key:
+        path = Path(a.api_key_file or os.environ.get("WGMESH_API_KEY_FILE")
+                    or default_state_dir() / "admin.key")
+        try:
+            key = path.read_text().strip()
+        except OSError as e:
+            raise WgmeshError(f"no API key: set WGMESH_API_KEY or --api-key-file ({e})") from None
+    return ControlClient(a.server, api_key=key)
+
+
+def _out(a: argparse.Namespace, obj: Any, rows: list[dict[str, Any]] | None = None,
+         columns: list[str] | None = None) -> None:
+    from wgmesh.cli.main import print_table
+
+    if a.json or rows is None or columns is None:
+        print(json.dumps(obj, indent=2))
+    else:
+        print_table(rows, columns)
+
+
+def _ts(t: float) -> str:
+    return "never" if not t else time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+
+
+def _redact(db: str) -> str:
+    """A DSN without its password, for logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", db)
+
+
+def _serve(a: argparse.Namespace) -> int:
+    import asyncio
+
+    from wgmesh.control.server import ControlServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    srv = ControlServer(a.db, a.listen, state_dir=a.state_dir, api_key_file=a.api_key_file,
+                        relay_map_file=a.relay_map, key_expiry_s=a.key_expiry_days * 86400,
+                        keepalive_s=a.keepalive)
+
+    async def main() -> None:
+        import signal
+
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        await srv.start()
+        print(f"wgmesh control: listening on {srv.url}, db {_redact(srv.db)}, "
+              f"admin key file {srv.api_key_file}", flush=True)
+        try:
+            await done.wait()
+        finally:
+            await srv.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def _authkey_create(a: argparse.Namespace) -> int:
+    out = _client(a).create_auth_key(reusable=a.reusable, tags=a.tag, expiry_s=a.expiry,
+                                     description=a.description)
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(out["key"])
+    return 0
+
+
+def _authkey_list(a: argparse.Namespace) -> int:
+    keys = _client(a).list_auth_keys()
+    rows = [{**k, "tags": ",".join(k["tags"]), "expires": _ts(k["expires_at"])} for k in keys]
+    _out(a, keys, rows, ["id", "reusable", "tags", "uses", "revoked", "expires", "description"])
+    return 0
+
+
+def _authkey_revoke(a: argparse.Namespace) -> int:
+    _client(a).revoke_auth_key(a.id)
+    print(f"revoked auth key {a.id}")
+    return 0
+
+
+def _apikey_create(a: argparse.Namespace) -> int:
+    out = _client(a).create_api_key(a.role, a.description)
+    print(json.dumps(out, indent=2) if a.json else out["key"])
+    return 0
+
+
+def _apikey_list(a: argparse.Namespace) -> int:
+    keys = _client(a).list_api_keys()
+    _out(a, keys, keys, ["id", "role", "revoked", "description"])
+    return 0
+
+
+def _apikey_revoke(a: argparse.Namespace) -> int:
+    _client(a).revoke_api_key(a.id)
+    print(f"revoked API key {a.id}")
+    return 0
+
+
+def _nodes_list(a: argparse.Namespace) -> int:
+    nodes = _client(a).nodes()
+    rows = [{**n, "tags": ",".join(n["tags"]), "key": n["node_key"][:8],
+             "expiry": "EXPIRED" if n["expired"] else _ts(n["key_expiry"]),
+             "endpoints": len(n["endpoints"])} for n in nodes]
+    _out(a, nodes, rows, ["id", "name", "ipv4", "ipv6", "key", "tags", "online", "expiry",
+                          "endpoints"])
+    return 0
+
+
+def _nodes_expire(a: argparse.Namespace) -> int:
+    n = _client(a).expire_node(a.node)
+    print(f"expired node {n['id']} ({n['name']})")
+    return 0
+
+
+def _nodes_delete(a: argparse.Namespace) -> int:
+    _client(a).delete_node(a.node)
+    print(f"deleted node {a.node}")
+    return 0
+
+
+def _nodes_tag(a: argparse.Namespace) -> int:
+    n = _client(a).tag_node(a.node, a.tags)
+    print(f"node {n['id']} ({n['name']}) tags: {','.join(n['tags']) or '-'}")
+    return 0
+
+
+def _read_json(path: str) -> Any:
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        return json.loads(text)
+    except (OSError, ValueError) as e:
+        raise WgmeshError(f"{path}: {e}") from None
+
+
+def _policy_get(a: argparse.Namespace) -> int:
+    out = _client(a).get_policy()
+    print(json.dumps(out if a.json else out["policy"], indent=2))
+    return 0
+
+
+def _policy_set(a: argparse.Namespace) -> int:
+    from wgmesh.control.errors import ControlAPIError
+
+    try:
+        version = _client(a).set_policy(_read_json(a.file), a.if_version)
+    except ControlAPIError as e:
+        for d in e.details:
+            print(f"  {d.get('path') or '(top)'}: {d.get('message')}", file=sys.stderr)
+        raise
+    print(f"policy version {version}")
+    return 0
+
+
+def _relay_map_get(a: argparse.Namespace) -> int:
+    from wgmesh import netmap as nm
+
+    print(json.dumps(nm.to_json(_client(a).get_relay_map()), indent=2))
+    return 0
+
+
+def _relay_map_set(a: argparse.Namespace) -> int:
+    _client(a).set_relay_map(_read_json(a.file))
+    print("relay map updated")
+    return 0
+
+
+def _audit_list(a: argparse.Namespace) -> int:
+    entries = _client(a).audit(a.after, a.limit)
+    rows = [{**e, "when": _ts(e["ts"]), "detail": json.dumps(e["detail"])[:60]}
+            for e in entries]
+    _out(a, entries, rows, ["seq", "when", "actor", "action", "target", "detail"])
+    return 0
+
+
+def _audit_verify(a: argparse.Namespace) -> int:
+    if a.db:
+        from wgmesh.control.audit import verify
+        from wgmesh.control.store import open_store
+
+        store = open_store(a.db)
+        try:
+            result = verify(store.audit_entries()).to_json()
+        finally:
+            store.close()
+    else:
+        result = _client(a).audit_verify()
+    if a.json:
+        print(json.dumps(result, indent=2))
+    elif result["ok"]:
+        print(f"audit chain OK: {result['entries']} entries, head {result['head']}")
+    else:
+        print(f"audit chain BROKEN at seq {result['first_bad_seq']}: {result['reason']} "
+              f"({result['entries']} entries verified before it)")
+    return 0 if result["ok"] else 1
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``wgmesh control``."""
+    ctl = sub.add_parser("control", help="coordination server: serve and administer")
+    cs = ctl.add_subparsers(dest="control_cmd", required=True, metavar="COMMAND")
+
+    s = cs.add_parser("serve", help="run the control server (SQLite in the state dir by default)")
+    s.add_argument("--db", help="SQLite path or postgresql://... DSN "
+                                "(default: <state dir>/control.db)")
+    s.add_argument("--listen", default=DEFAULT_LISTEN, help=f"host:port (default {DEFAULT_LISTEN})")
+    s.add_argument("--state-dir", help="default: $WGMESH_STATE_DIR/control, "
+                                       "/var/lib/wgmesh/control as root")
+    s.add_argument("--api-key-file", help="admin API key file: imported if it exists, "
+                                          "else the first key is written there (0600)")
+    s.add_argument("--relay-map", metavar="FILE", help="relay map JSON to publish to nodes")
+    s.add_argument("--key-expiry-days", type=float, default=180,
+                   help="node key lifetime after registration (0: never expire)")
+    s.add_argument("--keepalive", type=float, default=15.0,
+                   help="seconds between keepalives on idle netmap streams")
+    s.set_defaults(func=_serve)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=os.environ.get("WGMESH_CONTROL_URL",
+                                                           f"http://{DEFAULT_LISTEN}"),
+                        help="control URL (env WGMESH_CONTROL_URL)")
+    common.add_argument("--api-key-file", help="admin API key file (env WGMESH_API_KEY "
+                                               "holds the key itself)")
+    common.add_argument("--json", action="store_true", help="print JSON")
+
+    def group(name: str, help_: str) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+        g = cs.add_parser(name, help=help_)
+        return g.add_subparsers(dest=f"{name}_cmd", required=True, metavar="COMMAND")
+
+    def leaf(g: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_: str,
+             func: Any) -> argparse.ArgumentParser:
+        p = g.add_parser(name, help=help_, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    ak = group("authkey", "auth keys nodes register with")
+    p = leaf(ak, "create", "create an auth key (printed once)", _authkey_create)
+    p.add_argument("--reusable", action="store_true", help="allow many registrations")
+    p.add_argument("--tag", action="append", default=[], help="tag:NAME given to its nodes")
+    p.add_argument("--expiry", type=_duration, default=3600.0,
+                   help="lifetime, e.g. 3600, 30m, 7d; 0 never expires (default 1h)")
+    p.add_argument("--description", default="")
+    leaf(ak, "list", "list auth keys", _authkey_list)
+    leaf(ak, "revoke", "revoke an auth key", _authkey_revoke).add_argument("id")
+
+    api = group("apikey", "API keys for admins and relays")
+    p = leaf(api, "create", "create an API key (printed once)", _apikey_create)
+    p.add_argument("--role", choices=["admin", "relay"], default="admin")
+    p.add_argument("--description", default="")
+    leaf(api, "list", "list API keys", _apikey_list)
+    leaf(api, "revoke", "revoke an API key", _apikey_revoke).add_argument("id")
+
+    nodes = group("nodes", "registered nodes")
+    leaf(nodes, "list", "list nodes", _nodes_list)
+    leaf(nodes, "expire", "expire a node's key now", _nodes_expire).add_argument(
+        "node", help="id or name")
+    leaf(nodes, "delete", "delete a node", _nodes_delete).add_argument("node", help="id or name")
+    p = leaf(nodes, "tag", "replace a node's tags", _nodes_tag)
+    p.add_argument("node", help="id or name")
+    p.add_argument("tags", nargs="*", help="tag:NAME ... (none clears)")
+
+    pol = group("policy", "ACL policy")
+    leaf(pol, "get", "print the current policy", _policy_get)
+    p = leaf(pol, "set", "validate and install a policy", _policy_set)
+    p.add_argument("file", help="policy JSON file, or - for stdin")
+    p.add_argument("--if-version", type=int, help="fail unless the current version is this")
+
+    rm = group("relay-map", "relay regions published to nodes")
+    leaf(rm, "get", "print the relay map", _relay_map_get)
+    leaf(rm, "set", "replace the relay map", _relay_map_set).add_argument("file")
+
+    au = group("audit", "the hash-chained audit trail")
+    p = leaf(au, "list", "list audit entries", _audit_list)
+    p.add_argument("--after", type=int, default=0, help="entries after this seq")
+    p.add_argument("--limit", type=int, default=100)
+    p = leaf(au, "verify", "check the hash chain (exit 1 if broken)", _audit_verify)
+    p.add_argument("--db", help="verify straight from this database instead of via the server")

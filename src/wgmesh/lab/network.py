@@ -1,0 +1,584 @@
+"""Network-namespace lab: an "internet", NAT routers of each kind, hosts, processes.
+
+Every wgmesh test and experiment runs on this. Topology::
+
+    [host none] --+                       +-- [router eim] == lan == [host]
+                  |-- internet (bridge) --|
+    [server]   ---+   192.0.2.1/24        +-- [router symmetric] == lan == [host]
+                      198.51.100.1/24
+                      203.0.113.1/24
+
+* Public hosts (servers, relays, ``none`` nodes) live on 203.0.113.0/24 and
+  2001:db8:203::/64; NAT routers' WAN addresses on 198.51.100.0/24; a second
+  address per server on 192.0.2.0/24 lets probes tell address-dependent
+  filtering apart. All are RFC 5737 / RFC 3849 documentation ranges, so
+  nothing here can reach a real network.
+* LANs are 10.<n>.0.0/24 behind their router, inside namespaces the lab owns.
+* Names carry a unique prefix (``wgm`` + 6 hex digits), so labs run side by
+  side; ``Lab.close`` (or leaving the ``with`` block, an exception, SIGINT or
+  SIGTERM) kills every process and deletes every namespace, which takes every
+  veth and bridge with it. ``wgmesh lab clean`` removes leftovers of labs whose
+  owning process died.
+
+Usage (also from Jupyter)::
+
+    with Lab() as lab:
+        srv = lab.add_public_host("srv")
+        nat = lab.add_nat("home", kind="eim")
+        pc = lab.add_host("pc", nat=nat)
+        print(lab.run(pc, ["ping", "-c1", srv.ip]).stdout)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+from wgmesh.errors import WgmeshError
+
+__all__ = [
+    "NAT_KINDS",
+    "TIME_SCALE",
+    "Host",
+    "Lab",
+    "LabError",
+    "NatKind",
+    "NatRouter",
+    "Process",
+    "clean_leftovers",
+]
+
+NatKind = Literal["none", "eim", "symmetric", "udp-blocked"]
+NAT_KINDS: tuple[NatKind, ...] = ("none", "eim", "symmetric", "udp-blocked")
+
+PREFIX_RE = re.compile(r"^wgm[0-9a-f]{6}$")
+NS_RE = re.compile(r"^(wgm[0-9a-f]{6})-")
+STATE_DIR = Path("/run/wgmesh/labs")
+
+#: Multiplies the lab's waits; the kernel-tier VM (TCG, ~10x slower Python) sets it.
+TIME_SCALE = float(os.environ.get("WGMESH_TIME_SCALE", "1") or 1)
+
+PUBLIC_NET = "203.0.113"
+ALT_NET = "192.0.2"
+WAN_NET = "198.51.100"
+PUBLIC_V6 = "2001:db8:203::"
+
+
+class LabError(WgmeshError):
+    """A lab command failed; the message carries the command and its stderr."""
+
+
+def _sh(argv: Sequence[str], *, check: bool = True, timeout: float = 30,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
+                            input=input, stdin=None if input is not None else subprocess.DEVNULL)
+    except FileNotFoundError as e:
+        raise LabError(f"{argv[0]}: not installed (run scripts/setup-debian.sh)") from e
+    if check and cp.returncode != 0:
+        raise LabError(f"{shlex.join(argv)} failed ({cp.returncode}): {cp.stderr.strip()}")
+    return cp
+
+
+@attrs.define(eq=False)
+class Host:
+    """A machine in the lab: one network namespace."""
+
+    lab: Lab = attrs.field(repr=False)
+    name: str
+    ns: str
+    ip: str  # the address others use to reach it (public for public hosts, LAN otherwise)
+    ip6: str | None = None
+    alt_ip: str | None = None  # second public address (servers), for filtering probes
+    nat: NatRouter | None = attrs.field(default=None, repr=False)
+
+    @property
+    def public(self) -> bool:
+        return self.nat is None
+
+    def run(self, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        return self.lab.run(self, argv, **kw)  # type: ignore[arg-type]
+
+    def spawn(self, argv: Sequence[str], **kw: object) -> Process:
+        return self.lab.spawn(self, argv, **kw)  # type: ignore[arg-type]
+
+    def python(self, *args: str, **kw: object) -> Process:
+        return self.lab.spawn(self, [sys.executable, *args], **kw)  # type: ignore[arg-type]
+
+
+@attrs.define(eq=False)
+class NatRouter(Host):
+    """A NAT router: WAN on the internet, a LAN bridge behind it."""
+
+    kind: NatKind = "eim"
+    hairpin: bool = False
+    index: int = 0
+    hosts: list[Host] = attrs.field(factory=list, repr=False)
+
+    @property
+    def lan_prefix(self) -> str:
+        return f"10.{self.index}.0"
+
+    def flush(self) -> None:
+        """Forget every NAT mapping, as a router reboot or mapping timeout would."""
+        self.lab.run(self, ["conntrack", "-F"], check=False)
+
+
+class Process:
+    """A process in a lab namespace. Output goes to files, so it never blocks on a pipe."""
+
+    def __init__(self, host: Host, argv: Sequence[str], env: dict[str, str] | None,
+                 cwd: str | None) -> None:
+        self.host = host
+        self.argv = list(argv)
+        # Owned by this object and closed in close(); files, not pipes, so output never blocks.
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115
+        full_env = {**os.environ, **(env or {})}
+        self.popen = subprocess.Popen(
+            ["ip", "netns", "exec", host.ns, *argv], stdout=self._out, stderr=self._err,
+            stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.popen.wait(timeout)
+
+    def _read(self, f: tempfile._TemporaryFileWrapper[bytes] | object) -> str:
+        f.seek(0)  # type: ignore[attr-defined]
+        return f.read().decode(errors="replace")  # type: ignore[attr-defined]
+
+    @property
+    def stdout(self) -> str:
+        return self._read(self._out)
+
+    @property
+    def stderr(self) -> str:
+        return self._read(self._err)
+
+    def wait_for_output(self, needle: str, timeout: float = 10.0, stream: str = "stdout") -> str:
+        """Poll the output until ``needle`` appears; raise if the process dies or time runs out.
+
+        ``timeout`` is scaled by :data:`TIME_SCALE`."""
+        deadline = time.monotonic() + timeout * TIME_SCALE
+        while True:
+            text = self.stdout if stream == "stdout" else self.stderr
+            if needle in text:
+                return text
+            if self.poll() is not None:
+                raise LabError(f"{self.argv[0]} exited {self.poll()} before printing {needle!r}:"
+                               f" {self.stderr[-2000:]}")
+            if time.monotonic() > deadline:
+                raise LabError(f"timed out waiting for {needle!r} from {self.argv}")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 3.0) -> int | None:
+        """SIGTERM the process group, then SIGKILL; always reaps."""
+        if self.popen.poll() is None:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, sig)
+                try:
+                    self.popen.wait(timeout)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        rc = self.popen.wait()
+        return rc
+
+    def close(self) -> None:
+        self.stop()
+        self._out.close()
+        self._err.close()
+
+    def __repr__(self) -> str:
+        return f"<Process {self.pid} on {self.host.name}: {shlex.join(self.argv)[:60]}>"
+
+
+_open_labs: weakref.WeakSet[Lab] = weakref.WeakSet()
+_signals_installed = False
+
+
+def _close_all() -> None:
+    if os.getpid() != _handler_pid:
+        return  # a forked child: the labs belong to the parent
+    for lab in list(_open_labs):
+        lab.close()
+
+
+_handler_pid = 0
+
+
+def _on_term(signum: int, frame: object) -> None:
+    # Turn SIGTERM into an exception so ``with Lab()`` blocks unwind and clean up. A forked
+    # child inherits this handler (pyroute2 forks to open sockets in a namespace); there it
+    # must die as by default, never unwind a copy of its parent's stack.
+    if os.getpid() != _handler_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise SystemExit(128 + signum)
+
+
+def _install_signal_handlers() -> None:
+    global _signals_installed, _handler_pid
+    if _signals_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_term)
+    _handler_pid = os.getpid()
+    atexit.register(_close_all)
+    _signals_installed = True
+
+
+class Lab:
+    """A disposable network of namespaces. Use as a context manager (or call ``close``)."""
+
+    def __init__(self, prefix: str | None = None) -> None:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces, iptables)")
+        self.prefix = prefix or f"wgm{secrets.token_hex(3)}"
+        if not PREFIX_RE.match(self.prefix):
+            raise LabError(f"lab prefix must look like wgm + 6 hex digits, got {self.prefix!r}")
+        self.hosts: dict[str, Host] = {}
+        self.processes: list[Process] = []
+        self._namespaces: list[str] = []
+        self._lock = threading.RLock()
+        self._next_public = 10
+        self._next_wan = 10
+        self._next_lan = 1
+        self._closed = False
+        _install_signal_handlers()
+        _open_labs.add(self)
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        (STATE_DIR / self.prefix).write_text(str(os.getpid()))
+        try:
+            self.internet = self._make_internet()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- life cycle -------------------------------------------------------------------
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill every process and delete every namespace. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for p in reversed(self.processes):
+                with contextlib.suppress(Exception):
+                    p.close()
+            for ns in reversed(self._namespaces):
+                _delete_namespace(ns)
+            with contextlib.suppress(FileNotFoundError):
+                (STATE_DIR / self.prefix).unlink()
+            _open_labs.discard(self)
+
+    # ---- building ---------------------------------------------------------------------
+    def _ns(self, name: str) -> str:
+        if not re.match(r"^[a-z0-9][a-z0-9-]{0,30}$", name):
+            raise LabError(f"host name {name!r}: use lowercase letters, digits and '-'")
+        if name in self.hosts:
+            raise LabError(f"host {name!r} exists already")
+        ns = f"{self.prefix}-{name}"
+        _sh(["ip", "netns", "add", ns])
+        self._namespaces.append(ns)
+        self._ns_setup(ns)
+        return ns
+
+    def _ns_setup(self, ns: str) -> None:
+        self._ip(ns, "link", "set", "lo", "up")
+        self._sysctl(ns, "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+        # Where br_netfilter is loaded (Docker hosts), bridged frames would also run
+        # through iptables and the NAT's FORWARD policy; a real switch does not do that.
+        _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0",
+             "net.bridge.bridge-nf-call-ip6tables=0", "net.bridge.bridge-nf-call-arptables=0"],
+            check=False)
+
+    def _ip(self, ns: str, *args: str) -> None:
+        _sh(["ip", "-n", ns, *args])
+
+    def _sysctl(self, ns: str, *settings: str) -> None:
+        _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", *settings])
+
+    def _exec(self, ns: str, argv: Sequence[str]) -> None:
+        _sh(["ip", "netns", "exec", ns, *argv])
+
+    def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+        _sh(["ip", "link", "add", name_a, "netns", ns_a, "type", "veth",
+             "peer", "name", name_b, "netns", ns_b])
+
+    def _make_internet(self) -> Host:
+        ns = f"{self.prefix}-internet"
+        _sh(["ip", "netns", "add", ns])
+        self._namespaces.append(ns)
+        self._ns_setup(ns)
+        self._ip(ns, "link", "add", "br0", "type", "bridge")
+        for addr in (f"{PUBLIC_NET}.1/24", f"{ALT_NET}.1/24", f"{WAN_NET}.1/24",
+                     f"{PUBLIC_V6}1/64"):
+            self._ip(ns, "addr", "add", addr, "dev", "br0")
+        self._ip(ns, "link", "set", "br0", "up")
+        self._sysctl(ns, "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        return Host(self, "internet", ns, f"{PUBLIC_NET}.1", f"{PUBLIC_V6}1")
+
+    def _attach_to_internet(self, ns: str, port_name: str) -> None:
+        self._veth(ns, "eth0", self.internet.ns, port_name)
+        self._ip(self.internet.ns, "link", "set", port_name, "master", "br0", "up")
+        self._ip(ns, "link", "set", "eth0", "up")
+
+    def add_public_host(self, name: str) -> Host:
+        """A host with public addresses (IPv4, a second IPv4 and IPv6), no NAT."""
+        with self._lock:
+            ns = self._ns(name)
+            n = self._next_public
+            self._next_public += 1
+            if n > 250:
+                raise LabError("out of public addresses")
+            self._attach_to_internet(ns, f"p{n}")
+            ip, alt, ip6 = f"{PUBLIC_NET}.{n}", f"{ALT_NET}.{n}", f"{PUBLIC_V6}{n:x}"
+            self._ip(ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            self._ip(ns, "addr", "add", f"{alt}/24", "dev", "eth0")
+            self._ip(ns, "-6", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
+            self._ip(ns, "route", "add", "default", "via", f"{PUBLIC_NET}.1", "src", ip)
+            self._ip(ns, "-6", "route", "add", "default", "via", f"{PUBLIC_V6}1")
+            host = Host(self, name, ns, ip, ip6, alt)
+            self.hosts[name] = host
+            return host
+
+    def add_nat(self, name: str, kind: NatKind = "eim", *, hairpin: bool = False) -> NatRouter:
+        """A NAT router of ``kind`` with an empty LAN. ``kind='none'`` is refused: use
+        :meth:`add_public_host` (or :meth:`add_node_host`) for a host without NAT."""
+        if kind not in ("eim", "symmetric", "udp-blocked"):
+            raise LabError(f"unknown NAT kind {kind!r}; choose eim, symmetric or udp-blocked")
+        with self._lock:
+            ns = self._ns(name)
+            w = self._next_wan
+            self._next_wan += 1
+            idx = self._next_lan
+            self._next_lan += 1
+            if w > 250 or idx > 250:
+                raise LabError("out of NAT addresses")
+            wan = f"{WAN_NET}.{w}"
+            self._attach_to_internet(ns, f"w{w}")
+            self._ip(ns, "addr", "add", f"{wan}/24", "dev", "eth0")
+            self._ip(ns, "route", "add", "default", "via", f"{WAN_NET}.1")
+            self._ip(ns, "link", "add", "lan0", "type", "bridge")
+            self._ip(ns, "addr", "add", f"10.{idx}.0.1/24", "dev", "lan0")
+            self._ip(ns, "link", "set", "lan0", "up")
+            self._sysctl(ns, "net.ipv4.ip_forward=1")
+            router = NatRouter(self, name, ns, wan, kind=kind, hairpin=hairpin, index=idx)
+            self._nat_rules(router)
+            self.hosts[name] = router
+            return router
+
+    def _nat_rules(self, r: NatRouter) -> None:
+        """Real iptables rules, the way a home router or carrier NAT behaves.
+
+        * eim: MASQUERADE keeps the source port when it is free and reuses the
+          mapping for every destination (endpoint-independent mapping); conntrack
+          only admits replies from the exact remote ip:port (port-restricted filtering).
+        * symmetric: ``--random-fully`` picks a fresh port per destination.
+        * udp-blocked: outbound UDP dropped at the router; TCP still NATed.
+        * hairpin: LAN packets to the WAN address are DNATed back to the LAN
+          host the port maps to (port preservation makes the port the key).
+        """
+        ipt = ["ip", "netns", "exec", r.ns, "iptables", "-w"]
+        masq = ["-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"]
+        if r.kind == "symmetric":
+            masq.append("--random-fully")
+        rules = [
+            masq,
+            ["-P", "FORWARD", "DROP"],
+            ["-A", "FORWARD", "-i", "lan0", "-o", "eth0", "-j", "ACCEPT"],
+            ["-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate",
+             "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+            ["-A", "INPUT", "-i", "eth0", "-m", "conntrack", "--ctstate",
+             "ESTABLISHED,RELATED", "-j", "ACCEPT"],
+            ["-A", "INPUT", "-i", "eth0", "-j", "DROP"],
+        ]
+        if r.kind == "udp-blocked":
+            rules.insert(1, ["-I", "FORWARD", "1", "-i", "lan0", "-p", "udp", "-j", "DROP"])
+        if r.hairpin:
+            # Hairpinned flows: forwarded LAN->LAN, and SNATed to the router so replies
+            # return through it and get un-NATed.
+            rules += [
+                ["-A", "FORWARD", "-i", "lan0", "-o", "lan0", "-j", "ACCEPT"],
+                ["-t", "nat", "-A", "POSTROUTING", "-o", "lan0", "-s", f"{r.lan_prefix}.0/24",
+                 "-d", f"{r.lan_prefix}.0/24", "-j", "MASQUERADE"],
+            ]
+        for rule in rules:
+            _sh([*ipt, *rule])
+
+    def _hairpin_rule(self, r: NatRouter, host: Host) -> None:
+        # With port preservation the external port equals the internal one, so the
+        # first LAN host takes hairpinned traffic for every port; later hosts are
+        # reached by their own published mappings. This models the common home router.
+        if len(r.hosts) == 1:
+            _sh(["ip", "netns", "exec", r.ns, "iptables", "-w", "-t", "nat", "-A", "PREROUTING",
+                 "-i", "lan0", "-d", r.ip, "-j", "DNAT", "--to-destination", host.ip])
+
+    def add_host(self, name: str, nat: NatRouter) -> Host:
+        """A host on ``nat``'s LAN, default route through the router."""
+        with self._lock:
+            ns = self._ns(name)
+            i = len(nat.hosts) + 10
+            ip = f"{nat.lan_prefix}.{i}"
+            self._veth(ns, "eth0", nat.ns, f"l{i}")
+            self._ip(nat.ns, "link", "set", f"l{i}", "master", "lan0", "up")
+            self._ip(ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            self._ip(ns, "link", "set", "eth0", "up")
+            self._ip(ns, "route", "add", "default", "via", f"{nat.lan_prefix}.1")
+            host = Host(self, name, ns, ip, nat=nat)
+            nat.hosts.append(host)
+            self.hosts[name] = host
+            if nat.hairpin:
+                self._hairpin_rule(nat, host)
+            return host
+
+    def add_node_host(self, name: str, kind: NatKind, *, hairpin: bool = False) -> Host:
+        """A host behind a NAT of ``kind`` (its own router ``<name>-nat``), or public for 'none'."""
+        if kind == "none":
+            return self.add_public_host(name)
+        return self.add_host(name, self.add_nat(f"{name}-nat", kind, hairpin=hairpin))
+
+    # ---- processes --------------------------------------------------------------------
+    def run(self, host: Host, argv: Sequence[str], *, check: bool = True, timeout: float = 60,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in ``host``'s namespace to completion; output captured.
+
+        ``timeout`` is scaled by :data:`TIME_SCALE`."""
+        return _sh(["ip", "netns", "exec", host.ns, *argv], check=check,
+                   timeout=timeout * TIME_SCALE, input=input)
+
+    def spawn(self, host: Host, argv: Sequence[str], *, env: dict[str, str] | None = None,
+              cwd: str | None = None) -> Process:
+        """Start ``argv`` in ``host``'s namespace; it is killed and reaped at ``close``."""
+        with self._lock:
+            if self._closed:
+                raise LabError("lab is closed")
+            p = Process(host, argv, env, cwd)
+            self.processes.append(p)
+            return p
+
+    def python(self, host: Host, *args: str, env: dict[str, str] | None = None) -> Process:
+        """Start this interpreter in ``host``'s namespace, e.g. ``lab.python(h, '-m', 'x')``."""
+        return self.spawn(host, [sys.executable, *args], env=env)
+
+    def topology(self) -> tuple[list[tuple[str, str]], dict[str, str]]:
+        """Underlay links and each host's role, for :meth:`plot`."""
+        roles = {"internet": "internet"}
+        links = []
+        for h in self.hosts.values():
+            if isinstance(h, NatRouter):
+                roles[h.name] = "nat"
+                links.append((h.name, "internet"))
+            else:
+                roles[h.name] = ("relay" if h.name.startswith("relay") else
+                                 "control" if h.name.startswith("control") else "node")
+                links.append((h.name, h.nat.name if h.nat else "internet"))
+        return links, roles
+
+    def plot(self, paths: Sequence[tuple[str, str, str, float | None]] = ()) -> object:
+        """A topology picture (needs the ``plot`` extra); ``paths`` adds peer edges."""
+        from wgmesh.display import plot_topology
+
+        links, roles = self.topology()
+        return plot_topology(links, roles, paths, title=f"lab {self.prefix}")
+
+    def __repr__(self) -> str:
+        return f"<Lab {self.prefix}: {', '.join(self.hosts) or 'empty'}>"
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{h.name}</td><td>{getattr(h, 'kind', 'none') if h.nat is None else 'lan'}"
+            f"</td><td>{h.ip}</td><td>{h.nat.name if h.nat else ''}</td></tr>"
+            for h in self.hosts.values())
+        return (f"<b>Lab {self.prefix}</b><table><tr><th>host</th><th>role</th><th>ip</th>"
+                f"<th>behind</th></tr>{rows}</table>")
+
+
+def _delete_namespace(ns: str) -> None:
+    pids = _sh(["ip", "netns", "pids", ns], check=False).stdout.split()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), sig)
+                alive.append(pid)
+        if not alive:
+            break
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and any(_alive(int(p)) for p in alive):
+            time.sleep(0.02)
+        pids = alive
+    _sh(["ip", "netns", "del", ns], check=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie child of ours counts as gone
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    return True
+
+
+def list_namespaces() -> list[str]:
+    out = _sh(["ip", "netns", "list"], check=False).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def clean_leftovers(all_labs: bool = False) -> list[str]:
+    """Delete namespaces of labs whose owner process is gone (or every lab with ``all_labs``).
+
+    Returns the namespaces removed.
+    """
+    removed: list[str] = []
+    for ns in list_namespaces():
+        m = NS_RE.match(ns)
+        if not m:
+            continue
+        prefix = m.group(1)
+        owner = STATE_DIR / prefix
+        if not all_labs and owner.exists():
+            with contextlib.suppress(ValueError):
+                if _alive(int(owner.read_text())):
+                    continue
+        _delete_namespace(ns)
+        removed.append(ns)
+    if STATE_DIR.exists():
+        for f in STATE_DIR.iterdir():
+            if PREFIX_RE.match(f.name) and not any(n.startswith(f.name + "-")
+                                                    for n in list_namespaces()):
+                f.unlink(missing_ok=True)
+    return removed

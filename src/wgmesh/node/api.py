@@ -1,0 +1,626 @@
+"""Node: join a mesh. Control client + WireGuard backend + relay + traversal, in one object.
+
+:class:`AsyncNode` is the asyncio API; :class:`Node` is the same API, synchronous
+and thread-safe, running an AsyncNode on a private loop thread so it works in
+scripts and inside Jupyter (where a loop already runs on the main thread)::
+
+    node = wgmesh.Node("http://control:8420", authkey="wgk_...", state_dir="/var/lib/wgmesh")
+    node.up()
+    print(node.status())
+    node.ping("laptop")
+    node.down()
+
+Start-up follows the design: keys (0600, made here) -> register (public keys
+only) -> backend -> home relay -> STUN from the WireGuard port -> publish
+endpoints -> netmap. Each peer starts on the relay path, so it is reachable
+within a second, and traversal upgrades it to direct when the NATs allow.
+With a cached netmap the node comes up even while control is unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from wgmesh import netmap as nm
+from wgmesh.errors import WgmeshError
+from wgmesh.keys import Key
+from wgmesh.loopthread import LoopThread
+from wgmesh.node.events import Event, EventBus
+from wgmesh.node.state import StateDir
+from wgmesh.node.status import PeerStatus, PingResult, Status
+
+log = logging.getLogger("wgmesh.node.api")
+
+__all__ = ["AsyncNode", "Node"]
+
+DEFAULT_IFNAME = "wgmesh0"
+
+
+_TUNNEL_NETS = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fc00::/7"))
+
+
+def _lan_candidate(ip: str) -> bool:
+    """An interface address worth offering peers: not loopback, link-local or a tunnel's."""
+    a = ipaddress.ip_address(ip)
+    return not (a.is_loopback or a.is_link_local or any(a in n for n in _TUNNEL_NETS))
+
+
+class AsyncNode:
+    """One mesh node (asyncio). Use :class:`Node` from synchronous code."""
+
+    def __init__(self, control_url: str, *, authkey: str | None = None,
+                 state_dir: str | os.PathLike[str] = "/var/lib/wgmesh",
+                 backend: str = "auto", hostname: str | None = None,
+                 ifname: str = DEFAULT_IFNAME, listen_port: int = 0,
+                 events: EventBus | None = None) -> None:
+        self.control_url = control_url
+        self.authkey = authkey
+        self.state = StateDir(state_dir)
+        self.backend_kind = backend
+        self.hostname = hostname or socket.gethostname()
+        self.ifname = ifname
+        self.listen_port = listen_port
+        self.events = events or EventBus()
+        self.netmap: nm.Netmap | None = None
+        self.identity: nm.NodeInfo | None = None
+        self.backend: Any = None
+        self.backend_reason = ""
+        self.relay: Any = None
+        self.dataplane: Any = None
+        self.peer_api: Any = None
+        self._filter_applied: tuple[nm.FilterRule, ...] | None = None
+        self.candidates: Any = None
+        self.hard_nat = False
+        self.last_netcheck: Any = None
+        self.control_online = False
+        self._control: Any = None
+        self._stop = threading.Event()
+        self._follow_thread: threading.Thread | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._up = False
+        self._peer_keys: dict[int, Key] = {}
+
+    # ---- life cycle ----------------------------------------------------------------
+    async def __aenter__(self) -> AsyncNode:
+        await self.up()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.down()
+
+    async def up(self) -> Status:
+        """Register, configure WireGuard, connect the relay, start traversal."""
+        if self._up:
+            return await self.status()
+        from wgmesh.control.client import ControlClient
+        from wgmesh.wireguard.select import open_backend
+
+        # Choose the data plane first: "no root" or "no TUN" should not cost a registration.
+        self.backend, self.backend_reason = open_backend(self.backend_kind, self.ifname)
+        node_key, disco_key = self.state.node_key, self.state.disco_key
+        token = self.state.load_secret("node.token")
+        self._control = ControlClient(self.control_url, node_token=token)
+        try:
+            await self._register(node_key, disco_key, token)
+            self.control_online = True
+        except WgmeshError as e:
+            cached = self.state.load_netmap()
+            if cached is None or token is None:
+                raise
+            log.warning("control unreachable (%s); starting from the cached netmap", e)
+            self.netmap = cached
+        assert self.netmap is not None or self.identity is not None
+        try:
+            await self._start_dataplane()
+        except BaseException:
+            await self.down()
+            raise
+        self._up = True
+        if self.netmap is not None:
+            self._apply_netmap(self.netmap, live=self.control_online)
+        self._follow_thread = threading.Thread(target=self._follow, name="wgmesh-netmap",
+                                               args=(asyncio.get_running_loop(),), daemon=True)
+        self._follow_thread.start()
+        return await self.status()
+
+    async def _register(self, node_key: Any, disco_key: Any, token: str | None) -> None:
+        from wgmesh.control.errors import ControlAPIError
+
+        try:
+            await self._register_once(node_key, disco_key, token)
+        except ControlAPIError as e:
+            # Our token no longer works (node deleted or expired): with an auth key, join
+            # again under the same node key; without one, say so.
+            if e.status not in (401, 403) or token is None or not self.authkey:
+                raise
+            log.warning("control rejected the stored token (%s); registering again", e)
+            await self._register_once(node_key, disco_key, None)
+
+    async def _register_once(self, node_key: Any, disco_key: Any, token: str | None) -> None:
+        ident = self.state.load_identity()
+        if token is None or ident is None or ident.get("control_url") != self.control_url:
+            if not self.authkey:
+                raise WgmeshError("this node is not registered yet: pass an auth key")
+            reg = await asyncio.to_thread(self._control.register, node_key, disco_key.public,
+                                          self.hostname, self.authkey)
+            self.state.save_secret("node.token", reg.node_token)
+            self.identity = reg.node
+            self.state.save_identity({"control_url": self.control_url,
+                                      "node": nm.to_json(reg.node)})
+        else:
+            self.identity = nm.NodeInfo.from_json(ident["node"])
+        # The first netmap message is the full map: take it before going on.
+        first = await asyncio.to_thread(self._first_netmap)
+        self.netmap = first
+        self.identity = first.self_node
+        self.state.save_netmap(first)
+
+    def _first_netmap(self) -> nm.Netmap:
+        stream = self._control.stream()
+        try:
+            for msg in stream:
+                if isinstance(msg, nm.Netmap):
+                    return msg
+        finally:
+            stream.close()  # the follower opens its own stream, resuming from this seq
+        raise WgmeshError("control closed the netmap stream before sending a map")
+
+    async def _start_dataplane(self) -> None:
+        from wgmesh.node.dataplane import DataPlane
+        from wgmesh.relaynet.client import RelayClient
+        from wgmesh.traversal import Candidates, Traversal, TraversalConfig
+        from wgmesh.wireguard.backend import InterfaceConfig
+
+        assert self.netmap is not None
+        me = self.netmap.self_node
+        log.info("backend %s: %s", self.backend.kind, self.backend_reason)
+        await asyncio.to_thread(self.backend.up, InterfaceConfig(
+            self.ifname, self.state.node_key, self.listen_port,
+            (f"{me.ipv4}/10", f"{me.ipv6}/48")))
+        loop = asyncio.get_running_loop()
+        port = self._make_port(loop)
+        # Ping the relay every 2 s and give up on it after 6 s of silence: a NAT that
+        # forgot the TCP mapping must not leave the relay path dead for a minute.
+        self.relay = RelayClient(self.state.node_key, self.netmap.relay_map,
+                                 on_home_change=self._on_home_change, keepalive=2.0,
+                                 idle_timeout=6.0)
+        cfg = (TraversalConfig.kernel() if self.backend.kind == "kernel"
+               else TraversalConfig.userspace())
+        trav = Traversal(self.state.disco_key, self.state.node_key.public, cfg)
+        self.dataplane = DataPlane(self.backend, port, self.relay, trav,
+                                   on_path_changed=self._on_path_changed,
+                                   on_candidates_stale=self._on_candidates_stale,
+                                   on_observed=self._on_observed)
+        self.dataplane.start()
+        self.candidates = Candidates(self.backend.listen_port)
+        try:
+            await self.relay.start(wait=5.0)
+        except WgmeshError as e:
+            log.warning("no relay reachable yet (%s); retrying in the background", e)
+        self._tasks.append(loop.create_task(self._endpoint_loop()))
+        await self._start_peer_api()
+
+    async def _start_peer_api(self) -> None:
+        """The file-drop receiver, bound to the tunnel addresses and the WireGuard device."""
+        from wgmesh.drop.peerapi import PeerAPIServer, netmap_authorize, netmap_identify
+
+        assert self.netmap is not None
+        me = self.netmap.self_node
+        self.peer_api = PeerAPIServer(
+            self.state.inbox, [me.ipv4, me.ipv6], interface=self.ifname,
+            identify=netmap_identify(lambda: self.netmap),
+            authorize=netmap_authorize(lambda: self.netmap))
+        await self.peer_api.start()
+
+    def _make_port(self, loop: asyncio.AbstractEventLoop) -> Any:
+        from wgmesh.node.dataplane import KernelPort, UserspacePort
+
+        if self.backend.kind == "kernel":
+            return KernelPort(self.backend, loop)
+        return UserspacePort(self.backend, loop)
+
+    async def down(self) -> None:
+        """Remove the interface and close streams; ``state_dir`` keeps the keys."""
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.peer_api is not None:
+            await self.peer_api.close()
+        if self.dataplane is not None:
+            await self.dataplane.close()
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                await self.relay.close()
+        if self.backend is not None:
+            if self.backend.kind == "kernel" and self._filter_applied is not None:
+                from wgmesh.wireguard.filter import remove_nft
+
+                with contextlib.suppress(WgmeshError):
+                    remove_nft(self.ifname)
+            await asyncio.to_thread(self.backend.down)
+        if self._control is not None:
+            self._control.close()
+        self._up = False
+
+    # ---- control plane -------------------------------------------------------------
+    def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
+        from wgmesh.control.errors import ControlAPIError
+
+        assert self.netmap is not None
+        client = self._control
+        client.last_seq = self.netmap.seq
+        try:
+            for netmap in client.follow(self._stop):
+                loop.call_soon_threadsafe(self._apply_netmap, netmap)
+        except ControlAPIError as e:
+            log.error("control rejected this node: %s", e)
+            loop.call_soon_threadsafe(self._emit, "state", {"control": "rejected",
+                                                            "error": str(e)})
+
+    def _apply_netmap(self, netmap: nm.Netmap, live: bool = True) -> None:
+        """Fold a new netmap into the backend and traversal: only the peers that changed."""
+        from wgmesh.wireguard.backend import PeerConfig
+
+        if self.dataplane is None:
+            return
+        old = self.netmap if self.netmap is not None and self._peer_keys else None
+        self.netmap = netmap
+        self.control_online = self.control_online or live
+        with contextlib.suppress(OSError):
+            self.state.save_netmap(netmap)
+        now = time.time()
+        visible = {pid: p for pid, p in netmap.peers.items()
+                   if not (0 < p.key_expiry <= now)}
+        desired = [PeerConfig(p.node_key, p.allowed_ips or (f"{p.ipv4}/32", f"{p.ipv6}/128"),
+                              None, 25 if self.backend.kind == "kernel" else 0)
+                   for p in visible.values()]
+        # Relayed peers keep the endpoint the data plane gave them.
+        try:
+            self.backend.set_peers(self._keep_endpoints(desired))
+        except WgmeshError as e:
+            log.error("configuring peers failed: %s", e)
+            return
+        for pid in set(self._peer_keys) - set(visible):
+            key = self._peer_keys.pop(pid)
+            self.dataplane.remove_peer(key)
+            self._emit("peer_removed", {"key": key.b64()})
+        for pid, p in visible.items():
+            prev = self._peer_keys.get(pid)
+            if prev is not None and prev != p.node_key:  # key rotation: a new WireGuard peer
+                self.dataplane.remove_peer(prev)
+            is_new = prev != p.node_key
+            self._peer_keys[pid] = p.node_key
+            old_peer = old.peers.get(pid) if old else None
+            if is_new or old_peer is None or old_peer.endpoints != p.endpoints \
+                    or old_peer.home_relay != p.home_relay or old_peer.disco_key != p.disco_key:
+                self.dataplane.upsert_peer(p.node_key, p.disco_key,
+                                           [(e.ip, e.port) for e in p.endpoints], p.home_relay)
+            if is_new:
+                self._emit("peer_added", {"name": p.name, "key": p.node_key.b64(),
+                                          "ipv4": p.ipv4})
+        self._apply_filter(netmap)
+        self._emit("netmap", {"seq": netmap.seq, "peers": len(visible)})
+
+    def _keep_endpoints(self, desired: list[Any]) -> list[Any]:
+        current = self.backend.stats()
+        out = []
+        for pc in desired:
+            st = current.get(pc.public_key)
+            out.append(attrs.evolve(pc, endpoint=st.endpoint) if st and st.endpoint else pc)
+        return out
+
+    def _apply_filter(self, netmap: nm.Netmap) -> None:
+        """Enforce the netmap's inbound rules: nftables on a kernel interface, the device's
+        own connection-tracking filter in userspace. Only when the rules changed."""
+        rules = (*netmap.filter, *self._drop_rules(netmap))
+        if rules == self._filter_applied:
+            return
+        try:
+            if self.backend.kind == "kernel":
+                from wgmesh.wireguard.filter import install_nft
+
+                install_nft(self.ifname, rules)
+            else:
+                self.backend.set_filter(rules)
+        except WgmeshError as e:
+            log.error("installing the packet filter failed: %s", e)
+            return
+        self._filter_applied = rules
+
+    @staticmethod
+    def _drop_rules(netmap: nm.Netmap) -> tuple[nm.FilterRule, ...]:
+        """The file-send capability opens the peer API's port to the peers holding it, even
+        where the port rules would not."""
+        from wgmesh.drop.peerapi import DEFAULT_PORT
+
+        senders = [a for p in netmap.peers.values() if nm.CAP_FILE_SEND in p.caps
+                   for a in (f"{p.ipv4}/32", f"{p.ipv6}/128")]
+        if not senders:
+            return ()
+        me = netmap.self_node
+        return (nm.FilterRule(src=tuple(senders), dst=(f"{me.ipv4}/32", f"{me.ipv6}/128"),
+                              ports=((DEFAULT_PORT, DEFAULT_PORT),), proto="tcp"),)
+
+    # ---- endpoints -----------------------------------------------------------------
+    async def _endpoint_loop(self) -> None:
+        """STUN from the WireGuard port, publish what changed; again every 30 s and on demand."""
+        self._refresh = asyncio.Event()
+        while True:
+            try:
+                await self._refresh_endpoints()
+            except Exception:
+                log.exception("endpoint refresh failed")
+            self._refresh.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._refresh.wait(), 30)
+
+    async def netcheck(self) -> dict[str, Any]:
+        """UDP, reflexive addresses, hard NAT, relay latencies, hairpin: from the WG port."""
+        report = await self._netcheck()
+        return report.to_json()
+
+    async def _netcheck(self) -> Any:
+        from wgmesh.node.netcheck import servers_from_relay_map
+
+        assert self.netmap is not None
+        return await self.dataplane.netcheck(servers_from_relay_map(self.netmap.relay_map))
+
+    async def _refresh_endpoints(self) -> None:
+        report = await self._netcheck()
+        self.last_netcheck = report
+        self.hard_nat = report.hard_nat
+        reflexive = [a for a in (report.ipv4, report.ipv6) if a]
+        lan = [a for a in report.local_addresses if _lan_candidate(a)]
+        changed = self.candidates.update(lan=lan, reflexive=reflexive,
+                                         hard_nat=report.hard_nat,
+                                         local_port=self.backend.listen_port)
+        self.dataplane.set_local(list(self.candidates.addrs), report.hard_nat)
+        if changed is not None:
+            await self._publish(endpoints=list(changed))
+
+    async def _publish(self, **kw: Any) -> None:
+        try:
+            await asyncio.to_thread(self._control.update, **kw)
+        except WgmeshError as e:
+            log.warning("publishing to control failed: %s", e)
+
+    def _on_candidates_stale(self, reason: str) -> None:
+        if hasattr(self, "_refresh"):
+            self._refresh.set()
+
+    def _on_observed(self, addr: tuple[str, int]) -> None:
+        self._on_candidates_stale("observed")
+
+    def _on_home_change(self, region: int) -> None:
+        asyncio.get_running_loop().create_task(self._publish(home_relay=region))
+
+    def _on_path_changed(self, key: Key, st: Any) -> None:
+        peer = self._peer_by_key(key)
+        self._emit("peer_path_changed", {
+            "peer": peer.name if peer else key.short(), "key": key.b64(), "path": st.path,
+            "endpoint": f"{st.endpoint[0]}:{st.endpoint[1]}" if st.endpoint else None,
+            "rtt_ms": None if st.rtt is None else round(st.rtt * 1000, 2), "reason": st.reason})
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        self.events.emit(Event(name, data, time.time()))
+
+    # ---- queries -------------------------------------------------------------------
+    def _peer_by_key(self, key: Key) -> nm.Peer | None:
+        if self.netmap is None:
+            return None
+        return self.netmap.peer_by_key(key)
+
+    def resolve(self, ref: str) -> nm.Peer:
+        """A peer by name, tunnel address or node key."""
+        if self.netmap is None:
+            raise WgmeshError("no netmap yet")
+        for p in self.netmap.peers.values():
+            if ref in (p.name, p.ipv4, p.ipv6, p.node_key.b64()) \
+                    or p.name.split(".")[0] == ref:
+                return p
+        raise WgmeshError(f"no peer {ref!r} in this node's netmap")
+
+    async def status(self) -> Status:
+        me = self.netmap.self_node if self.netmap else self.identity
+        stats = await asyncio.to_thread(self.backend.stats) if self.backend else {}
+        peers = []
+        if self.netmap is not None:
+            for p in sorted(self.netmap.peers.values(), key=lambda p: p.name):
+                st = stats.get(p.node_key)
+                path = self.dataplane.paths.get(p.node_key) if self.dataplane else None
+                relay_region = p.home_relay or (self.relay.home_region if self.relay else None)
+                peers.append(PeerStatus(
+                    name=p.name, ipv4=p.ipv4, ipv6=p.ipv6, key=p.node_key.b64(),
+                    online=p.online,
+                    path=path.path if path else "relay",
+                    endpoint=(f"{path.endpoint[0]}:{path.endpoint[1]}"
+                              if path and path.endpoint and path.path == "direct" else None),
+                    relay_region=relay_region,
+                    rtt_ms=None if not path or path.rtt is None else round(path.rtt * 1e3, 2),
+                    last_handshake=st.last_handshake if st else None,
+                    rx_bytes=st.rx_bytes if st else 0, tx_bytes=st.tx_bytes if st else 0))
+        return Status(
+            name=me.name if me else self.hostname, ipv4=me.ipv4 if me else None,
+            ipv6=me.ipv6 if me else None,
+            public_key=self.state.node_key.public.b64(),
+            backend=self.backend.kind if self.backend else None,
+            backend_reason=self.backend_reason,
+            listen_port=self.backend.listen_port if self.backend else None,
+            home_relay=self.relay.home_region if self.relay else None,
+            endpoints=[str(e) for e in self.candidates.endpoints] if self.candidates else [],
+            control_online=self.control_online, peers=peers)
+
+    async def ping(self, peer: str, *, count: int = 1, timeout: float = 5.0) -> PingResult:
+        """An ICMP echo through the tunnel to ``peer``; reports the path it took."""
+        from wgmesh.node.icmp import echo
+
+        p = self.resolve(peer)
+        rtt = await asyncio.to_thread(echo, p.ipv4, timeout=timeout, count=count)
+        path = self.dataplane.paths.get(p.node_key) if self.dataplane else None
+        return PingResult(peer=p.name, ip=p.ipv4, rtt_ms=None if rtt is None else rtt * 1e3,
+                          path=path.path if path else "relay",
+                          endpoint=(f"{path.endpoint[0]}:{path.endpoint[1]}"
+                                    if path and path.endpoint and path.path == "direct"
+                                    else None),
+                          relay_region=p.home_relay or (self.relay.home_region
+                                                        if self.relay else None))
+
+    async def send_file(self, peer: str, path: str | os.PathLike[str],
+                        progress: Callable[[int, int], None] | None = None) -> Any:
+        """Send a file to ``peer``'s inbox through the tunnel (resumable, digest-checked)."""
+        from wgmesh.drop.peerapi import send_file
+
+        p = self.resolve(peer)
+        return await asyncio.to_thread(send_file, p.ipv4, path, progress=progress)
+
+    def file_methods(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        """Local-API methods behind ``wgmesh file send|receive``."""
+        from wgmesh.drop.peerapi import file_digest
+
+        async def send(p: dict[str, Any]) -> Any:
+            out = []
+            for path in p["paths"]:
+                r = await self.send_file(str(p["peer"]), path)
+                out.append(attrs.asdict(r))
+            return out
+
+        async def listing(p: dict[str, Any]) -> Any:
+            files = await asyncio.to_thread(self.state_inbox().list)
+            return [{"name": f.name, "size": f.size, "mtime": f.mtime,
+                     "sha256": await asyncio.to_thread(file_digest, f.path)
+                     if p.get("sha256", True) else None} for f in files]
+
+        async def receive(p: dict[str, Any]) -> Any:
+            inbox = self.state_inbox()
+            if p.get("wait"):
+                await asyncio.to_thread(inbox.wait, float(p.get("timeout", 0)) or None)
+            moved = await asyncio.to_thread(inbox.move_to, p["dest"])
+            return [str(m) for m in moved]
+
+        return {"file_send": send, "file_list": listing, "file_receive": receive}
+
+    def state_inbox(self) -> Any:
+        return self.peer_api.inbox
+
+    def on(self, name: str, callback: Callable[[Event], None]) -> Callable[[], None]:
+        return self.events.on(name, callback)
+
+
+def _enter_netns(netns: str) -> None:
+    """Move the calling thread into ``netns``; threads and processes it starts follow."""
+    fd = os.open(netns if netns.startswith("/") else f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, 0x40000000) != 0:
+            err = ctypes.get_errno()
+            raise WgmeshError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class Node:
+    """The synchronous, thread-safe face of :class:`AsyncNode` (scripts, Jupyter).
+
+    ``netns``: run the whole node (interface, sockets, control and relay
+    connections) inside that network namespace, e.g. a lab host's ``host.ns``.
+    """
+
+    def __init__(self, control_url: str, *, authkey: str | None = None,
+                 state_dir: str | os.PathLike[str] = "/var/lib/wgmesh", backend: str = "auto",
+                 netns: str | None = None, hostname: str | None = None,
+                 ifname: str = DEFAULT_IFNAME, listen_port: int = 0) -> None:
+        self._loop = LoopThread(f"wgmesh-node-{hostname or ''}")
+        self.events = EventBus()
+        if netns is not None:
+            self._loop.call(_in_loop(_enter_netns, netns))
+        self._node = AsyncNode(control_url, authkey=authkey, state_dir=state_dir,
+                               backend=backend, hostname=hostname, ifname=ifname,
+                               listen_port=listen_port, events=self.events)
+        self.netns = netns
+        self.state_dir = Path(state_dir)
+
+    @property
+    def aio(self) -> AsyncNode:
+        return self._node
+
+    def up(self, timeout: float = 60) -> Status:
+        return self._loop.call(self._node.up(), timeout)
+
+    def down(self, timeout: float = 30) -> None:
+        try:
+            self._loop.call(self._node.down(), timeout)
+        finally:
+            self._loop.stop()
+
+    def status(self) -> Status:
+        return self._loop.call(self._node.status(), 30)
+
+    def ping(self, peer: str, *, count: int = 1, timeout: float = 5.0) -> PingResult:
+        return self._loop.call(self._node.ping(peer, count=count, timeout=timeout),
+                               timeout * count + 5)
+
+    def netcheck(self) -> dict[str, Any]:
+        """UDP, reflexive addresses, hard NAT, relay latency, hairpin, from the WG port."""
+        return self._loop.call(self._node.netcheck(), 30)
+
+    def send_file(self, peer: str, path: str | os.PathLike[str],
+                  progress: Callable[[int, int], None] | None = None) -> Any:
+        """Send ``path`` to ``peer`` through the tunnel; ``progress(done, total)`` as it goes."""
+        return self._loop.call(self._node.send_file(peer, path, progress), None)
+
+    @property
+    def netmap(self) -> nm.Netmap | None:
+        return self._node.netmap
+
+    def on(self, name: str, callback: Callable[[Event], None]) -> Callable[[], None]:
+        return self.events.on(name, callback)
+
+    def plot(self) -> object:
+        """This node and its peers, edges coloured by path with their latency."""
+        from wgmesh.display import plot_topology
+
+        st = self.status()
+        roles = {st.name: "node", **{p.name: "node" for p in st.peers}}
+        return plot_topology([], roles, [(st.name, p.name, p.path, p.rtt_ms) for p in st.peers],
+                             title=f"{st.name} ({st.backend})")
+
+    def wait_for(self, predicate: Callable[[Status], bool], timeout: float = 30,
+                 interval: float = 0.2) -> Status:
+        """Poll :meth:`status` until ``predicate`` holds (e.g. a peer went direct)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.status()
+            if predicate(st):
+                return st
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"condition not met within {timeout}s: {st!r}")
+            time.sleep(interval)
+
+    def __enter__(self) -> Node:
+        self.up()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def __repr__(self) -> str:
+        return f"<Node {self._node.hostname} {'up' if self._node._up else 'down'}>"
+
+
+async def _in_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)

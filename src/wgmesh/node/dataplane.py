@@ -1,0 +1,382 @@
+"""The node's data-plane driver: one WireGuard backend, one relay client, traversal for all peers.
+
+This is the thin asyncio driver around the sans-I/O :class:`~wgmesh.traversal.Traversal`:
+it feeds it disco from the WireGuard port and the relay, WireGuard stats once a
+second, and its timers, and carries out the actions it returns against the
+backend. A :class:`Port` hides how each backend shares its WireGuard port:
+
+* userspace: the device owns the UDP socket; non-WireGuard datagrams (STUN,
+  disco) come out of its ``on_other`` hook, a relayed peer's packets go to a
+  relay callback and come back through ``inject_from_relay``;
+* kernel: the kernel owns the socket; :mod:`~wgmesh.wireguard.sharedsock` sends and
+  receives STUN/disco on its port, and :mod:`~wgmesh.wireguard.proxy` gives each
+  relayed peer a loopback endpoint.
+
+Everything here runs on the node's loop thread; backend callbacks from other
+threads hop onto it with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+
+from wgmesh import disco, stun, traversal
+from wgmesh.keys import Key
+from wgmesh.relaynet.client import RelayClient
+from wgmesh.traversal import RELAY, Traversal
+from wgmesh.wireguard.backend import Backend
+
+log = logging.getLogger("wgmesh.node.dataplane")
+
+__all__ = ["DataPlane", "KernelPort", "PeerPathStatus", "Port", "UserspacePort"]
+
+Addr = tuple[str, int]
+STATS_INTERVAL = 1.0
+
+
+class Port(Protocol):
+    """How disco/STUN and relayed WireGuard share one backend's WireGuard port."""
+
+    def start(self, on_datagram: Callable[[bytes, Addr], None],
+              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None: ...
+    def send(self, data: bytes, addr: Addr) -> None: ...
+    def use_relay(self, key: Key) -> None: ...
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        """Point the peer at ``addr``; ``handshake``: make WireGuard handshake on it now."""
+    def inject(self, key: Key, data: bytes) -> None: ...
+    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | Any | None:
+        """The stats endpoint as traversal sees it: an address, or RELAY."""
+    def close(self) -> None: ...
+
+
+class UserspacePort:
+    """The userspace device's hooks (see :class:`~wgmesh.wireguard.userspace.UserspaceBackend`)."""
+
+    def __init__(self, backend: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.backend = backend
+        self.loop = loop
+        self._relay_out: Callable[[Key, bytes], None] | None = None
+
+    def start(self, on_datagram: Callable[[bytes, Addr], None],
+              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None:
+        loop = self.loop
+        self.backend.on_other = lambda data, addr: loop.call_soon_threadsafe(
+            on_datagram, bytes(data), addr)
+        self._relay_out = on_wireguard_for_relay
+
+    def send(self, data: bytes, addr: Addr) -> None:
+        self.backend.send_other(data, addr)
+
+    def use_relay(self, key: Key) -> None:
+        out, loop = self._relay_out, self.loop
+        assert out is not None
+        self.backend.set_peer_relay(
+            key, lambda data: loop.call_soon_threadsafe(out, key, bytes(data)))
+
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        self.backend.set_endpoint(key, addr)  # the device handshakes as it needs to
+
+    def inject(self, key: Key, data: bytes) -> None:
+        self.backend.inject_from_relay(key, data)
+
+    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | Any | None:
+        # The device keeps a relay route beside the endpoint, so the endpoint alone
+        # cannot say "relayed"; our own path state does.
+        return RELAY if path == "relay" else endpoint
+
+    def close(self) -> None:
+        self.backend.on_other = None
+
+
+class KernelPort:
+    """Kernel WireGuard: STUN/disco through sharedsock on its port, relayed peers through
+    loopback endpoints of the relay bridge. Python never sees a direct-path packet."""
+
+    def __init__(self, backend: Any, loop: asyncio.AbstractEventLoop) -> None:
+        from wgmesh.wireguard.sharedsock import SharedSocket
+
+        self.backend = backend
+        self.loop = loop
+        self.shared = SharedSocket.for_backend(backend)
+        self.bridge: Any = None
+
+    def start(self, on_datagram: Callable[[bytes, Addr], None],
+              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None:
+        from wgmesh.wireguard.proxy import RelayBridge
+
+        self.shared.add_reader(self.loop, on_datagram)
+        self.bridge = RelayBridge(self.loop, on_wireguard_for_relay, self.backend.listen_port,
+                                  netns=self.backend.netns)
+
+    def send(self, data: bytes, addr: Addr) -> None:
+        self.shared.send(data, addr)
+
+    def use_relay(self, key: Key) -> None:
+        self.bridge.use_relay(self.backend, key)
+
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        # Not bridge.use_direct: relayed packets must keep flowing until traversal trusts
+        # the direct path (RelayIngress), which the data plane enforces.
+        if handshake and (pc := self.backend.peers().get(key)) is not None:
+            # A fresh peer entry has no session, and its persistent keepalive makes the
+            # kernel handshake at once, on the new endpoint: the proof traversal waits for.
+            others = [c for k, c in self.backend.peers().items() if k != key]
+            self.backend.set_peers(others)
+            self.backend.set_peers([*others, attrs.evolve(pc, endpoint=addr)])
+            return
+        self.backend.set_endpoint(key, addr)
+
+    def inject(self, key: Key, data: bytes) -> None:
+        self.bridge.deliver(key, data)
+
+    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | Any | None:
+        if endpoint is not None and endpoint[0] in ("127.0.0.1", "::1"):
+            return RELAY  # a loopback endpoint is the bridge: the peer goes via the relay
+        return endpoint
+
+    def close(self) -> None:
+        self.shared.remove_reader(self.loop)
+        self.shared.close()
+        if self.bridge is not None:
+            self.bridge.close()
+
+
+@attrs.define
+class PeerPathStatus:
+    path: str = "relay"  # "direct" | "relay"
+    endpoint: Addr | None = None
+    rtt: float | None = None
+    changed_at: float = 0.0
+    reason: str = "start"
+    first_direct_at: float | None = None
+
+
+class DataPlane:
+    """Drives traversal for every peer of one node over a backend, a port and a relay client."""
+
+    def __init__(self, backend: Backend, port: Port, relay: RelayClient, trav: Traversal, *,
+                 on_path_changed: Callable[[Key, PeerPathStatus], None] | None = None,
+                 on_candidates_stale: Callable[[str], None] | None = None,
+                 on_observed: Callable[[Addr], None] | None = None) -> None:
+        self.backend = backend
+        self.port = port
+        self.relay = relay
+        self.trav = trav
+        self.paths: dict[Key, PeerPathStatus] = {}
+        self._relay_ingress: dict[Key, bool] = {}
+        self._probes: list[Any] = []  # running NetcheckProbes
+        self._extra: dict[int, socket.socket] = {}
+        self._extra_owner: dict[int, Key] = {}
+        self._on_path_changed = on_path_changed
+        self._on_candidates_stale = on_candidates_stale
+        self._on_observed = on_observed
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.started_at = time.monotonic()
+        self.counters: dict[str, int] = {"relay_wg_in": 0, "relay_wg_out": 0,
+                                         "relay_wg_dropped_direct": 0, "not_for_us": 0}
+
+    # ---- life cycle ----------------------------------------------------------------
+    def start(self) -> None:
+        self.port.start(self._on_datagram, self._wireguard_to_relay)
+        self.relay.on_packet = self._on_relay_packet
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for s in self._extra.values():
+            s.close()
+        self._extra.clear()
+        self.port.close()
+
+    async def _run(self) -> None:
+        next_stats = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_stats:
+                self._poll_stats(now)
+                next_stats = now + STATS_INTERVAL
+            self._do(self.trav.tick(now))
+            wake = min(filter(None, [self.trav.next_wakeup(), next_stats]))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.005, wake - time.monotonic()))
+
+    # ---- peers ---------------------------------------------------------------------
+    def upsert_peer(self, node_key: Key, disco_key: Key, endpoints: list[Addr],
+                    home_region: int | None) -> None:
+        self.relay.set_peer_region(node_key, home_region or None)
+        if node_key not in self.paths:
+            self.paths[node_key] = PeerPathStatus(changed_at=time.monotonic())
+        self._do(self.trav.upsert_peer(node_key, disco_key, endpoints, time.monotonic()))
+
+    def remove_peer(self, node_key: Key) -> None:
+        self._do(self.trav.remove_peer(node_key))
+        self.paths.pop(node_key, None)
+        self._relay_ingress.pop(node_key, None)
+        self.relay.set_peer_region(node_key, None)
+
+    def set_local(self, candidates: list[Addr], hard_nat: bool) -> None:
+        self._do(self.trav.set_local(candidates, time.monotonic(), hard_nat=hard_nat))
+
+    def network_changed(self) -> None:
+        self._do(self.trav.network_changed(time.monotonic()))
+
+    # ---- netcheck from the WireGuard port -------------------------------------------
+    async def netcheck(self, servers: list[Any], timeout: float = 3.0) -> Any:
+        """A :class:`~wgmesh.node.netcheck.NetcheckReport` measured from the WireGuard port itself,
+        so the mapping it reports is the one WireGuard's packets get."""
+        from wgmesh.node.netcheck import NetcheckProbe, local_addresses
+
+        probe = NetcheckProbe(servers, time.monotonic())
+        self._probes.append(probe)
+        try:
+            for addr, data in probe.start():
+                self.port.send(data, addr)
+            deadline = time.monotonic() + timeout
+            while not probe.done and time.monotonic() < deadline:
+                nd = probe.next_deadline
+                await asyncio.sleep(max(0.005, min(0.05, (nd or deadline) - time.monotonic())))
+                for addr, data in probe.on_timeout(time.monotonic()):
+                    self.port.send(data, addr)
+        finally:
+            self._probes.remove(probe)
+        return probe.report(local=await asyncio.to_thread(local_addresses))
+
+    # ---- inputs --------------------------------------------------------------------
+    def _on_datagram(self, data: bytes, addr: Addr, sock: int = 0) -> None:
+        if disco.is_disco(data):
+            self._do(self.trav.on_udp(data, addr, time.monotonic(), sock))
+        elif stun.is_stun(data):
+            for probe in self._probes:
+                for dst, out in probe.receive(data, addr, time.monotonic()):
+                    self.port.send(out, dst)
+        elif sock and sock in self._extra_owner:
+            # WireGuard on a port-search socket: it carries that peer's direct path.
+            self.port.inject(self._extra_owner[sock], data)
+        else:
+            self.counters["not_for_us"] += 1
+
+    def _on_relay_packet(self, src: Key, data: bytes) -> None:
+        if disco.is_disco(data):
+            self._do(self.trav.on_relay(src, data, time.monotonic()))
+            return
+        if src not in self.paths:
+            self.counters["not_for_us"] += 1
+            return
+        if not self._relay_ingress.get(src, True):
+            self.counters["relay_wg_dropped_direct"] += 1
+            return
+        self.counters["relay_wg_in"] += 1
+        self.port.inject(src, data)
+
+    def _wireguard_to_relay(self, key: Key, data: bytes) -> None:
+        self.counters["relay_wg_out"] += 1
+        self.relay.send_nowait(key, data)
+
+    def _poll_stats(self, now: float) -> None:
+        try:
+            stats = self.backend.stats()
+        except Exception as e:  # a vanished interface must not kill the loop
+            log.warning("reading WireGuard stats failed: %s", e)
+            return
+        for key, st in stats.items():
+            if key not in self.paths:
+                continue
+            ep = self.port.seen_endpoint(st.endpoint, self.paths[key].path)
+            self._do(self.trav.on_wg_stats(key, now, ep, st.last_handshake, st.rx_bytes,
+                                           st.tx_bytes))
+
+    # ---- actions -------------------------------------------------------------------
+    def _do(self, actions: list[traversal.Action]) -> None:
+        for a in actions:
+            try:
+                self._act(a)
+            except Exception:
+                log.exception("carrying out %r failed", a)
+        if actions:
+            self._wake.set()
+
+    def _act(self, a: traversal.Action) -> None:
+        if isinstance(a, traversal.SendDisco):
+            if a.sock == 0:
+                self.port.send(a.data, a.addr)
+            elif (s := self._extra.get(a.sock)) is not None:
+                with contextlib.suppress(OSError):
+                    s.sendto(a.data, a.addr)
+        elif isinstance(a, traversal.SendViaRelay):
+            self.relay.send_nowait(a.key, a.data)
+        elif isinstance(a, traversal.SetEndpoint):
+            if a.endpoint is RELAY:
+                self.port.use_relay(a.key)
+            elif a.sock and (s := self._extra.get(a.sock)) is not None:
+                self._route_via_socket(a.key, s, a.endpoint)  # type: ignore[arg-type]
+            else:
+                self.port.use_direct(a.key, a.endpoint, a.handshake)  # type: ignore[arg-type]
+        elif isinstance(a, traversal.RelayIngress):
+            self._relay_ingress[a.key] = a.enabled
+        elif isinstance(a, traversal.OpenPorts):
+            self._open_ports(a.key, a.socks)
+        elif isinstance(a, traversal.ClosePorts):
+            for sid in a.socks:
+                s = self._extra.pop(sid, None)
+                self._extra_owner.pop(sid, None)
+                if s is not None:
+                    asyncio.get_running_loop().remove_reader(s.fileno())
+                    s.close()
+        elif isinstance(a, traversal.PathChanged):
+            st = self.paths.setdefault(a.key, PeerPathStatus())
+            st.path, st.endpoint, st.rtt, st.reason = a.path, a.endpoint, a.rtt, a.reason
+            st.changed_at = time.monotonic()
+            if a.path == "direct" and st.first_direct_at is None:
+                st.first_direct_at = st.changed_at
+            log.info("peer %s now %s %s (%s)", a.key.short(), a.path, a.endpoint or "", a.reason)
+            if self._on_path_changed:
+                self._on_path_changed(a.key, st)
+        elif isinstance(a, traversal.ObservedAddr):
+            if a.sock == 0 and self._on_observed:
+                self._on_observed(a.addr)
+        elif isinstance(a, traversal.RefreshCandidates) and self._on_candidates_stale:
+            self._on_candidates_stale(a.reason)
+
+    def _open_ports(self, key: Key, socks: tuple[int, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        for sid in socks:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            s.bind(("0.0.0.0", 0))
+            self._extra[sid] = s
+            self._extra_owner[sid] = key
+            loop.add_reader(s.fileno(), self._read_extra, sid, s)
+
+    def _read_extra(self, sid: int, s: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                data, addr = s.recvfrom(65535)
+            except (BlockingIOError, OSError):
+                return
+            self._on_datagram(data, (addr[0], addr[1]), sid)
+
+    def _route_via_socket(self, key: Key, s: socket.socket, addr: Addr) -> None:
+        """A direct path found from a port-search socket: WireGuard rides that socket."""
+
+        def send(data: bytes) -> None:
+            with contextlib.suppress(OSError):
+                s.sendto(data, addr)
+
+        set_relay = getattr(self.port.backend, "set_peer_relay", None)  # type: ignore[attr-defined]
+        if set_relay is None:
+            return
+        loop = asyncio.get_running_loop()
+        set_relay(key, lambda data: loop.call_soon_threadsafe(send, bytes(data)))

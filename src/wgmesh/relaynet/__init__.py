@@ -1,0 +1,5 @@
+"""The asyncio drivers of the sans-I/O relay protocol in :mod:`wgmesh.relay`.
+
+``stream`` (frame I/O), ``connection`` (dial and handshake), ``client`` (home
+selection and failover), ``server`` (forwarding, STUN, the region mesh).
+"""

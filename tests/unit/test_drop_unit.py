@@ -1,0 +1,370 @@
+"""File drop without namespaces: name rules, offers, the inbox, identity, and the
+protocol against a real peer API on loopback (identity fixed by address there)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from droptools import BOB, LoopServer, raw_put
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wgmesh.drop import peerapi as drop
+from wgmesh.drop.inbox import BadName, Inbox, check_name, suffixed
+from wgmesh.keys import Key
+from wgmesh.netmap import CAP_FILE_SEND, Netmap, NodeInfo, Peer
+
+pytestmark = pytest.mark.unit
+
+HOSTILE = [
+    "", ".", "..", "../x", "../../etc/passwd", "/etc/passwd", "a/b", "a\\b", "..\\x",
+    "a\x00b", "\x00", "bell\x07", "esc\x1b[31mred", "new\nline", "tab\t", "del\x7f",
+    "CON", "con.txt", "Nul.tar.gz", "LPT1", "com3.log", "aux ", ".hidden", ".partial",
+    "trailing.", "trailing ", "x" * 256, "é" * 128, "evil\u202etxt.exe", "zw\u200bsp",
+    "a:b", "what?", "star*", 'q"uote', "<tag>", "pi|pe",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_names_refused(name: str) -> None:
+    with pytest.raises(BadName):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["a", "report.pdf", "résumé final.docx", "数据.csv",
+                                  "x" * 255, "a (1).txt", "con-game.txt", "a..b"])
+def test_ordinary_names_accepted(name: str) -> None:
+    assert check_name(name) == name
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=500)
+def test_check_name_fuzz(name: str) -> None:
+    """Anything accepted is exactly one child of the inbox; anything else is BadName."""
+    try:
+        check_name(name)
+    except BadName:
+        return
+    base = Path("/inbox")
+    assert (base / name).parent == base and (base / name).name == name
+    assert "\x00" not in name and not name.startswith(".")
+    assert len(name.encode()) <= 255
+
+
+def test_suffix_goes_before_every_extension() -> None:
+    assert suffixed("report.tar.gz", 0) == "report.tar.gz"
+    assert suffixed("report.tar.gz", 2) == "report (2).tar.gz"
+    assert suffixed("README", 1) == "README (1)"
+
+
+GOOD_SHA = "a" * 64
+
+
+def test_parse_offer() -> None:
+    q = {"name": "f.bin", "size": "10", "sha256": GOOD_SHA, "offset": "4"}
+    assert drop.parse_offer(q, with_offset=True) == drop.Offer("f.bin", 10, GOOD_SHA, 4)
+    assert drop.parse_offer(q, with_offset=False).offset == 0
+    for bad in ({**q, "size": "-1"}, {**q, "size": "1e3"}, {**q, "size": "٣"},
+                {**q, "offset": "11"}, {**q, "sha256": GOOD_SHA.upper()},
+                {**q, "sha256": "ab"}, {k: v for k, v in q.items() if k != "size"},
+                {**q, "size": "9" * 17}):
+        with pytest.raises(drop.BadRequest):
+            drop.parse_offer(bad, with_offset=True)
+    with pytest.raises(BadName):
+        drop.parse_offer({**q, "name": "../f"}, with_offset=True)
+
+
+@given(st.dictionaries(st.sampled_from(["name", "size", "sha256", "offset", "x"]),
+                       st.text(max_size=80)))
+def test_parse_offer_fuzz(q: dict[str, str]) -> None:
+    try:
+        o = drop.parse_offer(q, with_offset=True)
+    except (drop.BadRequest, BadName):
+        return
+    assert 0 <= o.offset <= o.size and check_name(o.name) == o.name
+
+
+# ---------------------------------------------------------------------- inbox
+
+
+def _partial(inbox: Inbox, name: str, data: bytes) -> Path:
+    p = inbox.partial_path("sender", name, len(data), hashlib.sha256(data).hexdigest())
+    p.write_bytes(data)
+    return p
+
+
+def test_commit_never_overwrites_and_hides_partials(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox")
+    inbox.create()
+    first = inbox.commit(_partial(inbox, "a.txt", b"one"), "a.txt")
+    pending = _partial(inbox, "b.txt", b"partial")
+    second = inbox.commit(_partial(inbox, "a.txt", b"two"), "a.txt")
+    assert (first.name, second.name) == ("a.txt", "a (1).txt")
+    assert first.read_bytes() == b"one" and second.read_bytes() == b"two"
+    assert [f.name for f in inbox.list()] == ["a.txt", "a (1).txt"]
+    assert pending.exists() and inbox.usage() == 3 + 3 + 7
+    assert inbox.usage(exclude=pending) == 6
+
+
+def test_move_to_suffixes_on_clash_and_empties_inbox(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox")
+    inbox.create()
+    inbox.commit(_partial(inbox, "a.txt", b"new"), "a.txt")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "a.txt").write_bytes(b"mine")
+    moved = inbox.move_to(dest)
+    assert [p.name for p in moved] == ["a (1).txt"]
+    assert (dest / "a.txt").read_bytes() == b"mine" and moved[0].read_bytes() == b"new"
+    assert inbox.list() == []
+
+
+def test_wait_times_out_empty_and_prune(tmp_path: Path) -> None:
+    inbox = Inbox(tmp_path / "inbox")
+    inbox.create()
+    assert inbox.wait(timeout=0.05, poll=0.01) == []
+    old = _partial(inbox, "x", b"x")
+    os.utime(old, (1, 1))
+    fresh = _partial(inbox, "y", b"y")
+    assert inbox.prune_partials(max_age=3600) == 1
+    assert not old.exists() and fresh.exists()
+
+
+# ---------------------------------------------------------------------- identity
+
+
+def _key() -> Key:
+    return Key.from_raw(os.urandom(32))
+
+
+def _netmap(caps: tuple[str, ...]) -> Netmap:
+    me = NodeInfo(1, "me", _key(), _key(), "100.64.0.1", "fd7a:115c:a1e0::1")
+    bob = Peer(2, "bob", _key(), _key(), "100.64.0.2", "fd7a:115c:a1e0::2",
+               allowed_ips=("100.64.0.2/32", "fd7a:115c:a1e0::2/128"), caps=caps)
+    router = Peer(3, "router", _key(), _key(), "100.64.0.3", "fd7a:115c:a1e0::3",
+                  allowed_ips=("100.64.0.3/32", "10.9.0.0/16"))
+    return Netmap(seq=1, self_node=me, peers={2: bob, 3: router})
+
+
+def test_identity_from_allowed_ips_and_policy() -> None:
+    nm = _netmap((CAP_FILE_SEND,))
+    identify = drop.netmap_identify(lambda: nm)
+    authorize = drop.netmap_authorize(lambda: nm)
+    bob = identify("100.64.0.2")
+    assert bob == drop.PeerIdentity("bob", nm.peers[2].node_key)
+    assert identify("fd7a:115c:a1e0::2") == bob
+    assert identify("10.9.4.4") == drop.PeerIdentity("router", nm.peers[3].node_key)
+    assert identify("100.64.0.99") is None
+    assert authorize(bob) and not authorize(identify("100.64.0.3"))  # type: ignore[arg-type]
+    assert not drop.netmap_authorize(lambda: _netmap(()))(bob)
+    assert drop.netmap_identify(lambda: None)("100.64.0.2") is None
+
+
+# ---------------------------------------------------------------------- protocol on loopback
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., LoopServer]]:
+    servers: list[LoopServer] = []
+
+    def start(**kw: object) -> LoopServer:
+        s = LoopServer(tmp_path / "inbox", **kw)
+        servers.append(s)
+        return s
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def _file(tmp_path: Path, name: str, data: bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def test_send_and_clash_and_progress(serve: Callable[..., LoopServer], tmp_path: Path) -> None:
+    s = serve()
+    data = os.urandom(3 * drop.CHUNK + 7)
+    src = _file(tmp_path, "f.bin", data)
+    seen: list[tuple[int, int]] = []
+    r = drop.send_file("127.0.0.1", src, port=s.server.port,
+                       progress=lambda d, t: seen.append((d, t)))
+    r2 = drop.send_file(f"127.0.0.1:{s.server.port}", src)
+    assert (r.name, r2.name) == ("f.bin", "f (1).bin")
+    assert (s.server.inbox.dir / "f (1).bin").read_bytes() == data
+    assert r.sha256 == hashlib.sha256(data).hexdigest() and r.resumed_from == 0
+    assert seen[0] == (0, len(data)) and seen[-1] == (len(data), len(data))
+    assert not any(s.server.inbox.partial_dir.iterdir())
+
+
+def test_denied_and_unknown_senders_get_403(serve: Callable[..., LoopServer],
+                                            tmp_path: Path) -> None:
+    src = _file(tmp_path, "f", b"x")
+    denied = serve(authorize=lambda who: False)
+    with pytest.raises(drop.DropRefused, match="bob may not send files") as e:
+        drop.send_file("127.0.0.1", src, port=denied.server.port)
+    assert e.value.status == 403
+    stranger = serve(identify=lambda ip: None)
+    with pytest.raises(drop.DropRefused, match="not a peer") as e:
+        drop.send_file("127.0.0.1", src, port=stranger.server.port)
+    assert e.value.status == 403 and stranger.server.inbox.list() == []
+
+
+def _put(port: int, q: dict[str, object], body: bytes) -> tuple[int, dict[str, object]]:
+    return raw_put(port, q, body)
+
+
+def test_resume_from_offset_rehashes_kept_bytes(serve: Callable[..., LoopServer],
+                                                tmp_path: Path) -> None:
+    s = serve()
+    data = os.urandom(100_000)
+    sha = hashlib.sha256(data).hexdigest()
+    q = {"name": "r.bin", "size": len(data), "sha256": sha}
+    partial = s.server.inbox.partial_path(BOB.node_key.b64(), "r.bin", len(data), sha)
+    partial.write_bytes(data[:40_000])  # what an interrupted first attempt left
+    assert _put(s.server.port, {**q, "offset": 50_000}, data[50_000:])[0] == 409
+    r = drop.send_file("127.0.0.1", _file(tmp_path, "r.bin", data), port=s.server.port)
+    assert (r.resumed_from, r.sent) == (40_000, 60_000)
+    assert (s.server.inbox.dir / "r.bin").read_bytes() == data and not partial.exists()
+
+
+def test_bad_digest_quota_and_framing_leave_nothing(serve: Callable[..., LoopServer],
+                                                    tmp_path: Path) -> None:
+    s = serve(quota=1000)
+    port = s.server.port
+    body = b"y" * 10
+    status, err = _put(port, {"name": "d", "size": 10, "sha256": GOOD_SHA, "offset": 0}, body)
+    assert status == 422 and "hash to" in str(err["error"])
+    status, err = _put(port, {"name": "q", "size": 11, "sha256": GOOD_SHA, "offset": 0}, body)
+    assert status == 400 and "Content-Length" in str(err["error"])
+    with pytest.raises(drop.DropRefused, match="quota") as e:
+        drop.send_file("127.0.0.1", _file(tmp_path, "big", b"z" * 1001), port=port)
+    assert e.value.status == 413
+    for name in ("../up", "CON", "a\x00b", ".partial"):
+        status, err = _put(port, {"name": name, "size": 1, "sha256": GOOD_SHA, "offset": 0},
+                           b"x")
+        assert status == 400 and "file name" in str(err["error"])
+    assert os.listdir(s.server.inbox.dir) == [".partial"]
+    assert os.listdir(s.server.inbox.partial_dir) == []
+    assert sorted(os.listdir(tmp_path)) == ["big", "inbox"]
+
+
+def test_binds_only_to_given_addresses(tmp_path: Path) -> None:
+    for bad in ([], ["0.0.0.0"], ["::"]):
+        with pytest.raises(ValueError):
+            drop.PeerAPIServer(tmp_path, bad, identify=lambda ip: None,
+                               authorize=lambda w: False)
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.01)
+
+
+def _start_put(port: int, data: bytes, sent: int) -> socket.socket:
+    """A PUT of ``data`` that stops after ``sent`` bytes, its connection left open."""
+    from urllib.parse import urlencode
+
+    q = urlencode({"name": "cut.bin", "size": len(data), "offset": 0,
+                   "sha256": hashlib.sha256(data).hexdigest()})
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(f"PUT /v1/files?{q} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n"
+              .encode() + data[:sent])
+    return c
+
+
+@pytest.mark.parametrize("how", ["closed", "silent", "superseded"])
+def test_interrupted_transfer_keeps_its_bytes_and_resumes(
+        how: str, serve: Callable[..., LoopServer], tmp_path: Path) -> None:
+    """A cut, a silent (NAT flushed) or a still-open stale connection: resume from its bytes."""
+    s = serve(idle_timeout=0.3 if how == "silent" else 60.0)
+    data = os.urandom(1 << 20)
+    c = _start_put(s.server.port, data, 300_000)
+    partials = s.server.inbox.partial_dir
+    _wait_until(lambda: sum(p.stat().st_size for p in partials.iterdir()) == 300_000)
+    if how == "closed":
+        c.close()
+    if how != "superseded":
+        _wait_until(lambda: s.server.counters["interrupted"] == 1)
+    assert s.server.inbox.list() == []
+    r = drop.send_file("127.0.0.1", _file(tmp_path, "cut.bin", data), port=s.server.port)
+    c.close()
+    assert (r.resumed_from, r.sent) == (300_000, len(data) - 300_000)
+    assert (s.server.inbox.dir / "cut.bin").read_bytes() == data
+    assert list(partials.iterdir()) == []
+
+
+def test_progress_bar_ends_at_full() -> None:
+    out = io.StringIO()
+    show = drop._progress_bar("f.bin", out)
+    for done in (0, 50, 100):
+        show(done, 100)
+    show(0, 0)  # an empty file is complete at once
+    lines = out.getvalue().split("\r")
+    assert "100%" in lines[-2] and lines[-2].endswith("\n") and "100%" in lines[-1]
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from wgmesh.lab import dropd
+
+    assert dropd.main(["file", "send", "not-an-address", str(tmp_path)]) == 1
+    assert "tunnel address" in capsys.readouterr().err
+    assert dropd.main(["file", "send", "127.0.0.1", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("wgmesh: error:") and err.count("\n") == 1
+    assert dropd.main(["file", "receive", "--state-dir", str(tmp_path), "--wait",
+                       "--timeout", "0.05"]) == 1
+    assert "no file arrived" in capsys.readouterr().err
+
+
+def test_whoami_names_the_tunnel_identity(serve: Callable[..., LoopServer]) -> None:
+    s = serve(authorize=lambda who: False)
+    c = drop._Connection("127.0.0.1", s.server.port, 10, None)
+    try:
+        status, body = drop._request(c, "GET", "/v1/whoami", {})
+    finally:
+        c.close()
+    assert (status, body) == (200, {"name": "bob", "key": BOB.node_key.b64(),
+                                    "may_send": False})
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopServer]:
+    s = LoopServer(tmp_path_factory.mktemp("fuzz") / "inbox", quota=1 << 20)
+    yield s
+    s.close()
+
+
+_QUERY_KEY = st.sampled_from(["name", "size", "sha256", "offset", "x"])
+
+
+@given(q=st.lists(st.tuples(_QUERY_KEY, st.text(max_size=40)), max_size=6),
+       body=st.binary(max_size=64), method=st.sampled_from(["PUT", "GET"]))
+@settings(max_examples=150, deadline=None)
+def test_live_server_fuzz(fuzz_server: LoopServer, q: list[tuple[str, str]], body: bytes,
+                          method: str) -> None:
+    """Arbitrary requests get a clear 4xx, never a 5xx, and leave nothing behind."""
+    from urllib.parse import urlencode
+
+    path = "/v1/files" if method == "PUT" else "/v1/offset"
+    c = drop._Connection("127.0.0.1", fuzz_server.server.port, 10, None)
+    try:
+        c.putrequest(method, f"{path}?{urlencode(q)}")
+        c.putheader("Content-Length", str(len(body)))
+        c.endheaders()
+        c.send(body)
+        status, resp = drop._response(c)
+    finally:
+        c.close()
+    inbox = fuzz_server.server.inbox
+    assert status in (200, 400, 409, 413, 422) and (status == 200 or resp["error"])
+    assert inbox.list() == [] and list(inbox.partial_dir.iterdir()) == []
