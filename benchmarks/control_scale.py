@@ -14,13 +14,22 @@ Scenarios (one JSON line each):
   (its 99 group peers: ``group_p50_s``/``group_p99_s``).
 * ``register``: registrations per second through the HTTP API (challenge, NaCl
   proof, auth key), and the time for a newly connected node to get its full map.
+* ``replicas`` (PostgreSQL only): the ``mesh`` scenario on two control replicas
+  sharing one database, streams split evenly across them, the change posted to
+  replica A; ``replica_a_*`` / ``replica_b_*`` are the latencies of the streams on
+  each (B learns of the change through PostgreSQL LISTEN/NOTIFY).
 
-Reference run in the same invocation (what Headscale does per change): encode
-every recipient's *full* map; ``full_map_bytes`` / ``bytes_per_recipient`` is
-the ratio of bytes a rebuild-the-world design would send per change, and
+Reference run in the same invocation: wgmesh's *own* full-map encoding, once per
+recipient (what a rebuild-the-world design sends per change; Headscale's current
+mapper sends patches, so this is not Headscale). ``full_map_bytes`` /
+``bytes_per_recipient`` is how many more bytes that would send per change, and
 ``rebuild_cpu_s`` the CPU that encoding takes here. Latencies include this
 client's own event-loop delay over thousands of streams, so they are upper
-bounds. ``server_cpu_s`` is the server's CPU during the measured changes.
+bounds; a p99 needs >= 100 samples, below that ``*_max_s`` is reported instead.
+``server_cpu_s`` is the server's CPU during the measured changes. A recipient
+that never got a change counts in ``missed`` and makes the run exit 1.
+PostgreSQL runs report ``pg_fsync`` and ``pg_synchronous_commit`` as the server
+has them (``scripts/start-postgres.sh`` runs with ``fsync=off``).
 """
 
 from __future__ import annotations
@@ -28,9 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import re
 import resource
 import secrets
 import statistics
@@ -43,32 +50,20 @@ from typing import Any
 
 import aiohttp
 
+from _bench import P99_MIN_SAMPLES, Report, proc_cpu_s, proc_rss_mb, tail
 from wgmesh.control.store import open_store
 from wgmesh.keys import PrivateKey
 
 GROUP = 100
 
 
-def _pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(p / 100 * len(xs)))], 4) if xs else float("nan")
-
-
-def _proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _proc_rss_mb(pid: int) -> float:
-    m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
-    return round(int(m.group(1)) / 1024, 1) if m else float("nan")
-
-
 class Streams:
-    """N netmap streams in one event loop; records when each line with a marker arrives."""
+    """N netmap streams in one event loop; records when each line with a marker arrives.
 
-    def __init__(self, url: str, tokens: list[str]) -> None:
-        self.url, self.tokens = url, tokens
+    Stream ``i`` goes to ``urls[i % len(urls)]``: with two replicas, every other one."""
+
+    def __init__(self, urls: list[str], tokens: list[str]) -> None:
+        self.urls, self.tokens = urls, tokens
         self.first: dict[int, float] = {}
         self.first_bytes: dict[int, int] = {}
         self.last_data = time.monotonic()
@@ -89,7 +84,7 @@ class Streams:
                    sem: asyncio.Semaphore, opened: asyncio.Event) -> None:
         async with sem:
             t0 = time.monotonic()
-            resp = await session.get(self.url + "/v1/netmap",
+            resp = await session.get(self.urls[i % len(self.urls)] + "/v1/netmap",
                                      headers={"Authorization": f"Bearer {token}"})
             parts: list[bytes] = []
             while i not in self.first:
@@ -120,13 +115,15 @@ class Streams:
 
     async def quiesce(self, session: aiohttp.ClientSession, admin_key: str,
                       idle_s: float = 1.0, timeout: float = 900) -> None:
-        """Wait until the server has applied and sent everything (its counters stand still)."""
+        """Wait until every server has applied and sent everything (counters stand still)."""
         deadline, last, since = time.monotonic() + timeout, None, time.monotonic()
         while time.monotonic() < deadline:
-            async with session.get(self.url + "/v1/admin/stats",
-                                   headers={"Authorization": f"Bearer {admin_key}"}) as r:
-                st = await r.json()
-            now = (st["seq"], st["lines"])
+            now = []
+            for url in self.urls:
+                async with session.get(url + "/v1/admin/stats",
+                                       headers={"Authorization": f"Bearer {admin_key}"}) as r:
+                    st = await r.json()
+                now.append((st["seq"], st["lines"]))
             if now != last:
                 last, since = now, time.monotonic()
             elif (time.monotonic() - since > idle_s
@@ -135,23 +132,25 @@ class Streams:
             await asyncio.sleep(0.2)
 
     async def measure(self, session: aiohttp.ClientSession, changer_token: str,
-                      recipients: set[int], port: int, timeout: float = 60) -> tuple[list[float],
-                                                                                  list[int]]:
+                      recipients: set[int], port: int,
+                      timeout: float = 60) -> tuple[dict[int, float], list[int], int]:
+        """Post a change through ``urls[0]``; per recipient reached, its latency; the sizes
+        of the lines that carried it; how many recipients never got it."""
         self.hits.clear()
         self.pending, self.done = set(recipients), asyncio.Event()
         self.marker = b'"port":%d,' % port
         t0 = time.monotonic()
-        async with session.post(self.url + "/v1/node/update",
+        async with session.post(self.urls[0] + "/v1/node/update",
                                 headers={"Authorization": f"Bearer {changer_token}"},
                                 json={"endpoints": [f"198.51.100.1:{port}"]}) as r:
             assert r.status == 200, await r.text()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.done.wait(), timeout)
-        got = [self.hits[i] for i in recipients if i in self.hits]
-        if len(got) < len(recipients):
-            print(f"warning: {len(recipients) - len(got)} recipients missed the change",
-                  file=sys.stderr)
-        return [t - t0 for t, _ in got], [n for _, n in got]
+        got = {i: self.hits[i] for i in recipients if i in self.hits}
+        missed = len(recipients) - len(got)
+        if missed:
+            print(f"warning: {missed} recipients missed the change", file=sys.stderr)
+        return {i: t - t0 for i, (t, _) in got.items()}, [n for _, n in got.values()], missed
 
     def close(self) -> None:
         for t in self.tasks:
@@ -173,7 +172,7 @@ def _reference(db: str, recipients: list[int]) -> tuple[float, float]:
     store = open_store(db)
     try:
         version, text = store.get_policy()
-        w = World(store.ula_prefix)
+        w = World(store.ula_prefix, clock=time.time)
         w.load(store.list_nodes(), version, text, nm.RelayMap(), store.head_seq())
     finally:
         store.close()
@@ -182,14 +181,18 @@ def _reference(db: str, recipients: list[int]) -> tuple[float, float]:
     return time.process_time() - t0, statistics.fmean(sizes)
 
 
-def _start_server(db: str, state: Path) -> tuple[subprocess.Popen[str], str]:
+def _start_server(db: str, state: Path, name: str) -> tuple[subprocess.Popen[str], str]:
+    """One ``wgmesh control serve``; replicas share the admin and audit keys in ``state``."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "wgmesh", "control", "serve", "--db", db, "--listen",
-         "127.0.0.1:0", "--state-dir", str(state), "--keepalive", "120",
-         "--key-expiry-days", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, preexec_fn=_raise_fd_limit)
+         "127.0.0.1:0", "--state-dir", str(state / name), "--api-key-file",
+         str(state / "admin.key"), "--audit-key-file", str(state / "audit.key"),
+         "--keepalive", "120", "--key-expiry-days", "0", "--challenge-rate", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        preexec_fn=_raise_fd_limit)
     line = proc.stdout.readline()  # type: ignore[union-attr]
     if "listening on" not in line:
+        _stop(proc)
         raise RuntimeError(f"server did not start: {line!r}")
     return proc, line.split("listening on ")[1].split(",")[0]
 
@@ -210,76 +213,92 @@ def _raise_fd_limit() -> None:
 
 async def _fanout(args: argparse.Namespace, db: str, state: Path) -> dict[str, Any]:
     n = args.nodes
+    partitioned = args.scenario == "partitioned"
     store = open_store(db)
     specs: list[tuple[Any, Any, str, list[str]]] = []
     keys = [PrivateKey.generate().public for _ in range(2)]
     for i in range(n):
-        tags = [f"tag:g{i // GROUP}"] if args.scenario == "partitioned" else []
+        tags = [f"tag:g{i // GROUP}"] if partitioned else []
         specs.append((_fake_key(i), keys[1], f"n{i}", tags))
-    if args.scenario == "partitioned":
+    if partitioned:
         specs.append((_fake_key(n), keys[1], "hub", ["tag:hub"]))
         store.set_policy(_policy((n + GROUP - 1) // GROUP), "bench")
     t0 = time.monotonic()
     tokens = store.seed_nodes(specs)
     seed_s = time.monotonic() - t0
     store.close()
-    proc, url = _start_server(db, state)
-    admin_key = (state / "admin.key").read_text().strip()
+    # one server, or two replicas: every per-server figure is prefixed with its replica
+    prefixes = ["replica_a_", "replica_b_"] if args.scenario == "replicas" else [""]
+    procs: list[subprocess.Popen[str]] = []
     out: dict[str, Any] = {"scenario": args.scenario, "nodes": len(tokens),
-                           "db": "postgresql" if db.startswith("postgres") else "sqlite"}
+                           "db": "postgresql" if db.startswith("postgres") else "sqlite",
+                           "missed": 0}
     try:
+        urls = []
+        for k in range(len(prefixes)):  # one by one: the first writes the admin key
+            proc, url = _start_server(db, state, "ab"[k])
+            procs.append(proc)
+            urls.append(url)
+        admin_key = (state / "admin.key").read_text().strip()
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(
                 total=None, sock_read=None)) as session:
-            streams = Streams(url, tokens)
+            streams = Streams(urls, tokens)
             t0 = time.monotonic()
             await streams.open(session)
             out["connect_all_s"] = round(time.monotonic() - t0, 2)
-            out["full_map_p50_s"] = _pct(list(streams.first.values()), 50)
+            out.update(tail(list(streams.first.values()), "full_map_"))
             await streams.quiesce(session, admin_key)
             out["settle_s"] = round(time.monotonic() - t0, 2)
-            cpu0 = _proc_cpu(proc.pid)
-            lat: list[float] = []
+            cpu0 = [proc_cpu_s(p.pid) for p in procs]
+
+            async def change(token: str, recipients: set[int],
+                             port: int) -> tuple[dict[int, float], list[int]]:
+                got, line_sizes, missed = await streams.measure(session, token, recipients, port)
+                out["missed"] += missed
+                await streams.quiesce(session, admin_key, 0.3)
+                return got, line_sizes
+
+            # mesh and replicas: node 0 (on replica A) changes; partitioned: the hub
+            changer, recipients = ((tokens[n], set(range(n))) if partitioned
+                                   else (tokens[0], set(range(1, n))))
+            lat: list[tuple[int, float]] = []
             sizes: list[int] = []
-            if args.scenario == "mesh":
-                recips = set(range(1, n))
-                for r in range(args.rounds):
-                    d, s = await streams.measure(session, tokens[0], recips, 20000 + r)
-                    lat += d
-                    sizes += s
-                    await streams.quiesce(session, admin_key, 0.3)
-            else:
-                hub = n
-                for r in range(args.rounds):
-                    d, s = await streams.measure(session, tokens[hub], set(range(n)), 20000 + r)
-                    lat += d
-                    sizes += s
-                    await streams.quiesce(session, admin_key, 0.3)
+            for r in range(args.rounds):
+                got, line_sizes = await change(changer, recipients, 20000 + r)
+                lat += got.items()
+                sizes += line_sizes
+            changes = args.rounds
+            if partitioned:
                 glat: list[float] = []
                 for r in range(args.rounds):
                     member = (r * GROUP * 7) % n  # a different group each round
                     g0 = member - member % GROUP
                     peers = set(range(g0, min(g0 + GROUP, n))) - {member}
-                    d, _ = await streams.measure(session, tokens[member], peers, 30000 + r)
-                    glat += d
-                    await streams.quiesce(session, admin_key, 0.3)
-                out["group_p50_s"], out["group_p99_s"] = _pct(glat, 50), _pct(glat, 99)
-            out["server_cpu_s"] = round((_proc_cpu(proc.pid) - cpu0) / args.rounds
-                                        / (1 if args.scenario == "mesh" else 2), 3)
-            out["p50_s"], out["p99_s"] = _pct(lat, 50), _pct(lat, 99)
+                    got, _ = await change(tokens[member], peers, 30000 + r)
+                    glat += got.values()
+                out.update(tail(glat, "group_"))
+                changes *= 2
+            out.update(tail([t for _, t in lat]))
+            for k, (prefix, proc) in enumerate(zip(prefixes, procs, strict=True)):
+                if prefix:  # stream i is on replica i % 2
+                    out.update(tail([t for i, t in lat if i % 2 == k], prefix))
+                out[f"{prefix}server_cpu_s"] = round((proc_cpu_s(proc.pid) - cpu0[k]) / changes, 3)
+                out[f"{prefix}server_rss_mb"] = proc_rss_mb(proc.pid)
+                out[f"{prefix}server_cpu_total_s"] = round(proc_cpu_s(proc.pid), 1)
             out["bytes_per_recipient"] = round(statistics.fmean(sizes)) if sizes else None
-            out["server_rss_mb"] = _proc_rss_mb(proc.pid)
-            out["server_cpu_total_s"] = round(_proc_cpu(proc.pid), 1)
             streams.close()
         out["seed_s"] = round(seed_s, 2)
-        sample = list(range(1, n)) if args.scenario == "mesh" else list(range(n))
+        sample = list(range(n)) if partitioned else list(range(1, n))
         rebuild_s, full_bytes = _reference(db, [i + 1 for i in sample])  # ids are 1-based
+        out["reference"] = "wgmesh's own full-map encoding, once per recipient"
         out["rebuild_cpu_s"] = round(rebuild_s, 3)
         out["full_map_bytes"] = round(full_bytes)
         if out["bytes_per_recipient"]:
             out["ratio_full_vs_delta_bytes"] = round(full_bytes / out["bytes_per_recipient"], 1)
     finally:
-        _stop(proc)
+        for p in procs:
+            _stop(p)
     return out
 
 
@@ -293,7 +312,7 @@ def _fake_key(i: int) -> Any:
 async def _register(args: argparse.Namespace, db: str, state: Path) -> dict[str, Any]:
     from wgmesh.control.client import ControlClient
 
-    proc, url = _start_server(db, state)
+    proc, url = _start_server(db, state, "a")
     n = args.nodes
     try:
         admin_key = (state / "admin.key").read_text().strip()
@@ -325,16 +344,17 @@ async def _register(args: argparse.Namespace, db: str, state: Path) -> dict[str,
                 lat.append(time.monotonic() - t0)
                 tokens.append(body["node_token"])
 
-        cpu0 = _proc_cpu(proc.pid)
+        cpu0 = proc_cpu_s(proc.pid)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             t0 = time.monotonic()
             await asyncio.gather(*(one(session, k, i) for i, k in enumerate(pool_keys)))
             elapsed = time.monotonic() - t0
-            cpu = _proc_cpu(proc.pid) - cpu0
-            # A newly connected node in a mesh of n: time to its full map.
+            cpu = proc_cpu_s(proc.pid) - cpu0
+            # A newly connected node in a mesh of n: time to its full map, over enough
+            # nodes for a p99 (fewer registered nodes: the maximum instead).
             fm: list[float] = []
             sizes: list[int] = []
-            for tok in tokens[: args.rounds * 5]:
+            for tok in tokens[:P99_MIN_SAMPLES]:
                 t1 = time.monotonic()
                 async with session.get(url + "/v1/netmap",
                                        headers={"Authorization": f"Bearer {tok}"}) as r:
@@ -345,28 +365,39 @@ async def _register(args: argparse.Namespace, db: str, state: Path) -> dict[str,
                 sizes.append(buf.index(b"\n") + 1)
         return {"scenario": "register", "nodes": n,
                 "db": "postgresql" if db.startswith("postgres") else "sqlite",
-                "registrations_per_s": round(n / elapsed, 1),
-                "p50_s": _pct(lat, 50), "p99_s": _pct(lat, 99),
-                "full_map_p50_s": _pct(fm, 50), "full_map_p99_s": _pct(fm, 99),
-                "bytes_per_recipient": round(statistics.fmean(sizes)),
-                "server_cpu_s": round(cpu, 2), "server_rss_mb": _proc_rss_mb(proc.pid)}
+                "registrations_per_s": round(n / elapsed, 1), **tail(lat),
+                **tail(fm, "full_map_"), "bytes_per_recipient": round(statistics.fmean(sizes)),
+                "server_cpu_s": round(cpu, 2), "server_rss_mb": proc_rss_mb(proc.pid)}
     finally:
         _stop(proc)
 
 
-def main() -> None:
+def _pg_settings(dsn: str) -> dict[str, str]:
+    """The durability settings the figures were taken with (the test server has fsync off)."""
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        return {f"pg_{k}": str(conn.execute(f"SHOW {k}").fetchone()[0])  # type: ignore[index]
+                for k in ("fsync", "synchronous_commit")}
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scenario", choices=["mesh", "partitioned", "register"], default="mesh")
-    ap.add_argument("--nodes", type=int, help="default: mesh 1000, partitioned 10000, "
-                                              "register 500")
+    ap.add_argument("--scenario", choices=["mesh", "partitioned", "register", "replicas"],
+                    default="mesh")
+    ap.add_argument("--nodes", type=int, help="default: mesh and replicas 1000, partitioned "
+                                              "10000, register 500")
     ap.add_argument("--rounds", type=int, default=3, help="measured changes per scenario")
     ap.add_argument("--parallel", type=int, default=16, help="concurrent registrations")
     ap.add_argument("--postgres", metavar="DSN", nargs="?", const=os.environ.get(
         "WGMESH_TEST_POSTGRES_DSN"), help="use a fresh database on this PostgreSQL server "
                                           "(default DSN: $WGMESH_TEST_POSTGRES_DSN)")
     args = ap.parse_args()
-    args.nodes = args.nodes or {"mesh": 1000, "partitioned": 10000,
+    if args.scenario == "replicas" and not args.postgres:
+        ap.error("--scenario replicas needs --postgres (replicas share one PostgreSQL)")
+    args.nodes = args.nodes or {"mesh": 1000, "replicas": 1000, "partitioned": 10000,
                                 "register": 500}[args.scenario]
+    report = Report()
     _raise_fd_limit()
     with tempfile.TemporaryDirectory(prefix="wgm-ctlbench-") as tmp:
         state = Path(tmp)
@@ -382,13 +413,15 @@ def main() -> None:
         try:
             run = _register if args.scenario == "register" else _fanout
             out = asyncio.run(run(args, db, state))
+            if args.postgres:
+                out.update(_pg_settings(db))
         finally:
             if cleanup:
                 with psycopg.connect(args.postgres, autocommit=True) as conn:
                     conn.execute(f"DROP DATABASE {cleanup} WITH (FORCE)")
-    out["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    print(json.dumps(out))
+    report.emit(out)
+    return 1 if out.get("missed") else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,10 @@
 """File-drop throughput over a wireguard-go tunnel against raw iperf3 TCP over the same tunnel.
 
-Two lab hosts, one wireguard-go tunnel. Rounds alternate an iperf3 run and a
-file drop (``wgmesh.lab.dropd file send`` to a ``wgmesh.lab.dropd serve`` peer API,
-fsync and digest checks on, as shipped), so both see the same machine load;
-the medians are compared. Prints one JSON line; ``ratio`` is drop / iperf3
-(target >= 0.8). The payload is random, generated in /tmp and deleted.
+Two lab hosts, one wireguard-go tunnel. Each round runs an iperf3 run and a
+file drop (``wgmesh.cli.file send`` to a ``wgmesh.lab.dropd serve`` peer API,
+fsync and digest checks on, as shipped), in ABBA order so both see the same
+machine load. Prints one JSON line; ``ratio`` is the median of per-round ratios
+drop / iperf3 (target >= 0.8). The payload is random, generated in /tmp and deleted.
 
     sudo .venv/bin/python benchmarks/file_drop.py [--mib 256] [--rounds 3]
 """
@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench import Report, proc_cpu_s, round_ratios, run_abba
 from wgmesh.lab import Lab, LabError
 from wgmesh.lab.wg import wg_mesh
 
@@ -39,17 +40,13 @@ def _iperf(lab: Lab, host: object, server_ip: str, seconds: int) -> float:
         time.sleep(0.2)
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--mib", type=int, default=256, help="payload size in MiB")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iperf-seconds", type=int, default=3)
     a = ap.parse_args()
+    report = Report()
     work = Path(tempfile.mkdtemp(prefix="wgmesh-bench-drop-"))
     try:
         src = work / "payload.bin"
@@ -64,29 +61,32 @@ def main() -> int:
                              "--state-dir", str(work / "alice"), "--allow-all")
             srv.wait_for_output("listening", timeout=30)
             inbox = work / "alice" / "inbox"
-            drops, iperfs, recv_cpu, wg_cpu = [], [], 0.0, 0.0
-            for _ in range(a.rounds):
-                iperfs.append(_iperf(lab, bob, wa.ip, a.iperf_seconds))
-                c0 = _cpu_seconds(srv.pid)
+            cpu = {"recv": 0.0, "wg": 0.0}
+
+            def drop() -> float:
+                c0 = proc_cpu_s(srv.pid)
                 wg_pids = [n.process.pid for n in (wa, wb) if n.process is not None]
-                w0 = sum(map(_cpu_seconds, wg_pids))
-                cp = lab.run(bob, [sys.executable, "-m", "wgmesh.lab.dropd", "file", "send",
+                w0 = sum(map(proc_cpu_s, wg_pids))
+                cp = lab.run(bob, [sys.executable, "-m", "wgmesh.cli.file", "send",
                                    wa.ip, str(src), "--json"], timeout=600)
-                recv_cpu += _cpu_seconds(srv.pid) - c0
-                wg_cpu += sum(map(_cpu_seconds, wg_pids)) - w0
+                cpu["recv"] += proc_cpu_s(srv.pid) - c0
+                cpu["wg"] += sum(map(proc_cpu_s, wg_pids)) - w0
                 r = json.loads(cp.stdout)
-                drops.append(r["size"] / r["seconds"])
                 (inbox / r["name"]).unlink()
+                return float(r["size"] / r["seconds"])
+
+            iperfs, drops = run_abba(a.rounds, lambda: _iperf(lab, bob, wa.ip, a.iperf_seconds),
+                                     drop)
         drop_bps, iperf_bps = statistics.median(drops), statistics.median(iperfs)
-        print(json.dumps({
+        report.emit({
             "bench": "file_drop", "backend": "wireguard-go", "bytes": a.mib * MiB,
             "rounds": a.rounds, "drop_MBps": round(drop_bps / 1e6, 1),
-            "iperf3_MBps": round(iperf_bps / 1e6, 1), "ratio": round(drop_bps / iperf_bps, 3),
+            "iperf3_MBps": round(iperf_bps / 1e6, 1), **round_ratios(drops, iperfs),
             # CPU per MiB moved: what the receiver costs next to the tunnel itself.
-            "receiver_cpu_ms_per_MiB": round(1000 * recv_cpu / (a.rounds * a.mib), 2),
-            "wireguard_go_cpu_ms_per_MiB": round(1000 * wg_cpu / (a.rounds * a.mib), 2),
+            "receiver_cpu_ms_per_MiB": round(1000 * cpu["recv"] / (a.rounds * a.mib), 2),
+            "wireguard_go_cpu_ms_per_MiB": round(1000 * cpu["wg"] / (a.rounds * a.mib), 2),
             "drop_runs_MBps": [round(x / 1e6, 1) for x in drops],
-            "iperf3_runs_MBps": [round(x / 1e6, 1) for x in iperfs]}))
+            "iperf3_runs_MBps": [round(x / 1e6, 1) for x in iperfs]})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

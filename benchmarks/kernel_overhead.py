@@ -7,14 +7,24 @@ Two public lab hosts, one kernel WireGuard tunnel between them, iperf3 (TCP) thr
 * ``relay``: the wgmesh tunnel with both endpoints on the relay bridge (loopback UDP
   endpoints, a TCP pipe between the two bridges, Python moving every packet).
 
-Rounds run hand/wgmesh in ABBA order so drift on the shared machine hits both alike.
-One JSON line: ``ratio`` is the median over rounds of wgmesh / hand (the two runs of a
-round are adjacent in time; target >= 0.98), ``relay_ratio`` = relay / median wgmesh.
+Rounds run hand/wgmesh in ABBA order (``_bench``). One JSON line: ``ratio`` is the
+median of per-round ratios wgmesh / hand (the two runs of a round are adjacent in
+time; target >= 0.98), ``round_ratios`` every round's, ``ratio_spread`` their
+[min, max]; ``relay_ratio`` = relay / median wgmesh. ``load_start``/``load_end`` are
+the host's; the VM's own are ``vm_load_start``/``vm_load_end``.
+
+What the ratio can detect: a tunnel that wgmesh *configures* differently from the
+hand-made one in a way that costs throughput (MTU, addresses, allowed IPs, endpoint,
+listen port), by more than the round-to-round spread. What it cannot: anything in
+the data path (once configured both tunnels are the same kernel code), the CPU of a
+running wgmesh agent (only ``KernelBackend`` runs here, not the agent), differences
+smaller than the spread, or line-rate effects (qemu TCG emulates every ChaCha20
+instruction, so throughput is a few tens of Mbit/s and CPU-bound in the VM).
 
 The host kernel has no WireGuard, so run on the host it boots one virtme-ng VM
 (as the kernel test tier does) and runs itself inside::
 
-    sudo .venv/bin/python benchmarks/kernel_overhead.py [--seconds 4] [--rounds 3]
+    sudo .venv/bin/python benchmarks/kernel_overhead.py [--seconds 4] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -31,8 +41,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench import Report, round_ratios, run_abba
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # bridgetools: the relay stand-in the tests use
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # bridgetools, vmtier: as the tests use
 
 A_IP, B_IP = "100.64.0.1", "100.64.0.2"
 _T0 = time.monotonic()
@@ -94,25 +106,29 @@ def measure(seconds: float, rounds: int) -> dict[str, object]:
 
     note("imports done")
     ka, kb = PrivateKey.generate(), PrivateKey.generate()
-    hand, mesh, relay = [], [], []
+    relay = []
     with Lab() as lab:
         a, b = lab.add_public_host("a"), lab.add_public_host("b")
-        for n in range(rounds):
-            # ABBA order, so drift on the shared machine hits both configurations alike
-            for how in (("hand", "wgmesh") if n % 2 == 0 else ("wgmesh", "hand")):
-                if how == "hand":
-                    by_hand(lab, a, b, ka, kb)
-                else:
-                    wa, wb = with_wgmesh(a, b, ka, kb)
+
+        def run(how: str) -> float:
+            """One iperf3 run through a tunnel set up ``how``, torn down after."""
+            if how == "hand":
+                by_hand(lab, a, b, ka, kb)
+            else:
+                wa, wb = with_wgmesh(a, b, ka, kb)
+            try:
                 lab.run(a, ["ping", "-c", "1", "-W", "10", B_IP])
-                runs = hand if how == "hand" else mesh
-                runs.append(iperf(lab, a, b, seconds))
-                note(f"{how}: {runs[-1]:.0f} Mbit/s")
+                mbps = iperf(lab, a, b, seconds)
+            finally:
                 if how == "hand":
                     teardown(lab, a, b)
                 else:
                     wa.down()
                     wb.down()
+            note(f"{how}: {mbps:.0f} Mbit/s")
+            return mbps
+
+        hand, mesh = run_abba(rounds, lambda: run("hand"), lambda: run("wgmesh"))
         with BridgePair(a.ns, PORT_A, ka.public, b.ns, PORT_B, kb.public, b.ip) as pair:
             eps = (pair.a.add(kb.public), pair.b.add(ka.public))
             wa, wb = with_wgmesh(a, b, ka, kb, eps)
@@ -125,27 +141,24 @@ def measure(seconds: float, rounds: int) -> dict[str, object]:
                 wa.down()
                 wb.down()
     h, m, r = (statistics.median(x) for x in (hand, mesh, relay))
-    # each round's two runs are adjacent in time: their ratio shrugs off slow drift
-    pairs = [m_ / h_ for h_, m_ in zip(hand, mesh, strict=True)]
-    return {"benchmark": "kernel_overhead", "ratio": round(statistics.median(pairs), 3),
+    return {"benchmark": "kernel_overhead", **round_ratios(mesh, hand),
             "wgmesh_mbps": round(m, 1), "hand_mbps": round(h, 1),
             "relay_mbps": round(r, 1), "relay_ratio": round(r / m, 3),
             "relay_packets": relayed, "rounds": rounds, "seconds": seconds,
             "hand_runs": [round(x, 1) for x in hand], "wgmesh_runs": [round(x, 1) for x in mesh],
-            "round_ratios": [round(x, 3) for x in pairs],
             "where": "virtme-ng VM, qemu TCG (no KVM)" if os.environ.get("WGMESH_IN_VM")
             else "this kernel"}
 
 
-def in_vm(args: argparse.Namespace) -> int:
-    """Boot one VM and run this script inside it; print its JSON line."""
+def in_vm(args: argparse.Namespace, report: Report) -> int:
+    """Boot one VM and run this script inside it; print its JSON line with the host's load."""
     from vmtier import find_kernel
 
     kernel = find_kernel()
     vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
     if kernel is None or not Path(vng).exists():
-        print(json.dumps({"benchmark": "kernel_overhead", "error": "need vng and a /boot "
-                          "kernel with the wireguard module"}))
+        report.emit({"benchmark": "kernel_overhead", "error": "need vng and a /boot "
+                     "kernel with the wireguard module"})
         return 1
     rw = Path(tempfile.mkdtemp(prefix="wgmesh-bench-"))
     note(f"booting the VM; progress in {rw / 'err'}")
@@ -167,9 +180,12 @@ def in_vm(args: argparse.Namespace) -> int:
         lines = out.read_text().strip().splitlines() if out.exists() else []
         if not lines:
             err = (rw / "err").read_text()[-2000:] if (rw / "err").exists() else "no output"
-            print(json.dumps({"benchmark": "kernel_overhead", "error": err}))
+            report.emit({"benchmark": "kernel_overhead", "error": err})
             return 1
-        print(lines[-1])
+        result = json.loads(lines[-1])
+        result["vm_load_start"], result["vm_load_end"] = (result.pop("load_start"),
+                                                          result.pop("load_end"))
+        report.emit(result)
         return 0
     finally:
         shutil.rmtree(rw, ignore_errors=True)
@@ -178,18 +194,19 @@ def in_vm(args: argparse.Namespace) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="iperf3 time per run")
-    ap.add_argument("--rounds", type=int, default=3, help="hand/wgmesh rounds (median)")
+    ap.add_argument("--rounds", type=int, default=4, help="hand/wgmesh rounds, ABBA order")
     ap.add_argument("--inside", action="store_true", help="measure here (used inside the VM)")
     args = ap.parse_args()
+    report = Report()
     sys.path.insert(0, str(ROOT / "src"))
     from wgmesh.wireguard.backend import kernel_wireguard_available
 
     if not args.inside and not kernel_wireguard_available()[0]:
-        return in_vm(args)
+        return in_vm(args, report)
     started = time.monotonic()
     result = measure(args.seconds, args.rounds)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
-    print(json.dumps(result))
+    report.emit(result)
     return 0
 
 

@@ -1,20 +1,31 @@
 """Relay throughput: one relay process forwarding 1400-byte packets between lab hosts.
 
 One invocation (root, network namespaces) builds a lab with a relay host and
-two public hosts, and measures:
+two public hosts, and measures, each figure the median of ``--runs`` runs (>= 3
+for a figure to quote; every run is in the ``*_runs`` lists):
 
 * ``relay_mbps`` / ``relay_pps``: a packet pump through ``wgmesh relay serve``
-  (source -> relay -> sink), counted at the sink;
-* ``direct_mbps``: the same pump, same framing and Python costs at both ends,
-  over a direct TCP connection between the two hosts (the reference);
-  ``ratio`` = relay / direct; ``iperf3_direct_mbps`` is the kernel's own figure;
-* ``pairs_mbps``: 100 concurrent source/sink client pairs through the relay;
+  (source -> relay -> sink), counted at the sink; ``relay_delivered`` is the
+  fraction of sent packets that arrived (the relay drops the oldest when a sink
+  falls behind, as DERP does);
+* ``direct_mbps``, the reference: the same pump over one direct TCP connection
+  between the two hosts. Both ends are :class:`RelayConnection` objects doing the
+  same per-frame work as on the relay path (the source encodes one frame per
+  packet into the same batched writes, the sink decodes and hands each packet to
+  the same callback); only the relay's HTTP upgrade and handshake are replaced by
+  a bare 101 head. So the one difference is the relay hop itself: its decode,
+  lookup and re-encode, and a second TCP connection. Relay and direct runs
+  alternate in ABBA order and ``ratio`` is the median of per-round ratios;
+* ``iperf3_direct_mbps``: the kernel's own TCP figure for the same pair;
+* ``pairs_mbps`` / ``pairs_delivered``: ``--pairs`` concurrent source/sink client
+  pairs through the relay;
 * ``relay_tls_mbps``: one pair through the same relay code serving TLS on 443;
 * ``rss_*``: the relay's resident memory empty, with 1,000 idle clients
   connected, and again after they idled for a while (flat = no growth).
 
 Prints one JSON line. Usage: ``sudo .venv/bin/python benchmarks/relay_throughput.py
-[--seconds 5] [--idle 1000]``. The roles below run inside the lab hosts.
+[--seconds 5] [--runs 3] [--idle 1000] [--pairs 100]``. The roles below run inside
+the lab hosts.
 """
 
 from __future__ import annotations
@@ -24,13 +35,25 @@ import asyncio
 import json
 import resource
 import ssl
+import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from _bench import Report, proc_rss_mb, round_ratios, run_abba, spread
+from wgmesh.keys import Key, PrivateKey
+from wgmesh.relay import FrameType, RelayURL, encode_frame
+from wgmesh.relaynet.connection import RelayConnection
+from wgmesh.relaynet.stream import FrameStream
 
 PACKET = 1400
 PORT = 3340
+DIRECT_PORT = 5002
+REFERENCE = ("the same pump and RelayConnection framing over one direct TCP connection; "
+             "differs from the relay path only by the relay hop (decode, lookup, re-encode, "
+             "a second TCP connection)")
 
 
 def emit(**kw: object) -> None:
@@ -47,39 +70,86 @@ def _ssl(ca: str | None) -> ssl.SSLContext | None:
     return ssl.create_default_context(cafile=ca) if ca else None
 
 
-async def relay_sink(url: str, n: int, quiet: float, ca: str | None) -> None:
-    from wgmesh.keys import PrivateKey
-    from wgmesh.relaynet.connection import RelayConnection
+class DirectPeer(RelayConnection):
+    """A :class:`RelayConnection` on a plain TCP connection, with no relay in between.
 
-    stats = {"packets": 0, "bytes": 0, "first": 0.0, "last": 0.0}
+    Each end writes a bare ``101`` head where the HTTP upgrade would be (and skips the
+    handshake); ``send`` builds, per packet, the RECV frame the relay would have made of
+    it with the same ``encode_frame`` call ``frame_send`` makes, so the sink runs the relay
+    path's receive code.
+    """
 
-    def on_recv(src: object, data: bytes) -> None:
+    @classmethod
+    def make(cls, on_recv: Callable[[Key, bytes], None] | None = None) -> DirectPeer:
+        return cls(RelayURL.parse("http://direct"), PrivateKey.generate(), None,
+                   on_recv=on_recv, on_peer=None, keepalive=20.0, idle_timeout=65.0,
+                   queue_frames=4096, write_timeout=5.0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        FrameStream.connection_made(self, transport)
+        self.write_raw(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        self._ready.set_result(None)
+
+    def send(self, dst: Key, data: bytes) -> None:
+        self.write_frame(encode_frame(FrameType.RECV, dst.raw + data))
+
+
+class Counts:
+    """What a sink received; one ``on_recv`` for every connection of the sink."""
+
+    def __init__(self) -> None:
+        self.packets = self.bytes = 0
+        self.first = self.last = 0.0
+
+    def on_recv(self, src: Key, data: bytes) -> None:
         now = time.monotonic()
-        if not stats["packets"]:
-            stats["first"] = now
-        stats["packets"] += 1
-        stats["bytes"] += len(data)
-        stats["last"] = now
+        if not self.packets:
+            self.first = now
+        self.packets += 1
+        self.bytes += len(data)
+        self.last = now
 
+    async def report_when_quiet(self, quiet: float) -> None:
+        while not self.packets or time.monotonic() - self.last < quiet:
+            await asyncio.sleep(0.1)
+        dt = max(self.last - self.first, 1e-9)
+        emit(packets=self.packets, bytes=self.bytes, seconds=dt,
+             mbps=self.bytes * 8 / dt / 1e6, pps=self.packets / dt)
+
+
+async def sink(kind: str, where: str, n: int, quiet: float, ca: str | None) -> None:
+    """``n`` receiving keys: relay clients of ``where`` (a URL), or one direct listener
+    on ``where`` (an address) taking any number of connections."""
+    counts = Counts()
     keys = [PrivateKey.generate() for _ in range(n)]
-    conns = [await RelayConnection.open(url, k, on_recv=on_recv, queue_frames=4096, ssl=_ssl(ca))
-             for k in keys]
+    conns: list[RelayConnection] = []
+    server: asyncio.Server | None = None
+    if kind == "relay":
+        conns = [await RelayConnection.open(where, k, on_recv=counts.on_recv,
+                                            queue_frames=4096, ssl=_ssl(ca)) for k in keys]
+    else:
+        server = await asyncio.get_running_loop().create_server(
+            lambda: DirectPeer.make(counts.on_recv), where, DIRECT_PORT)
     emit(ready=True, keys=[k.public.b64() for k in keys])
-    while not stats["packets"] or time.monotonic() - stats["last"] < quiet:
-        await asyncio.sleep(0.1)
-    dt = max(stats["last"] - stats["first"], 1e-9)
-    emit(packets=stats["packets"], bytes=stats["bytes"], seconds=dt,
-         mbps=stats["bytes"] * 8 / dt / 1e6, pps=stats["packets"] / dt)
+    await counts.report_when_quiet(quiet)
     for c in conns:
         c.close()
+    if server is not None:
+        server.close()
 
 
-async def relay_source(url: str, peers: list[str], seconds: float, ca: str | None) -> None:
-    from wgmesh.keys import Key, PrivateKey
-    from wgmesh.relaynet.connection import RelayConnection
-
-    conns = [await RelayConnection.open(url, PrivateKey.generate(), queue_frames=4096,
-                                        ssl=_ssl(ca)) for _ in peers]
+async def source(kind: str, where: str, peers: list[str], seconds: float,
+                 ca: str | None) -> None:
+    """16 packets to each peer in turn, then wait for that connection's socket: the same
+    loop relayed and direct."""
+    loop = asyncio.get_running_loop()
+    conns: list[RelayConnection] = []
+    for _ in peers:
+        if kind == "relay":
+            conns.append(await RelayConnection.open(where, PrivateKey.generate(),
+                                                    queue_frames=4096, ssl=_ssl(ca)))
+        else:
+            conns.append((await loop.create_connection(DirectPeer.make, where, DIRECT_PORT))[1])
     dsts = [Key(p) for p in peers]
     packet = bytes(PACKET)
     sent = 0
@@ -97,52 +167,7 @@ async def relay_source(url: str, peers: list[str], seconds: float, ca: str | Non
         c.close()
 
 
-async def direct_sink(host: str, quiet: float) -> None:
-    """The reference: the same frames, decoded by the same codec, without the relay."""
-    from wgmesh.relay import FrameDecoder
-
-    stats = {"packets": 0, "bytes": 0, "first": 0.0, "last": 0.0}
-    done = asyncio.Event()
-
-    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        dec = FrameDecoder()
-        while data := await r.read(1 << 16):
-            now = time.monotonic()
-            for _, body in dec.feed(data):
-                if not stats["packets"]:
-                    stats["first"] = now
-                stats["packets"] += 1
-                stats["bytes"] += len(body) - 32
-            stats["last"] = now
-        done.set()
-
-    srv = await asyncio.start_server(handle, host, 5002)
-    emit(ready=True)
-    await done.wait()
-    dt = max(stats["last"] - stats["first"], 1e-9)
-    emit(packets=stats["packets"], bytes=stats["bytes"], seconds=dt,
-         mbps=stats["bytes"] * 8 / dt / 1e6, pps=stats["packets"] / dt)
-    srv.close()
-
-
-async def direct_source(host: str, seconds: float) -> None:
-    from wgmesh.keys import PrivateKey
-    from wgmesh.relay import frame_send
-
-    _, w = await asyncio.open_connection(host, 5002)
-    frame = frame_send(PrivateKey.generate().public, bytes(PACKET))
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        w.write(b"".join([frame] * 16))
-        await w.drain()
-    w.close()
-    await w.wait_closed()
-
-
 async def idle_clients(url: str, n: int) -> None:
-    from wgmesh.keys import PrivateKey
-    from wgmesh.relaynet.connection import RelayConnection
-
     conns = []
     for _ in range(n):
         conns.append(await RelayConnection.open(url, PrivateKey.generate(), keepalive=5.0))
@@ -152,44 +177,44 @@ async def idle_clients(url: str, n: int) -> None:
 
 def role(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("role")
+    ap.add_argument("role", choices=["relay-sink", "relay-source", "direct-sink",
+                                     "direct-source", "idle"])
     ap.add_argument("args", nargs="*")
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--ca")
     a = ap.parse_args(argv)
     _raise_nofile()
-    if a.role == "relay-sink":
-        coro = relay_sink(a.args[0], a.n, 1.0, a.ca)
-    elif a.role == "relay-source":
-        coro = relay_source(a.args[0], a.args[1].split(","), a.seconds, a.ca)
-    elif a.role == "direct-sink":
-        coro = direct_sink(a.args[0], 1.0)
-    elif a.role == "direct-source":
-        coro = direct_source(a.args[0], a.seconds)
+    kind, _, what = a.role.partition("-")
+    if what == "sink":
+        asyncio.run(sink(kind, a.args[0], a.n, 1.0, a.ca))
+    elif what == "source":
+        asyncio.run(source(kind, a.args[0], a.args[1].split(","), a.seconds, a.ca))
     else:
-        coro = idle_clients(a.args[0], a.n)
-    asyncio.run(coro)
+        asyncio.run(idle_clients(a.args[0], a.n))
 
 
 # ---- orchestration -----------------------------------------------------------------------
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def _median(runs: list[dict[str, Any]], key: str, digits: int | None = 1) -> float:
+    return round(statistics.median(float(r[key]) for r in runs), digits)
+
+
+def _delivered(run: dict[str, Any]) -> float:
+    return int(run["packets"]) / int(run["sent"])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--runs", type=int, default=3, help="runs per figure (the median counts)")
     ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--pairs", type=int, default=100)
     a = ap.parse_args()
+    report = Report()
 
     from wgmesh.lab import Lab
 
-    me = str(Path(__file__).resolve())
+    me = __file__
     with Lab() as lab:
         relay, src, dst = (lab.add_public_host(n) for n in ("relay", "src", "dst"))
         srv = lab.python(relay, "-m", "wgmesh", "relay", "serve", "--listen",
@@ -197,29 +222,31 @@ def main() -> None:
         srv.wait_for_output('"listening"', timeout=30)
         url = f"http://{relay.ip}:{PORT}"
 
-        def metrics() -> dict[str, object]:
-            return json.loads(lab.run(relay, [sys.executable, "-c", (
+        def metrics() -> dict[str, Any]:
+            m: dict[str, Any] = json.loads(lab.run(relay, [sys.executable, "-c", (
                 "import urllib.request;"
                 f"print(urllib.request.urlopen('{url}/metrics').read().decode())")]).stdout)
+            return m
 
         # memory first, on the fresh relay: 1000 idle clients, then idle for a while
         time.sleep(1)
-        rss_base = rss_mb(srv.pid)
+        rss_base = proc_rss_mb(srv.pid)
         idle = lab.python(src, me, "idle", url, "--n", str(a.idle))
         idle.wait_for_output('"connected"', timeout=300)
-        rss_idle = rss_mb(srv.pid)
+        rss_idle = proc_rss_mb(srv.pid)
         time.sleep(12)  # more than two client keepalive periods
-        rss_after = rss_mb(srv.pid)
+        rss_after = proc_rss_mb(srv.pid)
         idle_clients = metrics()["clients"]
         idle.stop()
 
-        def last(p: object) -> dict[str, object]:
-            return json.loads(p.stdout.strip().splitlines()[-1])  # type: ignore[attr-defined]
+        def last(p: Any) -> dict[str, Any]:
+            line: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+            return line
 
-        def pump(n: int, via: str = url, *tls: str) -> dict[str, object]:
-            sink = lab.python(dst, me, "relay-sink", via, "--n", str(n), *tls)
+        def pump(kind: str, where: str, n: int = 1, *tls: str) -> dict[str, Any]:
+            sink = lab.python(dst, me, f"{kind}-sink", where, "--n", str(n), *tls)
             keys = json.loads(sink.wait_for_output('"ready"', timeout=60).splitlines()[0])["keys"]
-            source = lab.python(src, me, "relay-source", via, ",".join(keys),
+            source = lab.python(src, me, f"{kind}-source", where, ",".join(keys),
                                 "--seconds", str(a.seconds), *tls)
             deadline = time.monotonic() + a.seconds + 60
             while sink.poll() is None and time.monotonic() < deadline:
@@ -227,21 +254,19 @@ def main() -> None:
             source.wait(30)
             return {**last(sink), **last(source)}
 
-        relayed = pump(1)
-        sink = lab.python(dst, me, "direct-sink", dst.ip)
-        sink.wait_for_output('"ready"', timeout=30)
-        lab.run(src, [sys.executable, me, "direct-source", dst.ip, "--seconds",
-                      str(a.seconds)], timeout=a.seconds + 60)
-        sink.wait(30)
-        direct = last(sink)
-        iperf = lab.spawn(dst, ["iperf3", "-s", "-1", "-B", dst.ip])
-        time.sleep(0.5)  # iperf3 prints nothing parseable before it listens
-        cp = lab.run(src, ["iperf3", "-c", dst.ip, "-t", str(int(a.seconds)), "-J"],
-                     check=False, timeout=a.seconds + 30)
-        iperf.stop()
-        iperf_mbps = (json.loads(cp.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
-                      if cp.returncode == 0 else None)
-        pairs = pump(a.pairs)
+        def iperf3() -> float:
+            server = lab.spawn(dst, ["iperf3", "-s", "-1", "-B", dst.ip])
+            time.sleep(0.5)  # iperf3 prints nothing parseable before it listens
+            cp = lab.run(src, ["iperf3", "-c", dst.ip, "-t", str(int(a.seconds)), "-J"],
+                         check=False, timeout=a.seconds + 30)
+            server.stop()
+            return (json.loads(cp.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6
+                    if cp.returncode == 0 else float("nan"))
+
+        relayed, direct = run_abba(a.runs, lambda: pump("relay", url),
+                                   lambda: pump("direct", dst.ip))
+        iperfs = [iperf3() for _ in range(a.runs)]
+        pairs = [pump("relay", url, a.pairs) for _ in range(a.runs)]
         drops = metrics()["drops"]
         # the same relay code behind TLS on 443 (a throwaway certificate for its address)
         cert, key = f"/tmp/{lab.prefix}-relay.crt", f"/tmp/{lab.prefix}-relay.pem"
@@ -253,23 +278,31 @@ def main() -> None:
                              f"{relay.ip}:443", "--stun-port", "-1", "--tls-cert", cert,
                              "--tls-key", key, "--key-file", f"/tmp/{lab.prefix}-relay.key")
         tls_srv.wait_for_output('"listening"', timeout=30)
-        tls = pump(1, f"https://{relay.ip}", "--ca", cert)
+        tls = [pump("relay", f"https://{relay.ip}", 1, "--ca", cert) for _ in range(a.runs)]
 
+    def runs(xs: list[dict[str, Any]], key: str = "mbps") -> list[float]:
+        return [round(float(x[key]), 1) for x in xs]
 
-    relay_mbps = float(relayed["mbps"])  # type: ignore[arg-type]
-    direct_mbps = float(direct["mbps"])  # type: ignore[arg-type]
-    emit(relay_mbps=round(relay_mbps, 1), direct_mbps=round(direct_mbps, 1),
-         ratio=round(relay_mbps / direct_mbps, 3), relay_pps=round(float(relayed["pps"])),  # type: ignore[arg-type]
-         iperf3_direct_mbps=iperf_mbps and round(iperf_mbps, 1),
-         relay_tls_mbps=round(float(tls["mbps"]), 1),  # type: ignore[arg-type]
-         pairs=a.pairs, pairs_mbps=round(float(pairs["mbps"]), 1),  # type: ignore[arg-type]
-         pairs_pps=round(float(pairs["pps"])),  # type: ignore[arg-type]
-         packet_bytes=PACKET, seconds=a.seconds,
-         relay_delivered=round(int(relayed["packets"]) / int(relayed["sent"]), 3),  # type: ignore[call-overload]
-         idle_clients=idle_clients, rss_base_mb=round(rss_base, 1),
-         rss_idle_mb=round(rss_idle, 1), rss_idle_after_mb=round(rss_after, 1),
-         kb_per_idle_client=round((rss_idle - rss_base) * 1024 / max(a.idle, 1), 1),
-         relay_drops=drops)
+    report.emit({
+        "bench": "relay_throughput", "runs": a.runs, "seconds": a.seconds,
+        "packet_bytes": PACKET, "reference": REFERENCE,
+        "relay_mbps": _median(relayed, "mbps"), "direct_mbps": _median(direct, "mbps"),
+        **round_ratios(runs(relayed), runs(direct)),
+        "relay_mbps_runs": runs(relayed), "direct_mbps_runs": runs(direct),
+        "relay_pps": _median(relayed, "pps", None),
+        "relay_delivered": round(statistics.median(map(_delivered, relayed)), 3),
+        "direct_delivered": round(statistics.median(map(_delivered, direct)), 3),
+        "iperf3_direct_mbps": round(statistics.median(iperfs), 1),
+        "iperf3_direct_mbps_runs": [round(x, 1) for x in iperfs],
+        "relay_tls_mbps": _median(tls, "mbps"), "relay_tls_mbps_runs": runs(tls),
+        "pairs": a.pairs, "pairs_mbps": _median(pairs, "mbps"), "pairs_mbps_runs": runs(pairs),
+        "pairs_pps": _median(pairs, "pps", None),
+        "pairs_delivered": round(statistics.median(map(_delivered, pairs)), 3),
+        "pairs_delivered_spread": spread([_delivered(p) for p in pairs]),
+        "idle_clients": idle_clients, "rss_base_mb": rss_base, "rss_idle_mb": rss_idle,
+        "rss_idle_after_mb": rss_after,
+        "kb_per_idle_client": round((rss_idle - rss_base) * 1024 / max(a.idle, 1), 1),
+        "relay_drops": drops})
 
 
 if __name__ == "__main__":

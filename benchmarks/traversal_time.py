@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _bench import Report
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Host, Lab, Process
 
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--hard-runs", type=int, default=3, help="eim x symmetric runs")
     ap.add_argument("--reboot-runs", type=int, default=3, help="NAT reboot recovery runs")
     a = ap.parse_args()
+    report = Report()
     with Lab() as lab, tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         relay, stun2 = lab.add_public_host("relay"), lab.add_public_host("stun2")
@@ -115,7 +117,7 @@ def main() -> None:
     hard_t = [r["t_direct_s"] for r in hard if "t_direct_s" in r]
     rec = [r["t_recover_s"] for r in reboot if "t_recover_s" in r]
     med = statistics.median
-    print(json.dumps({
+    report.emit({
         "bench": "traversal_time", "runs": a.runs,
         "eim_eim_direct": f"{len(direct)}/{len(easy)}",
         "t_direct_s": round(med(direct), 4) if direct else None,
@@ -127,7 +129,7 @@ def main() -> None:
         "nat_reboot_recovered": f"{len(rec)}/{len(reboot)}",
         "t_recover_s": round(med(rec), 2) if rec else None,
         "target_direct_s": 2.0, "target_first_packet_s": 1.0, "target_recover_s": 10.0,
-    }))
+    })
 
 
 if __name__ == "__main__":

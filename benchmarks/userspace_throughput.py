@@ -1,14 +1,17 @@
 """Throughput of the tunnel: wgmesh userspace <-> wgmesh vs wireguard-go <-> wireguard-go.
 
 Two lab hosts, the same implementation on both, configured with the stock ``wg``
-tool; iperf3 TCP and UDP through the tunnel. Prints ONE JSON line: Mbit/s (what
-iperf3 received) and packets/s (entering the sender's tunnel) per implementation
-and protocol, and ``ratio`` = wgmesh TCP / wireguard-go TCP.
+tool; iperf3 TCP and UDP through the tunnel. Prints ONE JSON line: per
+implementation and protocol the median over rounds of Mbit/s (what iperf3
+received) and packets/s (entering the sender's tunnel); ``ratio`` = the median
+of per-round ratios wgmesh TCP / wireguard-go TCP, ``udp_ratio`` the same for UDP,
+each with every round's ratio and their spread.
 
-    sudo .venv/bin/python benchmarks/userspace_throughput.py [--seconds 5] [--rounds 3]
+    sudo .venv/bin/python benchmarks/userspace_throughput.py [--seconds 5] [--rounds 4]
 
-The implementations alternate for ``--rounds`` rounds and the best round of each
-counts, since this machine's CPU is shared with other work.
+Rounds run the two implementations in ABBA order (see ``_bench``). The reference is
+whatever ``wireguard-go`` is installed (Debian's is v0.0.20220316); its version and
+the offloads it lacks against current wireguard-go are part of the JSON line.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _bench import Report, round_ratios, run_abba
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Host, Lab
 
@@ -96,30 +103,46 @@ def run_pair(impl: str, seconds: float) -> dict[str, dict[str, float]]:
                 "udp": iperf(lab, a, b, ia, "10.90.0.2", seconds, udp=True)}
 
 
-def best(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """The best round per protocol: on a CPU shared with other work, the least disturbed."""
-    return {proto: max((r[proto] for r in runs), key=lambda m: m["mbps"]) for proto in runs[0]}
+# What wireguard-go releases added to the data path: an older reference lacks it.
+OFFLOADS = (((0, 0, 20230223), "TUN TCP segmentation/receive offload (TSO/GRO), batched UDP I/O"),
+            ((0, 0, 20231211), "UDP GSO/GRO on the socket and the TUN device"))
+
+
+def reference() -> dict[str, object]:
+    """The installed wireguard-go's version, and the data-path offloads it predates."""
+    out = subprocess.run(["wireguard-go", "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"v(\d+)\.(\d+)\.(\d+)", out)
+    have = tuple(map(int, m.groups())) if m else (0, 0, 0)
+    return {"version": m.group(0) if m else "unknown",
+            "missing_offloads": [what for release, what in OFFLOADS if have < release]}
+
+
+def summary(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per protocol, the median over rounds of each figure."""
+    return {proto: {k: round(statistics.median(r[proto][k] for r in runs), 1)
+                    for k in runs[0][proto]} for proto in runs[0]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="alternate the implementations this many times, keep the best")
+    ap.add_argument("--rounds", type=int, default=4,
+                    help="rounds of both implementations, in ABBA order")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (lab namespaces)")
-    impls = ("wgmesh", "wireguard-go")
-    runs: dict[str, list[dict[str, dict[str, float]]]] = {i: [] for i in impls}
-    for _ in range(args.rounds):
-        for impl in impls:
-            runs[impl].append(run_pair(impl, args.seconds))
-    res: dict[str, object] = {impl: best(runs[impl]) for impl in impls}
-    res["tcp_mbps_rounds"] = {impl: [r["tcp"]["mbps"] for r in runs[impl]] for impl in impls}
-    res["ratio"] = round(best(runs["wgmesh"])["tcp"]["mbps"]
-                         / best(runs["wireguard-go"])["tcp"]["mbps"], 3)
-    res["load_avg_1m"] = os.getloadavg()[0]
-    print(json.dumps(res))
+    report = Report()
+    mesh, ref = run_abba(args.rounds, lambda: run_pair("wgmesh", args.seconds),
+                         lambda: run_pair("wireguard-go", args.seconds))
+    res: dict[str, object] = {"bench": "userspace_throughput", "rounds": args.rounds,
+                              "seconds": args.seconds, "order": "ABBA, wgmesh first",
+                              "wgmesh": summary(mesh), "wireguard-go": summary(ref),
+                              "reference": reference()}
+    for proto in ("tcp", "udp"):
+        a, b = ([r[proto]["mbps"] for r in runs] for runs in (mesh, ref))
+        res[f"{proto}_mbps_rounds"] = {"wgmesh": a, "wireguard-go": b}
+        res.update(round_ratios(a, b, "ratio" if proto == "tcp" else "udp_ratio"))
+    report.emit(res)
 
 
 if __name__ == "__main__":

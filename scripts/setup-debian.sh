@@ -4,6 +4,9 @@
 #  - wireguard-go, wireguard-tools: independent WireGuard peers for interop proofs
 #  - qemu-system-x86 + linux-image-amd64 + busybox-static: the kernel-WireGuard VM (virtme-ng)
 #  - coturn: a real STUN server; iperf3: throughput; tcpdump: capture proofs
+#  - bind9-dnsutils: dig, to query the mesh DNS responder in the netns tests
+#  - miniupnpd, miniupnpc: a real port-mapping router (UPnP-IGD, NAT-PMP, PCP) for lab NATs
+#    and upnpc, to list its mappings
 #  - postgresql: the service tier's real database
 set -eu
 export DEBIAN_FRONTEND=noninteractive
@@ -12,8 +15,8 @@ apt-get install -y -qq --no-install-recommends \
     iproute2 iptables nftables conntrack iputils-ping procps psmisc kmod \
     wireguard-go wireguard-tools \
     qemu-system-x86 linux-image-amd64 busybox-static \
-    coturn iperf3 tcpdump \
+    coturn iperf3 tcpdump bind9-dnsutils miniupnpd miniupnpc \
     postgresql \
     python3-venv python3-dev gcc >/dev/null
-# coturn and postgresql must not run as system services; tests start their own.
-systemctl disable --now coturn postgresql >/dev/null 2>&1 || true
+# coturn, postgresql and miniupnpd must not run as system services; tests start their own.
+systemctl disable --now coturn postgresql miniupnpd >/dev/null 2>&1 || true

@@ -28,14 +28,15 @@ the window is refused until it catches up.
 
 Every malformed, unauthenticated or replayed datagram is dropped silently and
 counted in :attr:`Disco.counters`; :meth:`Disco.open` never raises.
+
+No I/O here: the owner passes in the wall clock and the source of random bytes
+(nonces, transaction ids), so tests can drive both.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import secrets
 import struct
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 
@@ -57,7 +58,6 @@ __all__ = [
     "Ping",
     "Pong",
     "is_disco",
-    "new_txid",
     "sender_of",
 ]
 
@@ -89,11 +89,6 @@ FLAG_MANY_PORTS = 0x02
 FLAG_PORT_SEARCH = 0x04
 #: This call-me-maybe answers one of yours (so it is never answered: no ping-pong).
 FLAG_REPLY = 0x08
-
-
-def new_txid() -> bytes:
-    """A fresh, unguessable ping id: a pong can only answer a ping it saw."""
-    return secrets.token_bytes(TXID_LEN)
 
 
 def is_disco(data: bytes) -> bool:
@@ -203,19 +198,26 @@ class Disco:
     """Seal and open disco messages for one node.
 
     ``wall`` is the clock used for replay stamps (wall time survives reboots,
-    which a monotonic clock does not); tests inject a fake.
+    which a monotonic clock does not): ``time.time`` in a node, a fake in tests.
+    ``random_bytes(n)`` gives ``n`` unpredictable bytes (``secrets.token_bytes``).
     """
 
-    def __init__(self, private: PrivateKey, *, wall: Callable[[], float] = time.time,
+    def __init__(self, private: PrivateKey, *, wall: Callable[[], float],
+                 random_bytes: Callable[[int], bytes],
                  replay_window: float = REPLAY_WINDOW) -> None:
         self._private = private.nacl()
         self.public: Key = private.public
         self._wall = wall
+        self._random = random_bytes
         self._window_ms = int(replay_window * 1000)
         self._boxes: OrderedDict[Key, Box] = OrderedDict()
         self._senders: OrderedDict[Key, _SenderWindow] = OrderedDict()
         self._last_stamp = 0
         self.counters: Counter[str] = Counter()
+
+    def new_txid(self) -> bytes:
+        """A fresh, unguessable ping id: a pong can only answer a ping it saw."""
+        return self._random(TXID_LEN)
 
     def _box(self, peer: Key) -> Box:
         box = self._boxes.get(peer)
@@ -234,7 +236,7 @@ class Disco:
         # Strictly increasing, so a flood-raised floor never refuses a fresh message.
         stamp = self._last_stamp = max(int(self._wall() * 1000), self._last_stamp + 1)
         plain = _PLAIN_HDR.pack(mtype, VERSION, stamp) + body
-        nonce = secrets.token_bytes(NONCE_LEN)
+        nonce = self._random(NONCE_LEN)
         sealed = self._box(peer).encrypt(plain, nonce).ciphertext
         self.counters["sealed"] += 1
         return MAGIC + self.public.raw + nonce + sealed

@@ -13,9 +13,22 @@ import html
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["html_table", "plot_topology", "text_table"]
+__all__ = ["html_table", "human_bytes", "plot_topology", "text_table"]
+
+
+def human_bytes(n: float) -> str:
+    """``1536`` -> ``1.5 KiB``: sizes and rates for people (binary units)."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
+
 
 def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """Aligned columns under upper-case headings; a missing value shows as ``-``."""
     cells = [["-" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
@@ -24,6 +37,7 @@ def text_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 def html_table(rows: list[dict[str, Any]], columns: list[str], caption: str = "") -> str:
+    """The same table as :func:`text_table`, escaped HTML for Jupyter's ``_repr_html_``."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape('-' if r.get(c) is None else str(r.get(c)))}</td>"
@@ -52,7 +66,7 @@ def _require() -> tuple[Any, Any]:
 
 def _in_notebook() -> bool:
     try:
-        from IPython import get_ipython  # type: ignore[attr-defined]
+        from IPython import get_ipython
 
         return get_ipython() is not None
     except ImportError:

@@ -53,6 +53,20 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
+    def start_with(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """:meth:`call` that stops the thread if ``coro`` fails: start a service on this loop.
+
+        A service that failed to start leaves no loop thread behind.
+        """
+        try:
+            return self.call(coro, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop_with(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """:meth:`call`, then stop the thread whatever happened: stop a service on this loop."""
+        try:
+            return self.call(coro, timeout)
+        finally:
+            self.stop()

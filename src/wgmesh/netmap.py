@@ -56,7 +56,7 @@ __all__ = [
     "to_json",
 ]
 
-#: A peer holding this capability on a node may send that node files (``wgmesh.drop.peerapi``).
+#: A peer holding this capability on a node may send that node files (``wgmesh.drop.server``).
 CAP_FILE_SEND = "file-send"
 #: Every capability the policy language knows; unknown names are rejected.
 CAPABILITIES = frozenset({CAP_FILE_SEND})
@@ -167,12 +167,17 @@ class PeerChange:
 
 @attrs.frozen
 class RelayNode:
-    """One relay server. ``stun_host`` empty means the URL's host; ``stun_port`` 0: no STUN."""
+    """One relay server. ``stun_host`` empty means the URL's host; ``stun_port`` 0: no STUN.
+
+    ``key``: the relay's public key; nodes talk to the relay only once it has proved it
+    (``None``: the relay proves whichever key it names, which pins nothing).
+    """
 
     name: str
     url: str
     stun_port: int = 3478
     stun_host: str = ""
+    key: Key | None = None
 
     @property
     def stun_address(self) -> tuple[str, int] | None:
@@ -367,7 +372,8 @@ def _relay_map_json(m: RelayMap) -> dict[str, Any]:
     return {"regions": [
         {"region_id": r.region_id, "code": r.code, "name": r.name,
          "nodes": [{"name": n.name, "url": n.url, "stun_port": n.stun_port,
-                    "stun_host": n.stun_host} for n in r.nodes]}
+                    "stun_host": n.stun_host, **({"key": n.key.b64()} if n.key else {})}
+                   for n in r.nodes]}
         for r in m.regions]}
 
 
@@ -647,7 +653,8 @@ def _relay_map(v: Any, path: str) -> RelayMap:
                                    stun_port=_int(nd, "stun_port", np_, 0, 65535)
                                    if "stun_port" in nd else 3478,
                                    stun_host=_str(nd, "stun_host", np_)
-                                   if "stun_host" in nd else ""))
+                                   if "stun_host" in nd else "",
+                                   key=_key(nd, "key", np_) if "key" in nd else None))
         regions.append(RelayRegion(region_id=_int(rd, "region_id", rp, 1, 2**31),
                                    code=_str(rd, "code", rp, 32),
                                    name=_str(rd, "name", rp) if "name" in rd else "",

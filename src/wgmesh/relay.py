@@ -18,7 +18,7 @@ frame           type   dir   body
 ==============  =====  ====  ==================================================
 SERVER_HELLO    1      s->c  MAGIC, server key (32), challenge (32)
 CLIENT_HELLO    2      c->s  MAGIC, client key (32), nonce (24), box(challenge + info JSON)
-SERVER_INFO     3      s->c  JSON: version, limits; the client is now authenticated
+SERVER_INFO     3      s->c  nonce (24), box(client's hello nonce + info JSON)
 SEND            4      c->s  destination key (32), packet
 RECV            5      s->c  source key (32), packet
 KEEPALIVE       6      both  empty; proves the connection is alive
@@ -30,28 +30,36 @@ FORWARD         12     mesh  source key (32), destination key (32), packet
 CLOSE           13     s->c  UTF-8 reason, sent just before the server closes
 ==============  =====  ====  ==================================================
 
-Authentication: the client seals the server's fresh challenge with NaCl box
-under (its node key, the server's key). Only the holder of the node's private
-key can produce a box that opens under the claimed public key, and the
-challenge makes it unreplayable; the private key itself never leaves the node.
-Relays of one region mesh: a relay connects to its peers as a client whose
-sealed info carries the region's mesh key (compared in constant time); it
-then watches presence (PEER_PRESENT/PEER_GONE of the peer's clients) and
-sends FORWARD frames, which the receiver delivers to local clients only, so a
-packet crosses at most one mesh hop.
+Authentication, both ways: the client seals the server's fresh challenge with
+NaCl box under (its node key, the server's key). Only the holder of the
+node's private key can produce a box that opens under the claimed public key,
+and the challenge makes it unreplayable; the private key itself never leaves
+the node. The server answers with SERVER_INFO sealed under (its key, the
+client's key) around the client's fresh hello nonce, so only the holder of
+the server's private key can produce it: a client that knows the relay's key
+(from the relay map, or ``#KEY`` after a relay URL) refuses a SERVER_HELLO
+naming another key before sending anything, and a relay that cannot seal
+SERVER_INFO under the key it named.
 
-This module is the sans-I/O part. The asyncio drivers, importable from here
-too, live beside it: :class:`RelayServer` (``relay_server``), :class:`RelayClient`
-and :class:`RelayClientThread` (``relay_client``), :class:`RelayConnection`
-(``relay_conn``), over the shared transport in ``relay_stream``.
+Relays of one region mesh: a relay connects to its peers as a client whose
+sealed info carries a proof of the region's mesh key (an HMAC bound to both
+relay keys and the challenge, compared in constant time), never the key
+itself, so whoever answers at a mesh peer's address learns nothing it could
+reuse; the answering relay proves the mesh key the same way in SERVER_INFO.
+The dialling relay then watches presence (PEER_PRESENT/PEER_GONE of the
+peer's clients) and sends FORWARD frames, which the receiver delivers to
+local clients only, so a packet crosses at most one mesh hop.
+
+This module is the sans-I/O part: bytes in, bytes out; the caller supplies the
+randomness (challenges, nonces). The asyncio drivers live in :mod:`wgmesh.relaynet`.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import json
-import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -71,6 +79,7 @@ __all__ = [
     "MAGIC",
     "MAX_FRAME",
     "MAX_PACKET",
+    "NONCE_LEN",
     "PROTOCOL_VERSION",
     "UPGRADE_TOKEN",
     "ClientHello",
@@ -85,15 +94,18 @@ __all__ = [
     "frame_recv",
     "frame_send",
     "frame_server_hello",
+    "frame_server_info",
+    "mesh_mac",
     "open_client_hello",
+    "open_server_info",
     "parse_forward",
     "parse_peer",
     "parse_server_hello",
     "split_key",
 ]
 
-MAGIC = b"WGMRLY\x00\x01"
-PROTOCOL_VERSION = 1
+MAGIC = b"WGMRLY\x00\x02"  # the last byte is the protocol version
+PROTOCOL_VERSION = 2
 UPGRADE_TOKEN = "wgmesh-relay"
 HEADER_LEN = 5
 CHALLENGE_LEN = 32
@@ -231,41 +243,98 @@ def frame_server_hello(server_key: Key, challenge: bytes) -> bytes:
 
 
 def parse_server_hello(body: bytes) -> tuple[Key, bytes]:
-    """``(server key, challenge)``; a wrong magic means this is no wgmesh relay."""
+    """``(server key, challenge)``; a wrong magic means this is no wgmesh relay of our version."""
     if len(body) != len(MAGIC) + KEY_LEN + CHALLENGE_LEN or not hmac.compare_digest(
             body[:len(MAGIC)], MAGIC):
-        raise FrameError("bad SERVER_HELLO (wrong magic or length)")
+        raise FrameError("bad SERVER_HELLO (wrong magic or length: not a wgmesh relay "
+                         f"speaking protocol version {PROTOCOL_VERSION})")
     return Key.from_raw(body[8:8 + KEY_LEN]), body[8 + KEY_LEN:]
+
+
+def mesh_mac(mesh_key: bytes, role: str, server_key: Key, client_key: Key,
+             challenge: bytes) -> bytes:
+    """Proof that the sender holds the region's mesh key, for this one handshake only.
+
+    Bound to both relay keys, the side (``"client"``/``"server"``) and the
+    other side's fresh challenge, so it can be neither replayed nor reflected,
+    and it reveals nothing about the mesh key itself.
+    """
+    msg = b"wgmesh relay mesh|" + role.encode() + b"|" + server_key.raw + client_key.raw
+    return hmac.new(mesh_key, msg + challenge, hashlib.sha256).digest()
+
+
+def _json_object(raw: bytes, what: str) -> dict[str, Any]:
+    """A JSON object, or :class:`FrameError` for anything else (also absurd nesting)."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FrameError(f"{what} is not JSON") from e
+    except RecursionError as e:  # "[[[[..." a few thousand deep
+        raise FrameError(f"{what} is nested too deeply") from e
+    if not isinstance(doc, dict):
+        raise FrameError(f"{what} is not a JSON object")
+    return doc
+
+
+def _mesh_proof(info: dict[str, Any]) -> bytes | None:
+    v = info.get("mesh_proof")
+    try:
+        return bytes.fromhex(v) if isinstance(v, str) else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
 class ClientHello:
-    """An authenticated client: its node key and the info it sealed."""
+    """An authenticated client: its node key, the info it sealed, the challenge it answered
+    and its hello nonce (the server's SERVER_INFO must answer that)."""
 
     key: Key
     info: dict[str, Any]
+    challenge: bytes
+    nonce: bytes
 
     @property
-    def mesh_key(self) -> bytes | None:
-        v = self.info.get("mesh_key")
-        try:
-            return bytes.fromhex(v) if isinstance(v, str) else None
-        except ValueError:
-            return None
+    def wants_mesh(self) -> bool:
+        """The client claims to be a relay of our region (check :meth:`proves_mesh_key`)."""
+        return "mesh_proof" in self.info
+
+    def proves_mesh_key(self, mesh_key: bytes, server_key: Key) -> bool:
+        proof = _mesh_proof(self.info)
+        return proof is not None and hmac.compare_digest(
+            proof, mesh_mac(mesh_key, "client", server_key, self.key, self.challenge))
+
+
+def _seal(private_key: PrivateKey, peer: Key, payload: bytes, nonce: bytes) -> bytes:
+    if len(nonce) != NONCE_LEN:
+        raise FrameError(f"nonce must be {NONCE_LEN} bytes")
+    sealed = Box(private_key.nacl(), _NaclPublicKey(peer.raw)).encrypt(payload, nonce)
+    return sealed.nonce + sealed.ciphertext
+
+
+def _open(private_key: PrivateKey, peer_raw: bytes, sealed: bytes) -> bytes:
+    box = Box(private_key.nacl(), _NaclPublicKey(peer_raw))
+    return box.decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN])
 
 
 def frame_client_hello(private_key: PrivateKey, server_key: Key, challenge: bytes,
-                       info: dict[str, Any] | None = None) -> bytes:
+                       info: dict[str, Any] | None = None, *, nonce: bytes,
+                       mesh_key: bytes | None = None) -> bytes:
     """CLIENT_HELLO proving possession of ``private_key`` to this server, once.
 
-    ``info`` (JSON) travels inside the box, so a mesh key in it is never
-    exposed even on a plaintext connection.
+    ``info`` (JSON) travels inside the box. With ``mesh_key`` (a relay dialling
+    a mesh peer) it carries a :func:`mesh_mac` proof, never the key.
+    ``nonce``: :data:`NONCE_LEN` random bytes, never reused with this key pair;
+    the server's SERVER_INFO must echo it (see :func:`open_server_info`).
     """
-    payload = challenge + json.dumps({"v": PROTOCOL_VERSION, **(info or {})}).encode()
-    nonce = secrets.token_bytes(NONCE_LEN)
-    sealed = Box(private_key.nacl(), _NaclPublicKey(server_key.raw)).encrypt(payload, nonce)
+    doc = {"v": PROTOCOL_VERSION, **(info or {})}
+    if mesh_key is not None:
+        doc["mesh_proof"] = mesh_mac(mesh_key, "client", server_key, private_key.public,
+                                     challenge).hex()
+    payload = challenge + json.dumps(doc).encode()
     return encode_frame(FrameType.CLIENT_HELLO,
-                        MAGIC + private_key.public.raw + sealed.nonce + sealed.ciphertext)
+                        MAGIC + private_key.public.raw + _seal(private_key, server_key,
+                                                               payload, nonce))
 
 
 def open_client_hello(server_key: PrivateKey, challenge: bytes, body: bytes) -> ClientHello:
@@ -276,43 +345,85 @@ def open_client_hello(server_key: PrivateKey, challenge: bytes, body: bytes) -> 
     if len(body) > head + MAC_LEN + CHALLENGE_LEN + MAX_INFO:
         raise FrameError("CLIENT_HELLO too large")
     client_raw = body[8:8 + KEY_LEN]
-    nonce = body[8 + KEY_LEN:head]
     try:
-        plain = Box(server_key.nacl(), _NaclPublicKey(client_raw)).decrypt(body[head:], nonce)
+        plain = _open(server_key, client_raw, body[8 + KEY_LEN:])
     except CryptoError as e:
         raise FrameError("CLIENT_HELLO does not open: not sealed by that key") from e
     if not hmac.compare_digest(plain[:CHALLENGE_LEN], challenge):
         raise FrameError("CLIENT_HELLO answers another challenge")
+    info = _json_object(plain[CHALLENGE_LEN:], "CLIENT_HELLO info")
+    return ClientHello(Key.from_raw(client_raw), info, challenge, body[8 + KEY_LEN:head])
+
+
+def frame_server_info(server_key: PrivateKey, hello: ClientHello, info: dict[str, Any], *,
+                      nonce: bytes, mesh_key: bytes | None = None) -> bytes:
+    """SERVER_INFO sealed to the client around its hello nonce: the server's proof of its key.
+
+    ``nonce``: fresh random bytes (never the client's: the box key is the same
+    both ways). ``mesh_key``: answer a mesh peer with our own proof of it.
+    """
+    doc = dict(info)
+    if mesh_key is not None:
+        doc["mesh_proof"] = mesh_mac(mesh_key, "server", server_key.public, hello.key,
+                                     hello.nonce).hex()
+    return encode_frame(FrameType.SERVER_INFO, _seal(
+        server_key, hello.key, hello.nonce + json.dumps(doc).encode(), nonce))
+
+
+def open_server_info(private_key: PrivateKey, server_key: Key, hello_nonce: bytes,
+                     body: bytes, *, mesh_key: bytes | None = None) -> dict[str, Any]:
+    """The info of a SERVER_INFO that ``server_key`` sealed for our hello; else :class:`FrameError`.
+
+    With ``mesh_key``, the server must also prove that it holds the mesh key.
+    """
     try:
-        info = json.loads(plain[CHALLENGE_LEN:])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FrameError("CLIENT_HELLO info is not JSON") from e
-    if not isinstance(info, dict):
-        raise FrameError("CLIENT_HELLO info is not an object")
-    return ClientHello(Key.from_raw(client_raw), info)
+        plain = _open(private_key, server_key.raw, body)
+    except (CryptoError, ValueError) as e:  # ValueError: shorter than a nonce
+        raise FrameError(f"the relay did not prove the key {server_key} "
+                         "(SERVER_INFO not sealed by it)") from e
+    if not hmac.compare_digest(plain[:NONCE_LEN], hello_nonce):
+        raise FrameError("SERVER_INFO answers another hello (replayed)")
+    info = _json_object(plain[NONCE_LEN:], "SERVER_INFO")
+    if mesh_key is not None:
+        proof = _mesh_proof(info)
+        want = mesh_mac(mesh_key, "server", server_key, private_key.public, hello_nonce)
+        if proof is None or not hmac.compare_digest(proof, want):
+            raise FrameError("the relay does not hold the region's mesh key")
+    return info
 
 
 # ---- URLs ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RelayURL:
-    """``http(s)://host[:port][/path]``; the path defaults to ``/relay``."""
+    """``http(s)://host[:port][/path][#KEY]``; the path defaults to ``/relay``.
+
+    ``#KEY`` (the relay's public key, base64) pins the relay: a connection to
+    it fails unless the relay proves that key. A relay map's nodes carry their
+    key this way too.
+    """
 
     tls: bool
     host: str
     port: int
     path: str = "/relay"
+    key: Key | None = None
 
     @classmethod
     def parse(cls, url: str) -> RelayURL:
-        u = urlsplit(url)
-        if u.scheme not in ("http", "https") or not u.hostname:
+        try:
+            u = urlsplit(url)
+            host, port = u.hostname, u.port
+        except ValueError as e:  # "http://[::1", "http://h:99999"
+            raise WgmeshError(f"bad relay URL {url!r}: {e}") from e
+        if u.scheme not in ("http", "https") or not host:
             raise WgmeshError(f"relay URL must be http(s)://host[:port], got {url!r}")
         tls = u.scheme == "https"
         try:
-            port = u.port or (443 if tls else 80)
-        except ValueError as e:
-            raise WgmeshError(f"bad port in relay URL {url!r}") from e
-        return cls(tls, u.hostname, port, u.path or "/relay")
+            key = Key(u.fragment) if u.fragment else None
+        except WgmeshError as e:
+            raise WgmeshError(f"relay URL {url!r}: the part after # must be the relay's "
+                              f"public key: {e}") from e
+        return cls(tls, host, port or (443 if tls else 80), u.path or "/relay", key)
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -10,7 +10,6 @@ Public API (stable; the NAT-traversal code builds on it):
 
 * :func:`is_stun` - fast demux check for a datagram on a shared port. It can't
   mistake a WireGuard or disco packet for STUN (the length field must match).
-* :func:`new_txid` - 12 random bytes from :mod:`secrets`.
 * :func:`encode_binding_request`, :func:`encode_binding_success`,
   :func:`encode_binding_error`, and the generic :func:`encode`.
 * :func:`parse` -> :class:`Message` (raises :class:`StunError`), and
@@ -21,6 +20,10 @@ Public API (stable; the NAT-traversal code builds on it):
   timing, driven by a clock: ``request``, ``next_deadline``, ``on_timeout``,
   ``receive``.
 
+No I/O here: the caller passes the time (``now``) and the randomness
+(transaction ids: :data:`TXID_LEN` unpredictable bytes, e.g. from :mod:`secrets`,
+so replies can't be forged blind).
+
 Addresses are ``(host, port)`` tuples with the host as text, IPv4 or IPv6;
 IPv4-mapped IPv6 addresses (from dual-stack sockets) are reported as IPv4.
 """
@@ -28,10 +31,7 @@ IPv4-mapped IPv6 addresses (from dual-stack sockets) are reported as IPv4.
 from __future__ import annotations
 
 import ipaddress
-import secrets
-import socket
 import struct
-import time
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_PORT",
     "HEADER_LEN",
     "MAGIC_COOKIE",
+    "TXID_LEN",
     "Address",
     "BindingTransaction",
     "Message",
@@ -62,10 +63,8 @@ __all__ = [
     "encode_binding_request",
     "encode_binding_success",
     "is_stun",
-    "new_txid",
     "parse",
     "parse_binding_response",
-    "query",
 ]
 
 Address = tuple[str, int]
@@ -99,11 +98,6 @@ MAX_SOFTWARE_LEN = 763  # RFC 8489 section 14.14: fewer than 128 characters, <= 
 
 class StunError(WgmeshError, ValueError):
     """The bytes are not a well-formed STUN message (or not the reply we wait for)."""
-
-
-def new_txid() -> bytes:
-    """A fresh 96-bit transaction ID (unpredictable, so replies can't be forged blind)."""
-    return secrets.token_bytes(TXID_LEN)
 
 
 def is_stun(data: bytes) -> bool:
@@ -199,11 +193,10 @@ def _software_attr(software: str | None) -> list[tuple[int, bytes]]:
     return [(ATTR_SOFTWARE, raw)]
 
 
-def encode_binding_request(txid: bytes | None = None, *, software: str | None = None,
+def encode_binding_request(txid: bytes, *, software: str | None = None,
                            fingerprint: bool = True) -> bytes:
-    """A Binding request; the transaction id is ``data[8:20]`` (random if not given)."""
-    return encode(BINDING_REQUEST, txid or new_txid(), _software_attr(software),
-                  fingerprint=fingerprint)
+    """A Binding request for transaction ``txid`` (also ``data[8:20]``)."""
+    return encode(BINDING_REQUEST, txid, _software_attr(software), fingerprint=fingerprint)
 
 
 def _normalize(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -353,14 +346,13 @@ class BindingTransaction:
     server to :meth:`receive` until it returns an address, and at
     :attr:`next_deadline` calls :meth:`on_timeout`, which gives bytes to
     resend, or ``None`` once the transaction has failed (then :attr:`failed`).
-    :func:`query` is the blocking driver.
-    The defaults (RTO 500 ms doubling, 7 sends, last wait 16 x RTO) are the
+    ``txid``: :data:`TXID_LEN` fresh random bytes. The defaults (RTO 500 ms doubling, 7 sends, last wait 16 x RTO) are the
     RFC's; netcheck-style probes pass a shorter ``rto``/``max_sends``.
     """
 
-    def __init__(self, now: float, *, rto: float = 0.5, max_sends: int = 7,
+    def __init__(self, now: float, txid: bytes, *, rto: float = 0.5, max_sends: int = 7,
                  last_wait_factor: float = 16.0, software: str | None = None) -> None:
-        self.txid = new_txid()
+        self.txid = txid
         self.request = encode_binding_request(self.txid, software=software)
         self.sent_at = now
         self.result: Address | None = None
@@ -406,43 +398,3 @@ class BindingTransaction:
         self.next_deadline = now + wait
         return self.request
 
-
-def query(server: Address, *, sock: socket.socket | None = None, rto: float = 0.1,
-          max_sends: int = 5, software: str | None = None) -> tuple[Address, float]:
-    """Blocking Binding query to ``server``: ``(reflexive address, rtt seconds)``.
-
-    Pass ``sock`` to probe the mapping of a port you own (e.g. the WireGuard
-    port of a userspace device); it is left open, and datagrams that are not
-    the reply are discarded. Raises :class:`StunError` when no reply comes.
-    """
-    own = sock is None
-    if sock is None:
-        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-    old_timeout = sock.gettimeout()
-    try:
-        tx = BindingTransaction(time.monotonic(), rto=rto, max_sends=max_sends,
-                                software=software)
-        sock.sendto(tx.request, server)
-        while not tx.done:
-            now = time.monotonic()
-            deadline = tx.next_deadline or now  # only None once done
-            if now >= deadline:
-                again = tx.on_timeout(now)
-                if again is not None:
-                    sock.sendto(again, server)
-                continue
-            sock.settimeout(deadline - now)
-            try:
-                data, _ = sock.recvfrom(2048)
-            except TimeoutError:
-                continue
-            tx.receive(data, time.monotonic())
-        if tx.result is None:
-            raise StunError(f"no STUN reply from {server[0]}:{server[1]}")
-        return tx.result, tx.rtt or 0.0
-    finally:
-        if own:
-            sock.close()
-        else:
-            sock.settimeout(old_timeout)

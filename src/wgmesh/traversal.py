@@ -412,11 +412,15 @@ CandKey = tuple[int, Addr]
 
 
 class PeerPath:
-    """The path state machine for one peer. Use through :class:`Traversal`, or alone in tests."""
+    """The path state machine for one peer. Use through :class:`Traversal`, or alone in tests.
+
+    ``new_txid()`` gives each ping a fresh unguessable id (:meth:`wgmesh.disco.Disco.new_txid`).
+    """
 
     def __init__(self, key: Key, local: LocalInfo, cfg: TraversalConfig, now: float, *,
-                 rng: random.Random | None = None) -> None:
+                 new_txid: Callable[[], bytes], rng: random.Random | None = None) -> None:
         self.key = key
+        self.new_txid = new_txid
         self.local = local
         self.cfg = cfg
         self.rng = rng or random.Random()
@@ -532,7 +536,7 @@ class PeerPath:
 
     # ---- pings --------------------------------------------------------------------
     def _ping(self, c: _Cand, now: float) -> DiscoOut:
-        txid = disco.new_txid()
+        txid = self.new_txid()
         self._pending[txid] = ((c.sock, c.addr), now, False)
         c.last_ping = now
         if c.unanswered_since is None:
@@ -695,7 +699,7 @@ class PeerPath:
         if self._last_io is not None and io != self._last_io:
             self._last_active = now
         self._last_io = io
-        ep = endpoint if endpoint is None or endpoint is RELAY else norm(endpoint)  # type: ignore[arg-type]
+        ep = endpoint if endpoint is None or endpoint is RELAY else norm(endpoint)
         out: list[_Out] = []
         best = self._cands.get(self.best) if self.best else None
         if best is not None:
@@ -720,7 +724,7 @@ class PeerPath:
                 self.counters["reassert_direct"] += 1
                 out.append(SetEndpoint(self.key, best.addr, best.sock))
         if ep is not None and ep is not RELAY and (best is None or ep != best.addr):
-            c = self._cand(ep, 0, "wg")  # type: ignore[arg-type]
+            c = self._cand(ep, 0, "wg")
             if c is not None and not c.fresh(now, self.cfg) and (
                     c.last_ping is None or now - c.last_ping >= self.cfg.probe_interval):
                 self.counters["follow_wg_roam"] += 1
@@ -791,7 +795,7 @@ class PeerPath:
 
     def _search_ping(self, addr: Addr, sock: int, now: float) -> DiscoOut:
         """A probe that becomes a candidate only if it is answered (no state per miss)."""
-        txid = disco.new_txid()
+        txid = self.new_txid()
         self._pending[txid] = ((sock, addr), now, True)
         return DiscoOut(addr, sock, disco.Ping(txid, self.local.node_key))
 
@@ -865,14 +869,16 @@ class Traversal:
     * feed peer stats (about 1/s) to :meth:`on_wg_stats`;
     * call :meth:`tick` at :meth:`next_wakeup`;
     * carry out every returned action, in order.
+
+    ``wall`` (the wall clock) and ``random_bytes`` go to :class:`~wgmesh.disco.Disco`.
     """
 
     def __init__(self, disco_private: PrivateKey, node_key: Key,
                  cfg: TraversalConfig | None = None, *,
-                 wall: Callable[[], float] | None = None,
+                 wall: Callable[[], float], random_bytes: Callable[[int], bytes],
                  rng: random.Random | None = None) -> None:
         self.cfg = cfg or TraversalConfig()
-        self.disco = disco.Disco(disco_private, **({"wall": wall} if wall else {}))
+        self.disco = disco.Disco(disco_private, wall=wall, random_bytes=random_bytes)
         self.local = LocalInfo(node_key)
         self.peers: dict[Key, PeerPath] = {}
         self._disco_keys: dict[Key, Key] = {}  # node key -> disco key
@@ -898,7 +904,7 @@ class Traversal:
         out: list[_Out] = []
         if peer is None:
             peer = self.peers[node_key] = PeerPath(node_key, self.local, self.cfg, now,
-                                                   rng=self._rng)
+                                                   new_txid=self.disco.new_txid, rng=self._rng)
             out.append(SetEndpoint(node_key, RELAY))
         out += peer.set_endpoints(endpoints, now)
         return self._wire(peer, out)

@@ -9,10 +9,8 @@ sha256 through the tunnel (4 MB: the VM is emulated, unlike the host tier's 50 M
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from flows import transfer
 
 from wgmesh.keys import PrivateKey
 from wgmesh.lab.network import Lab
+from wgmesh.loopthread import LoopThread
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 
@@ -40,12 +39,7 @@ def test_kernel_wireguard_through_the_relay(lab: Lab, tmp_path: Path) -> None:
     url = f"http://{relay.ip}:3340"
     ka, kb = PrivateKey.generate(), PrivateKey.generate()
     wa, wb = KernelBackend("wg0", netns=a.ns), KernelBackend("wg0", netns=b.ns)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    def on_loop(coro):  # type: ignore[no-untyped-def]
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(60)
+    thread = LoopThread("relay-clients")
 
     async def node(ns: str, key: PrivateKey, port: int) -> tuple[RelayClient, RelayBridge]:
         def make(family: int) -> socket.socket:  # the relay's TCP socket, in the node's netns
@@ -54,7 +48,7 @@ def test_kernel_wireguard_through_the_relay(lab: Lab, tmp_path: Path) -> None:
         bridge_box: list[RelayBridge] = []
         client = RelayClient(key, [url], make_socket=make,
                              on_packet=lambda src, pkt: bridge_box[0].deliver(src, pkt))
-        bridge = RelayBridge(loop, client.send_nowait, port, netns=ns)
+        bridge = RelayBridge(thread.loop, client.send_nowait, port, netns=ns)
         bridge_box.append(bridge)
         await client.start(wait=30)
         return client, bridge
@@ -63,8 +57,8 @@ def test_kernel_wireguard_through_the_relay(lab: Lab, tmp_path: Path) -> None:
     try:
         wa.up(InterfaceConfig("wg0", ka, listen_port=51820, addresses=["100.64.9.1/24"]))
         wb.up(InterfaceConfig("wg0", kb, listen_port=51821, addresses=["100.64.9.2/24"]))
-        ca, ba = on_loop(node(a.ns, ka, 51820))
-        cb, bb = on_loop(node(b.ns, kb, 51821))
+        ca, ba = thread.call(node(a.ns, ka, 51820), 60)
+        cb, bb = thread.call(node(b.ns, kb, 51821), 60)
         clients = [ca, cb]
         wa.set_peers([PeerConfig(kb.public, ["100.64.9.2/32"], ba.add(kb.public))])
         wb.set_peers([PeerConfig(ka.public, ["100.64.9.1/32"], bb.add(ka.public))])
@@ -75,8 +69,7 @@ def test_kernel_wireguard_through_the_relay(lab: Lab, tmp_path: Path) -> None:
         assert ba.counters(kb.public).to_relay > 2800  # the kernel's packets took the relay
     finally:
         for c in clients:
-            on_loop(c.close())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+            thread.call(c.close(), 60)
+        thread.stop()
         wa.down()
         wb.down()

@@ -8,10 +8,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from wgmesh.lab.natprobe import check_kinds
 from wgmesh.lab.network import Lab, LabError, list_namespaces
@@ -140,12 +140,8 @@ def _child(mode: str) -> tuple[subprocess.Popen[str], str, int]:
 
 
 def _gone(prefix: str, pid: int, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _ns_of(prefix) and not _alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_for(lambda: not _ns_of(prefix) and not _alive(pid), timeout,
+                    f"lab {prefix} and pid {pid} to be gone")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -198,6 +194,60 @@ def test_lab_clean_removes_crashed_lab_only(lab: Lab) -> None:
     assert f"{prefix}-h" in cp.stdout
     assert _gone(prefix, pid, timeout=5)
     assert _ns_of(lab.prefix), "a live lab must survive `lab clean`"
+
+
+def _miniupnpd_pids(ns: str) -> list[int]:
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    return [int(p) for p in pids.split()
+            if Path(f"/proc/{p}/comm").read_text().strip() == "miniupnpd"]
+
+
+def test_portmap_router_runs_miniupnpd_and_close_removes_it_all() -> None:
+    with Lab() as lab:
+        nat = lab.add_nat("home", "eim+upnp")
+        assert (nat.kind, nat.portmap, nat.spec) == ("eim", "upnp", "eim+upnp")
+        assert nat.portmapd is not None and nat.portmapd.protocols == ("upnp",)
+        [pid] = _miniupnpd_pids(nat.ns)
+        conf = nat.portmapd.conf
+        assert conf.parent == lab.state_dir
+        assert "enable_upnp=yes" in conf.read_text() and "secure_mode=yes" in conf.read_text()
+        # A reboot restarts the daemon (mapping table and lease file gone).
+        nat.reboot()
+        [pid2] = _miniupnpd_pids(nat.ns)
+        assert pid2 != pid and not _alive(pid)
+    assert not _alive(pid2)
+    assert not lab.state_dir.exists() and not _ns_of(lab.prefix)
+
+
+def test_pcp_router_rejects_natpmp_and_natpmp_router_rejects_pcp(lab: Lab) -> None:
+    pcp, pmp = lab.add_nat("r1", "symmetric", portmap="pcp"), lab.add_nat("r2", "symmetric+natpmp")
+    hosts = {"pcp": lab.add_host("a", pcp), "natpmp": lab.add_host("b", pmp)}
+    ask = textwrap.dedent("""
+        import socket, sys
+        from wgmesh import portmap as pm
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect((sys.argv[1], pm.SERVER_PORT))
+        s.settimeout(2)
+        for name, req in (("pcp", pm.encode_pcp_announce(s.getsockname()[0])),
+                          ("natpmp", pm.encode_natpmp_address())):
+            s.send(req)
+            try:
+                print(name, "answers" if s.recv(1100) else "silent")
+            except OSError as e:
+                print(name, type(e).__name__)
+    """)
+    for kind, host in hosts.items():
+        assert host.nat is not None
+        out = lab.run(host, [sys.executable, "-c", ask, f"{host.nat.lan_prefix}.1"]).stdout
+        other = "natpmp" if kind == "pcp" else "pcp"
+        assert f"{kind} answers" in out and f"{other} ConnectionRefusedError" in out, out
+
+
+@pytest.mark.parametrize("spec", ["symmetric+foo", "udp-blocked+pcp", "cone", "none+upnp"])
+def test_lab_check_refuses_unknown_kinds(spec: str) -> None:
+    cp = subprocess.run([*WGMESH, "lab", "check", "--kinds", spec], capture_output=True,
+                        text=True, timeout=60)
+    assert cp.returncode == 1 and "unknown NAT" in cp.stderr, cp.stderr
 
 
 def test_hosts_on_one_lan_reach_each_other_directly(lab: Lab) -> None:

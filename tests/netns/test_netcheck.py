@@ -15,13 +15,14 @@ from hypothesis import strategies as st
 
 from conftest import need
 from wgmesh import stun
+from wgmesh.cli.netcheck import format_report
 from wgmesh.lab.network import Host, Lab
 from wgmesh.netmap import RelayMap, RelayNode, RelayRegion
 from wgmesh.node.netcheck import (
     NetcheckProbe,
+    NetcheckReport,
     StunServer,
     classic_nat_type,
-    format_report,
     local_addresses,
     netcheck,
     servers_from_relay_map,
@@ -58,6 +59,18 @@ def test_a_port_per_destination_is_a_hard_nat() -> None:
     r = p.report()
     assert r.mapping_varies_by_dest is True and r.hard_nat
     assert "hard NAT" in format_report(r)
+
+
+@pytest.mark.unit
+def test_report_survives_json_as_the_agent_sends_it() -> None:
+    p = NetcheckProbe([S1, S6], 0.0, hairpin=False)
+    for addr, req in p.start():
+        seen = ("2001:db8::5", 41641) if ":" in addr[0] else ("198.51.100.4", 41641)
+        p.receive(reply(req, seen), addr, 0.03)
+    r = p.report(local=("192.168.1.2",))
+    d = json.loads(json.dumps(r.to_json()))
+    assert d["ipv6"] == "[2001:db8::5]:41641" and d["region_latency"] == {"1": 0.03}
+    assert NetcheckReport.from_json(d) == r
 
 
 @pytest.mark.unit

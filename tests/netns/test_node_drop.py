@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from wgmesh.lab.mesh import MeshLab
 from wgmesh.lab.network import Lab
@@ -30,10 +30,7 @@ def _payload(path: Path, size: int) -> str:
 
 def _capture(lab: Lab, host, path: Path):  # type: ignore[no-untyped-def]
     p = lab.spawn(host, ["tcpdump", "-i", "any", "-U", "-s", "0", "-w", str(path), "tcp or udp"])
-    deadline = time.monotonic() + 10
-    while "listening" not in p.stderr:
-        assert time.monotonic() < deadline, p.stderr
-        time.sleep(0.05)
+    wait_for(lambda: "listening" in p.stderr, 10, lambda: f"tcpdump: {p.stderr}")
     return p
 
 
@@ -58,10 +55,8 @@ def test_files_relayed_and_direct_never_in_plaintext_outside_the_tunnel(lab: Lab
         assert got[name]["size"] == size and got[name]["sha256"] == digests[name]
 
     # direct path: wait for it, then a file
-    deadline = time.monotonic() + 30
-    while (home.peer("cafe") or {}).get("path") != "direct":
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(lambda: (home.peer("cafe") or {}).get("path") == "direct", 30, "a direct path",
+             interval=0.2)
     home.call("file_send", {"peer": "cafe", "paths": [str(mesh.dir / "ten.bin")]}, timeout=180)
     assert {f["sha256"] for f in cafe.call("file_list")} == {digests["ten.bin"]}
 
@@ -81,7 +76,7 @@ def test_files_relayed_and_direct_never_in_plaintext_outside_the_tunnel(lab: Lab
     mesh.close()
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # the 10 MiB relayed in the test above proves this path
 def test_one_gigabyte_over_the_relay(lab: Lab) -> None:
     """1 GiB (sparse, with random blocks) between Nodes whose only path is the relay."""
     mesh = MeshLab(lab, relays=1)

@@ -7,7 +7,8 @@
 * two meshed relays of one region: nodes on different relays reach each
   other, and when one relay is killed its node moves to the other and
   traffic resumes with no restart;
-* the relay's STUN responder answers a real client across a NAT.
+* the relay's STUN responder answers a real client across a NAT;
+* ``/metrics`` answers only this host unless ``--metrics-allow`` says otherwise.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import json
 import os
 import secrets
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from flows import transfer
+from polling import wait_for
 
 from conftest import need
 from wgmesh.keys import PrivateKey
@@ -53,16 +54,13 @@ def lines(p: Process) -> list[dict[str, object]]:
 
 
 def wait_line(p: Process, pred, timeout: float = 30.0) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        for d in lines(p):
-            if pred(d):
-                return d
-        if p.poll() is not None:
-            raise AssertionError(f"{p} exited {p.poll()}: {p.stderr[-2000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timeout; stdout={p.stdout[-1500:]} stderr={p.stderr[-1500:]}")
-        time.sleep(0.05)
+    """The first JSON line of ``p`` that ``pred`` accepts; fails at once if ``p`` exits."""
+    def line() -> dict[str, object] | None:
+        hit = next((d for d in lines(p) if pred(d)), None)
+        assert hit is not None or p.poll() is None, f"{p} exited {p.poll()}: {p.stderr[-2000:]}"
+        return hit
+    return wait_for(line, timeout,
+                    lambda: f"a line; stdout={p.stdout[-1500:]} stderr={p.stderr[-1500:]}")
 
 
 def memory_contains(pid: int, needles: list[bytes]) -> list[bytes]:
@@ -152,7 +150,10 @@ def test_meshed_region_and_failover(lab: Lab, tmp_path: Path) -> None:
     mesh = tmp_path / "mesh.key"
     mesh.write_text(secrets.token_hex(32))
     u1, u2 = f"http://{r1.ip}:{PORT}", f"http://{r2.ip}:{PORT}"
-    p1 = start_relay(lab, r1, tmp_path, "--mesh-key-file", str(mesh), "--mesh-peer", u2)
+    k2 = PrivateKey.generate()  # r1 pins r2's key (URL#KEY); r2 knows r1 by address only
+    k2.save(tmp_path / "relay-r2.key")
+    p1 = start_relay(lab, r1, tmp_path, "--mesh-key-file", str(mesh),
+                     "--mesh-peer", f"{u2}#{k2.public.b64()}")
     start_relay(lab, r2, tmp_path, "--mesh-key-file", str(mesh), "--mesh-peer", u1)
     _, fa = node_key(tmp_path, "a")
     kb, fb = node_key(tmp_path, "b")
@@ -177,6 +178,30 @@ def test_relay_stun_with_real_client(lab: Lab, tmp_path: Path) -> None:
 
     out = stun_query(lab, pc, relay.ip, 3478)
     assert out["addr"] == [pc.nat.ip, 41641]
+
+
+def http_status(lab: Lab, host: Host, url: str) -> int:
+    return int(lab.run(host, [sys.executable, "-c", (
+        "import urllib.request, urllib.error\n"
+        f"try: print(urllib.request.urlopen('{url}', timeout=5).status)\n"
+        "except urllib.error.HTTPError as e: print(e.code)")]).stdout)
+
+
+def test_metrics_are_for_this_host_unless_allowed(lab: Lab, tmp_path: Path) -> None:
+    """Issue 14 item 13: by default only the relay's own host reads /metrics."""
+    relay = lab.add_public_host("relay")
+    pc = lab.add_node_host("pc", "eim")
+    assert pc.nat is not None
+    start_relay(lab, relay, tmp_path, "--stun-port", "-1")
+    url = f"http://{relay.ip}:{PORT}"
+    assert http_status(lab, pc, f"{url}/metrics") == 403
+    assert http_status(lab, pc, f"{url}/health") == 200
+    assert http_status(lab, relay, f"{url}/metrics") == 200  # from the relay's own address
+    lab.python(relay, "-m", "wgmesh", "relay", "serve", "--listen", f"{relay.ip}:{PORT + 1}",
+               "--stun-port", "-1", "--key-file", str(tmp_path / "relay2.key"),
+               "--metrics-allow", f"192.0.2.0/24,{pc.nat.ip}/32"
+               ).wait_for_output('"listening"', timeout=20)
+    assert http_status(lab, pc, f"http://{relay.ip}:{PORT + 1}/metrics") == 200
 
 
 def test_userspace_wireguard_over_the_relay(lab: Lab, tmp_path: Path) -> None:

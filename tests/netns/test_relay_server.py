@@ -10,27 +10,37 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
+import os
+import re
 import socket
 import ssl
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from polling import wait_for
+from stuntools import query
 
-from wgmesh import stun
+from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.relay import (
+    MAGIC,
     MAX_FRAME,
+    NONCE_LEN,
     FrameDecoder,
+    FrameError,
     FrameType,
     encode_frame,
     frame_client_hello,
     frame_send,
+    frame_server_hello,
+    frame_server_info,
+    open_client_hello,
     parse_server_hello,
 )
 from wgmesh.relaynet.client import RelayClient, RelayClientThread
@@ -44,12 +54,11 @@ def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 60))
 
 
-async def until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or pred}")
-        await asyncio.sleep(0.01)
+async def until(pred: Callable[[], object], timeout: float = 10.0,
+                what: str | Callable[[], str] = "") -> None:
+    """polling.wait_for on a worker thread, so the loop under test runs while it polls
+    (``pred`` only reads: counters, dicts and lists the loop fills)."""
+    await asyncio.to_thread(wait_for, pred, timeout, what or str(pred), 0.01)
 
 
 async def serving(**kw: Any) -> tuple[RelayServer, str]:
@@ -112,23 +121,27 @@ def test_forwarding_metrics_and_presence() -> None:
         await until(lambda: ia.packets and ib.packets)
         assert ib.packets == [(ka.public, b"to b")] and ia.packets == [(kb.public, b"to a")]
         assert await a.ping() > 0
-        # unknown destination: dropped, and the sender learns it is not here
+        # unknown destination: dropped; a never heard from it, so it is told nothing
         stranger = PrivateKey.generate().public
-        for _ in range(50):
-            a.send(stranger, b"?")
-        await until(lambda: srv.drops["unknown_dest"] == 50)
-        await until(lambda: (stranger, False, 1) in ia.peers, what="PEER_GONE not-here")
-        assert ia.peers.count((stranger, False, 1)) == 1  # one notice, not one per packet
-        # b leaves: a (who talked to b) hears it; b returns: a hears that too
+        a.send(stranger, b"?")
+        await until(lambda: srv.drops["unknown_dest"] == 1)
+        # b leaves: a (who talked with b both ways) hears it, and that b is not here
         b.close()
         await until(lambda: (kb.public, False, 0) in ia.peers, what="PEER_GONE")
+        for _ in range(50):
+            a.send(kb.public, b"?")
+        await until(lambda: srv.drops["unknown_dest"] == 51)
+        await until(lambda: (kb.public, False, 1) in ia.peers, what="PEER_GONE not-here")
+        assert ia.peers.count((kb.public, False, 1)) == 1  # one notice, not one per packet
+        # b returns: a hears that too
         b = await RelayConnection.open(url, kb, on_recv=ib.recv)
         await until(lambda: (kb.public, True, 0) in ia.peers, what="PEER_PRESENT")
+        assert not [p for p in ia.peers if p[0] == stranger]
         status, body = await http_get(srv.port, "/metrics")
         m = json.loads(body)
         assert status == 200 and m["clients"] == 2
         assert m["counters"]["packets_out"] == 2 and m["counters"]["bytes_out"] == 8
-        assert m["drops"]["unknown_dest"] == 50
+        assert m["drops"]["unknown_dest"] == 51
         assert (await http_get(srv.port, "/health")) == (200, b"ok")
         a.close()
         b.close()
@@ -175,7 +188,8 @@ def test_bad_http_and_unauthenticated_frames() -> None:
         # a hello sealed by one key but claiming another: refused
         r, w, hello = await raw_upgrade(srv.port)
         server_key, challenge = parse_server_hello(hello)
-        forged = bytearray(frame_client_hello(PrivateKey.generate(), server_key, challenge))
+        forged = bytearray(frame_client_hello(PrivateKey.generate(), server_key, challenge,
+                                              nonce=os.urandom(NONCE_LEN)))
         forged[5 + 8:5 + 40] = kv.public.raw
         w.write(bytes(forged))
         assert await closed_by_server(r)
@@ -251,6 +265,40 @@ def test_slow_client_never_stalls_others() -> None:
     run(main())
 
 
+def test_stalled_readers_share_one_queue_budget() -> None:
+    """Issue 14 item 1: each stalled reader holds at most queue_bytes, all of them together
+    at most queue_budget; both are freed with the connections."""
+    async def main() -> None:
+        srv, url = await serving(queue_bytes=128 * 1024, queue_budget=256 * 1024,
+                                 write_timeout=30.0)
+        sender = await RelayConnection.open(url, PrivateKey.generate(), queue_frames=100000)
+        keys = [PrivateKey.generate() for _ in range(4)]
+        stalled = [await RelayConnection.open(url, k) for k in keys]
+        for c in stalled:
+            assert c.transport is not None
+            c.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.transport.pause_reading()
+        for _ in range(150):  # ~40 MB: past every kernel buffer of the four
+            for k in keys:
+                sender.send(k.public, bytes(64 * 1024 - 100))
+            await sender.drain()
+            await asyncio.sleep(0)  # a yield: the relay forwards this round
+            assert srv.queue_budget.used <= 256 * 1024
+            assert all(c.queued_bytes <= 128 * 1024 for c in srv._clients.values())
+        await until(lambda: srv.drops["queue_budget"] > 0, what=lambda: f"{srv.drops}")
+        # four stalled readers would hold 2 frames each by their own cap: the budget binds
+        assert 128 * 1024 < srv.queue_budget.used <= 256 * 1024
+        for c in stalled:
+            c.close()
+        await until(lambda: len(srv._clients) == 1, what="the stalled readers gone")
+        assert srv.queue_budget.used == 0
+        sender.close()
+        await srv.close()
+
+    run(main())
+
+
 def test_rate_limit_drops_the_excess() -> None:
     async def main() -> None:
         srv, url = await serving(rate_limit_bps=8 * 200_000)  # 200 kB/s, burst 128 KiB
@@ -269,20 +317,16 @@ def test_rate_limit_drops_the_excess() -> None:
 
 
 def test_stun_responder() -> None:
-    async def main() -> None:
-        srv, _ = await serving()
-        loop = asyncio.get_running_loop()
-        addr, rtt = await loop.run_in_executor(
-            None, lambda: stun.query(("127.0.0.1", srv.stun_port), rto=0.05))
+    with RelayServer(host="127.0.0.1", stun_port=0) as srv:  # on its own loop thread
+        addr, rtt = query(("127.0.0.1", srv.stun_port), rto=0.05)
         assert addr[0] == "127.0.0.1" and rtt > 0
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.sendto(b"not stun", ("127.0.0.1", srv.stun_port))
         s.close()
-        await until(lambda: srv.drops["stun_invalid"] == 1)
+        wait_for(lambda: srv.drops["stun_invalid"] == 1, 10, "the invalid datagram counted")
         assert srv.counters["stun_replies"] >= 1  # more if the client had to retransmit
-        await srv.close()
-
-    run(main())
+        assert srv.metrics()["counters"]["stun_requests"] >= 2
+    assert srv._stun is not None and srv._stun.transport is None  # closed on exit
 
 
 def test_mesh_forwards_one_hop_and_checks_the_key() -> None:
@@ -294,7 +338,7 @@ def test_mesh_forwards_one_hop_and_checks_the_key() -> None:
         ia, ib = Inbox(), Inbox()
         a = await RelayConnection.open(u1, ka, on_recv=ia.recv)
         b = await RelayConnection.open(u2, kb, on_recv=ib.recv)
-        await until(lambda: kb.public.raw in s1._remote and ka.public.raw in s2._remote,
+        await until(lambda: kb.public.raw in s1.mesh.remote and ka.public.raw in s2.mesh.remote,
                     what="presence over the mesh")
         a.send(kb.public, b"a->b")
         b.send(ka.public, b"b->a")
@@ -303,7 +347,7 @@ def test_mesh_forwards_one_hop_and_checks_the_key() -> None:
         assert s1.counters["packets_mesh_out"] == 1 and s2.counters["packets_mesh_in"] == 1
         # b leaves s2: s1 forgets it
         b.close()
-        await until(lambda: kb.public.raw not in s1._remote)
+        await until(lambda: kb.public.raw not in s1.mesh.remote)
         # a relay with the wrong mesh key is refused
         s3 = RelayServer(mesh_key=bytes(32), mesh_peers=[u1])
         await s3.start("127.0.0.1", 0)
@@ -315,6 +359,203 @@ def test_mesh_forwards_one_hop_and_checks_the_key() -> None:
         a.close()
         for s in (s3, s2, s1):
             await s.close()
+
+    run(main())
+
+
+class FakeRelay:
+    """Speaks the relay protocol at an address, as an impostor would: presents
+    ``presented`` (its own key unless told to claim another's), records every byte
+    it is sent, opens what it can, and answers a hello it can open with a
+    SERVER_INFO sealed by its own key (it holds no mesh key, so no mesh proof)."""
+
+    def __init__(self, key: PrivateKey, presented: Key | None = None) -> None:
+        self.key = key
+        self.presented = presented or key.public
+        self.received = bytearray()
+        self.opened: list[dict[str, Any]] = []  # hello infos it could read
+        self.hellos = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            self.received += await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: wgmesh-relay\r\n"
+                    b"Connection: Upgrade\r\n\r\n")
+            challenge = os.urandom(32)
+            w.write(frame_server_hello(self.presented, challenge))
+            dec = FrameDecoder()
+            while data := await r.read(65536):
+                self.received += data
+                for t, body in dec.feed(data):
+                    if t != FrameType.CLIENT_HELLO:
+                        continue
+                    self.hellos += 1
+                    try:
+                        hello = open_client_hello(self.key, challenge, body)
+                    except FrameError:
+                        w.write(encode_frame(FrameType.SERVER_INFO, b'{"v": 2}'))
+                        continue
+                    self.opened.append(hello.info)
+                    w.write(frame_server_info(self.key, hello, {"v": 2},
+                                              nonce=os.urandom(NONCE_LEN)))
+        w.close()
+
+    def learned(self, secret: bytes) -> bool:
+        """Did the secret reach it in any form it could read?"""
+        seen = bytes(self.received) + json.dumps(self.opened).encode()
+        return secret in seen or secret.hex().encode() in seen
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def test_fake_relay_at_a_mesh_peer_address_learns_nothing() -> None:
+    """Issue 13 §3: whoever answers at a mesh peer's address never obtains the mesh key,
+    and is refused: pinned (it names another key: refused before the hello), unpinned
+    (it can read the hello sealed to its own key, which holds only a one-time proof,
+    and cannot prove the mesh key back), or replaying the real relay's key (it cannot
+    open the hello, nor prove the key)."""
+    async def main() -> None:
+        real = PrivateKey.generate()
+        cases = {"pinned": (FakeRelay(PrivateKey.generate()), f"#{real.public.b64()}"),
+                 "unpinned": (FakeRelay(PrivateKey.generate()), ""),
+                 "claims the real key": (FakeRelay(PrivateKey.generate(), real.public),
+                                         f"#{real.public.b64()}")}
+        relays = []
+        for fake, pin in cases.values():
+            relays.append(await serving(mesh_key=MESH_KEY,
+                                        mesh_peers=[await fake.start() + pin]))
+        await until(lambda: all(srv.mesh.links[0].last_error for srv, _ in relays),
+                    what="every fake refused")
+        errors = [srv.mesh.links[0].last_error for srv, _ in relays]
+        assert "presented key" in errors[0] and "pinned" in errors[0]
+        assert "does not hold the region's mesh key" in errors[1]
+        assert "did not prove the key" in errors[2]
+        for name, (fake, _) in cases.items():
+            assert not fake.learned(MESH_KEY), name
+        assert cases["pinned"][0].hellos == 0  # refused before sending anything sealed
+        assert "mesh_proof" in cases["unpinned"][0].opened[0]  # a proof, not the key
+        for srv, _ in relays:
+            assert srv.metrics()["mesh_links_up"] == 0 and not srv.mesh.remote
+            await srv.close()
+        for fake, _ in cases.values():
+            await fake.close()
+
+    run(main())
+
+
+def test_client_refuses_a_relay_that_cannot_prove_its_key() -> None:
+    async def main() -> None:
+        srv, url = await serving()
+        ka, kb = PrivateKey.generate(), PrivateKey.generate()
+        # the relay's real key, pinned: accepted (and by the region client too)
+        ok = await RelayConnection.open(f"{url}#{srv.public_key.b64()}", ka)
+        assert ok.server_key == srv.public_key
+        async with RelayClient(kb, {1: [f"{url}#{srv.public_key.b64()}"]}) as b:
+            assert await b.ping() > 0
+        # a wrong expected key: refused with a clear reason, and nothing accepted
+        wrong = PrivateKey.generate().public
+        with pytest.raises(RelayConnectError, match=re.escape(
+                f"presented key {srv.public_key}, not its pinned key {wrong}")):
+            await RelayConnection.open(f"{url}#{wrong.b64()}", kb)
+        before = srv.counters["clients_accepted"]
+        c = RelayClient(kb, [f"{url}#{wrong.b64()}"], backoff_min=0.05)
+        with pytest.raises(RelayConnectError):
+            await c.start(wait=1.0)
+        await c.close()
+        assert srv.counters["clients_accepted"] == before
+        # an impostor naming the real key cannot prove it
+        fake = FakeRelay(PrivateKey.generate(), srv.public_key)
+        fake_url = await fake.start()
+        with pytest.raises(RelayConnectError, match="did not prove the key"):
+            await RelayConnection.open(f"{fake_url}#{srv.public_key.b64()}", ka)
+        with pytest.raises(RelayConnectError, match="did not prove the key"):
+            await RelayConnection.open(fake_url, ka)  # unpinned: still its own claim
+        ok.close()
+        await fake.close()
+        await srv.close()
+
+    run(main())
+
+
+def test_nested_hello_is_refused_without_a_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14 item 6: a sealed hello whose info is "[[[[..." gets a CLOSE with the reason;
+    nothing is logged at ERROR (it used to log a full traceback on every try)."""
+    from nacl.public import Box
+    from nacl.public import PublicKey as NaclPublicKey
+
+    async def main() -> None:
+        srv, url = await serving()
+        for _ in range(3):
+            r, w, hello = await raw_upgrade(srv.port)
+            server_key, challenge = parse_server_hello(hello)
+            node = PrivateKey.generate()
+            sealed = Box(node.nacl(), NaclPublicKey(server_key.raw)).encrypt(
+                challenge + b"[" * 4000, os.urandom(NONCE_LEN))
+            w.write(encode_frame(FrameType.CLIENT_HELLO, MAGIC + node.public.raw + sealed))
+            hdr = await r.readexactly(5)
+            assert hdr[0] == FrameType.CLOSE
+            reason = (await r.readexactly(int.from_bytes(hdr[1:], "big"))).decode()
+            assert reason == "hello refused: CLIENT_HELLO info is nested too deeply"
+            assert await closed_by_server(r)
+        assert srv.drops["auth_failed"] == 3 and "internal_error" not in srv.drops
+        # the relay still serves
+        await (await RelayConnection.open(url, PrivateKey.generate())).ping()
+        await srv.close()
+
+    with caplog.at_level(logging.DEBUG, logger="wgmesh"):
+        run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_strangers_cannot_watch_keys_come_and_go() -> None:
+    """Issue 14 item 13: presence only for keys a client talked with both ways."""
+    async def main() -> None:
+        srv, url = await serving()
+        kk, kp, kw = (PrivateKey.generate() for _ in range(3))
+        ip, iw = Inbox(), Inbox()
+        target = await RelayConnection.open(url, kk)
+        peer = await RelayConnection.open(url, kp, on_peer=ip.peer)
+        watcher = await RelayConnection.open(url, kw, on_peer=iw.peer)
+        watcher.send(kk.public, b"hello?")  # a stranger registers interest in the target
+        peer.send(kk.public, b"hi")  # a real peer talks with it both ways
+        target.send(kp.public, b"hi")
+        await until(lambda: srv.counters["packets_out"] == 3)
+        target.close()
+        await until(lambda: (kk.public, False, 0) in ip.peers, what="the peer hears it leave")
+        watcher.send(kk.public, b"still there?")
+        peer.send(kk.public, b"still there?")
+        await until(lambda: (kk.public, False, 1) in ip.peers, what="not-here to the peer")
+        target = await RelayConnection.open(url, kk)
+        await until(lambda: (kk.public, True, 0) in ip.peers, what="the peer hears it return")
+        await watcher.ping()  # everything sent to the watcher before this has arrived
+        assert iw.peers == [], iw.peers
+        for c in (target, peer, watcher):
+            c.close()
+        await srv.close()
+
+    run(main())
+
+
+def test_metrics_can_be_restricted() -> None:
+    async def main() -> None:
+        srv, _ = await serving()  # default: this host only (loopback here)
+        assert (await http_get(srv.port, "/metrics"))[0] == 200
+        await srv.close()
+        srv, _ = await serving(metrics_allow=["192.0.2.0/24"])
+        status, body = await http_get(srv.port, "/metrics")
+        assert status == 403 and b"server_key" not in body
+        assert (await http_get(srv.port, "/health")) == (200, b"ok")
+        assert srv.drops["metrics_forbidden"] == 1
+        await srv.close()
+        with pytest.raises(WgmeshError, match="metrics allow-list"):
+            RelayServer(metrics_allow=["not-a-cidr"])
 
     run(main())
 
@@ -388,9 +629,9 @@ def test_client_fails_over_within_the_region() -> None:
         await b.start()
         await a.start()
         assert a.status()["links"][1]["url"].startswith(u1)
-        await until(lambda: ka.public.raw in s2._remote or (bool(
+        await until(lambda: ka.public.raw in s2.mesh.remote or (bool(
             a.send_nowait(kb.public, b"probe")) and False), timeout=0.1) if False else None
-        await until(lambda: ka.public.raw in s2._remote and kb.public.raw in s1._remote,
+        await until(lambda: ka.public.raw in s2.mesh.remote and kb.public.raw in s1.mesh.remote,
                     what="presence over the mesh")
         await a.send(kb.public, b"via mesh")
         await until(lambda: b"via mesh" in got)
@@ -407,54 +648,37 @@ def test_client_fails_over_within_the_region() -> None:
 
 
 def test_thread_client_for_blocking_callers() -> None:
-    async def start() -> tuple[RelayServer, str]:
-        return await serving()
-
-    loop = asyncio.new_event_loop()
-    srv, url = loop.run_until_complete(start())
-    t = threading.Thread(target=loop.run_forever, daemon=True)
-    t.start()
-    try:
+    with RelayServer(host="127.0.0.1") as srv:  # on its own loop thread
+        url = f"http://127.0.0.1:{srv.port}"
         ka, kb = PrivateKey.generate(), PrivateKey.generate()
         got: list[bytes] = []
         with RelayClientThread(ka, [url], on_packet=lambda s, d: None) as a, \
                 RelayClientThread(kb, [url], on_packet=lambda s, d: got.append(d)):
             for i in range(500):
                 a.send(kb.public, i.to_bytes(2, "big"))
-            deadline = time.monotonic() + 10
-            while len(got) < 500 and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for(lambda: len(got) >= 500, 10, "500 packets", interval=0.01)
         assert [int.from_bytes(d, "big") for d in got] == list(range(500))
+
+
+def test_client_thread_that_cannot_connect_stops_its_loop() -> None:
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    client = RelayClientThread(PrivateKey.generate(), [url], on_packet=lambda s, d: None)
+    try:
+        with pytest.raises(RelayConnectError):
+            client.start(timeout=0.5)
+        assert client._thread.loop.is_closed()
     finally:
-        asyncio.run_coroutine_threadsafe(srv.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
+        dead.close()
 
 
 # ---- fuzzing the live server -------------------------------------------------------
-class _ThreadServer:
-    """A relay on its own loop thread, so hypothesis can drive it with blocking sockets."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.srv, _ = self.loop.run_until_complete(serving())
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
-        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(30)  # type: ignore[arg-type]
-
-    def close(self) -> None:
-        self.call(self.srv.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture(scope="module")
-def fuzz_server() -> Any:
-    ts = _ThreadServer()
-    yield ts
-    ts.close()
+def fuzz_server() -> Iterator[RelayServer]:
+    """A relay on its own loop thread, so hypothesis can drive it with blocking sockets."""
+    with RelayServer(host="127.0.0.1") as srv:
+        yield srv
 
 
 def _blocking_client(port: int, key: PrivateKey) -> socket.socket:
@@ -468,7 +692,7 @@ def _blocking_client(port: int, key: PrivateKey) -> socket.socket:
             break
     (_, body), = FrameDecoder().feed(rest[:5 + 72])
     server_key, challenge = parse_server_hello(body)
-    s.sendall(frame_client_hello(key, server_key, challenge))
+    s.sendall(frame_client_hello(key, server_key, challenge, nonce=os.urandom(NONCE_LEN)))
     return s
 
 
@@ -479,9 +703,9 @@ frame_types = st.sampled_from([int(t) for t in FrameType] + [0, 99, 255])
 @given(pre_auth=st.booleans(),
        frames=st.lists(st.tuples(frame_types, st.binary(max_size=80)), max_size=6),
        tail=st.binary(max_size=40))
-def test_fuzz_server_survives_anything(fuzz_server: _ThreadServer, pre_auth: bool,
+def test_fuzz_server_survives_anything(fuzz_server: RelayServer, pre_auth: bool,
                                        frames: list[tuple[int, bytes]], tail: bytes) -> None:
-    srv = fuzz_server.srv
+    srv = fuzz_server
     if pre_auth:
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
         s.sendall(b"GET /relay HTTP/1.1\r\nUpgrade: wgmesh-relay\r\n\r\n")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from wgmesh.keys import PrivateKey
 from wgmesh.lab.network import Host, Lab, Process
@@ -96,10 +97,8 @@ def test_nat_reboot_with_a_new_port_recovers_within_ten_seconds(lab: Lab, tmp_pa
     """a's router forgets every mapping and maps a to another port from now on."""
     a, b, ha, _hb = pair(lab, tmp_path, "eim", "eim", 30, "--exit-after-direct", "1",
                          "--directs", "2")
-    deadline = time.monotonic() + 15
-    while not any(e["event"] == "path" for e in events(b)):
-        assert time.monotonic() < deadline, b.stdout + b.stderr[-2000:]
-        time.sleep(0.05)
+    wait_for(lambda: any(e["event"] == "path" for e in events(b)), 15,
+             lambda: f"b's first path: {b.stdout}{b.stderr[-2000:]}")
     assert ha.nat is not None
     lab.run(ha.nat, ["iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "-o", "eth0", "-p",
                      "udp", "-j", "MASQUERADE", "--to-ports", "50000-50100"])

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from polling import wait_for as poll
+from polling import wait_for
 from wgsides import PORT, WG_GO_ENV, transfer, two_sides
 
 from conftest import need
@@ -52,7 +52,7 @@ def test_three_rekeys_with_shortened_clock(lab: Lab, tmp_path: Path,
         a.ping(b)
         seen = {b.handshake_time()}
         pinger = lab.spawn(a.host, ["ping", "-i", "0.2", "-W", "2", a.addr.replace(".1", ".2")])
-        poll(lambda: seen.add(b.handshake_time()) or len(seen) >= 4, 40, "3 rekeys")
+        wait_for(lambda: seen.add(b.handshake_time()) or len(seen) >= 4, 40, "3 rekeys")
         pinger.stop()
         assert len(seen - {0}) >= 4  # the first handshake plus three rekeys, seen by wireguard-go
         a.ping(b)
@@ -112,7 +112,7 @@ def test_wg_tool_manages_wgmesh(lab: Lab, tmp_path: Path) -> None:
     lab.run(ha, ["wg", "set", ia, "peer", kb.public.b64(), "remove"])
     assert kb.public.b64() not in lab.run(ha, ["wg", "show", ia]).stdout
     lab.run(ha, ["ip", "link", "del", ia])  # as `wg-quick down` does
-    poll(lambda: not Path(f"/var/run/wireguard/{ia}.sock").exists(), 10, "daemon exit")
+    wait_for(lambda: not Path(f"/var/run/wireguard/{ia}.sock").exists(), 10, "daemon exit")
     lab.run(hb, ["ip", "link", "del", ib])
 
 
@@ -199,7 +199,7 @@ def test_wg_quick_brings_up_wgmesh(lab: Lab, tmp_path: Path) -> None:
             assert r.returncode == 0, r.stdout + lab.run(qa, ["wg"]).stdout
         finally:
             lab.run(qa, [*env, "wg-quick", "down", str(conf)], timeout=60)
-        poll(lambda: not Path(f"/var/run/wireguard/{ifq}.sock").exists(), 10, "daemon exit")
+        wait_for(lambda: not Path(f"/var/run/wireguard/{ifq}.sock").exists(), 10, "daemon exit")
 
 
 def test_ipv6_endpoint(lab: Lab, tmp_path: Path) -> None:

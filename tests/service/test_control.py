@@ -1,6 +1,6 @@
 """Control server end to end over HTTP on 127.0.0.1 with a real SQLite store.
 
-The helpers here (``Follower``, ``register``, ``wait_until``) are shared with
+The helpers here (``Follower``, ``register``) are shared with
 ``test_control_postgres.py``.
 """
 
@@ -16,18 +16,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from polling import wait_for as wait_until
+from polling import wait_for
 
 from wgmesh import netmap as nm
 from wgmesh.cli.main import main as cli_main
-from wgmesh.control import ControlAPIError, ControlClient, ControlServer
+from wgmesh.control import ControlAPIError, ControlClient, ControlError, ControlServer
 from wgmesh.keys import PrivateKey
 
 pytestmark = pytest.mark.service
@@ -61,7 +61,7 @@ class Follower:
         return dict(self.map.peers) if self.map else {}
 
     def wait(self, pred: Callable[[nm.Netmap], Any], what: str, timeout: float = 10) -> Any:
-        return wait_until(lambda: self.map is not None and pred(self.map), timeout, what)
+        return wait_for(lambda: self.map is not None and pred(self.map), timeout, what)
 
     def close(self) -> None:
         """Ends at the next message (keepalives make that prompt), closing the stream."""
@@ -75,23 +75,6 @@ def register(url: str, auth_key: str | None, hostname: str,
     c = ControlClient(url)
     reg = c.register(key, PrivateKey.generate().public, hostname, auth_key=auth_key)
     return c, key, reg.node
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ControlServer]:
-    with ControlServer(listen="127.0.0.1:0", state_dir=tmp_path, keepalive_s=0.3,
-                       flush_delay_s=0.0) as srv:
-        yield srv
-
-
-@pytest.fixture
-def admin(server: ControlServer) -> ControlClient:
-    return ControlClient(server.url, api_key=server.admin_key)
-
-
-@pytest.fixture
-def authkey(admin: ControlClient) -> str:
-    return admin.create_auth_key(reusable=True)["key"]
 
 
 # ------------------------------------------------------------- registration
@@ -144,7 +127,7 @@ def test_auth_key_tags_expiry_and_revocation(server: ControlServer,
     _, _, n2 = register(server.url, tagged, "s2")
     assert n1.tags == n2.tags == ("tag:server",)
     short = admin.create_auth_key(expiry_s=0.2)["key"]
-    wait_until(lambda: time.time() > admin.list_auth_keys()[-1]["expires_at"], what="expiry")
+    wait_for(lambda: time.time() > admin.list_auth_keys()[-1]["expires_at"], what="expiry")
     with pytest.raises(ControlAPIError, match="expired"):
         register(server.url, short, "late")
     rec = admin.create_auth_key(reusable=True)
@@ -240,7 +223,7 @@ def test_keepalive_on_idle_stream(server: ControlServer, authkey: str) -> None:
     ca, _, _ = register(server.url, authkey, "idle")
     f = Follower(ca)
     try:
-        wait_until(lambda: any(isinstance(m, nm.Keepalive) for m in f.messages), 5,
+        wait_for(lambda: any(isinstance(m, nm.Keepalive) for m in f.messages), 5,
                    "keepalive")
     finally:
         f.close()
@@ -267,7 +250,7 @@ def test_resume_by_sequence_or_full_map_when_too_far_behind(server: ControlServe
     server.world.ring_entries = 1
     for i in range(3):
         cb.update(home_relay=10 + i)
-    wait_until(lambda: server.world.subs[1].floor > first.seq, what="ring eviction")
+    wait_for(lambda: server.world.subs[1].floor > first.seq, what="ring eviction")
     stream = ControlClient(server.url, node_token=ca.node_token).stream(since=seq)
     full = next(stream)
     assert isinstance(full, nm.Netmap) and full.peers[b.id].home_relay == 12
@@ -291,10 +274,10 @@ def test_follow_reconnects_and_resumes(tmp_path: Path) -> None:
                 maps.append(m)
         t = threading.Thread(target=run, daemon=True)
         t.start()
-        wait_until(lambda: maps and b.id in maps[-1].peers, what="first map")
+        wait_for(lambda: maps and b.id in maps[-1].peers, what="first map")
     with ControlServer(listen=f"127.0.0.1:{port}", state_dir=tmp_path, keepalive_s=0.3) as srv:
         cb.update(home_relay=4)
-        wait_until(lambda: maps[-1].peers[b.id].home_relay == 4, what="update after restart")
+        wait_for(lambda: maps[-1].peers[b.id].home_relay == 4, what="update after restart")
         stop.set()
 
 
@@ -511,14 +494,23 @@ def test_bootstrap_key_file_is_imported_by_a_fresh_database(tmp_path: Path) -> N
         assert ControlClient(srv.url, api_key=first).nodes() == []
 
 
+def test_a_server_that_fails_to_start_raises_and_leaves_no_thread(tmp_path: Path) -> None:
+    keyfile = tmp_path / "bad.key"
+    keyfile.write_text("not a key\n")
+    with pytest.raises(ControlError, match="not a wgmesh API key"), \
+            ControlServer(listen="127.0.0.1:0", state_dir=tmp_path, api_key_file=keyfile):
+        pass
+    assert "control-server" not in {t.name for t in threading.enumerate()}
+
+
 def test_relay_endpoint_lists_live_node_keys(server: ControlServer, authkey: str,
                                              admin: ControlClient) -> None:
     relay = ControlClient(server.url, api_key=admin.create_api_key("relay")["key"])
     ca, _, a = register(server.url, authkey, "a")
     _, _, b = register(server.url, authkey, "b")
-    wait_until(lambda: len(relay.relay_nodes()["node_keys"]) == 2, what="two keys")
+    wait_for(lambda: len(relay.relay_nodes()["node_keys"]) == 2, what="two keys")
     admin.expire_node(b.id)
-    wait_until(lambda: relay.relay_nodes()["node_keys"] == [a.node_key.b64()], what="expired")
+    wait_for(lambda: relay.relay_nodes()["node_keys"] == [a.node_key.b64()], what="expired")
     with pytest.raises(ControlAPIError) as e:
         relay.nodes()
     assert e.value.status == 403
@@ -556,7 +548,7 @@ def test_a_newer_stream_of_the_same_node_replaces_the_older(server: ControlServe
     new = Follower(ControlClient(server.url, node_token=ca.node_token))
     try:
         new.wait(lambda m: b.id in m.peers, "new stream")
-        wait_until(lambda: not old.thread.is_alive(), what="old stream ends")
+        wait_for(lambda: not old.thread.is_alive(), what="old stream ends")
         cb.update(home_relay=5)
         new.wait(lambda m: m.peers[b.id].home_relay == 5, "delta on the new stream")
         assert server.world.subs[1].streams == 1

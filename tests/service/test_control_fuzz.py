@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,3 +185,70 @@ def test_fuzz_stream_resume_sequence(env: dict[str, Any], since: str) -> None:
         assert r.status_code == 200
         first = nm.decode(next(r.iter_lines()))
         assert isinstance(first, nm.Netmap | nm.NetmapDelta | nm.Keepalive)
+
+
+def _deep(depth: int, leaf: str) -> str:
+    """JSON text nested ``depth`` levels (lists, a dict now and then), built as text."""
+    opens = ['{"k":' if i % 50 == 49 else "[" for i in range(depth)]
+    return "".join(opens) + leaf + "".join("}" if o != "[" else "]" for o in reversed(opens))
+
+
+def _text(v: Any) -> str:
+    try:
+        return json.dumps(v)
+    except (RecursionError, ValueError):
+        return "null"
+
+
+shallow = json_values | st.sampled_from([float("nan"), float("inf"), -float("inf"),
+                                         10**400, "\ud800", ""])
+# Depths around 970 are where the JSON decoder still coped and the encoder no longer did.
+depths = st.integers(1, 40) | st.integers(950, 1000) | st.integers(1, 1500)
+leaves = st.sampled_from(["null", "NaN", "-Infinity", "1e999", '"x"', "{}"])
+hostile = st.builds(_deep, depths, leaves) | shallow.map(_text)
+endpoint = st.builds(lambda ip, port: f"{ip}:{port}",
+                     st.ip_addresses().map(lambda a: f"[{a}]" if a.version == 6 else str(a)),
+                     st.integers(-5, 70000))
+hostile_endpoints = st.lists(endpoint.map(json.dumps) | hostile, max_size=40).map(
+    lambda xs: "[" + ",".join(xs) + "]") | hostile
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=st.fixed_dictionaries({}, optional={
+    "hostinfo": hostile, "endpoints": hostile_endpoints, "home_relay": hostile}))
+def test_fuzz_hostile_node_reports_never_break_the_admin_api(env: dict[str, Any],
+                                                             fields: dict[str, str]) -> None:
+    """A node's own report: a 4xx or stored, and whatever is stored the admin API still lists."""
+    raw = ("{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}").encode()
+    r = call(env["url"], "POST", "/v1/node/update", env["node"], raw=raw)
+    assert r.status_code in (200, 400, 413), r.text
+    assert "error" in r.json() if r.status_code >= 400 else r.json()["ok"]
+    r = call(env["url"], "GET", "/v1/admin/nodes", env["srv"].admin_key)
+    assert r.status_code == 200, r.text
+
+
+keys = st.binary(min_size=32, max_size=32).map(
+    lambda b: json.dumps(base64.b64encode(b).decode()))
+texts = st.text(max_size=20).map(json.dumps) | st.sampled_from(['"\\ud800"', '"a\\udfff"'])
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(valid=st.fixed_dictionaries({"node_key": keys, "disco_key": keys, "proof": keys,
+                                    "hostname": texts, "challenge_id": texts}),
+       hostile_fields=st.fixed_dictionaries({}, optional={
+           "node_key": hostile, "disco_key": hostile, "proof": hostile | texts,
+           "hostname": hostile, "challenge_id": hostile, "auth_key": hostile | texts,
+           "rotate_from": st.sampled_from(['"' + "A" * 43 + '="', '"AQ' + "A" * 41 + '="'])
+           | keys | hostile}))
+def test_fuzz_registration_bodies_get_4xx(env: dict[str, Any], valid: dict[str, str],
+                                          hostile_fields: dict[str, str]) -> None:
+    """Registration bodies, mostly well-formed around a hostile field: a 4xx, never a 500."""
+    body = {**valid, **hostile_fields}
+    raw = ("{" + ",".join(f'"{k}":{v}' for k, v in body.items()) + "}").encode()
+    for path in ("/v1/register/challenge", "/v1/register"):
+        r = call(env["url"], "POST", path, raw=raw)
+        assert r.status_code in (200, 400, 401, 404, 413, 429), (path, r.text)
+        if r.status_code >= 400:
+            assert "error" in r.json()

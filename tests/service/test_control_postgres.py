@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from test_control import POLICY, Follower, register, wait_until
+from polling import wait_for
+from test_control import POLICY, Follower, register
 
-from wgmesh.control import ControlAPIError, ControlClient, ControlServer
+from wgmesh.control import ControlAPIError, ControlClient, ControlError, ControlServer
 from wgmesh.control.store import MIGRATIONS, PostgresStore
 
 pytestmark = pytest.mark.service
@@ -40,11 +41,11 @@ def dsn() -> Iterator[str]:
 
 @pytest.fixture
 def replicas(dsn: str, tmp_path: Path) -> Iterator[tuple[ControlServer, ControlServer]]:
-    keyfile = tmp_path / "admin.key"
-    with ControlServer(dsn, "127.0.0.1:0", state_dir=tmp_path / "a", api_key_file=keyfile,
-                       keepalive_s=0.3, flush_delay_s=0) as a, \
-         ControlServer(dsn, "127.0.0.1:0", state_dir=tmp_path / "b", api_key_file=keyfile,
-                       keepalive_s=0.3, flush_delay_s=0) as b:
+    keys = {"api_key_file": tmp_path / "admin.key", "audit_key_file": tmp_path / "audit.key"}
+    with ControlServer(dsn, "127.0.0.1:0", state_dir=tmp_path / "a", keepalive_s=0.3,
+                       flush_delay_s=0, **keys) as a, \
+         ControlServer(dsn, "127.0.0.1:0", state_dir=tmp_path / "b", keepalive_s=0.3,
+                       flush_delay_s=0, **keys) as b:
         yield a, b
 
 
@@ -113,7 +114,7 @@ def test_addresses_and_audit_on_postgres(replicas: tuple[ControlServer, ControlS
     assert admin.audit_verify()["ok"]
     # Each admin read is itself audited, so the chain keeps growing.
     assert ControlClient(b.url, api_key=b.admin_key).audit_verify()["entries"] > len(entries)
-    wait_until(lambda: b.world.seq == a.world.seq, what="replicas converge")
+    wait_for(lambda: b.world.seq == a.world.seq, what="replicas converge")
     assert b.world.live == a.world.live
 
 
@@ -128,3 +129,37 @@ def test_store_reconnects_after_its_connection_is_killed(dsn: str) -> None:
         store.get_policy()  # the request in flight fails...
     assert store.get_policy()[0] == 1  # ...the next one reconnects
     store.close()
+
+
+def test_hardening_holds_on_postgres(replicas: tuple[ControlServer, ControlServer],
+                                     tmp_path: Path) -> None:
+    """Names, references and the keyed audit chain behave on PostgreSQL as on SQLite."""
+    import psycopg
+
+    from wgmesh.control.audit import entry_hash
+
+    a, b = replicas
+    admin = ControlClient(a.url, api_key=a.admin_key)
+    ak = admin.create_auth_key(reusable=True)["key"]
+    names = [register((a, b)[i % 2].url, ak, "p" * 62)[2].name for i in range(4)]
+    assert len(set(names)) == 4 and max(map(len, names)) <= 63
+    _, _, one = register(b.url, ak, "1")
+    with pytest.raises(ControlAPIError) as e:
+        admin.expire_node("1")
+    assert e.value.status == 400 and "ambiguous" in e.value.message
+    assert admin.rename_node(f"name:{one.name}", "one")["name_assigned"]
+    assert admin.audit_verify()["ok"] and admin.audit_verify()["keyed_from"] == 1
+    with pytest.raises(ControlError, match="audit key"), \
+            ControlServer(a.store.dsn, "127.0.0.1:0", state_dir=tmp_path / "c"):
+        pass
+    with psycopg.connect(a.store.dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT seq, ts, actor, action, target, detail FROM audit "
+                            "ORDER BY seq").fetchall()
+        prev = "0" * 64
+        for s, ts, actor, action, target, detail in rows:
+            h = entry_hash(prev, s, ts, "mallory" if s == 2 else actor, action, target, detail)
+            conn.execute("UPDATE audit SET actor = CASE WHEN seq = 2 THEN 'mallory' ELSE actor "
+                         "END, keyed = 0, prev_hash = %s, hash = %s WHERE seq = %s",
+                         (prev, h, s))
+            prev = h
+    assert not ControlClient(b.url, api_key=b.admin_key).audit_verify()["ok"]

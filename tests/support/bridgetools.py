@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from wgmesh.keys import Key
+from wgmesh.loopthread import LoopThread
 from wgmesh.wireguard.netns import socket_in
 from wgmesh.wireguard.proxy import PipeTransport, RelayBridge
 
@@ -22,10 +22,8 @@ class BridgePair:
 
     def __init__(self, ns_a: str, port_a: int, key_a: Key, ns_b: str, port_b: int, key_b: Key,
                  ip_b: str, tcp_port: int = 7000) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                        name="bridge-loop")
-        self._thread.start()
+        self._loop_thread = LoopThread("bridge-loop")
+        self.loop = self._loop_thread.loop
         listener = socket_in(ns_b, socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((ip_b, tcp_port))
@@ -51,8 +49,8 @@ class BridgePair:
         self.a = RelayBridge(self.loop, self.ta.send, port_a, netns=ns_a)
         self.b = RelayBridge(self.loop, self.tb.send, port_b, netns=ns_b)
 
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop_thread.call(coro, 30)
 
     def on_loop(self, fn: Callable[[], T]) -> T:
         async def run() -> T:
@@ -64,9 +62,7 @@ class BridgePair:
             for x in (self.a, self.b, self.ta, self.tb):
                 x.close()
         self.on_loop(shut)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+        self._loop_thread.stop()
 
     def __enter__(self) -> BridgePair:
         return self

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlencode
 
-from wgmesh.drop import peerapi as drop
+from wgmesh.drop.protocol import PeerIdentity
+from wgmesh.drop.sender import Connection, read_response
+from wgmesh.drop.server import PeerAPIServer
 from wgmesh.keys import PrivateKey
+from wgmesh.loopthread import LoopThread
 
-BOB = drop.PeerIdentity("bob", PrivateKey.generate().public)
+BOB = PeerIdentity("bob", PrivateKey.generate().public)
 
 
 class LoopServer:
@@ -19,36 +21,27 @@ class LoopServer:
 
     def __init__(self, inbox: Path, addresses: tuple[str, ...] = ("127.0.0.1",),
                  **kw: object) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        self.thread = LoopThread("peer-api-test")
         kw.setdefault("identify", lambda ip: BOB)
         kw.setdefault("authorize", lambda who: True)
         kw.setdefault("port", 0)
-        self.server = drop.PeerAPIServer(inbox, list(addresses), **kw)  # type: ignore[arg-type]
+        self.server = PeerAPIServer(inbox, list(addresses), **kw)  # type: ignore[arg-type]
         try:
-            self.call(self.server.start())
+            self.thread.call(self.server.start(), 30)
         except BaseException:
-            self.close()
+            self.thread.stop()
             raise
 
-    def call(self, coro: object) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)  # type: ignore[arg-type]
-
     def close(self) -> None:
-        self.call(self.server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self.thread.call(self.server.close(), 30)
+        self.thread.stop()
 
 
 def raw_put(port: int, q: dict[str, object], body: bytes, *, host: str = "127.0.0.1",
             netns: str | None = None, midway: Callable[[], None] | None = None,
             ) -> tuple[int, dict[str, object]]:
     """A hand-made PUT (any name, any framing); ``midway`` runs after half the body."""
-    from urllib.parse import urlencode
-
-    c = drop._Connection(host, port, 30, netns)
+    c = Connection(host, port, 30, netns)
     try:
         c.putrequest("PUT", f"/v1/files?{urlencode(q)}")
         c.putheader("Content-Length", str(len(body)))
@@ -59,6 +52,6 @@ def raw_put(port: int, q: dict[str, object], body: bytes, *, host: str = "127.0.
             midway()
         with contextlib.suppress(OSError):  # refused mid-stream: the answer is still there
             c.send(body[half:])
-        return drop._response(c)
+        return read_response(c)
     finally:
         c.close()

@@ -12,14 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import flows
-from polling import wait_for as poll
+from polling import wait_for
 
 from conftest import need
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Host, Lab, Process
 
 WG_GO_ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
-TRANSFER_MB = int(os.environ.get("WGMESH_WG_TRANSFER_MB", "100"))
 PORT = 51820
 STARTUP_S = float(os.environ.get("WGMESH_WG_STARTUP_S", "20"))  # the VM is slow
 
@@ -44,7 +43,7 @@ class Side:
                     if impl == "wgmesh" else ["wireguard-go", "-f", ifname])
             proc = self.proc = lab.spawn(host, argv, env={**WG_GO_ENV, **(env or {})})
             sock = Path(f"/var/run/wireguard/{ifname}.sock")
-            poll(lambda: sock.exists() or proc.poll() is not None, STARTUP_S, f"{ifname} UAPI")
+            wait_for(lambda: sock.exists() or proc.poll() is not None, STARTUP_S, f"{ifname} UAPI")
             assert proc.poll() is None, proc.stderr
         self.wg("set", ifname, "listen-port", str(PORT), "private-key", str(self.keyfile))
         lab.run(host, ["ip", "addr", "add", f"{self.addr}/24", "dev", ifname])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import attrs
 import pytest
@@ -15,7 +17,7 @@ from wgmesh.control import addressing, credentials
 from wgmesh.control.audit import GENESIS, AuditEntry, entry_hash, verify
 from wgmesh.control.client import Backoff
 from wgmesh.control.policy import DEFAULT_POLICY, PolicyError, node_selectors, parse_policy
-from wgmesh.control.store import Change, NodeRecord
+from wgmesh.control.store.records import Change, NodeRecord
 from wgmesh.control.world import World
 from wgmesh.keys import Key
 
@@ -95,7 +97,7 @@ class _Seq:
 
 
 def _world(nodes: list[NodeRecord], policy: dict) -> tuple[World, _Seq, dict[int, list[bytes]]]:
-    w = World(ULA)
+    w = World(ULA, clock=lambda: 1000.0)
     w.load(nodes, 1, json.dumps(policy), nm.RelayMap(), 0)
     seq = _Seq()
     got: dict[int, list[bytes]] = {}
@@ -107,6 +109,17 @@ def _world(nodes: list[NodeRecord], policy: dict) -> tuple[World, _Seq, dict[int
 PARTITIONED = {"tags": [f"tag:g{g}" for g in range(3)] + ["tag:hub"],
                "rules": [{"src": [f"tag:g{g}"], "dst": [f"tag:g{g}:*"]} for g in range(3)]
                + [{"src": ["*"], "dst": ["tag:hub:*"]}]}
+
+
+def test_world_reads_records_without_the_sql_layer() -> None:
+    """The fan-out core needs the records, not a database: no SQL module, no driver."""
+    code = ("import sys, wgmesh.control.world\n"
+            "sql = ('sqlite3', 'psycopg', 'wgmesh.control.store.sql',\n"
+            "       'wgmesh.control.store.sqlite', 'wgmesh.control.store.postgres')\n"
+            "print(' '.join(m for m in sql if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == []
 
 
 def test_world_fans_out_only_to_nodes_that_see_the_change() -> None:
@@ -260,3 +273,78 @@ def test_world_incremental_views_match_a_full_rebuild(script: list[tuple]) -> No
         for nid, view in views.items():
             fresh = nm.decode(w.full_map(nid))
             assert attrs.evolve(view, seq=0) == attrs.evolve(fresh, seq=0), (nid, op)
+
+
+def test_world_since_zero_on_a_fresh_subscriber_is_a_full_map() -> None:
+    nodes = [_rec(1), _rec(2)]
+    w = World(ULA, clock=lambda: 1000.0)
+    w.load(nodes, 1, json.dumps(DEFAULT_POLICY), nm.RelayMap(), 0)
+    first = nm.decode(b"".join(w.attach(1, 0, lambda: None)))
+    assert isinstance(first, nm.Netmap) and set(first.peers) == {2}
+
+
+def test_policy_node_names_bind_only_to_assigned_names() -> None:
+    doc = {"tags": ["tag:db"], "rules": [{"src": ["ops"], "dst": ["tag:db:*"]}]}
+    p = parse_policy(doc)
+    assert p.linked(node_selectors(None, [])) == set()  # a self-chosen name selects nothing
+    assert "tag:db" in p.linked(node_selectors("ops", []))
+    w = World(ULA, clock=lambda: 1000.0)
+    squatter, ops = _rec(1, name="ops"), _rec(2, name="laptop")
+    w.load([squatter, ops, _rec(3, ("tag:db",), name="db")], 1, json.dumps(doc),
+           nm.RelayMap(), 0)
+    assert w.visible[1] == set() and w.visible[3] == set()
+    w.apply(Change(1, "node", "1", json.dumps(attrs.evolve(squatter, name="ops-2").to_json())))
+    w.apply(Change(2, "node", "2", json.dumps(attrs.evolve(ops, name="ops",
+                                                           name_assigned=True).to_json())))
+    assert w.visible[3] == {2} and w.visible[1] == set()
+    with pytest.raises(PolicyError) as e:
+        parse_policy({"rules": [{"src": ["*"], "dst": ["*:*"], "caps": [["file-send"], {}]}]})
+    assert [d["path"] for d in e.value.details] == ["rules[0].caps[0]", "rules[0].caps[1]"]
+
+
+def test_keyed_audit_chain_resists_recomputed_hashes() -> None:
+    key = b"k" * 32
+    old = _chain(3)
+    prev, chain = old[-1].hash, list(old)
+    for i in range(4, 7):
+        action = "audit.keyed" if i == 4 else "x.y"
+        h = entry_hash(prev, i, 1000.0 + i, "admin", action, f"t{i}", "{}", key)
+        chain.append(AuditEntry(i, 1000.0 + i, "admin", action, f"t{i}", "{}", prev, h, True))
+        prev = h
+    ok = verify(chain, key)
+    assert ok.ok and ok.entries == 6 and ok.keyed_from == 4
+    # Rehashing everything as an unkeyed chain (the attacker has no key) is refused...
+    forged, prev = [], GENESIS
+    for e in chain:
+        h = entry_hash(prev, e.seq, e.ts, "mallory", e.action, e.target, e.detail)
+        forged.append(attrs.evolve(e, actor="mallory", prev_hash=prev, hash=h, keyed=False))
+        prev = h
+    assert not verify(forged, key).ok and "keyed" in verify(forged, key).reason
+    # ...so is a keyed entry made with another key, and a keyed chain checked with no key.
+    assert verify(chain, b"x" * 32).first_bad_seq == 4
+    assert not verify(chain, None).ok
+    assert verify(old, key).ok is False  # a key exists, so the chain must carry keyed entries
+    # Plain entries rewritten in front of a keyed tail the server kept appending to:
+    # the keyed part must begin with its audit.keyed entry.
+    h = entry_hash(prev, 7, 1007.0, "admin", "x.y", "t7", "{}", key)
+    appended = AuditEntry(7, 1007.0, "admin", "x.y", "t7", "{}", prev, h, True)
+    assert verify([*forged, appended], key).reason == "the keyed chain does not begin with " \
+        "audit.keyed"
+
+
+def test_rate_limiter_buckets_per_source_and_stays_bounded() -> None:
+    from wgmesh.control.ratelimit import RateLimiter
+
+    now = [0.0]
+    rl = RateLimiter(rate=2.0, burst=3, clock=lambda: now[0], max_sources=100)
+    assert [rl.check("192.0.2.1") for _ in range(4)] == [0.0, 0.0, 0.0, 0.5]
+    assert rl.check("192.0.2.2") == 0.0  # another source has its own bucket
+    assert rl.check("2001:db8::1") == 0.0
+    for _ in range(2):
+        rl.check("2001:db8::2")  # the same /64: one bucket
+    assert rl.check("2001:db8::3") > 0
+    now[0] = 0.5
+    assert rl.check("192.0.2.1") == 0.0
+    for i in range(1000):
+        rl.check(f"10.0.{i // 256}.{i % 256}")
+    assert len(rl) <= 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -25,9 +26,13 @@ class Wall:
         return self.t
 
 
+def new_txid() -> bytes:
+    return os.urandom(disco.TXID_LEN)
+
+
 def pair(wall: Wall | None = None) -> tuple[Disco, Disco]:
     w = wall or Wall()
-    return Disco(A, wall=w), Disco(B, wall=w)
+    return Disco(A, wall=w, random_bytes=os.urandom), Disco(B, wall=w, random_bytes=os.urandom)
 
 
 ipv4 = st.ip_addresses(v=4).map(str)
@@ -59,25 +64,25 @@ def test_ipv4_mapped_addresses_come_back_as_ipv4() -> None:
 
 def test_magic_never_collides_with_wireguard_or_stun() -> None:
     a, _ = pair()
-    wire = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    wire = a.seal(B.public, Ping(new_txid(), A.public))
     assert not stun.is_stun(wire)
     assert wire[0] not in (1, 2, 3, 4) and wire[4:8] != struct.pack("!I", stun.MAGIC_COOKIE)
     assert int.from_bytes(wire[:4], "big") == disco.BPF_WORD
     for wg_type in (1, 2, 3, 4):
         assert not is_disco(bytes([wg_type, 0, 0, 0]) + bytes(200))
-    assert not is_disco(stun.encode_binding_request())
+    assert not is_disco(stun.encode_binding_request(new_txid()))
 
 
 def test_wrong_recipient_is_dropped_and_counted() -> None:
     a, _ = pair()
-    c = Disco(C, wall=Wall())
-    assert c.open(a.seal(B.public, Ping(disco.new_txid(), A.public))) is None
+    c = Disco(C, wall=Wall(), random_bytes=os.urandom)
+    assert c.open(a.seal(B.public, Ping(new_txid(), A.public))) is None
     assert c.counters["drop_bad_box"] == 1
 
 
 def test_forged_sender_key_is_dropped() -> None:
     a, b = pair()
-    wire = bytearray(a.seal(B.public, Ping(disco.new_txid(), A.public)))
+    wire = bytearray(a.seal(B.public, Ping(new_txid(), A.public)))
     wire[len(MAGIC):len(MAGIC) + 32] = C.public.raw
     assert b.open(bytes(wire)) is None
     assert b.counters["drop_bad_box"] == 1
@@ -86,14 +91,14 @@ def test_forged_sender_key_is_dropped() -> None:
 @pytest.mark.parametrize("cut", [0, 3, len(MAGIC), 40, disco.HEADER_LEN, disco.HEADER_LEN + 20])
 def test_truncated_is_dropped(cut: int) -> None:
     a, b = pair()
-    wire = a.seal(B.public, Pong(disco.new_txid(), ("1.2.3.4", 9)))
+    wire = a.seal(B.public, Pong(new_txid(), ("1.2.3.4", 9)))
     assert b.open(wire[:cut]) is None
     assert sum(v for k, v in b.counters.items() if k.startswith("drop_")) == 1
 
 
 def test_every_flipped_bit_is_dropped() -> None:
     a, b = pair()
-    wire = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    wire = a.seal(B.public, Ping(new_txid(), A.public))
     for i in range(len(wire)):
         bad = bytearray(wire)
         bad[i] ^= 0x01
@@ -103,7 +108,7 @@ def test_every_flipped_bit_is_dropped() -> None:
 
 def test_replay_is_dropped_once_seen() -> None:
     a, b = pair()
-    wire = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    wire = a.seal(B.public, Ping(new_txid(), A.public))
     assert b.open(wire) is not None
     assert b.open(wire) is None
     assert b.counters["drop_replay"] == 1
@@ -112,9 +117,9 @@ def test_replay_is_dropped_once_seen() -> None:
 def test_replay_older_than_the_window_is_dropped() -> None:
     wall = Wall()
     a, b = pair(wall)
-    old = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    old = a.seal(B.public, Ping(new_txid(), A.public))
     wall.t += disco.REPLAY_WINDOW + 1
-    assert b.open(a.seal(B.public, Ping(disco.new_txid(), A.public))) is not None
+    assert b.open(a.seal(B.public, Ping(new_txid(), A.public))) is not None
     assert b.open(old) is None  # never seen, but older than the window
     assert b.counters["drop_replay"] == 1
 
@@ -122,16 +127,16 @@ def test_replay_older_than_the_window_is_dropped() -> None:
 def test_reordering_within_the_window_is_fine() -> None:
     wall = Wall()
     a, b = pair(wall)
-    first = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    first = a.seal(B.public, Ping(new_txid(), A.public))
     wall.t += 5
-    second = a.seal(B.public, Ping(disco.new_txid(), A.public))
+    second = a.seal(B.public, Ping(new_txid(), A.public))
     assert b.open(second) is not None
     assert b.open(first) is not None
 
 
 def test_flooding_sender_cannot_grow_state_without_bound() -> None:
     a, b = pair()
-    wires = [a.seal(B.public, Ping(disco.new_txid(), A.public))
+    wires = [a.seal(B.public, Ping(new_txid(), A.public))
              for _ in range(disco.MAX_NONCES_PER_SENDER + 50)]
     for w in wires:
         assert b.open(w) is not None
@@ -152,16 +157,26 @@ def test_version_and_body_checks_after_a_valid_box() -> None:
         struct.pack("!BBQ", 3, 0, 0) + bytes(18),           # cmm without flags byte
     ]
     for plain in bad_plains:
-        nonce = disco.secrets.token_bytes(24)
+        nonce = os.urandom(disco.NONCE_LEN)
         wire = MAGIC + A.public.raw + nonce + box.encrypt(plain, nonce).ciphertext
         assert b.open(wire) is None
     assert b.counters["opened"] == 0
     assert b.counters["drop_version"] == 1 and b.counters["drop_malformed"] == 4
 
 
+def test_time_and_randomness_come_from_the_owner() -> None:
+    """No hidden clock or entropy: the same wall time and random bytes seal the same."""
+    one, two = (Disco(A, wall=Wall(), random_bytes=bytes) for _ in range(2))
+    assert one.new_txid() == bytes(disco.TXID_LEN)
+    msg = Ping(one.new_txid(), A.public)
+    wire = one.seal(B.public, msg)
+    assert wire == two.seal(B.public, msg)
+    assert Disco(B, wall=Wall(), random_bytes=bytes).open(wire) == (A.public, msg)
+
+
 def test_own_messages_reflected_back_are_dropped() -> None:
     a, _ = pair()
-    assert a.open(a.seal(B.public, Ping(disco.new_txid(), A.public))) is None
+    assert a.open(a.seal(B.public, Ping(new_txid(), A.public))) is None
     assert a.counters["drop_from_self"] == 1
 
 
@@ -185,7 +200,7 @@ def test_fuzz_authenticated_garbage_never_raises(body: bytes, mtype: int) -> Non
     """Even a peer holding a valid key cannot crash the parser."""
     a, b = pair()
     box = a._box(B.public)
-    nonce = disco.secrets.token_bytes(24)
+    nonce = os.urandom(disco.NONCE_LEN)
     plain = struct.pack("!BBQ", mtype, 0, 1) + body
     wire = MAGIC + A.public.raw + nonce + box.encrypt(plain, nonce).ciphertext
     got = b.open(wire)
@@ -194,5 +209,5 @@ def test_fuzz_authenticated_garbage_never_raises(body: bytes, mtype: int) -> Non
 
 def test_sender_of_reads_the_claimed_key_without_crypto() -> None:
     a, _ = pair()
-    assert disco.sender_of(a.seal(B.public, Ping(disco.new_txid(), A.public))) == A.public
+    assert disco.sender_of(a.seal(B.public, Ping(new_txid(), A.public))) == A.public
     assert disco.sender_of(b"wgm") is None and disco.sender_of(bytes(100)) is None

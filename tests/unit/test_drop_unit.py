@@ -7,7 +7,6 @@ import hashlib
 import io
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,9 +14,14 @@ import pytest
 from droptools import BOB, LoopServer, raw_put
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polling import wait_for
 
-from wgmesh.drop import peerapi as drop
-from wgmesh.drop.inbox import BadName, Inbox, check_name, suffixed
+from wgmesh.cli import file as file_cli
+from wgmesh.drop import protocol
+from wgmesh.drop.inbox import Inbox, suffixed
+from wgmesh.drop.protocol import BadName, check_name
+from wgmesh.drop.sender import Connection, read_response, request, send_file
+from wgmesh.drop.server import PeerAPIServer
 from wgmesh.keys import Key
 from wgmesh.netmap import CAP_FILE_SEND, Netmap, NodeInfo, Peer
 
@@ -69,24 +73,39 @@ GOOD_SHA = "a" * 64
 
 def test_parse_offer() -> None:
     q = {"name": "f.bin", "size": "10", "sha256": GOOD_SHA, "offset": "4"}
-    assert drop.parse_offer(q, with_offset=True) == drop.Offer("f.bin", 10, GOOD_SHA, 4)
-    assert drop.parse_offer(q, with_offset=False).offset == 0
+    assert protocol.parse_offer(q, with_offset=True) == protocol.Offer("f.bin", 10, GOOD_SHA, 4)
+    assert protocol.parse_offer(q, with_offset=False).offset == 0
     for bad in ({**q, "size": "-1"}, {**q, "size": "1e3"}, {**q, "size": "٣"},
                 {**q, "offset": "11"}, {**q, "sha256": GOOD_SHA.upper()},
                 {**q, "sha256": "ab"}, {k: v for k, v in q.items() if k != "size"},
                 {**q, "size": "9" * 17}):
-        with pytest.raises(drop.BadRequest):
-            drop.parse_offer(bad, with_offset=True)
+        with pytest.raises(protocol.BadRequest):
+            protocol.parse_offer(bad, with_offset=True)
     with pytest.raises(BadName):
-        drop.parse_offer({**q, "name": "../f"}, with_offset=True)
+        protocol.parse_offer({**q, "name": "../f"}, with_offset=True)
+
+
+def test_admit_counts_quota_then_disk() -> None:
+    """Quota covers the whole file beside what is held; the disk only what is still to come."""
+    offer = protocol.Offer("f.bin", 100, GOOD_SHA)
+    assert protocol.admit(offer, 40, free=60) == 60
+    assert protocol.admit(offer, 40, free=60, quota=150, held=50) == 60
+    with pytest.raises(protocol.Refusal, match="quota") as e:
+        protocol.admit(offer, 40, free=60, quota=150, held=51)
+    assert e.value.status == 413
+    with pytest.raises(protocol.Refusal, match="no room") as e:
+        protocol.admit(offer, 40, free=59)
+    assert e.value.status == 507
+    assert protocol.refusal_text(599, {}, "h") == "h refused the file (599): error"
+    assert protocol.refusal_text(413, {}, "h").endswith("Request Entity Too Large")
 
 
 @given(st.dictionaries(st.sampled_from(["name", "size", "sha256", "offset", "x"]),
                        st.text(max_size=80)))
 def test_parse_offer_fuzz(q: dict[str, str]) -> None:
     try:
-        o = drop.parse_offer(q, with_offset=True)
-    except (drop.BadRequest, BadName):
+        o = protocol.parse_offer(q, with_offset=True)
+    except (protocol.BadRequest, BadName):
         return
     assert 0 <= o.offset <= o.size and check_name(o.name) == o.name
 
@@ -155,16 +174,16 @@ def _netmap(caps: tuple[str, ...]) -> Netmap:
 
 def test_identity_from_allowed_ips_and_policy() -> None:
     nm = _netmap((CAP_FILE_SEND,))
-    identify = drop.netmap_identify(lambda: nm)
-    authorize = drop.netmap_authorize(lambda: nm)
+    identify = protocol.netmap_identify(lambda: nm)
+    authorize = protocol.netmap_authorize(lambda: nm)
     bob = identify("100.64.0.2")
-    assert bob == drop.PeerIdentity("bob", nm.peers[2].node_key)
+    assert bob == protocol.PeerIdentity("bob", nm.peers[2].node_key)
     assert identify("fd7a:115c:a1e0::2") == bob
-    assert identify("10.9.4.4") == drop.PeerIdentity("router", nm.peers[3].node_key)
+    assert identify("10.9.4.4") == protocol.PeerIdentity("router", nm.peers[3].node_key)
     assert identify("100.64.0.99") is None
     assert authorize(bob) and not authorize(identify("100.64.0.3"))  # type: ignore[arg-type]
-    assert not drop.netmap_authorize(lambda: _netmap(()))(bob)
-    assert drop.netmap_identify(lambda: None)("100.64.0.2") is None
+    assert not protocol.netmap_authorize(lambda: _netmap(()))(bob)
+    assert protocol.netmap_identify(lambda: None)("100.64.0.2") is None
 
 
 # ---------------------------------------------------------------------- protocol on loopback
@@ -191,12 +210,12 @@ def _file(tmp_path: Path, name: str, data: bytes) -> Path:
 
 def test_send_and_clash_and_progress(serve: Callable[..., LoopServer], tmp_path: Path) -> None:
     s = serve()
-    data = os.urandom(3 * drop.CHUNK + 7)
+    data = os.urandom(3 * protocol.CHUNK + 7)
     src = _file(tmp_path, "f.bin", data)
     seen: list[tuple[int, int]] = []
-    r = drop.send_file("127.0.0.1", src, port=s.server.port,
+    r = send_file("127.0.0.1", src, port=s.server.port,
                        progress=lambda d, t: seen.append((d, t)))
-    r2 = drop.send_file(f"127.0.0.1:{s.server.port}", src)
+    r2 = send_file(f"127.0.0.1:{s.server.port}", src)
     assert (r.name, r2.name) == ("f.bin", "f (1).bin")
     assert (s.server.inbox.dir / "f (1).bin").read_bytes() == data
     assert r.sha256 == hashlib.sha256(data).hexdigest() and r.resumed_from == 0
@@ -208,12 +227,12 @@ def test_denied_and_unknown_senders_get_403(serve: Callable[..., LoopServer],
                                             tmp_path: Path) -> None:
     src = _file(tmp_path, "f", b"x")
     denied = serve(authorize=lambda who: False)
-    with pytest.raises(drop.DropRefused, match="bob may not send files") as e:
-        drop.send_file("127.0.0.1", src, port=denied.server.port)
+    with pytest.raises(protocol.DropRefused, match="bob may not send files") as e:
+        send_file("127.0.0.1", src, port=denied.server.port)
     assert e.value.status == 403
     stranger = serve(identify=lambda ip: None)
-    with pytest.raises(drop.DropRefused, match="not a peer") as e:
-        drop.send_file("127.0.0.1", src, port=stranger.server.port)
+    with pytest.raises(protocol.DropRefused, match="not a peer") as e:
+        send_file("127.0.0.1", src, port=stranger.server.port)
     assert e.value.status == 403 and stranger.server.inbox.list() == []
 
 
@@ -230,7 +249,7 @@ def test_resume_from_offset_rehashes_kept_bytes(serve: Callable[..., LoopServer]
     partial = s.server.inbox.partial_path(BOB.node_key.b64(), "r.bin", len(data), sha)
     partial.write_bytes(data[:40_000])  # what an interrupted first attempt left
     assert _put(s.server.port, {**q, "offset": 50_000}, data[50_000:])[0] == 409
-    r = drop.send_file("127.0.0.1", _file(tmp_path, "r.bin", data), port=s.server.port)
+    r = send_file("127.0.0.1", _file(tmp_path, "r.bin", data), port=s.server.port)
     assert (r.resumed_from, r.sent) == (40_000, 60_000)
     assert (s.server.inbox.dir / "r.bin").read_bytes() == data and not partial.exists()
 
@@ -244,8 +263,8 @@ def test_bad_digest_quota_and_framing_leave_nothing(serve: Callable[..., LoopSer
     assert status == 422 and "hash to" in str(err["error"])
     status, err = _put(port, {"name": "q", "size": 11, "sha256": GOOD_SHA, "offset": 0}, body)
     assert status == 400 and "Content-Length" in str(err["error"])
-    with pytest.raises(drop.DropRefused, match="quota") as e:
-        drop.send_file("127.0.0.1", _file(tmp_path, "big", b"z" * 1001), port=port)
+    with pytest.raises(protocol.DropRefused, match="quota") as e:
+        send_file("127.0.0.1", _file(tmp_path, "big", b"z" * 1001), port=port)
     assert e.value.status == 413
     for name in ("../up", "CON", "a\x00b", ".partial"):
         status, err = _put(port, {"name": name, "size": 1, "sha256": GOOD_SHA, "offset": 0},
@@ -259,15 +278,8 @@ def test_bad_digest_quota_and_framing_leave_nothing(serve: Callable[..., LoopSer
 def test_binds_only_to_given_addresses(tmp_path: Path) -> None:
     for bad in ([], ["0.0.0.0"], ["::"]):
         with pytest.raises(ValueError):
-            drop.PeerAPIServer(tmp_path, bad, identify=lambda ip: None,
+            PeerAPIServer(tmp_path, bad, identify=lambda ip: None,
                                authorize=lambda w: False)
-
-
-def _wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.01)
 
 
 def _start_put(port: int, data: bytes, sent: int) -> socket.socket:
@@ -290,13 +302,15 @@ def test_interrupted_transfer_keeps_its_bytes_and_resumes(
     data = os.urandom(1 << 20)
     c = _start_put(s.server.port, data, 300_000)
     partials = s.server.inbox.partial_dir
-    _wait_until(lambda: sum(p.stat().st_size for p in partials.iterdir()) == 300_000)
+    wait_for(lambda: sum(p.stat().st_size for p in partials.iterdir()) == 300_000, 10,
+             "the first 300,000 bytes on disk")
     if how == "closed":
         c.close()
     if how != "superseded":
-        _wait_until(lambda: s.server.counters["interrupted"] == 1)
+        wait_for(lambda: s.server.counters["interrupted"] == 1, 10,
+                 "the server to count the interruption")
     assert s.server.inbox.list() == []
-    r = drop.send_file("127.0.0.1", _file(tmp_path, "cut.bin", data), port=s.server.port)
+    r = send_file("127.0.0.1", _file(tmp_path, "cut.bin", data), port=s.server.port)
     c.close()
     assert (r.resumed_from, r.sent) == (300_000, len(data) - 300_000)
     assert (s.server.inbox.dir / "cut.bin").read_bytes() == data
@@ -305,7 +319,7 @@ def test_interrupted_transfer_keeps_its_bytes_and_resumes(
 
 def test_progress_bar_ends_at_full() -> None:
     out = io.StringIO()
-    show = drop._progress_bar("f.bin", out)
+    show = file_cli.progress_bar("f.bin", out)
     for done in (0, 50, 100):
         show(done, 100)
     show(0, 0)  # an empty file is complete at once
@@ -314,23 +328,21 @@ def test_progress_bar_ends_at_full() -> None:
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from wgmesh.lab import dropd
-
-    assert dropd.main(["file", "send", "not-an-address", str(tmp_path)]) == 1
+    assert file_cli.main(["send", "not-an-address", str(tmp_path)]) == 1
     assert "tunnel address" in capsys.readouterr().err
-    assert dropd.main(["file", "send", "127.0.0.1", str(tmp_path / "missing")]) == 1
+    assert file_cli.main(["send", "127.0.0.1", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("wgmesh: error:") and err.count("\n") == 1
-    assert dropd.main(["file", "receive", "--state-dir", str(tmp_path), "--wait",
-                       "--timeout", "0.05"]) == 1
+    assert file_cli.main(["receive", "--state-dir", str(tmp_path), "--wait",
+                          "--timeout", "0.05"]) == 1
     assert "no file arrived" in capsys.readouterr().err
 
 
 def test_whoami_names_the_tunnel_identity(serve: Callable[..., LoopServer]) -> None:
     s = serve(authorize=lambda who: False)
-    c = drop._Connection("127.0.0.1", s.server.port, 10, None)
+    c = Connection("127.0.0.1", s.server.port, 10, None)
     try:
-        status, body = drop._request(c, "GET", "/v1/whoami", {})
+        status, body = request(c, "GET", "/v1/whoami", {})
     finally:
         c.close()
     assert (status, body) == (200, {"name": "bob", "key": BOB.node_key.b64(),
@@ -356,13 +368,13 @@ def test_live_server_fuzz(fuzz_server: LoopServer, q: list[tuple[str, str]], bod
     from urllib.parse import urlencode
 
     path = "/v1/files" if method == "PUT" else "/v1/offset"
-    c = drop._Connection("127.0.0.1", fuzz_server.server.port, 10, None)
+    c = Connection("127.0.0.1", fuzz_server.server.port, 10, None)
     try:
         c.putrequest(method, f"{path}?{urlencode(q)}")
         c.putheader("Content-Length", str(len(body)))
         c.endheaders()
         c.send(body)
-        status, resp = drop._response(c)
+        status, resp = read_response(c)
     finally:
         c.close()
     inbox = fuzz_server.server.inbox

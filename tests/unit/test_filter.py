@@ -10,7 +10,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wgmesh.netmap import FilterRule
-from wgmesh.wireguard.filter import PacketFilter, nft_ruleset, parse_flow
+from wgmesh.wireguard.filter import (
+    PacketFilter,
+    nft_delete,
+    nft_replace,
+    nft_ruleset,
+    parse_flow,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -58,3 +64,12 @@ def test_nft_ruleset_has_tracking_rules_and_drop() -> None:
     assert 'iifname "wg0" ct state established,related accept' in text
     assert "tcp dport { 80, 1000-2000 } accept" in text
     assert text.rstrip().endswith("}") and 'iifname "wg0" drop' in text
+
+
+def test_nft_scripts_replace_and_delete_in_one_transaction() -> None:
+    rules = [FilterRule(src=(f"{PEER}/32",), dst=(f"{ME}/32",), ports=((22, 22),))]
+    delete = nft_delete("wg-x")
+    # declaring the table first lets the delete succeed when there is none yet
+    assert delete == "table inet wgmesh_wg_x\ndelete table inet wgmesh_wg_x\n"
+    script = nft_replace("wg-x", rules)
+    assert script.startswith(delete) and script.endswith(nft_ruleset("wg-x", rules))

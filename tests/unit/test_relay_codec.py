@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 
 import pytest
 from hypothesis import given
@@ -15,6 +16,7 @@ from wgmesh.relay import (
     MAGIC,
     MAX_FRAME,
     MAX_PACKET,
+    NONCE_LEN,
     FrameDecoder,
     FrameError,
     FrameType,
@@ -26,7 +28,9 @@ from wgmesh.relay import (
     frame_recv,
     frame_send,
     frame_server_hello,
+    frame_server_info,
     open_client_hello,
+    open_server_info,
     parse_forward,
     parse_peer,
     parse_server_hello,
@@ -38,6 +42,7 @@ pytestmark = pytest.mark.unit
 
 SERVER = PrivateKey.generate()
 NODE = PrivateKey.generate()
+NONCE = bytes(range(NONCE_LEN))
 
 
 def test_frames_round_trip_in_any_chunking() -> None:
@@ -82,9 +87,9 @@ def test_handshake_proves_the_node_key() -> None:
     assert t == FrameType.SERVER_HELLO
     server_key, ch = parse_server_hello(body)
     assert server_key == SERVER.public and ch == challenge
-    (t, body), = FrameDecoder().feed(frame_client_hello(NODE, server_key, ch, {"x": 1}))
+    (t, body), = FrameDecoder().feed(frame_client_hello(NODE, server_key, ch, {"x": 1}, nonce=NONCE))
     got = open_client_hello(SERVER, challenge, body)
-    assert got.key == NODE.public and got.info["x"] == 1 and got.mesh_key is None
+    assert got.key == NODE.public and got.info["x"] == 1 and not got.wants_mesh
     # the private key travels nowhere in the hello
     assert NODE.raw() not in body
     # replayed against a fresh challenge: refused
@@ -92,10 +97,19 @@ def test_handshake_proves_the_node_key() -> None:
         open_client_hello(SERVER, bytes(32), body)
 
 
+def test_hello_uses_the_callers_nonce_once() -> None:
+    """The nonce is the caller's randomness: it travels in clear, and must be the right size."""
+    (_, body), = FrameDecoder().feed(frame_client_hello(NODE, SERVER.public, bytes(32),
+                                                       nonce=NONCE))
+    assert body[40:40 + NONCE_LEN] == NONCE
+    with pytest.raises(FrameError, match="nonce"):
+        frame_client_hello(NODE, SERVER.public, bytes(32), nonce=NONCE[1:])
+
+
 def test_forged_hello_claiming_another_key_fails() -> None:
     victim = PrivateKey.generate().public
     challenge = bytes(32)
-    (_, body), = FrameDecoder().feed(frame_client_hello(NODE, SERVER.public, challenge))
+    (_, body), = FrameDecoder().feed(frame_client_hello(NODE, SERVER.public, challenge, nonce=NONCE))
     forged = body[:8] + victim.raw + body[40:]
     with pytest.raises(FrameError, match="does not open"):
         open_client_hello(SERVER, challenge, forged)
@@ -105,12 +119,47 @@ def test_forged_hello_claiming_another_key_fails() -> None:
         parse_server_hello(b"NOTRELAY" + bytes(64))
 
 
-def test_mesh_key_travels_sealed() -> None:
+def _server_info(server: PrivateKey, info: dict[str, object] | None = None,
+                 mesh: bytes | None = None, nonce: bytes = NONCE) -> bytes:
+    """The SERVER_INFO body ``server`` sends NODE in answer to a hello with ``nonce``."""
+    (_, hello_body), = FrameDecoder().feed(
+        frame_client_hello(NODE, server.public, bytes(32), nonce=nonce))
+    hello = open_client_hello(server, bytes(32), hello_body)
+    (_, body), = FrameDecoder().feed(frame_server_info(
+        server, hello, info or {"x": 1}, nonce=os.urandom(NONCE_LEN), mesh_key=mesh))
+    return body
+
+
+def test_server_proves_its_key() -> None:
+    """Only the holder of the relay's private key seals a SERVER_INFO for this very hello."""
+    body = _server_info(SERVER)
+    assert open_server_info(NODE, SERVER.public, NONCE, body)["x"] == 1
+    impostor = _server_info(PrivateKey.generate())  # answers as itself, claims SERVER's key
+    with pytest.raises(FrameError, match="did not prove the key"):
+        open_server_info(NODE, SERVER.public, NONCE, impostor)
+    with pytest.raises(FrameError, match="another hello"):  # an old answer, replayed
+        open_server_info(NODE, SERVER.public, bytes(NONCE_LEN), body)
+    with pytest.raises(FrameError, match="did not prove"):
+        open_server_info(NODE, SERVER.public, NONCE, b"short")
+
+
+def test_mesh_key_is_proved_never_sent() -> None:
     mesh = bytes(range(32))
     (_, body), = FrameDecoder().feed(
-        frame_client_hello(NODE, SERVER.public, bytes(32), {"mesh_key": mesh.hex()}))
-    assert mesh.hex().encode() not in body and mesh not in body
-    assert open_client_hello(SERVER, bytes(32), body).mesh_key == mesh
+        frame_client_hello(NODE, SERVER.public, bytes(32), nonce=NONCE, mesh_key=mesh))
+    # not even sealed: whoever can open the hello (the real relay) learns only a proof
+    plain = open_client_hello(SERVER, bytes(32), body)
+    assert mesh.hex() not in json.dumps(plain.info) and mesh not in body
+    assert plain.wants_mesh and plain.proves_mesh_key(mesh, SERVER.public)
+    assert not plain.proves_mesh_key(bytes(32), SERVER.public)  # another region's key
+    assert not plain.proves_mesh_key(mesh, NODE.public)  # a proof made for another relay
+    # the relay answers with its own proof, which a wrong mesh key does not accept
+    info = open_server_info(NODE, SERVER.public, NONCE, _server_info(SERVER, mesh=mesh),
+                            mesh_key=mesh)
+    assert mesh.hex() not in json.dumps(info)
+    for answer in (_server_info(SERVER), _server_info(SERVER, mesh=bytes(32))):
+        with pytest.raises(FrameError, match="mesh key"):
+            open_server_info(NODE, SERVER.public, NONCE, answer, mesh_key=mesh)
 
 
 def test_relay_url() -> None:
@@ -119,8 +168,12 @@ def test_relay_url() -> None:
     assert RelayURL.parse("http://203.0.113.5").port == 80
     assert str(RelayURL.parse("http://[2001:db8::1]:3340/relay")) == "http://[2001:db8::1]:3340/relay"
     assert b"Upgrade: wgmesh-relay" in u.upgrade_request()
-    for bad in ("ftp://x", "http://", "http://h:99999"):
-        with pytest.raises(WgmeshError):
+    assert u.key is None
+    pinned = RelayURL.parse(f"http://relay.example:3340#{SERVER.public.b64()}")
+    assert pinned.key == SERVER.public and str(pinned) == "http://relay.example:3340/relay"
+    for bad in ("ftp://x", "http://", "http://h:99999", "http://[::1", "http://[::1]:x",
+                "http://h:1#not-a-key"):
+        with pytest.raises(WgmeshError, match="relay URL"):
             RelayURL.parse(bad)
 
 
@@ -145,9 +198,11 @@ def test_regions_of() -> None:
     from wgmesh.netmap import RelayMap, RelayNode, RelayRegion
 
     rm = RelayMap((RelayRegion(7, "lab", nodes=(RelayNode("a", "http://a:1"),
-                                                 RelayNode("b", "http://b:1"))),
+                                                 RelayNode("b", "http://b:1",
+                                                           key=SERVER.public))),
                    RelayRegion(8, "empty")))
-    assert regions_of(rm) == {7: ["http://a:1", "http://b:1"]}
+    assert regions_of(rm) == {7: ["http://a:1", f"http://b:1#{SERVER.public.b64()}"]}
+    assert RelayURL.parse(regions_of(rm)[7][1]).key == SERVER.public
     assert regions_of(["http://x:1"]) == {1: ["http://x:1"]}
     assert regions_of({3: ["http://y:1"]}) == {3: ["http://y:1"]}
 
@@ -169,6 +224,7 @@ def test_fuzz_decoder_raises_only_frame_error(chunks: list[bytes]) -> None:
 def test_fuzz_handshake_parsers(body: bytes) -> None:
     for fn in (lambda: parse_server_hello(body),
                lambda: open_client_hello(SERVER, bytes(32), body),
+               lambda: open_server_info(NODE, SERVER.public, NONCE, body),
                lambda: parse_forward(body), lambda: split_key(body),
                lambda: parse_peer(FrameType.PEER_GONE, body),
                lambda: parse_peer(FrameType.PEER_PRESENT, body)):
@@ -184,9 +240,52 @@ def test_fuzz_frame_round_trip(body: bytes, t: FrameType) -> None:
 @given(st.dictionaries(st.text(max_size=8), st.integers(), max_size=5))
 def test_fuzz_hello_info_round_trip(info: dict[str, int]) -> None:
     info.pop("v", None)
-    (_, body), = FrameDecoder().feed(frame_client_hello(NODE, SERVER.public, bytes(32), info))
+    (_, body), = FrameDecoder().feed(frame_client_hello(NODE, SERVER.public, bytes(32), info,
+                                                         nonce=os.urandom(NONCE_LEN)))
     got = open_client_hello(SERVER, bytes(32), body).info
     assert {k: got[k] for k in info} == info
     assert json.dumps(got)
     assert body[:8] == MAGIC
     assert Key.from_raw(body[8:40]) == NODE.public
+
+
+def _sealed_hello(info_bytes: bytes, challenge: bytes = bytes(32)) -> bytes:
+    """A CLIENT_HELLO body that opens, carrying ``info_bytes`` verbatim as its info."""
+    from nacl.public import Box
+    from nacl.public import PublicKey as NaclPublicKey
+
+    sealed = Box(NODE.nacl(), NaclPublicKey(SERVER.public.raw)).encrypt(
+        challenge + info_bytes, NONCE)
+    return MAGIC + NODE.public.raw + sealed.nonce + sealed.ciphertext
+
+
+def test_deeply_nested_hello_is_a_frame_error() -> None:
+    """Issue 14 item 6: "[[[[..." inside a valid box is refused like any bad hello
+    (it used to escape as RecursionError, which the server logged with a traceback)."""
+    for deep in (b"[" * 4000, b'[{"":' * 800):
+        with pytest.raises(FrameError, match="nested too deeply"):
+            open_client_hello(SERVER, bytes(32), _sealed_hello(deep))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner,
+                                                                max_size=4),
+    max_leaves=30)
+hello_infos = (json_values.map(lambda v: json.dumps(v).encode())
+               | st.integers(1, 3000).map(lambda n: b"[" * n + b"]" * (n % 3))
+               | st.integers(1, 1500).map(lambda n: b'{"k":' * n)
+               | st.binary(max_size=200))
+
+
+@given(hello_infos)
+def test_fuzz_server_hello_parsing(info: bytes) -> None:
+    """Whatever a key holder seals as its info, the server gets a ClientHello with a dict,
+    or a FrameError: never another exception (which would log a traceback)."""
+    body = _sealed_hello(info[:4096])
+    try:
+        hello = open_client_hello(SERVER, bytes(32), body)
+    except FrameError:
+        return
+    assert isinstance(hello.info, dict) and hello.key == NODE.public
+    assert hello.wants_mesh == ("mesh_proof" in hello.info)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import struct
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from stuntools import query
 
 from wgmesh import stun
 
@@ -27,6 +29,10 @@ RFC5769_V6 = bytes.fromhex(
     "00200014" "0002a147" "0113a9fa" "a5d3f179" "bc25f4b5" "bed2b9d9"
     "00080014" "a382954e" "4be67bf1" "1784c97c" "8292c275" "bfe3ed41"
     "80280004" "c8fb0b4c")
+
+
+def new_txid() -> bytes:
+    return os.urandom(stun.TXID_LEN)
 
 
 def test_rfc5769_ipv4_response() -> None:
@@ -52,7 +58,7 @@ def test_fingerprint_is_checked() -> None:
 @pytest.mark.parametrize("addr", [("203.0.113.7", 41641), ("2001:db8::1", 1), ("0.0.0.0", 0),
                                   ("::ffff:198.51.100.3", 65535)])
 def test_success_round_trip(addr: tuple[str, int]) -> None:
-    txid = stun.new_txid()
+    txid = new_txid()
     data = stun.encode_binding_success(txid, addr, software="wgmesh")
     assert stun.is_stun(data)
     msg = stun.parse(data)
@@ -61,23 +67,23 @@ def test_success_round_trip(addr: tuple[str, int]) -> None:
     assert msg.software == "wgmesh"
     assert stun.parse_binding_response(data, txid) == want
     with pytest.raises(stun.StunError, match="another transaction"):
-        stun.parse_binding_response(data, stun.new_txid())
+        stun.parse_binding_response(data, new_txid())
 
 
 def test_request_and_responder() -> None:
-    req = stun.encode_binding_request(software="client")
+    req = stun.encode_binding_request(new_txid(), software="client")
     assert stun.is_stun(req) and len(req) % 4 == 0
     assert stun.parse(req).msg_type == stun.BINDING_REQUEST
     reply = stun.binding_response(req, ("198.51.100.9", 5000), software="relay")
     assert reply is not None
     assert stun.parse_binding_response(reply, req[8:20]) == ("198.51.100.9", 5000)
     # a request without FINGERPRINT is fine too
-    plain = stun.encode_binding_request(fingerprint=False)
+    plain = stun.encode_binding_request(new_txid(), fingerprint=False)
     assert stun.binding_response(plain, ("203.0.113.1", 1)) is not None
 
 
 def test_responder_stays_silent_on_non_requests() -> None:
-    txid = stun.new_txid()
+    txid = new_txid()
     success = stun.encode_binding_success(txid, ("192.0.2.1", 1))
     indication = stun.encode(stun.BINDING_INDICATION, txid)
     for data in (success, indication, b"", b"\x01\x00\x00\x00" + bytes(144), RFC5769_V4[:-1]):
@@ -85,7 +91,7 @@ def test_responder_stays_silent_on_non_requests() -> None:
 
 
 def test_unknown_required_attribute_gets_420() -> None:
-    req = stun.encode(stun.BINDING_REQUEST, stun.new_txid(), [(0x0003, b"\x00\x00\x00\x04")])
+    req = stun.encode(stun.BINDING_REQUEST, new_txid(), [(0x0003, b"\x00\x00\x00\x04")])
     reply = stun.binding_response(req, ("192.0.2.1", 1))
     assert reply is not None
     msg = stun.parse(reply)
@@ -95,7 +101,7 @@ def test_unknown_required_attribute_gets_420() -> None:
     with pytest.raises(stun.StunError, match="420"):
         stun.parse_binding_response(reply)
     # comprehension-optional unknowns (>= 0x8000) are ignored
-    opt = stun.encode(stun.BINDING_REQUEST, stun.new_txid(), [(0x8055, b"x")])
+    opt = stun.encode(stun.BINDING_REQUEST, new_txid(), [(0x8055, b"x")])
     assert stun.parse(stun.binding_response(opt, ("192.0.2.1", 1)) or b"").msg_type == \
         stun.BINDING_SUCCESS
 
@@ -110,7 +116,7 @@ def test_wireguard_and_disco_are_not_stun() -> None:
 
 
 def test_transaction_retransmits_then_fails() -> None:
-    tx = stun.BindingTransaction(0.0, rto=0.5, max_sends=7)
+    tx = stun.BindingTransaction(0.0, new_txid(), rto=0.5, max_sends=7)
     sends = [0.0]
     now = 0.0
     while not tx.done:
@@ -126,8 +132,10 @@ def test_transaction_retransmits_then_fails() -> None:
 
 
 def test_transaction_takes_only_its_reply() -> None:
-    tx = stun.BindingTransaction(10.0)
-    other = stun.encode_binding_success(stun.new_txid(), ("192.0.2.2", 2))
+    txid = new_txid()
+    tx = stun.BindingTransaction(10.0, txid)
+    assert tx.request[8:20] == txid
+    other = stun.encode_binding_success(new_txid(), ("192.0.2.2", 2))
     assert tx.receive(other, 10.1) is None and not tx.done
     ok = stun.binding_response(tx.request, ("192.0.2.3", 3))
     assert ok is not None
@@ -137,6 +145,7 @@ def test_transaction_takes_only_its_reply() -> None:
 
 
 def test_query_over_loopback() -> None:
+    """A transaction driven over a real socket retransmits, skips noise, and gives up."""
     import socket
     import threading
 
@@ -155,7 +164,7 @@ def test_query_over_loopback() -> None:
     cli = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     cli.bind(("127.0.0.1", 0))
     try:
-        addr, rtt = stun.query(srv.getsockname(), sock=cli, rto=0.05)
+        addr, rtt = query(srv.getsockname(), sock=cli, rto=0.05)
         assert addr == cli.getsockname() and rtt > 0
     finally:
         t.join()
@@ -165,7 +174,7 @@ def test_query_over_loopback() -> None:
         dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         dead.bind(("127.0.0.1", 0))
         try:
-            stun.query(dead.getsockname(), rto=0.01, max_sends=2)
+            query(dead.getsockname(), rto=0.01, max_sends=2)
         finally:
             dead.close()
 
@@ -203,7 +212,7 @@ def test_fuzz_cookie_framed_garbage(body: bytes, msg_type: int) -> None:
 
 @given(addresses, st.booleans(), st.text(max_size=40))
 def test_fuzz_round_trip(addr: tuple[str, int], fp: bool, software: str) -> None:
-    txid = stun.new_txid()
+    txid = new_txid()
     data = stun.encode_binding_success(txid, addr, fingerprint=fp, software=software)
     msg = stun.parse(data)
     assert msg.has_fingerprint == fp

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -37,9 +40,13 @@ LAN4 = ("10.1.0.10", 41641)
 PUB6 = ("2001:db8:203::7", 41641)
 
 
+def new_txid() -> bytes:
+    return os.urandom(disco.TXID_LEN)
+
+
 def make(cfg: TraversalConfig | None = None, endpoints=(PUB4,)) -> PeerPath:
     p = PeerPath(PEER, LocalInfo(ME, (("203.0.113.5", 41641),)),
-                 cfg or TraversalConfig(active_timeout=None), 0.0)
+                 cfg or TraversalConfig(active_timeout=None), 0.0, new_txid=new_txid)
     p.set_endpoints(endpoints, 0.0)
     return p
 
@@ -55,7 +62,8 @@ def answer(p: PeerPath, out: list, addr: tuple[str, int], at: float, sock: int =
 
 
 def test_first_round_pings_every_candidate_and_sends_call_me_maybe() -> None:
-    p = PeerPath(PEER, LocalInfo(ME, (("203.0.113.5", 41641),)), TraversalConfig(), 0.0)
+    p = PeerPath(PEER, LocalInfo(ME, (("203.0.113.5", 41641),)), TraversalConfig(), 0.0,
+                 new_txid=new_txid)
     out = p.set_endpoints([PUB4, LAN4, PUB6], 0.0)
     assert set(pings(out)) == {(0, PUB4), (0, LAN4), (0, PUB6)}
     cmm = [o.msg for o in out if isinstance(o, RelayOut)]
@@ -285,8 +293,10 @@ def test_is_lan() -> None:
 
 def nodes() -> tuple[Traversal, Traversal, PrivateKey, PrivateKey]:
     ka, kb = PrivateKey.generate(), PrivateKey.generate()
-    a = Traversal(PrivateKey.generate(), ka.public, TraversalConfig(active_timeout=None))
-    b = Traversal(PrivateKey.generate(), kb.public, TraversalConfig(active_timeout=None))
+    a = Traversal(PrivateKey.generate(), ka.public, TraversalConfig(active_timeout=None),
+                  wall=time.time, random_bytes=os.urandom)
+    b = Traversal(PrivateKey.generate(), kb.public, TraversalConfig(active_timeout=None),
+                  wall=time.time, random_bytes=os.urandom)
     return a, b, ka, kb
 
 
@@ -302,7 +312,8 @@ def test_traversal_seals_routes_and_verifies_senders() -> None:
     got = a.on_udp(pong.data, PUB4, 0.02)
     assert any(isinstance(x, PathChanged) and x.path == "direct" for x in got)
     # cmm via relay must come from the node the disco key belongs to
-    c = Traversal(PrivateKey.generate(), PrivateKey.generate().public)
+    c = Traversal(PrivateKey.generate(), PrivateKey.generate().public, wall=time.time,
+                  random_bytes=os.urandom)
     c.upsert_peer(kb.public, PrivateKey.generate().public, [], 0.0)
     assert c.on_relay(kb.public, cmm.data, 0.0) == []
     assert b.on_relay(ME, cmm.data, 0.0) == []
@@ -387,7 +398,7 @@ _events = st.lists(st.one_of(
 @settings(max_examples=120, deadline=None)
 def test_fuzzed_event_sequences_keep_the_invariants(kernel: bool, events: list) -> None:
     cfg = (TraversalConfig.kernel if kernel else TraversalConfig)(active_timeout=20.0)
-    p = PeerPath(PEER, LocalInfo(ME, (PUB4,), hard_nat=kernel), cfg, 0.0)
+    p = PeerPath(PEER, LocalInfo(ME, (PUB4,), hard_nat=kernel), cfg, 0.0, new_txid=new_txid)
     now = 0.0
     ingress = True
     sent: list = []
@@ -397,11 +408,11 @@ def test_fuzzed_event_sequences_keep_the_invariants(kernel: bool, events: list) 
             now += ev[1]
             out = p.tick(now)
         elif kind == "ping":
-            out = p.on_ping(ev[1], ev[2], disco.new_txid(), now)
+            out = p.on_ping(ev[1], ev[2], new_txid(), now)
         elif kind == "pong":
             txids = [o.msg.txid for o in sent if isinstance(o, DiscoOut)
                      and isinstance(o.msg, disco.Ping) and o.addr == ev[1] and o.sock == ev[2]]
-            txid = txids[-1] if txids and ev[3] else disco.new_txid()
+            txid = txids[-1] if txids and ev[3] else new_txid()
             out = p.on_pong(ev[1], ev[2], disco.Pong(txid, PUB4), now + 0.001)
         elif kind == "cmm":
             out = p.on_call_me_maybe(disco.CallMeMaybe(tuple(ev[1]), ev[2]), now)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -129,7 +130,7 @@ class SimNode:
         self.sim, self.name, self.nat, self.lan_ip = sim, name, nat, lan_ip
         self.key = PrivateKey.generate().public
         self.t = Traversal(PrivateKey.generate(), self.key, cfg, wall=lambda: 1e9 + sim.now,
-                           rng=random.Random(sim.rng.random()))
+                           random_bytes=os.urandom, rng=random.Random(sim.rng.random()))
         self.ports: dict[int, int] = {0: WG_PORT}  # sock id -> local port
         self.endpoints: dict[Any, SetEndpoint] = {}
         self.ingress: dict[Any, bool] = {}

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from wgmesh.cli.output import print_table
 from wgmesh.errors import WgmeshError
 
 __all__ = ["add_parser"]
@@ -50,8 +51,6 @@ def _client(a: argparse.Namespace) -> Any:
 
 def _out(a: argparse.Namespace, obj: Any, rows: list[dict[str, Any]] | None = None,
          columns: list[str] | None = None) -> None:
-    from wgmesh.cli.main import print_table
-
     if a.json or rows is None or columns is None:
         print(json.dumps(obj, indent=2))
     else:
@@ -74,8 +73,9 @@ def _serve(a: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     srv = ControlServer(a.db, a.listen, state_dir=a.state_dir, api_key_file=a.api_key_file,
-                        relay_map_file=a.relay_map, key_expiry_s=a.key_expiry_days * 86400,
-                        keepalive_s=a.keepalive)
+                        audit_key_file=a.audit_key_file, relay_map_file=a.relay_map,
+                        key_expiry_s=a.key_expiry_days * 86400, keepalive_s=a.keepalive,
+                        challenge_rate=a.challenge_rate, challenge_burst=a.challenge_burst)
 
     async def main() -> None:
         import signal
@@ -153,9 +153,21 @@ def _nodes_expire(a: argparse.Namespace) -> int:
     return 0
 
 
+def _nodes_extend(a: argparse.Namespace) -> int:
+    n = _client(a).extend_node(a.node, a.by)
+    print(f"node {n['id']} ({n['name']}) key expires {_ts(n['key_expiry'])}")
+    return 0
+
+
 def _nodes_delete(a: argparse.Namespace) -> int:
     _client(a).delete_node(a.node)
     print(f"deleted node {a.node}")
+    return 0
+
+
+def _nodes_rename(a: argparse.Namespace) -> int:
+    n = _client(a).rename_node(a.node, a.name)
+    print(f"node {n['id']} is now {n['name']} (assigned: policy selectors match it)")
     return 0
 
 
@@ -213,22 +225,52 @@ def _audit_list(a: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_key_for(a: argparse.Namespace) -> bytes | None:
+    """The audit key for ``--db``: ``--audit-key-file``, else next to a SQLite file or in the
+    default state dir; ``None`` if there is none (keyed entries then cannot be verified)."""
+    from wgmesh.control.server import default_state_dir
+
+    if a.audit_key_file:
+        paths = [Path(a.audit_key_file)]
+    else:
+        paths = [default_state_dir() / "audit.key"]
+        if "://" not in a.db or a.db.startswith("sqlite://"):
+            paths.insert(0, Path(a.db.removeprefix("sqlite://")).with_name("audit.key"))
+    for p in paths:
+        try:
+            return bytes.fromhex(p.read_text().strip())
+        except FileNotFoundError:
+            if a.audit_key_file:
+                raise WgmeshError(f"{p}: no such audit key file") from None
+        except (OSError, ValueError) as e:
+            raise WgmeshError(f"{p}: not a readable audit key ({e})") from None
+    return None
+
+
 def _audit_verify(a: argparse.Namespace) -> int:
     if a.db:
         from wgmesh.control.audit import verify
         from wgmesh.control.store import open_store
 
+        key = _audit_key_for(a)
         store = open_store(a.db)
         try:
-            result = verify(store.audit_entries()).to_json()
+            result = verify(store.audit_entries(), key).to_json()
         finally:
             store.close()
     else:
         result = _client(a).audit_verify()
+    keyed = result.get("keyed_from")
     if a.json:
         print(json.dumps(result, indent=2))
     elif result["ok"]:
-        print(f"audit chain OK: {result['entries']} entries, head {result['head']}")
+        span = ("" if keyed is None else "; keyed from seq 1" if keyed == 1 else
+                f"; seqs 1-{keyed - 1} unkeyed (from before the audit key), keyed from seq "
+                f"{keyed}")
+        print(f"audit chain OK: {result['entries']} entries{span}, head {result['head']}")
+    elif "needs the audit key" in result["reason"]:
+        print(f"audit chain UNVERIFIED from seq {result['first_bad_seq']}: its entries are "
+              f"keyed and no audit key was found (--audit-key-file)")
     else:
         print(f"audit chain BROKEN at seq {result['first_bad_seq']}: {result['reason']} "
               f"({result['entries']} entries verified before it)")
@@ -248,11 +290,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                        "/var/lib/wgmesh/control as root")
     s.add_argument("--api-key-file", help="admin API key file: imported if it exists, "
                                           "else the first key is written there (0600)")
+    s.add_argument("--audit-key-file", help="audit chain HMAC key (default: <state dir>/"
+                                            "audit.key, created 0600); replicas share one")
     s.add_argument("--relay-map", metavar="FILE", help="relay map JSON to publish to nodes")
     s.add_argument("--key-expiry-days", type=float, default=180,
                    help="node key lifetime after registration (0: never expire)")
     s.add_argument("--keepalive", type=float, default=15.0,
                    help="seconds between keepalives on idle netmap streams")
+    s.add_argument("--challenge-rate", type=float, default=10.0,
+                   help="registration challenges per second per source address "
+                        "(IPv6: per /64); 0 disables the limit")
+    s.add_argument("--challenge-burst", type=int, default=60,
+                   help="registration challenges a source may make at once")
     s.set_defaults(func=_serve)
 
     common = argparse.ArgumentParser(add_help=False)
@@ -291,12 +340,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     leaf(api, "revoke", "revoke an API key", _apikey_revoke).add_argument("id")
 
     nodes = group("nodes", "registered nodes")
+    ref = "id:N, name:NAME, or a bare id or name (refused if it could mean either)"
     leaf(nodes, "list", "list nodes", _nodes_list)
     leaf(nodes, "expire", "expire a node's key now", _nodes_expire).add_argument(
-        "node", help="id or name")
-    leaf(nodes, "delete", "delete a node", _nodes_delete).add_argument("node", help="id or name")
+        "node", help=ref)
+    p = leaf(nodes, "extend", "renew a node's key lifetime from now (rotation does not)",
+             _nodes_extend)
+    p.add_argument("node", help=ref)
+    p.add_argument("--by", type=_duration, help="e.g. 90d; 0 never expires "
+                                                "(default: the server's key lifetime)")
+    leaf(nodes, "delete", "delete a node", _nodes_delete).add_argument("node", help=ref)
+    p = leaf(nodes, "rename", "assign a node's name (the only names policy selectors match)",
+             _nodes_rename)
+    p.add_argument("node", help=ref)
+    p.add_argument("name", help="a DNS label; a node that only chose it moves to NAME-2")
     p = leaf(nodes, "tag", "replace a node's tags", _nodes_tag)
-    p.add_argument("node", help="id or name")
+    p.add_argument("node", help=ref)
     p.add_argument("tags", nargs="*", help="tag:NAME ... (none clears)")
 
     pol = group("policy", "ACL policy")
@@ -315,3 +374,5 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--limit", type=int, default=100)
     p = leaf(au, "verify", "check the hash chain (exit 1 if broken)", _audit_verify)
     p.add_argument("--db", help="verify straight from this database instead of via the server")
+    p.add_argument("--audit-key-file", help="with --db: the audit key (default: audit.key "
+                                            "next to a SQLite file, else in the state dir)")

@@ -2,18 +2,18 @@
 
 Public pieces: :class:`ControlServer` (aiohttp), :class:`ControlClient`
 (requests), :func:`open_store` and the :class:`Store` interface (SQLite by
-default, PostgreSQL for replicas). Import-light: the server's aiohttp stack is
-only imported by :mod:`wgmesh.control.server`.
+default, PostgreSQL for replicas). Lazy (PEP 562): importing a pure part such
+as :mod:`wgmesh.control.world` loads neither aiohttp nor requests.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from wgmesh.control.client import Backoff, ControlClient, Registered
 from wgmesh.control.errors import ControlAPIError, ControlError
 
 if TYPE_CHECKING:
+    from wgmesh.control.client import Backoff, ControlClient, Registered
     from wgmesh.control.server import ControlServer
     from wgmesh.control.store import Store, open_store
 
@@ -22,6 +22,10 @@ __all__ = ["Backoff", "ControlAPIError", "ControlClient", "ControlError", "Contr
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("Backoff", "ControlClient", "Registered"):
+        from wgmesh.control import client
+
+        return getattr(client, name)
     if name == "ControlServer":
         from wgmesh.control.server import ControlServer
 
@@ -30,4 +34,4 @@ def __getattr__(name: str) -> Any:
         from wgmesh.control import store
 
         return getattr(store, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,10 +12,12 @@ import ipaddress
 import re
 import secrets
 
-__all__ = ["CGNAT", "address_for", "dns_label", "new_ula_prefix", "next_index", "unique_name"]
+__all__ = ["CGNAT", "address_for", "dns_label", "name_prefix", "new_ula_prefix", "next_index",
+           "unique_name", "unusable_endpoint"]
 
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _MAX_INDEX = CGNAT.num_addresses - 2
+_SUFFIX_MAX = 15  # "-" and up to 14 digits
 
 
 def new_ula_prefix() -> str:
@@ -47,7 +49,17 @@ def dns_label(hostname: str) -> str:
     return label[:63].strip("-") or "node"
 
 
+def name_prefix(base: str) -> str:
+    """What every name :func:`unique_name` derives from ``base`` starts with.
+
+    Suffixing truncates ``base`` to stay within 63 characters, so the names
+    already taken must be looked up by this prefix, not by ``base``.
+    """
+    return base[: 63 - _SUFFIX_MAX].rstrip("-")
+
+
 def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, else ``base-2``, ``base-3``, ... (truncated to a DNS label) not in ``taken``."""
     if base not in taken:
         return base
     n = 2
@@ -57,3 +69,20 @@ def unique_name(base: str, taken: set[str]) -> str:
         if cand not in taken:
             return cand
         n += 1
+
+
+def unusable_endpoint(ip: str, ula_prefix: str) -> str | None:
+    """Why ``ip`` can never be a peer's endpoint (``None`` if it may be).
+
+    Loopback, unspecified and multicast addresses reach no peer, and a tunnel
+    address (the CGNAT range control assigns from, or this network's ULA
+    prefix) would route WireGuard's own packets into WireGuard.
+    """
+    a = ipaddress.ip_address(ip)
+    if a.version == 6 and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if a.is_loopback or a.is_unspecified or a.is_multicast:
+        return "a loopback, unspecified or multicast address"
+    if a in CGNAT or a in ipaddress.ip_network(ula_prefix):
+        return "a mesh tunnel address"
+    return None

@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import attrs
 import requests
@@ -130,7 +131,7 @@ class ControlClient:
             body["hostinfo"] = hostinfo
         self._call("POST", "/v1/node/update", self.node_token, body)
 
-    def stream(self, since: int | None = None) -> Iterator[nm.Message]:
+    def stream(self, since: int | None = None) -> Generator[nm.Message, None, None]:
         """One stream connection's messages (keepalives included) until it ends."""
         params = {} if since is None else {"since": since}
         try:
@@ -211,14 +212,25 @@ class ControlClient:
     def nodes(self) -> list[dict[str, Any]]:
         return self._admin("GET", "/nodes")["nodes"]
 
+    # A node ``ref``: an int is an id; a str is ``id:N``, ``name:NAME`` or either,
+    # bare, where it cannot mean both (the server refuses an ambiguous one).
     def expire_node(self, ref: str | int) -> dict[str, Any]:
-        return self._admin("POST", f"/nodes/{ref}/expire")["node"]
+        return self._admin("POST", f"/nodes/{_ref(ref)}/expire")["node"]
+
+    def extend_node(self, ref: str | int, expiry_s: float | None = None) -> dict[str, Any]:
+        """Renew the node's key lifetime from now (default: the server's; 0: never expires)."""
+        body = {} if expiry_s is None else {"expiry_s": expiry_s}
+        return self._admin("POST", f"/nodes/{_ref(ref)}/extend", body)["node"]
 
     def delete_node(self, ref: str | int) -> None:
-        self._admin("DELETE", f"/nodes/{ref}")
+        self._admin("DELETE", f"/nodes/{_ref(ref)}")
 
     def tag_node(self, ref: str | int, tags: Sequence[str]) -> dict[str, Any]:
-        return self._admin("PUT", f"/nodes/{ref}/tags", {"tags": list(tags)})["node"]
+        return self._admin("PUT", f"/nodes/{_ref(ref)}/tags", {"tags": list(tags)})["node"]
+
+    def rename_node(self, ref: str | int, name: str) -> dict[str, Any]:
+        """Assign ``name``: the one kind of node name a policy selector matches."""
+        return self._admin("PUT", f"/nodes/{_ref(ref)}/name", {"name": name})["node"]
 
     def get_policy(self) -> dict[str, Any]:
         """``{"version": n, "policy": {...}}``."""
@@ -249,6 +261,10 @@ class ControlClient:
     def relay_nodes(self) -> dict[str, Any]:
         """For relays (a relay or admin API key): ``{"seq", "node_keys": [b64...]}``."""
         return self._call("GET", "/v1/relay/nodes", self.api_key)
+
+
+def _ref(ref: str | int) -> str:
+    return f"id:{ref}" if isinstance(ref, int) else quote(ref, safe=":")
 
 
 def _result(r: requests.Response) -> Any:

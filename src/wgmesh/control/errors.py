@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from wgmesh.errors import WgmeshError
 
 __all__ = ["BadRequest", "Conflict", "ControlAPIError", "ControlError", "Forbidden",
-           "NotFound", "TooLarge", "Unauthorized"]
+           "NotFound", "TooLarge", "TooManyRequests", "Unauthorized"]
 
 
 class ControlError(WgmeshError):
@@ -53,6 +53,16 @@ class Conflict(ControlError):
 
 class TooLarge(ControlError):
     status, code = 413, "too_large"
+
+
+class TooManyRequests(ControlError):
+    """Refused for now; ``retry_after_s`` becomes the ``Retry-After`` header."""
+
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ControlAPIError(WgmeshError):

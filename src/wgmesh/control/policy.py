@@ -12,11 +12,14 @@ Policy document (default deny: only what a rule accepts passes)::
     }
 
 Selectors: ``*`` (every node), ``tag:NAME`` (declared in ``tags``),
-``group:NAME`` (members are node names and tags), or a node name. A ``dst``
+``group:NAME`` (members are node names and tags), or a node name. A node name
+matches only a name an admin assigned (``wgmesh control nodes rename``): the
+name a node derives from its own hostname is for display and DNS, and grants
+nothing, so a node cannot squat a selector by registering under its name. A ``dst``
 entry is ``selector:ports`` with ports ``*``, ``22``, ``1000-2000`` or a comma
 list. ``proto``: any (default) | tcp | udp | icmp. ``caps`` grants the sources
 capabilities on the destinations; ``file-send`` lets them send files
-(``wgmesh.drop.peerapi``). Two nodes see each other when a rule links them in either
+(``wgmesh.drop.server``). Two nodes see each other when a rule links them in either
 direction (WireGuard needs both ends configured); the packet filter each node
 gets only accepts what the rules allow *into* it.
 
@@ -38,7 +41,8 @@ import attrs
 from wgmesh.control.errors import BadRequest
 from wgmesh.netmap import CAPABILITIES, PROTOS
 
-__all__ = ["DEFAULT_POLICY", "TAG_RE", "Policy", "PolicyError", "Rule", "node_selectors", "parse_policy"]
+__all__ = ["DEFAULT_POLICY", "NODE_NAME_RE", "TAG_RE", "Policy", "PolicyError", "Rule",
+           "node_selectors", "parse_policy"]
 
 #: A fresh network lets every node reach every other and send it files, so it works at once.
 DEFAULT_POLICY: dict[str, Any] = {
@@ -49,7 +53,8 @@ DEFAULT_POLICY: dict[str, Any] = {
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 TAG_RE = re.compile(rf"^tag:{_LABEL}$")
 _GROUP_RE = re.compile(rf"^group:{_LABEL}$")
-_NODE_RE = re.compile(rf"^{_LABEL}$")
+#: A node name an admin may assign: a DNS label.
+NODE_NAME_RE = re.compile(rf"^{_LABEL}$")
 _MAX_RULES = 10_000
 
 
@@ -130,8 +135,9 @@ class Policy:
         return {}
 
 
-def node_selectors(name: str, tags: Iterable[str]) -> frozenset[str]:
-    return frozenset({"*", f"node:{name}", *tags})
+def node_selectors(name: str | None, tags: Iterable[str]) -> frozenset[str]:
+    """A node's base selectors; ``name`` only if an admin assigned it (else ``None``)."""
+    return frozenset({"*", *tags} | ({f"node:{name}"} if name is not None else set()))
 
 
 def _merge_ports(ports: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -202,7 +208,7 @@ def parse_policy(doc: Any, version: int = 0) -> Policy:
             elif sel not in groups:
                 err(path, f"{sel} is not defined in \"groups\"")
             return set(groups.get(sel, ()))
-        if _NODE_RE.match(sel):
+        if NODE_NAME_RE.match(sel):
             return {f"node:{sel}"}
         err(path, f"{sel!r} is not *, tag:NAME, group:NAME or a node name")
         return set()
@@ -265,7 +271,7 @@ def parse_policy(doc: Any, version: int = 0) -> Policy:
             err(f"{p}.caps", "must be a list")
             caps = []
         for j, c in enumerate(caps):
-            if c not in CAPABILITIES:
+            if not isinstance(c, str) or c not in CAPABILITIES:
                 err(f"{p}.caps[{j}]",
                     f"unknown capability {c!r} (known: {', '.join(sorted(CAPABILITIES))})")
         rules.append(Rule(src=frozenset(src), dst=tuple(dst), proto=str(proto),

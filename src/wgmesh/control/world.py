@@ -1,6 +1,6 @@
 """The in-memory fan-out core: who sees whom, and what each stream must be told next.
 
-Sans-I/O: :meth:`World.apply` takes committed :class:`~wgmesh.control.store.Change`
+Sans-I/O: :meth:`World.apply` takes committed :class:`~wgmesh.control.store.records.Change`
 rows in sequence order, :meth:`World.flush` turns what they changed into one
 NDJSON delta line per affected subscriber, and the server only moves bytes.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import heapq
 import json
-import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -32,11 +31,11 @@ import attrs
 from wgmesh import netmap as nm
 from wgmesh.control.errors import NotFound
 from wgmesh.control.policy import Policy, node_selectors, parse_policy
-from wgmesh.control.store import Change, NodeRecord
+from wgmesh.control.store.records import Change, NodeRecord
 
 __all__ = ["Subscriber", "World"]
 
-_HEAVY = ("name", "node_key", "disco_key", "addr_index", "tags")
+_HEAVY = ("name", "name_assigned", "node_key", "disco_key", "addr_index", "tags")
 _J = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -64,6 +63,8 @@ class Subscriber:
     relay_dirty: bool = False
     policy_dirty: bool = False
     filter_sent: str = ""
+    #: A full map went out on this replica, so ``floor``..``seq`` can be resumed.
+    synced: bool = False
 
     def take(self) -> bytes:
         data = b"".join(self.out)
@@ -73,7 +74,9 @@ class Subscriber:
 
 
 class World:
-    def __init__(self, ula_prefix: str, *, clock: Callable[[], float] = time.time,
+    """One replica's view of the network and its streams; the caller passes the ``clock``."""
+
+    def __init__(self, ula_prefix: str, *, clock: Callable[[], float],
                  ring_entries: int = 128, ring_bytes: int = 256 * 1024,
                  out_limit: int = 16 * 1024 * 1024, grace_s: float = 120.0) -> None:
         self.ula_prefix = ula_prefix
@@ -118,6 +121,7 @@ class World:
         for sub in list(self.subs.values()):
             # Their views predate the snapshot: make them start over.
             sub.floor = sub.seq = seq + 1
+            sub.synced = False
             sub.ring.clear()
             sub.overflow = True
             if sub.wake:
@@ -125,7 +129,7 @@ class World:
 
     # --------------------------------------------------------- selectors
     def _selectors(self, rec: NodeRecord) -> frozenset[str]:
-        return node_selectors(rec.name, rec.tags)
+        return node_selectors(rec.name if rec.name_assigned else None, rec.tags)
 
     def _join(self, rec: NodeRecord) -> None:
         for s in self._selectors(rec):
@@ -418,7 +422,7 @@ class World:
         sub.overflow = False
         sub.out.clear()
         sub.out_bytes = 0
-        if since is not None and sub.floor <= since <= sub.seq and sub.ring is not None:
+        if since is not None and sub.synced and sub.floor <= since <= sub.seq:
             self.stats["resumes"] += 1
             return [line for s, line in sub.ring if s > since]
         self.stats["full_maps"] += 1
@@ -429,6 +433,7 @@ class World:
         sub.patches.clear()
         sub.self_dirty = sub.filter_dirty = sub.relay_dirty = sub.policy_dirty = False
         sub.floor = sub.seq = self.seq
+        sub.synced = True
         sub.filter_sent = self._filter_json(nid)
         self.dirty.discard(nid)
         return self.full_map_chunks(nid)

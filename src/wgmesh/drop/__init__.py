@@ -1,5 +1,6 @@
 """File drop (like Taildrop): peer to peer, inside the tunnel, never through control.
 
-``peerapi`` holds the offer/resume protocol, the receiving peer API server and the
-resumable sender; ``inbox`` is the atomic, quota-bounded receiving directory.
+``protocol`` is the offer/resume protocol (pure: offers, names, identities,
+admission, refusals); ``server`` the receiving peer API; ``sender`` the
+resumable sender; ``inbox`` the atomic, quota-bounded receiving directory.
 """

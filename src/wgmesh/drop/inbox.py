@@ -4,72 +4,30 @@ Files arrive into a resume area (``inbox/.partial``), named by a hash of who
 sent what, and appear in the inbox only by an atomic hard link once their
 digest checks out, so a name in the inbox is always a complete file; a clash
 gets a ``name (1).ext`` suffix instead of overwriting, because ``link(2)``
-never replaces. Names are validated here, once, for every caller: a name is a
-single path component that is also portable (no Windows device names, no
-characters other systems forbid), because received files are meant to be
-moved on to anywhere.
+never replaces. Publishing checks the name again (:func:`~wgmesh.drop.protocol.check_name`),
+whoever calls, so nothing but one portable path component ever lands here.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import hashlib
 import os
 import shutil
 import time
-import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
 import attrs
 
+from wgmesh.drop.protocol import check_name
 from wgmesh.errors import WgmeshError
 
-__all__ = [
-    "MAX_NAME_BYTES",
-    "BadName",
-    "Inbox",
-    "InboxFile",
-    "check_name",
-]
+__all__ = ["Inbox", "InboxFile", "suffixed"]
 
-MAX_NAME_BYTES = 255
 PARTIAL_DIR = ".partial"
-_FORBIDDEN = set('/\\:*?"<>|')
-_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$",
-                    *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
-
-
-class BadName(WgmeshError, ValueError):
-    """A file name that is not one safe, portable path component."""
-
-
-def check_name(name: str) -> str:
-    """Return ``name`` if it is a safe base name for the inbox, else raise :class:`BadName`.
-
-    Refused: empty, ``.``/``..`` and any leading dot (hidden files, and the
-    resume area lives there), path separators, NUL and every other control or
-    bidi-formatting character (names that lie on a terminal), characters
-    Windows forbids, trailing dots or spaces, device names such as ``CON`` or
-    ``lpt1.txt``, and more than 255 bytes of UTF-8.
-    """
-    if not name:
-        raise BadName("empty file name")
-    if name.startswith("."):
-        raise BadName(f"file name {name!r} starts with a dot (., .. and hidden names are refused)")
-    bad = sorted({c for c in name if c in _FORBIDDEN or unicodedata.category(c) in ("Cc", "Cf",
-                                                                                     "Cs")})
-    if bad:
-        raise BadName(f"file name {name!r} contains forbidden characters {''.join(bad)!r}"
-                      " (path separators, control or formatting characters, or :*?\"<>|)")
-    if name.endswith((" ", ".")):
-        raise BadName(f"file name {name!r} ends with a space or a dot")
-    if name.split(".", 1)[0].rstrip(" ").upper() in _WINDOWS_DEVICES:
-        raise BadName(f"file name {name!r} is a reserved device name")
-    if len(name.encode()) > MAX_NAME_BYTES:
-        raise BadName(f"file name is longer than {MAX_NAME_BYTES} bytes")
-    return name
 
 
 def suffixed(name: str, n: int) -> str:
@@ -154,7 +112,7 @@ class Inbox:
                     out.append(InboxFile(e.name, st.st_size, st.st_mtime, Path(e.path)))
         return sorted(out, key=lambda f: (f.mtime, f.name))
 
-    def wait(self, timeout: float | None = None, poll: float = 0.2) -> list[InboxFile]:
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> builtins.list[InboxFile]:
         """Block until the inbox holds a file (or ``timeout`` passes); returns :meth:`list`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not (files := self.list()):
@@ -164,7 +122,7 @@ class Inbox:
         return files
 
     def move_to(self, dest: str | os.PathLike[str],
-                files: Iterable[InboxFile] | None = None) -> list[Path]:
+                files: Iterable[InboxFile] | None = None) -> builtins.list[Path]:
         """Move files (default: all) into ``dest``, never overwriting; returns the new paths.
 
         Same file system: a hard link, then the inbox name goes. Across file

@@ -1,19 +1,17 @@
-"""`wgmesh demo`: a whole mesh on one machine, in about a minute.
+"""A whole mesh on one machine, in about a minute (``wgmesh demo``).
 
 Builds a lab (control with SQLite and two meshed relays on the "internet"; four
 nodes behind ``none``, ``eim``, ``symmetric`` and ``udp-blocked`` NATs), brings
 the mesh up, shows the peers' paths live as they upgrade from relay to direct,
 runs a ping matrix, sends a file through the tunnel, prints a summary and tears
-everything down. ``--json`` prints only the summary: ``peers`` (``a``, ``b``,
-``path``, ``rtt_ms`` per pair) and ``file`` (``bytes``, ``sha256_ok``).
+everything down. The summary (what ``wgmesh demo --json`` prints): ``peers``
+(``a``, ``b``, ``path``, ``rtt_ms`` per pair) and ``file`` (``bytes``, ``sha256_ok``).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
-import json
 import os
 import sys
 import time
@@ -23,7 +21,7 @@ from wgmesh.display import text_table
 from wgmesh.lab.mesh import MeshLab, MeshNode
 from wgmesh.lab.network import Lab
 
-__all__ = ["DEMO_NODES", "add_parser", "run_demo"]
+__all__ = ["DEMO_NODES", "run_demo"]
 
 #: node name -> NAT kind in front of it
 DEMO_NODES = {"pub": "none", "home": "eim", "cafe": "symmetric", "office": "udp-blocked"}
@@ -92,13 +90,14 @@ def _send_file(mesh: MeshLab, src: MeshNode, dst: MeshNode) -> dict[str, Any]:
 
 def run_demo(*, quiet: bool = False, settle: float = 15.0, backend: str = "userspace"
              ) -> dict[str, Any]:
+    """Build, show and tear down the demo mesh; returns the summary (``quiet``: print nothing)."""
     t0 = time.monotonic()
     with Lab() as lab:
         _say(quiet, f"lab {lab.prefix}: control + 2 relays on the internet, "
              f"{len(DEMO_NODES)} nodes behind NATs")
         mesh = MeshLab(lab, backend=backend)
         try:
-            nodes = {name: mesh.add_node(name, kind) for name, kind in DEMO_NODES.items()}  # type: ignore[arg-type]
+            nodes = {name: mesh.add_node(name, kind) for name, kind in DEMO_NODES.items()}
             mesh.wait_connected(60)
             _say(quiet, f"mesh up in {time.monotonic() - t0:.1f}s: " + ", ".join(
                 f"{n} ({k}) {nodes[n].ipv4}" for n, k in DEMO_NODES.items()))
@@ -119,18 +118,3 @@ def run_demo(*, quiet: bool = False, settle: float = 15.0, backend: str = "users
          f"{len(matrix) - direct} relayed, all answered: "
          f"{all(p['rtt_ms'] is not None for p in matrix)}; took {summary['seconds']}s")
     return summary
-
-
-def _cmd(a: argparse.Namespace) -> int:
-    summary = run_demo(quiet=a.json, backend=a.backend)
-    if a.json:
-        print(json.dumps(summary))
-    ok = all(p["rtt_ms"] is not None for p in summary["peers"]) and summary["file"]["sha256_ok"]
-    return 0 if ok else 1
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    d = sub.add_parser("demo", help="a whole mesh in a lab on this machine (about a minute)")
-    d.add_argument("--json", action="store_true", help="print only the summary, as JSON")
-    d.add_argument("--backend", default="userspace", choices=["userspace", "kernel"])
-    d.set_defaults(func=_cmd)

@@ -8,7 +8,8 @@ relays) and we measure, through their local APIs and real tunnel pings:
 * ``t_direct_s``: to the first ping answered on a direct path (None: never, within
   ``direct_budget``);
 * ``recovered_after_flush``: after ``conntrack -F`` on the pair's NAT routers
-  (every mapping forgotten), tunnel pings answer again within ``recover_budget``;
+  (every mapping forgotten; a port-mapping router reboots, losing its mapping table
+  too), tunnel pings answer again within ``recover_budget``;
   ``path_after_flush`` is the path they took once the direct path (if there was
   one) is back, or the path of the last answered ping when the budget ran out.
 
@@ -27,7 +28,7 @@ import attrs
 
 from wgmesh.display import html_table, text_table
 from wgmesh.lab.mesh import MeshLab, MeshNode
-from wgmesh.lab.network import NAT_KINDS, TIME_SCALE, Lab, NatKind
+from wgmesh.lab.network import NAT_KINDS, TIME_SCALE, Lab, parse_nat_spec
 
 __all__ = ["GridResult", "expected_path", "grid_pairs", "measure_pair", "run_grid"]
 
@@ -64,12 +65,19 @@ class Grid(list[GridResult]):
 def expected_path(a: str, b: str, backend: str = "userspace") -> str:
     """What the NATs allow: relay with udp-blocked or symmetric on both sides, else direct.
 
+    A port-mapping router (``symmetric+pcp``) forwards its mapped port to the node
+    whatever its NAT kind, so any pair with one is direct unless UDP is blocked.
     eim x symmetric needs the port search; on the kernel backend (one port) that
     is a linear scan which may not find the port in its budget, so either path
     is acceptable there.
     """
+    (a, map_a), (b, map_b) = parse_nat_spec(a), parse_nat_spec(b)
     kinds = {a, b}
-    if "udp-blocked" in kinds or (a == b == "symmetric"):
+    if "udp-blocked" in kinds:
+        return "relay"
+    if map_a or map_b:
+        return "direct"
+    if a == b == "symmetric":
         return "relay"
     if backend == "kernel" and kinds == {"eim", "symmetric"}:
         return "either"
@@ -88,11 +96,11 @@ def _ping_ok(node: MeshNode, peer: str, timeout: float = 1.0) -> dict[str, Any] 
     return r if r.get("rtt_ms") is not None else None
 
 
-def measure_pair(mesh: MeshLab, index: int, ka: NatKind, kb: NatKind, *,
+def measure_pair(mesh: MeshLab, index: int, ka: str, kb: str, *,
                  backend: str | None = None, direct_budget: float | None = None,
                  recover_budget: float = 10.0, first_budget: float | None = None
                  ) -> GridResult:
-    """One pair. Budgets in seconds; ``None``: the defaults (25 s to direct, 15 s to the
+    """One pair; kinds as spelled (``symmetric+pcp``), and so reported. Budgets in seconds; ``None``: the defaults (25 s to direct, 15 s to the
     first packet) stretched by :data:`~wgmesh.lab.network.TIME_SCALE` for slow (emulated) hosts.
     The flush-recovery budget is the target itself and is not stretched."""
     backend = backend or mesh.backend
@@ -138,17 +146,18 @@ def measure_pair(mesh: MeshLab, index: int, ka: NatKind, kb: NatKind, *,
         for n in (a, b):
             n.stop()
             mesh.nodes.pop(n.name, None)
-        for n in (na, nb):
+        for name in (na, nb):
             with contextlib.suppress(Exception):  # best effort: the lab is torn down anyway
-                mesh.admin("nodes", "delete", n)
+                mesh.admin("nodes", "delete", name)
 
 
 def _flush_and_recover(a: MeshNode, b: MeshNode, nb: str, path: str, budget: float
                        ) -> tuple[bool, str | None]:
-    """Forget every NAT mapping; wait for tunnel pings, and for the direct path if it had one."""
+    """Forget every NAT mapping (port-mapping routers reboot); wait for tunnel pings, and
+    for the direct path if it had one."""
     for n in (a, b):
         if n.host.nat is not None:
-            n.host.nat.flush()
+            n.host.nat.reboot()
     t0 = time.monotonic()
     answered: str | None = None
     while time.monotonic() - t0 < budget:
@@ -164,12 +173,15 @@ def _flush_and_recover(a: MeshNode, b: MeshNode, nb: str, path: str, budget: flo
 def run_grid(backend: str = "userspace", pairs: Iterable[tuple[str, str]] | None = None,
              **kw: Any) -> Grid:
     """Measure every pair (default: all NAT kinds x all NAT kinds) in one lab."""
+    pairs = list(pairs or grid_pairs())
+    for ka, kb in pairs:  # a typo fails before the lab is built
+        parse_nat_spec(ka), parse_nat_spec(kb)
     out = Grid()
     with Lab() as lab:
         mesh = MeshLab(lab, backend=backend)
         try:
-            for i, (ka, kb) in enumerate(pairs or grid_pairs()):
-                out.append(measure_pair(mesh, i, ka, kb, **kw))  # type: ignore[arg-type]
+            for i, (ka, kb) in enumerate(pairs):
+                out.append(measure_pair(mesh, i, ka, kb, **kw))
         finally:
             mesh.close()
     return out

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from wgmesh.lab.network import TIME_SCALE, Host, Lab, LabError, NatKind, Process
+from wgmesh.lab.network import TIME_SCALE, Host, Lab, LabError, Process
 from wgmesh.node.localapi import call
 
 __all__ = ["MeshLab", "MeshNode"]
@@ -37,7 +37,7 @@ STUN_PORT = 3478
 class MeshNode:
     """One ``wgmesh up`` agent in a lab host."""
 
-    def __init__(self, mesh: MeshLab, name: str, kind: NatKind, host: Host, backend: str,
+    def __init__(self, mesh: MeshLab, name: str, kind: str, host: Host, backend: str,
                  proc: Process, socket: str) -> None:
         self.mesh, self.name, self.kind, self.host = mesh, name, kind, host
         self.backend, self.proc, self.socket = backend, proc, socket
@@ -128,10 +128,11 @@ class MeshLab:
         path.write_text(json.dumps(policy))
         self.admin("policy", "set", str(path))
 
-    def add_node(self, name: str, kind: NatKind, *, backend: str | None = None,
+    def add_node(self, name: str, kind: str, *, backend: str | None = None,
                  tags: tuple[str, ...] = (), hairpin: bool = False,
                  verbose: bool = False) -> MeshNode:
-        """A host behind a NAT of ``kind`` running ``wgmesh up``."""
+        """A host behind a NAT of ``kind`` (``symmetric+pcp``: with port mapping) running
+        ``wgmesh up``."""
         backend = backend or self.backend
         host = self.lab.add_node_host(name, kind, hairpin=hairpin)
         key = self.authkey(tags=tags) if tags else (self._authkey or self.authkey())

@@ -1,9 +1,11 @@
 """Measure a lab NAT from outside: mapping, filtering, hairpinning, UDP/TCP reachability.
 
 ``python -m wgmesh.lab.natprobe serve`` runs a reflector on a public lab host; ``probe``
-runs on the host under test and prints one JSON object. :func:`check_kinds` builds
-a lab with one host per NAT kind and returns one result per kind (what
-``wgmesh lab check`` prints).
+runs on the host under test and prints one JSON object; ``portmap`` asks the host's
+gateway for a mapping with each protocol (:func:`wgmesh.node.portmapper.probe`, the
+node's own code) and prints which answered. :func:`check_kinds` builds a lab with one
+host per NAT kind (port-mapping routers spelled ``symmetric+pcp``) and returns one
+result per kind (what ``wgmesh lab check`` prints).
 
 Reflector protocol (UDP, text): ``echo`` -> the observed ``ip:port`` from the same
 socket; ``altport`` -> the same, but from another port; ``altip`` -> from the
@@ -13,6 +15,7 @@ server's second address. Which of those get through tells the filtering.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import select
 import socket
@@ -95,8 +98,12 @@ def probe(srv1: str, srv2: str, port: int = PORT, timeout: float = 1.5) -> dict[
             "external_2": ext2, "filtering": filtering, "hairpin": hairpin, "tcp_ok": tcp_ok}
 
 
-def classify(kind: str, host_ip: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """Turn a probe's observations into the mapping behaviour the NAT actually has."""
+def classify(kind: str, host_ip: str, raw: dict[str, Any],
+             portmap: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Turn a probe's observations into the mapping behaviour the NAT actually has.
+
+    ``portmap`` is :func:`wgmesh.node.portmapper.probe`'s answer: ``portmap`` lists the
+    protocols that mapped, ``portmap_detail`` says what each gave or why not."""
     ext1, ext2 = raw["external"], raw["external_2"]
     if not raw["udp_ok"]:
         mapping = None
@@ -109,15 +116,20 @@ def classify(kind: str, host_ip: str, raw: dict[str, Any]) -> dict[str, Any]:
     port_preserved = bool(ext1) and ext1.rsplit(":", 1)[1] == str(raw["local_port"])
     return {"kind": kind, "udp_ok": raw["udp_ok"], "mapping": mapping, "external": ext1,
             "external_2": ext2, "filtering": raw["filtering"], "port_preserving": port_preserved,
-            "hairpin": raw["hairpin"], "tcp_ok": raw["tcp_ok"]}
+            "hairpin": raw["hairpin"], "tcp_ok": raw["tcp_ok"],
+            "portmap": [m for m, r in (portmap or {}).items() if r["ok"]],
+            "portmap_detail": portmap or {}}
 
 
 def check_kinds(kinds: tuple[str, ...] | None = None, hairpin: bool = False
                 ) -> list[dict[str, Any]]:
-    """Build a lab with one host per NAT kind and measure each from two public servers."""
-    from wgmesh.lab.network import NAT_KINDS, Lab
+    """Build a lab with one host per NAT kind and measure each from two public servers,
+    and its gateway's port mapping from the host. Kinds as spelled: ``symmetric+pcp``."""
+    from wgmesh.lab.network import NAT_KINDS, Lab, parse_nat_spec
 
     kinds = kinds or NAT_KINDS
+    for kind in kinds:
+        parse_nat_spec(kind)  # a typo fails before the lab is built
     with Lab() as lab:
         servers = [lab.add_public_host(f"stun{i}") for i in (1, 2)]
         procs = [lab.python(s, "-m", "wgmesh.lab.natprobe", "serve", s.ip, s.alt_ip or s.ip)
@@ -126,10 +138,13 @@ def check_kinds(kinds: tuple[str, ...] | None = None, hairpin: bool = False
             p.wait_for_output("ready", timeout=30)
         results = []
         for kind in kinds:
-            host = lab.add_node_host(f"h-{kind}", kind, hairpin=hairpin)  # type: ignore[arg-type]
+            host = lab.add_node_host(f"h-{kind.replace('+', '-')}", kind, hairpin=hairpin)
             out = lab.run(host, [sys.executable, "-m", "wgmesh.lab.natprobe", "probe",
                                  servers[0].ip, servers[1].ip], timeout=60).stdout
-            results.append(classify(kind, host.ip, json.loads(out)))
+            pm = lab.run(host, [sys.executable, "-m", "wgmesh.lab.natprobe", "portmap"],
+                         timeout=60).stdout
+            results.append(classify(kind, host.ip, json.loads(out),
+                                    json.loads(pm)["protocols"]))
         return results
 
 
@@ -142,9 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("probe")
     p.add_argument("srv1")
     p.add_argument("srv2")
+    sub.add_parser("portmap", help="which port-mapping protocols the gateway answers")
     a = ap.parse_args(argv)
     if a.cmd == "serve":
         serve(a.ip, a.alt_ip)
+    elif a.cmd == "portmap":
+        from wgmesh.node.portmapper import probe as portmap_probe
+
+        print(json.dumps(asyncio.run(portmap_probe())))
     else:
         print(json.dumps(probe(a.srv1, a.srv2)))
 

@@ -14,6 +14,9 @@ Every wgmesh test and experiment runs on this. Topology::
   filtering apart. All are RFC 5737 / RFC 3849 documentation ranges, so
   nothing here can reach a real network.
 * LANs are 10.<n>.0.0/24 behind their router, inside namespaces the lab owns.
+* A router may also offer port mapping (``portmap="upnp" | "natpmp" | "pcp"``,
+  spelled ``symmetric+pcp`` etc. on the command line): the real miniupnpd, see
+  :mod:`wgmesh.lab.portmapd`. Its files live in the lab's :attr:`Lab.state_dir`.
 * Names carry a unique prefix (``wgm`` + 6 hex digits), so labs run side by
   side; ``Lab.close`` (or leaving the ``with`` block, an exception, SIGINT or
   SIGTERM) kills every process and deletes every namespace, which takes every
@@ -37,6 +40,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,11 +50,12 @@ import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import attrs
 
 from wgmesh.errors import WgmeshError
+from wgmesh.lab.portmapd import PORTMAP_KINDS, MiniUpnpd, PortmapKind
 
 __all__ = [
     "NAT_KINDS",
@@ -60,12 +65,15 @@ __all__ = [
     "LabError",
     "NatKind",
     "NatRouter",
+    "PortmapKind",
     "Process",
     "clean_leftovers",
+    "parse_nat_spec",
 ]
 
 NatKind = Literal["none", "eim", "symmetric", "udp-blocked"]
 NAT_KINDS: tuple[NatKind, ...] = ("none", "eim", "symmetric", "udp-blocked")
+_MAPPABLE = ("eim", "symmetric")  # NATs a port-mapping router can be
 
 PREFIX_RE = re.compile(r"^wgm[0-9a-f]{6}$")
 NS_RE = re.compile(r"^(wgm[0-9a-f]{6})-")
@@ -82,6 +90,19 @@ PUBLIC_V6 = "2001:db8:203::"
 
 class LabError(WgmeshError):
     """A lab command failed; the message carries the command and its stderr."""
+
+
+def parse_nat_spec(spec: str) -> tuple[NatKind, PortmapKind | None]:
+    """``symmetric+pcp`` -> ``("symmetric", "pcp")``; a plain kind has no port mapping."""
+    kind, _, portmap = spec.partition("+")
+    if kind not in NAT_KINDS:
+        raise LabError(f"unknown NAT kind {kind!r}; choose {', '.join(NAT_KINDS)}")
+    if not portmap:
+        return kind, None
+    if kind not in _MAPPABLE or portmap not in PORTMAP_KINDS:
+        raise LabError(f"unknown NAT {spec!r}: port mapping is "
+                       f"{' or '.join(_MAPPABLE)} + {' | '.join(PORTMAP_KINDS)}")
+    return kind, portmap
 
 
 def _sh(argv: Sequence[str], *, check: bool = True, timeout: float = 30,
@@ -130,14 +151,29 @@ class NatRouter(Host):
     hairpin: bool = False
     index: int = 0
     hosts: list[Host] = attrs.field(factory=list, repr=False)
+    portmap: PortmapKind | None = None
+    portmapd: MiniUpnpd | None = attrs.field(default=None, repr=False)
 
     @property
     def lan_prefix(self) -> str:
         return f"10.{self.index}.0"
 
+    @property
+    def spec(self) -> str:
+        """The kind as spelled on the command line: ``symmetric+pcp``, ``eim``."""
+        return f"{self.kind}+{self.portmap}" if self.portmap else self.kind
+
     def flush(self) -> None:
         """Forget every NAT mapping, as a router reboot or mapping timeout would."""
         self.lab.run(self, ["conntrack", "-F"], check=False)
+
+    def reboot(self) -> None:
+        """Reboot as far as NAT state goes: conntrack flushed and, on a port-mapping
+        router, miniupnpd restarted with its mapping table and lease file gone."""
+        if self.portmapd is None:
+            self.flush()
+        else:
+            self.portmapd.reboot()
 
 
 class Process:
@@ -165,9 +201,10 @@ class Process:
     def wait(self, timeout: float | None = None) -> int:
         return self.popen.wait(timeout)
 
-    def _read(self, f: tempfile._TemporaryFileWrapper[bytes] | object) -> str:
-        f.seek(0)  # type: ignore[attr-defined]
-        return f.read().decode(errors="replace")  # type: ignore[attr-defined]
+    @staticmethod
+    def _read(f: IO[bytes]) -> str:
+        f.seek(0)
+        return f.read().decode(errors="replace")
 
     @property
     def stdout(self) -> str:
@@ -269,6 +306,9 @@ class Lab:
         self._next_wan = 10
         self._next_lan = 1
         self._closed = False
+        #: Files of this lab's daemons (miniupnpd configs and leases); removed at close.
+        self.state_dir = STATE_DIR / f"{self.prefix}.d"
+        self._stun: Process | None = None
         _install_signal_handlers()
         _open_labs.add(self)
         STATE_DIR.mkdir(parents=True, exist_ok=True)
@@ -297,6 +337,7 @@ class Lab:
                     p.close()
             for ns in reversed(self._namespaces):
                 _delete_namespace(ns)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 (STATE_DIR / self.prefix).unlink()
             _open_labs.discard(self)
@@ -327,9 +368,6 @@ class Lab:
 
     def _sysctl(self, ns: str, *settings: str) -> None:
         _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", *settings])
-
-    def _exec(self, ns: str, argv: Sequence[str]) -> None:
-        _sh(["ip", "netns", "exec", ns, *argv])
 
     def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
         _sh(["ip", "link", "add", name_a, "netns", ns_a, "type", "veth",
@@ -372,11 +410,20 @@ class Lab:
             self.hosts[name] = host
             return host
 
-    def add_nat(self, name: str, kind: NatKind = "eim", *, hairpin: bool = False) -> NatRouter:
+    def add_nat(self, name: str, kind: NatKind | str = "eim", *, hairpin: bool = False,
+                portmap: PortmapKind | None = None) -> NatRouter:
         """A NAT router of ``kind`` with an empty LAN. ``kind='none'`` is refused: use
-        :meth:`add_public_host` (or :meth:`add_node_host`) for a host without NAT."""
+        :meth:`add_public_host` (or :meth:`add_node_host`) for a host without NAT.
+
+        ``portmap`` (or a ``kind`` spelled ``symmetric+pcp``) runs miniupnpd on the
+        router, answering that one protocol (see :mod:`wgmesh.lab.portmapd`).
+        """
+        kind, spelled = parse_nat_spec(kind)
+        portmap = portmap or spelled
         if kind not in ("eim", "symmetric", "udp-blocked"):
             raise LabError(f"unknown NAT kind {kind!r}; choose eim, symmetric or udp-blocked")
+        if portmap is not None and (kind not in _MAPPABLE or portmap not in PORTMAP_KINDS):
+            raise LabError(f"no port mapping {portmap!r} on a {kind} NAT")
         with self._lock:
             ns = self._ns(name)
             w = self._next_wan
@@ -393,10 +440,24 @@ class Lab:
             self._ip(ns, "addr", "add", f"10.{idx}.0.1/24", "dev", "lan0")
             self._ip(ns, "link", "set", "lan0", "up")
             self._sysctl(ns, "net.ipv4.ip_forward=1")
-            router = NatRouter(self, name, ns, wan, kind=kind, hairpin=hairpin, index=idx)
+            router = NatRouter(self, name, ns, wan, kind=kind, hairpin=hairpin, index=idx,
+                               portmap=portmap)
             self._nat_rules(router)
             self.hosts[name] = router
+            if portmap is not None:
+                router.portmapd = MiniUpnpd(router, portmap, self._stun_server(),
+                                            self.state_dir)
+                router.portmapd.start()
             return router
+
+    def _stun_server(self) -> str:
+        """The STUN responder miniupnpd checks its WAN address with, started once per lab
+        on the internet's own address."""
+        if self._stun is None:
+            self._stun = self.python(self.internet, "-m", "wgmesh.lab.portmapd", "stun",
+                                     self.internet.ip)
+            self._stun.wait_for_output("ready", timeout=30)
+        return self.internet.ip
 
     def _nat_rules(self, r: NatRouter) -> None:
         """Real iptables rules, the way a home router or carrier NAT behaves.
@@ -462,8 +523,10 @@ class Lab:
                 self._hairpin_rule(nat, host)
             return host
 
-    def add_node_host(self, name: str, kind: NatKind, *, hairpin: bool = False) -> Host:
-        """A host behind a NAT of ``kind`` (its own router ``<name>-nat``), or public for 'none'."""
+    def add_node_host(self, name: str, kind: NatKind | str, *, hairpin: bool = False) -> Host:
+        """A host behind a NAT of ``kind`` (its own router ``<name>-nat``), or public for 'none'.
+
+        ``kind`` may carry a port mapping: ``symmetric+pcp``."""
         if kind == "none":
             return self.add_public_host(name)
         return self.add_host(name, self.add_nat(f"{name}-nat", kind, hairpin=hairpin))
@@ -517,7 +580,7 @@ class Lab:
 
     def _repr_html_(self) -> str:
         rows = "".join(
-            f"<tr><td>{h.name}</td><td>{getattr(h, 'kind', 'none') if h.nat is None else 'lan'}"
+            f"<tr><td>{h.name}</td><td>{getattr(h, 'spec', 'none') if h.nat is None else 'lan'}"
             f"</td><td>{h.ip}</td><td>{h.nat.name if h.nat else ''}</td></tr>"
             for h in self.hosts.values())
         return (f"<b>Lab {self.prefix}</b><table><tr><th>host</th><th>role</th><th>ip</th>"
@@ -577,8 +640,12 @@ def clean_leftovers(all_labs: bool = False) -> list[str]:
         _delete_namespace(ns)
         removed.append(ns)
     if STATE_DIR.exists():
+        left = list_namespaces()
         for f in STATE_DIR.iterdir():
-            if PREFIX_RE.match(f.name) and not any(n.startswith(f.name + "-")
-                                                    for n in list_namespaces()):
-                f.unlink(missing_ok=True)
+            prefix = f.name.removesuffix(".d")
+            if PREFIX_RE.match(prefix) and not any(n.startswith(prefix + "-") for n in left):
+                if f.is_dir():
+                    shutil.rmtree(f, ignore_errors=True)
+                else:
+                    f.unlink(missing_ok=True)
     return removed

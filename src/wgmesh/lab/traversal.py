@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import sys
 import time
@@ -29,7 +30,7 @@ Addr = tuple[str, int]
 
 
 class PlainPort:
-    """The :class:`~wgmesh.node.dataplane.Port` of a bare UDP socket: disco and STUN only."""
+    """The :class:`~wgmesh.wireguard.backend.Port` of a bare UDP socket: disco and STUN only."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, port: int) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -56,7 +57,10 @@ class PlainPort:
     def use_relay(self, key: Key) -> None:
         pass  # no WireGuard here: the path decision is what is being measured
 
-    def use_direct(self, key: Key, addr: Addr) -> None:
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        pass
+
+    def use_socket(self, key: Key, send: Callable[[bytes], None]) -> None:
         pass
 
     def inject(self, key: Key, data: bytes) -> None:
@@ -95,7 +99,8 @@ async def _node(a: argparse.Namespace) -> None:
     peer, peer_disco = Key(a.peer), Key(a.peer_disco)
     cfg = TraversalConfig(active_timeout=None, port_search=not a.no_port_search,
                           search_ports=a.search_ports)
-    trav = Traversal(PrivateKey.load(a.disco_key_file), node.public, cfg)
+    trav = Traversal(PrivateKey.load(a.disco_key_file), node.public, cfg, wall=time.time,
+                     random_bytes=os.urandom)
     relay = RelayClient(node, [a.relay])
     done = asyncio.Event()
     directs: list[float] = []

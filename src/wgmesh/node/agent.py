@@ -1,35 +1,63 @@
-"""`wgmesh up` (the long-lived node agent) and the commands that talk to it.
+"""The long-lived node agent behind ``wgmesh up``: an AsyncNode and its local API.
 
 The agent is an :class:`~wgmesh.node.api.AsyncNode` plus the local API
-(:mod:`wgmesh.node.localapi`): ``wgmesh status``, ``ping`` and ``down`` are clients of
-that 0600 Unix socket. It runs in the foreground (systemd's ``Type=simple``;
-see ``examples/wgmesh.service``) until ``wgmesh down``, SIGTERM or SIGINT.
+(:mod:`wgmesh.node.localapi`), whose 0600 Unix socket ``wgmesh status``, ``ping``,
+``netcheck``, ``file`` and ``down`` talk to (their client side is
+:mod:`wgmesh.cli.agent`). It runs until ``down`` is called on that socket, or
+SIGTERM or SIGINT (systemd's ``Type=simple``; see ``examples/wgmesh.service``).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import logging
+import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
-from wgmesh.display import text_table
-from wgmesh.errors import WgmeshError
-from wgmesh.node.localapi import DEFAULT_SOCKET, LocalAPIServer, call
-from wgmesh.node.status import PEER_COLUMNS
+import attrs
 
-__all__ = ["add_parser", "run_agent"]
+from wgmesh.node.api import DEFAULT_IFNAME, AsyncNode
+from wgmesh.node.localapi import DEFAULT_SOCKET, Handler, LocalAPIServer
+from wgmesh.node.status import Status
+
+__all__ = ["local_methods", "run_agent"]
 
 
-async def run_agent(args: argparse.Namespace) -> int:
-    from wgmesh.node.api import AsyncNode
-
-    node = AsyncNode(args.control, authkey=args.authkey, state_dir=args.state_dir,
-                     backend=args.backend, hostname=args.hostname, ifname=args.ifname,
-                     listen_port=args.port)
+async def run_agent(control_url: str, *, authkey: str | None = None,
+                    state_dir: str | os.PathLike[str] = "/var/lib/wgmesh",
+                    backend: str = "auto", hostname: str | None = None,
+                    ifname: str = DEFAULT_IFNAME, listen_port: int = 0,
+                    socket_path: str | os.PathLike[str] = DEFAULT_SOCKET,
+                    on_up: Callable[[Status], None] | None = None) -> None:
+    """Run a node and serve its local API on ``socket_path`` until told to stop; the node
+    goes down on the way out. ``on_up(status)`` runs once the node is up."""
+    node = AsyncNode(control_url, authkey=authkey, state_dir=state_dir, backend=backend,
+                     hostname=hostname, ifname=ifname, listen_port=listen_port)
     stopped = asyncio.Event()
+
+    async def down(_p: dict[str, Any]) -> Any:
+        stopped.set()
+        return {"stopping": True}
+
+    api = LocalAPIServer(socket_path, {**local_methods(node), "down": down})
+    await api.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopped.set)
+    try:
+        st = await node.up()
+        if on_up is not None:
+            on_up(st)
+        await stopped.wait()
+    finally:
+        await node.down()
+        await api.close()
+
+
+def local_methods(node: AsyncNode) -> dict[str, Handler]:
+    """The local API's methods on ``node`` (JSON params in, JSON-able results out)."""
+    from wgmesh.drop.sender import file_digest
 
     async def status(_p: dict[str, Any]) -> Any:
         return (await node.status()).to_json()
@@ -38,109 +66,28 @@ async def run_agent(args: argparse.Namespace) -> int:
         return (await node.ping(str(p["peer"]), count=int(p.get("count", 1)),
                                 timeout=float(p.get("timeout", 5)))).to_json()
 
-    async def down(_p: dict[str, Any]) -> Any:
-        stopped.set()
-        return {"stopping": True}
-
     async def netcheck(_p: dict[str, Any]) -> Any:
-        return await node.netcheck()
+        return (await node.netcheck()).to_json()
 
-    methods = {"status": status, "ping": ping, "down": down, "netcheck": netcheck,
-               **node.file_methods()}
-    api = LocalAPIServer(args.socket, methods)
-    await api.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopped.set)
-    try:
-        st = await node.up()
-        print(f"wgmesh up: {st.name} {st.ipv4} ({st.backend_reason}); "
-              f"local API {args.socket}", flush=True)
-        await stopped.wait()
-    finally:
-        await node.down()
-        await api.close()
-    return 0
+    async def file_send(p: dict[str, Any]) -> Any:
+        out = []
+        for path in p["paths"]:
+            r = await node.send_file(str(p["peer"]), path)
+            out.append(attrs.asdict(r))
+        return out
 
+    async def file_list(p: dict[str, Any]) -> Any:
+        files = await asyncio.to_thread(node.state_inbox().list)
+        return [{"name": f.name, "size": f.size, "mtime": f.mtime,
+                 "sha256": await asyncio.to_thread(file_digest, f.path)
+                 if p.get("sha256", True) else None} for f in files]
 
-def _up(a: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return asyncio.run(run_agent(a))
+    async def file_receive(p: dict[str, Any]) -> Any:
+        inbox = node.state_inbox()
+        if p.get("wait"):
+            await asyncio.to_thread(inbox.wait, float(p.get("timeout", 0)) or None)
+        moved = await asyncio.to_thread(inbox.move_to, p["dest"])
+        return [str(m) for m in moved]
 
-
-def _down(a: argparse.Namespace) -> int:
-    call("down", path=a.socket)
-    print("wgmesh: agent stopping")
-    return 0
-
-
-def _status(a: argparse.Namespace) -> int:
-    st = call("status", path=a.socket)
-    if a.json:
-        print(json.dumps(st))
-        return 0
-    from wgmesh.node.status import PeerStatus
-
-    print(f"{st['name']}  {st['ipv4']}  {st['ipv6']}  backend {st['backend']}  "
-          f"port {st['listen_port']}  home relay {st['home_relay']}  control "
-          f"{'online' if st['control_online'] else 'offline'}")
-    rows = [PeerStatus(**p).row() for p in st["peers"]]
-    print(text_table(rows, PEER_COLUMNS) if rows else "no peers")
-    return 0
-
-
-def _ping(a: argparse.Namespace) -> int:
-    from wgmesh.node.status import PingResult
-
-    failed = 0
-    for _ in range(a.count):
-        r = PingResult(**call("ping", {"peer": a.peer, "timeout": a.timeout}, path=a.socket,
-                              timeout=a.timeout + 10))
-        print(json.dumps(r.to_json()) if a.json else r)
-        failed += r.rtt_ms is None
-    return 1 if failed == a.count else 0
-
-
-def resolve_peer(ref: str, socket_path: str = DEFAULT_SOCKET) -> str:
-    """A peer name (or address) to its tunnel address, asking the running agent."""
-    for p in call("status", path=socket_path)["peers"]:
-        if ref in (p["name"], p["ipv4"], p["ipv6"]):
-            return str(p["ipv4"])
-    raise WgmeshError(f"no peer {ref!r} in the running node's netmap")
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def sock(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--socket", default=DEFAULT_SOCKET,
-                       help=f"the agent's local API socket (default {DEFAULT_SOCKET})")
-
-    up = sub.add_parser("up", help="join a mesh: run the node agent (foreground)")
-    up.add_argument("--control", required=True, metavar="URL", help="control service URL")
-    up.add_argument("--authkey", metavar="KEY", help="auth key (needed on first start)")
-    up.add_argument("--state-dir", default="/var/lib/wgmesh",
-                    help="keys, identity, cached netmap (default /var/lib/wgmesh)")
-    up.add_argument("--backend", default="auto", choices=["auto", "kernel", "userspace"])
-    up.add_argument("--hostname", help="node name to ask for (default: the host name)")
-    up.add_argument("--ifname", default="wgmesh0", help="WireGuard interface name")
-    up.add_argument("--port", type=int, default=0, help="WireGuard UDP port (0: any)")
-    up.add_argument("-v", "--verbose", action="store_true")
-    sock(up)
-    up.set_defaults(func=_up)
-
-    down = sub.add_parser("down", help="stop the running agent and remove its interface")
-    sock(down)
-    down.set_defaults(func=_down)
-
-    st = sub.add_parser("status", help="this node and its peers: paths, latency, traffic")
-    st.add_argument("--json", action="store_true")
-    sock(st)
-    st.set_defaults(func=_status)
-
-    pg = sub.add_parser("ping", help="ping a peer through the tunnel, showing the path")
-    pg.add_argument("peer", help="peer name or tunnel address")
-    pg.add_argument("-c", "--count", type=int, default=1)
-    pg.add_argument("--timeout", type=float, default=5.0)
-    pg.add_argument("--json", action="store_true")
-    sock(pg)
-    pg.set_defaults(func=_ping)
+    return {"status": status, "ping": ping, "netcheck": netcheck, "file_send": file_send,
+            "file_list": file_list, "file_receive": file_receive}

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import ipaddress
 import logging
 import os
@@ -30,17 +29,29 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from wgmesh import netmap as nm
 from wgmesh.errors import WgmeshError
-from wgmesh.keys import Key
+from wgmesh.keys import Key, PrivateKey
 from wgmesh.loopthread import LoopThread
 from wgmesh.node.events import Event, EventBus
 from wgmesh.node.state import StateDir
 from wgmesh.node.status import PeerStatus, PingResult, Status
+from wgmesh.wireguard.netns import enter as enter_netns
+
+if TYPE_CHECKING:
+    from wgmesh.control.client import ControlClient
+    from wgmesh.drop.inbox import Inbox
+    from wgmesh.drop.sender import SendResult
+    from wgmesh.drop.server import PeerAPIServer
+    from wgmesh.node.dataplane import DataPlane, PeerPathStatus
+    from wgmesh.node.netcheck import NetcheckReport
+    from wgmesh.relaynet.client import RelayClient
+    from wgmesh.traversal import Candidates
+    from wgmesh.wireguard.backend import Backend, PeerConfig
 
 log = logging.getLogger("wgmesh.node.api")
 
@@ -76,17 +87,18 @@ class AsyncNode:
         self.events = events or EventBus()
         self.netmap: nm.Netmap | None = None
         self.identity: nm.NodeInfo | None = None
-        self.backend: Any = None
+        self.backend: Backend | None = None
         self.backend_reason = ""
-        self.relay: Any = None
-        self.dataplane: Any = None
-        self.peer_api: Any = None
+        self.relay: RelayClient | None = None
+        self.dataplane: DataPlane | None = None
+        self.peer_api: PeerAPIServer | None = None
         self._filter_applied: tuple[nm.FilterRule, ...] | None = None
-        self.candidates: Any = None
+        self.candidates: Candidates | None = None
         self.hard_nat = False
-        self.last_netcheck: Any = None
+        self.last_netcheck: NetcheckReport | None = None
         self.control_online = False
-        self._control: Any = None
+        self._control: ControlClient | None = None
+        self._refresh = asyncio.Event()
         self._stop = threading.Event()
         self._follow_thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -102,7 +114,11 @@ class AsyncNode:
         await self.down()
 
     async def up(self) -> Status:
-        """Register, configure WireGuard, connect the relay, start traversal."""
+        """Register, configure WireGuard, connect the relay, start traversal.
+
+        Returns the status once the interface is up; peers come up behind it (on the
+        relay first). Raises :class:`~wgmesh.errors.WgmeshError` if control cannot be
+        reached and there is no cached netmap, or the data plane cannot start."""
         if self._up:
             return await self.status()
         from wgmesh.control.client import ControlClient
@@ -136,7 +152,8 @@ class AsyncNode:
         self._follow_thread.start()
         return await self.status()
 
-    async def _register(self, node_key: Any, disco_key: Any, token: str | None) -> None:
+    async def _register(self, node_key: PrivateKey, disco_key: PrivateKey,
+                        token: str | None) -> None:
         from wgmesh.control.errors import ControlAPIError
 
         try:
@@ -149,12 +166,15 @@ class AsyncNode:
             log.warning("control rejected the stored token (%s); registering again", e)
             await self._register_once(node_key, disco_key, None)
 
-    async def _register_once(self, node_key: Any, disco_key: Any, token: str | None) -> None:
+    async def _register_once(self, node_key: PrivateKey, disco_key: PrivateKey,
+                             token: str | None) -> None:
+        control = self._control
+        assert control is not None
         ident = self.state.load_identity()
         if token is None or ident is None or ident.get("control_url") != self.control_url:
             if not self.authkey:
                 raise WgmeshError("this node is not registered yet: pass an auth key")
-            reg = await asyncio.to_thread(self._control.register, node_key, disco_key.public,
+            reg = await asyncio.to_thread(control.register, node_key, disco_key.public,
                                           self.hostname, self.authkey)
             self.state.save_secret("node.token", reg.node_token)
             self.identity = reg.node
@@ -169,6 +189,7 @@ class AsyncNode:
         self.state.save_netmap(first)
 
     def _first_netmap(self) -> nm.Netmap:
+        assert self._control is not None
         stream = self._control.stream()
         try:
             for msg in stream:
@@ -181,33 +202,36 @@ class AsyncNode:
     async def _start_dataplane(self) -> None:
         from wgmesh.node.dataplane import DataPlane
         from wgmesh.relaynet.client import RelayClient
-        from wgmesh.traversal import Candidates, Traversal, TraversalConfig
+        from wgmesh.traversal import Candidates, Traversal
         from wgmesh.wireguard.backend import InterfaceConfig
 
-        assert self.netmap is not None
+        backend = self.backend
+        assert self.netmap is not None and backend is not None
         me = self.netmap.self_node
-        log.info("backend %s: %s", self.backend.kind, self.backend_reason)
-        await asyncio.to_thread(self.backend.up, InterfaceConfig(
+        log.info("backend %s: %s", backend.kind, self.backend_reason)
+        # The filter goes in before the interface and its first peer, so no packet from a
+        # peer is ever let in unfiltered; if it cannot be enforced, the node does not start.
+        self._apply_filter(self.netmap)
+        await asyncio.to_thread(backend.up, InterfaceConfig(
             self.ifname, self.state.node_key, self.listen_port,
             (f"{me.ipv4}/10", f"{me.ipv6}/48")))
         loop = asyncio.get_running_loop()
-        port = self._make_port(loop)
+        port = backend.open_port(loop)
         # Ping the relay every 2 s and give up on it after 6 s of silence: a NAT that
         # forgot the TCP mapping must not leave the relay path dead for a minute.
-        self.relay = RelayClient(self.state.node_key, self.netmap.relay_map,
-                                 on_home_change=self._on_home_change, keepalive=2.0,
-                                 idle_timeout=6.0)
-        cfg = (TraversalConfig.kernel() if self.backend.kind == "kernel"
-               else TraversalConfig.userspace())
-        trav = Traversal(self.state.disco_key, self.state.node_key.public, cfg)
-        self.dataplane = DataPlane(self.backend, port, self.relay, trav,
+        self.relay = relay = RelayClient(self.state.node_key, self.netmap.relay_map,
+                                         on_home_change=self._on_home_change, keepalive=2.0,
+                                         idle_timeout=6.0)
+        trav = Traversal(self.state.disco_key, self.state.node_key.public, backend.traversal,
+                         wall=time.time, random_bytes=os.urandom)
+        self.dataplane = DataPlane(backend, port, relay, trav,
                                    on_path_changed=self._on_path_changed,
                                    on_candidates_stale=self._on_candidates_stale,
                                    on_observed=self._on_observed)
         self.dataplane.start()
-        self.candidates = Candidates(self.backend.listen_port)
+        self.candidates = Candidates(backend.listen_port)
         try:
-            await self.relay.start(wait=5.0)
+            await relay.start(wait=5.0)
         except WgmeshError as e:
             log.warning("no relay reachable yet (%s); retrying in the background", e)
         self._tasks.append(loop.create_task(self._endpoint_loop()))
@@ -215,7 +239,8 @@ class AsyncNode:
 
     async def _start_peer_api(self) -> None:
         """The file-drop receiver, bound to the tunnel addresses and the WireGuard device."""
-        from wgmesh.drop.peerapi import PeerAPIServer, netmap_authorize, netmap_identify
+        from wgmesh.drop.protocol import netmap_authorize, netmap_identify
+        from wgmesh.drop.server import PeerAPIServer
 
         assert self.netmap is not None
         me = self.netmap.self_node
@@ -225,15 +250,9 @@ class AsyncNode:
             authorize=netmap_authorize(lambda: self.netmap))
         await self.peer_api.start()
 
-    def _make_port(self, loop: asyncio.AbstractEventLoop) -> Any:
-        from wgmesh.node.dataplane import KernelPort, UserspacePort
-
-        if self.backend.kind == "kernel":
-            return KernelPort(self.backend, loop)
-        return UserspacePort(self.backend, loop)
-
     async def down(self) -> None:
-        """Remove the interface and close streams; ``state_dir`` keeps the keys."""
+        """Remove the interface (and its filter) and close streams; ``state_dir`` keeps the
+        keys and the cached netmap, so the next :meth:`up` is the same node."""
         self._stop.set()
         for t in self._tasks:
             t.cancel()
@@ -247,11 +266,6 @@ class AsyncNode:
             with contextlib.suppress(Exception):
                 await self.relay.close()
         if self.backend is not None:
-            if self.backend.kind == "kernel" and self._filter_applied is not None:
-                from wgmesh.wireguard.filter import remove_nft
-
-                with contextlib.suppress(WgmeshError):
-                    remove_nft(self.ifname)
             await asyncio.to_thread(self.backend.down)
         if self._control is not None:
             self._control.close()
@@ -261,7 +275,7 @@ class AsyncNode:
     def _follow(self, loop: asyncio.AbstractEventLoop) -> None:
         from wgmesh.control.errors import ControlAPIError
 
-        assert self.netmap is not None
+        assert self.netmap is not None and self._control is not None
         client = self._control
         client.last_seq = self.netmap.seq
         try:
@@ -276,7 +290,8 @@ class AsyncNode:
         """Fold a new netmap into the backend and traversal: only the peers that changed."""
         from wgmesh.wireguard.backend import PeerConfig
 
-        if self.dataplane is None:
+        backend, dataplane = self.backend, self.dataplane
+        if backend is None or dataplane is None:
             return
         old = self.netmap if self.netmap is not None and self._peer_keys else None
         self.netmap = netmap
@@ -286,38 +301,48 @@ class AsyncNode:
         now = time.time()
         visible = {pid: p for pid, p in netmap.peers.items()
                    if not (0 < p.key_expiry <= now)}
+        try:
+            # The rules first: a new peer never gets in ahead of the filter that covers it.
+            self._apply_filter(netmap)
+        except WgmeshError as e:
+            # Fail closed: the old rules stay, so only peers already configured under them
+            # stay (or go); new ones wait for a filter that works.
+            log.error("installing the packet filter failed; no new peers until it works: %s",
+                      e)
+            visible = {pid: p for pid, p in visible.items()
+                       if self._peer_keys.get(pid) == p.node_key}
         desired = [PeerConfig(p.node_key, p.allowed_ips or (f"{p.ipv4}/32", f"{p.ipv6}/128"),
-                              None, 25 if self.backend.kind == "kernel" else 0)
+                              None, backend.keepalive)
                    for p in visible.values()]
         # Relayed peers keep the endpoint the data plane gave them.
         try:
-            self.backend.set_peers(self._keep_endpoints(desired))
+            backend.set_peers(self._keep_endpoints(backend, desired))
         except WgmeshError as e:
             log.error("configuring peers failed: %s", e)
             return
         for pid in set(self._peer_keys) - set(visible):
             key = self._peer_keys.pop(pid)
-            self.dataplane.remove_peer(key)
+            dataplane.remove_peer(key)
             self._emit("peer_removed", {"key": key.b64()})
         for pid, p in visible.items():
             prev = self._peer_keys.get(pid)
             if prev is not None and prev != p.node_key:  # key rotation: a new WireGuard peer
-                self.dataplane.remove_peer(prev)
+                dataplane.remove_peer(prev)
             is_new = prev != p.node_key
             self._peer_keys[pid] = p.node_key
             old_peer = old.peers.get(pid) if old else None
             if is_new or old_peer is None or old_peer.endpoints != p.endpoints \
                     or old_peer.home_relay != p.home_relay or old_peer.disco_key != p.disco_key:
-                self.dataplane.upsert_peer(p.node_key, p.disco_key,
-                                           [(e.ip, e.port) for e in p.endpoints], p.home_relay)
+                dataplane.upsert_peer(p.node_key, p.disco_key,
+                                      [(e.ip, e.port) for e in p.endpoints], p.home_relay)
             if is_new:
                 self._emit("peer_added", {"name": p.name, "key": p.node_key.b64(),
                                           "ipv4": p.ipv4})
-        self._apply_filter(netmap)
         self._emit("netmap", {"seq": netmap.seq, "peers": len(visible)})
 
-    def _keep_endpoints(self, desired: list[Any]) -> list[Any]:
-        current = self.backend.stats()
+    @staticmethod
+    def _keep_endpoints(backend: Backend, desired: list[PeerConfig]) -> list[PeerConfig]:
+        current = backend.stats()
         out = []
         for pc in desired:
             st = current.get(pc.public_key)
@@ -325,28 +350,20 @@ class AsyncNode:
         return out
 
     def _apply_filter(self, netmap: nm.Netmap) -> None:
-        """Enforce the netmap's inbound rules: nftables on a kernel interface, the device's
-        own connection-tracking filter in userspace. Only when the rules changed."""
+        """Have the backend enforce the netmap's inbound rules, when they changed.
+        Raises :class:`~wgmesh.wireguard.backend.BackendError` if it cannot (fail closed)."""
+        assert self.backend is not None
         rules = (*netmap.filter, *self._drop_rules(netmap))
         if rules == self._filter_applied:
             return
-        try:
-            if self.backend.kind == "kernel":
-                from wgmesh.wireguard.filter import install_nft
-
-                install_nft(self.ifname, rules)
-            else:
-                self.backend.set_filter(rules)
-        except WgmeshError as e:
-            log.error("installing the packet filter failed: %s", e)
-            return
+        self.backend.set_filter(rules)
         self._filter_applied = rules
 
     @staticmethod
     def _drop_rules(netmap: nm.Netmap) -> tuple[nm.FilterRule, ...]:
         """The file-send capability opens the peer API's port to the peers holding it, even
         where the port rules would not."""
-        from wgmesh.drop.peerapi import DEFAULT_PORT
+        from wgmesh.drop.protocol import DEFAULT_PORT
 
         senders = [a for p in netmap.peers.values() if nm.CAP_FILE_SEND in p.caps
                    for a in (f"{p.ipv4}/32", f"{p.ipv6}/128")]
@@ -359,7 +376,6 @@ class AsyncNode:
     # ---- endpoints -----------------------------------------------------------------
     async def _endpoint_loop(self) -> None:
         """STUN from the WireGuard port, publish what changed; again every 30 s and on demand."""
-        self._refresh = asyncio.Event()
         while True:
             try:
                 await self._refresh_endpoints()
@@ -369,19 +385,19 @@ class AsyncNode:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._refresh.wait(), 30)
 
-    async def netcheck(self) -> dict[str, Any]:
-        """UDP, reflexive addresses, hard NAT, relay latencies, hairpin: from the WG port."""
-        report = await self._netcheck()
-        return report.to_json()
-
-    async def _netcheck(self) -> Any:
+    async def netcheck(self) -> NetcheckReport:
+        """UDP, reflexive addresses, hard NAT, relay latencies, hairpin: measured from the
+        WireGuard port itself, against the netmap's relays."""
         from wgmesh.node.netcheck import servers_from_relay_map
 
-        assert self.netmap is not None
+        if self.dataplane is None or self.netmap is None:
+            raise WgmeshError("the node is not up")
         return await self.dataplane.netcheck(servers_from_relay_map(self.netmap.relay_map))
 
     async def _refresh_endpoints(self) -> None:
-        report = await self._netcheck()
+        report = await self.netcheck()
+        assert self.candidates is not None and self.dataplane is not None \
+            and self.backend is not None
         self.last_netcheck = report
         self.hard_nat = report.hard_nat
         reflexive = [a for a in (report.ipv4, report.ipv6) if a]
@@ -394,14 +410,14 @@ class AsyncNode:
             await self._publish(endpoints=list(changed))
 
     async def _publish(self, **kw: Any) -> None:
+        assert self._control is not None
         try:
             await asyncio.to_thread(self._control.update, **kw)
         except WgmeshError as e:
             log.warning("publishing to control failed: %s", e)
 
     def _on_candidates_stale(self, reason: str) -> None:
-        if hasattr(self, "_refresh"):
-            self._refresh.set()
+        self._refresh.set()
 
     def _on_observed(self, addr: tuple[str, int]) -> None:
         self._on_candidates_stale("observed")
@@ -409,7 +425,7 @@ class AsyncNode:
     def _on_home_change(self, region: int) -> None:
         asyncio.get_running_loop().create_task(self._publish(home_relay=region))
 
-    def _on_path_changed(self, key: Key, st: Any) -> None:
+    def _on_path_changed(self, key: Key, st: PeerPathStatus) -> None:
         peer = self._peer_by_key(key)
         self._emit("peer_path_changed", {
             "peer": peer.name if peer else key.short(), "key": key.b64(), "path": st.path,
@@ -436,6 +452,8 @@ class AsyncNode:
         raise WgmeshError(f"no peer {ref!r} in this node's netmap")
 
     async def status(self) -> Status:
+        """This node and each peer: path (direct or relay), endpoint, latency, handshake,
+        traffic, as the data plane sees them now."""
         me = self.netmap.self_node if self.netmap else self.identity
         stats = await asyncio.to_thread(self.backend.stats) if self.backend else {}
         peers = []
@@ -481,56 +499,24 @@ class AsyncNode:
                                                         if self.relay else None))
 
     async def send_file(self, peer: str, path: str | os.PathLike[str],
-                        progress: Callable[[int, int], None] | None = None) -> Any:
+                        progress: Callable[[int, int], None] | None = None) -> SendResult:
         """Send a file to ``peer``'s inbox through the tunnel (resumable, digest-checked)."""
-        from wgmesh.drop.peerapi import send_file
+        from wgmesh.drop.sender import send_file
 
         p = self.resolve(peer)
         return await asyncio.to_thread(send_file, p.ipv4, path, progress=progress)
 
-    def file_methods(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        """Local-API methods behind ``wgmesh file send|receive``."""
-        from wgmesh.drop.peerapi import file_digest
-
-        async def send(p: dict[str, Any]) -> Any:
-            out = []
-            for path in p["paths"]:
-                r = await self.send_file(str(p["peer"]), path)
-                out.append(attrs.asdict(r))
-            return out
-
-        async def listing(p: dict[str, Any]) -> Any:
-            files = await asyncio.to_thread(self.state_inbox().list)
-            return [{"name": f.name, "size": f.size, "mtime": f.mtime,
-                     "sha256": await asyncio.to_thread(file_digest, f.path)
-                     if p.get("sha256", True) else None} for f in files]
-
-        async def receive(p: dict[str, Any]) -> Any:
-            inbox = self.state_inbox()
-            if p.get("wait"):
-                await asyncio.to_thread(inbox.wait, float(p.get("timeout", 0)) or None)
-            moved = await asyncio.to_thread(inbox.move_to, p["dest"])
-            return [str(m) for m in moved]
-
-        return {"file_send": send, "file_list": listing, "file_receive": receive}
-
-    def state_inbox(self) -> Any:
+    def state_inbox(self) -> Inbox:
+        """The inbox that dropped files land in (once the node is up)."""
+        if self.peer_api is None:
+            raise WgmeshError("the node is not up")
         return self.peer_api.inbox
 
     def on(self, name: str, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for each event ``name`` (``"*"``: all); returns a
+        function that unsubscribes. Events: ``peer_added``, ``peer_removed``,
+        ``peer_path_changed``, ``netmap``, ``state``."""
         return self.events.on(name, callback)
-
-
-def _enter_netns(netns: str) -> None:
-    """Move the calling thread into ``netns``; threads and processes it starts follow."""
-    fd = os.open(netns if netns.startswith("/") else f"/run/netns/{netns}", os.O_RDONLY)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, 0x40000000) != 0:
-            err = ctypes.get_errno()
-            raise WgmeshError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 class Node:
@@ -547,7 +533,12 @@ class Node:
         self._loop = LoopThread(f"wgmesh-node-{hostname or ''}")
         self.events = EventBus()
         if netns is not None:
-            self._loop.call(_in_loop(_enter_netns, netns))
+            try:
+                self._loop.call(_in_loop(enter_netns, netns))
+            except OSError as e:
+                self._loop.stop()
+                raise WgmeshError(f"cannot enter network namespace {netns}: "
+                                  f"{e.strerror}") from None
         self._node = AsyncNode(control_url, authkey=authkey, state_dir=state_dir,
                                backend=backend, hostname=hostname, ifname=ifname,
                                listen_port=listen_port, events=self.events)
@@ -556,41 +547,50 @@ class Node:
 
     @property
     def aio(self) -> AsyncNode:
+        """The :class:`AsyncNode` underneath (its coroutines run on this node's loop)."""
         return self._node
 
     def up(self, timeout: float = 60) -> Status:
+        """Join the mesh (see :meth:`AsyncNode.up`); waits at most ``timeout`` seconds."""
         return self._loop.call(self._node.up(), timeout)
 
     def down(self, timeout: float = 30) -> None:
+        """Leave: remove the interface and stop the loop thread (the state dir stays)."""
         try:
             self._loop.call(self._node.down(), timeout)
         finally:
             self._loop.stop()
 
     def status(self) -> Status:
+        """This node and its peers: paths, latency, handshakes, traffic."""
         return self._loop.call(self._node.status(), 30)
 
     def ping(self, peer: str, *, count: int = 1, timeout: float = 5.0) -> PingResult:
+        """An ICMP echo through the tunnel to ``peer`` (name, tunnel address or key), with
+        the path it took; ``rtt_ms`` is None when no reply came in ``timeout``."""
         return self._loop.call(self._node.ping(peer, count=count, timeout=timeout),
                                timeout * count + 5)
 
-    def netcheck(self) -> dict[str, Any]:
+    def netcheck(self) -> NetcheckReport:
         """UDP, reflexive addresses, hard NAT, relay latency, hairpin, from the WG port."""
         return self._loop.call(self._node.netcheck(), 30)
 
     def send_file(self, peer: str, path: str | os.PathLike[str],
-                  progress: Callable[[int, int], None] | None = None) -> Any:
+                  progress: Callable[[int, int], None] | None = None) -> SendResult:
         """Send ``path`` to ``peer`` through the tunnel; ``progress(done, total)`` as it goes."""
         return self._loop.call(self._node.send_file(peer, path, progress), None)
 
     @property
     def netmap(self) -> nm.Netmap | None:
+        """The current netmap (None before the first one)."""
         return self._node.netmap
 
     def on(self, name: str, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for each event ``name``, on the node's loop thread
+        (see :meth:`AsyncNode.on`); returns a function that unsubscribes."""
         return self.events.on(name, callback)
 
-    def plot(self) -> object:
+    def plot(self) -> Any:
         """This node and its peers, edges coloured by path with their latency."""
         from wgmesh.display import plot_topology
 
@@ -623,4 +623,5 @@ class Node:
 
 
 async def _in_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` on the loop's own thread (``LoopThread.call`` takes a coroutine)."""
     return fn(*args)

@@ -3,14 +3,8 @@
 This is the thin asyncio driver around the sans-I/O :class:`~wgmesh.traversal.Traversal`:
 it feeds it disco from the WireGuard port and the relay, WireGuard stats once a
 second, and its timers, and carries out the actions it returns against the
-backend. A :class:`Port` hides how each backend shares its WireGuard port:
-
-* userspace: the device owns the UDP socket; non-WireGuard datagrams (STUN,
-  disco) come out of its ``on_other`` hook, a relayed peer's packets go to a
-  relay callback and come back through ``inject_from_relay``;
-* kernel: the kernel owns the socket; :mod:`~wgmesh.wireguard.sharedsock` sends and
-  receives STUN/disco on its port, and :mod:`~wgmesh.wireguard.proxy` gives each
-  relayed peer a loopback endpoint.
+backend's :class:`~wgmesh.wireguard.backend.Port`, which hides how that backend
+shares its WireGuard port with disco, STUN and the relay.
 
 Everything here runs on the node's loop thread; backend callbacks from other
 threads hop onto it with ``call_soon_threadsafe``.
@@ -24,129 +18,22 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
 
 import attrs
 
 from wgmesh import disco, stun, traversal
 from wgmesh.keys import Key
+from wgmesh.node.netcheck import NetcheckProbe, NetcheckReport, StunServer, local_addresses
 from wgmesh.relaynet.client import RelayClient
 from wgmesh.traversal import RELAY, Traversal
-from wgmesh.wireguard.backend import Backend
+from wgmesh.wireguard.backend import Backend, Port
 
 log = logging.getLogger("wgmesh.node.dataplane")
 
-__all__ = ["DataPlane", "KernelPort", "PeerPathStatus", "Port", "UserspacePort"]
+__all__ = ["DataPlane", "PeerPathStatus"]
 
 Addr = tuple[str, int]
 STATS_INTERVAL = 1.0
-
-
-class Port(Protocol):
-    """How disco/STUN and relayed WireGuard share one backend's WireGuard port."""
-
-    def start(self, on_datagram: Callable[[bytes, Addr], None],
-              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None: ...
-    def send(self, data: bytes, addr: Addr) -> None: ...
-    def use_relay(self, key: Key) -> None: ...
-    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
-        """Point the peer at ``addr``; ``handshake``: make WireGuard handshake on it now."""
-    def inject(self, key: Key, data: bytes) -> None: ...
-    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | Any | None:
-        """The stats endpoint as traversal sees it: an address, or RELAY."""
-    def close(self) -> None: ...
-
-
-class UserspacePort:
-    """The userspace device's hooks (see :class:`~wgmesh.wireguard.userspace.UserspaceBackend`)."""
-
-    def __init__(self, backend: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self.backend = backend
-        self.loop = loop
-        self._relay_out: Callable[[Key, bytes], None] | None = None
-
-    def start(self, on_datagram: Callable[[bytes, Addr], None],
-              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None:
-        loop = self.loop
-        self.backend.on_other = lambda data, addr: loop.call_soon_threadsafe(
-            on_datagram, bytes(data), addr)
-        self._relay_out = on_wireguard_for_relay
-
-    def send(self, data: bytes, addr: Addr) -> None:
-        self.backend.send_other(data, addr)
-
-    def use_relay(self, key: Key) -> None:
-        out, loop = self._relay_out, self.loop
-        assert out is not None
-        self.backend.set_peer_relay(
-            key, lambda data: loop.call_soon_threadsafe(out, key, bytes(data)))
-
-    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
-        self.backend.set_endpoint(key, addr)  # the device handshakes as it needs to
-
-    def inject(self, key: Key, data: bytes) -> None:
-        self.backend.inject_from_relay(key, data)
-
-    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | Any | None:
-        # The device keeps a relay route beside the endpoint, so the endpoint alone
-        # cannot say "relayed"; our own path state does.
-        return RELAY if path == "relay" else endpoint
-
-    def close(self) -> None:
-        self.backend.on_other = None
-
-
-class KernelPort:
-    """Kernel WireGuard: STUN/disco through sharedsock on its port, relayed peers through
-    loopback endpoints of the relay bridge. Python never sees a direct-path packet."""
-
-    def __init__(self, backend: Any, loop: asyncio.AbstractEventLoop) -> None:
-        from wgmesh.wireguard.sharedsock import SharedSocket
-
-        self.backend = backend
-        self.loop = loop
-        self.shared = SharedSocket.for_backend(backend)
-        self.bridge: Any = None
-
-    def start(self, on_datagram: Callable[[bytes, Addr], None],
-              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None:
-        from wgmesh.wireguard.proxy import RelayBridge
-
-        self.shared.add_reader(self.loop, on_datagram)
-        self.bridge = RelayBridge(self.loop, on_wireguard_for_relay, self.backend.listen_port,
-                                  netns=self.backend.netns)
-
-    def send(self, data: bytes, addr: Addr) -> None:
-        self.shared.send(data, addr)
-
-    def use_relay(self, key: Key) -> None:
-        self.bridge.use_relay(self.backend, key)
-
-    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
-        # Not bridge.use_direct: relayed packets must keep flowing until traversal trusts
-        # the direct path (RelayIngress), which the data plane enforces.
-        if handshake and (pc := self.backend.peers().get(key)) is not None:
-            # A fresh peer entry has no session, and its persistent keepalive makes the
-            # kernel handshake at once, on the new endpoint: the proof traversal waits for.
-            others = [c for k, c in self.backend.peers().items() if k != key]
-            self.backend.set_peers(others)
-            self.backend.set_peers([*others, attrs.evolve(pc, endpoint=addr)])
-            return
-        self.backend.set_endpoint(key, addr)
-
-    def inject(self, key: Key, data: bytes) -> None:
-        self.bridge.deliver(key, data)
-
-    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | Any | None:
-        if endpoint is not None and endpoint[0] in ("127.0.0.1", "::1"):
-            return RELAY  # a loopback endpoint is the bridge: the peer goes via the relay
-        return endpoint
-
-    def close(self) -> None:
-        self.shared.remove_reader(self.loop)
-        self.shared.close()
-        if self.bridge is not None:
-            self.bridge.close()
 
 
 @attrs.define
@@ -172,7 +59,7 @@ class DataPlane:
         self.trav = trav
         self.paths: dict[Key, PeerPathStatus] = {}
         self._relay_ingress: dict[Key, bool] = {}
-        self._probes: list[Any] = []  # running NetcheckProbes
+        self._probes: list[NetcheckProbe] = []  # running
         self._extra: dict[int, socket.socket] = {}
         self._extra_owner: dict[int, Key] = {}
         self._on_path_changed = on_path_changed
@@ -180,7 +67,6 @@ class DataPlane:
         self._on_observed = on_observed
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
-        self.started_at = time.monotonic()
         self.counters: dict[str, int] = {"relay_wg_in": 0, "relay_wg_out": 0,
                                          "relay_wg_dropped_direct": 0, "not_for_us": 0}
 
@@ -234,11 +120,10 @@ class DataPlane:
         self._do(self.trav.network_changed(time.monotonic()))
 
     # ---- netcheck from the WireGuard port -------------------------------------------
-    async def netcheck(self, servers: list[Any], timeout: float = 3.0) -> Any:
-        """A :class:`~wgmesh.node.netcheck.NetcheckReport` measured from the WireGuard port itself,
-        so the mapping it reports is the one WireGuard's packets get."""
-        from wgmesh.node.netcheck import NetcheckProbe, local_addresses
-
+    async def netcheck(self, servers: list[StunServer], timeout: float = 3.0
+                       ) -> NetcheckReport:
+        """A netcheck measured from the WireGuard port itself, so the mapping it reports
+        is the one WireGuard's packets get."""
         probe = NetcheckProbe(servers, time.monotonic())
         self._probes.append(probe)
         try:
@@ -321,9 +206,9 @@ class DataPlane:
             if a.endpoint is RELAY:
                 self.port.use_relay(a.key)
             elif a.sock and (s := self._extra.get(a.sock)) is not None:
-                self._route_via_socket(a.key, s, a.endpoint)  # type: ignore[arg-type]
+                self._route_via_socket(a.key, s, a.endpoint)
             else:
-                self.port.use_direct(a.key, a.endpoint, a.handshake)  # type: ignore[arg-type]
+                self.port.use_direct(a.key, a.endpoint, a.handshake)
         elif isinstance(a, traversal.RelayIngress):
             self._relay_ingress[a.key] = a.enabled
         elif isinstance(a, traversal.OpenPorts):
@@ -375,8 +260,4 @@ class DataPlane:
             with contextlib.suppress(OSError):
                 s.sendto(data, addr)
 
-        set_relay = getattr(self.port.backend, "set_peer_relay", None)  # type: ignore[attr-defined]
-        if set_relay is None:
-            return
-        loop = asyncio.get_running_loop()
-        set_relay(key, lambda data: loop.call_soon_threadsafe(send, bytes(data)))
+        self.port.use_socket(key, send)

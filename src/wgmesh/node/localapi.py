@@ -19,7 +19,7 @@ from typing import Any
 
 from wgmesh.errors import WgmeshError
 
-__all__ = ["DEFAULT_SOCKET", "LocalAPIError", "LocalAPIServer", "call"]
+__all__ = ["DEFAULT_SOCKET", "Handler", "LocalAPIError", "LocalAPIServer", "call"]
 
 DEFAULT_SOCKET = "/run/wgmesh/wgmesh.sock"
 MAX_REQUEST = 64 * 1024

@@ -18,6 +18,8 @@ Layers, so any transport can carry it:
 * :func:`netcheck` - a blocking driver over a given UDP socket (or fresh ones).
 * :func:`classic_nat_type` - pystun3 under a hard timeout.
 * :func:`local_addresses` - this host's interface addresses (the LAN candidates).
+
+``wgmesh netcheck`` (its parser and printer) is :mod:`wgmesh.cli.netcheck`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import contextlib
 import fcntl
 import ipaddress
 import json
+import secrets
 import select
 import socket
 import struct
@@ -46,11 +49,11 @@ __all__ = [
     "NetcheckProbe",
     "NetcheckReport",
     "StunServer",
-    "add_parser",
     "classic_nat_type",
-    "format_report",
+    "format_addr",
     "local_addresses",
     "netcheck",
+    "parse_addr",
     "servers_from_relay_map",
 ]
 
@@ -88,16 +91,36 @@ class NetcheckReport:
 
     def to_json(self) -> dict[str, Any]:
         d = attrs.asdict(self)
-        d["ipv4"] = _fmt(self.ipv4) if self.ipv4 else None
-        d["ipv6"] = _fmt(self.ipv6) if self.ipv6 else None
+        d["ipv4"] = format_addr(self.ipv4) if self.ipv4 else None
+        d["ipv6"] = format_addr(self.ipv6) if self.ipv6 else None
         d["region_latency"] = {str(k): v for k, v in self.region_latency.items()}
         d["local_addresses"] = list(self.local_addresses)
         d["hard_nat"] = self.hard_nat
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NetcheckReport:
+        """The report back from :meth:`to_json` (e.g. the agent's, over its local API)."""
+        return cls(
+            udp=d["udp"], ipv4=parse_addr(d["ipv4"]) if d["ipv4"] else None,
+            ipv6=parse_addr(d["ipv6"]) if d["ipv6"] else None,
+            mapping_varies_by_dest=d["mapping_varies_by_dest"], hairpin=d["hairpin"],
+            region_latency={int(k): v for k, v in d["region_latency"].items()},
+            preferred_region=d["preferred_region"], seen_by=d["seen_by"],
+            nat_type=d["nat_type"], local_addresses=tuple(d["local_addresses"]))
 
-def _fmt(a: Addr) -> str:
+
+def format_addr(a: Addr) -> str:
+    """``ip:port``, with brackets around an IPv6 address."""
     return f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+
+
+def parse_addr(text: str) -> Addr:
+    """``HOST[:PORT]`` or ``[V6]:PORT`` (the STUN port when none is given)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return (text, stun.DEFAULT_PORT)
+    return (host.strip("[]"), int(port))
 
 
 def servers_from_relay_map(relay_map: RelayMap) -> list[StunServer]:
@@ -120,7 +143,8 @@ class NetcheckProbe:
         fam = set(families)
         self.servers = [s for s in servers
                         if ipaddress.ip_address(s.addr[0]).version in fam]
-        self._tx = {s: stun.BindingTransaction(now, rto=rto, max_sends=max_sends)
+        self._tx = {s: stun.BindingTransaction(now, secrets.token_bytes(stun.TXID_LEN),
+                                               rto=rto, max_sends=max_sends)
                     for s in self.servers}
         self._by_txid = {tx.txid: s for s, tx in self._tx.items()}
         self._hairpin_enabled = hairpin
@@ -160,7 +184,7 @@ class NetcheckProbe:
             return []
         if ":" in got[0] or server.addr[0] == got[0]:
             return []
-        self._hairpin_txid = stun.new_txid()
+        self._hairpin_txid = secrets.token_bytes(stun.TXID_LEN)
         self._hairpin_deadline = now + self._hairpin_wait
         return [(got, stun.encode_binding_request(self._hairpin_txid))]
 
@@ -183,7 +207,7 @@ class NetcheckProbe:
         latency: dict[int, float | None] = {}
         for s, tx in self._tx.items():
             r = tx.result
-            seen[_fmt(s.addr)] = _fmt(r) if r else None
+            seen[format_addr(s.addr)] = format_addr(r) if r else None
             if r is not None:
                 (v6 if ":" in r[0] else v4).append(r)
             if s.region is not None:
@@ -323,113 +347,3 @@ def local_addresses(include_loopback: bool = False) -> tuple[str, ...]:
         pass
     return tuple(a for a in dict.fromkeys(out)
                  if include_loopback or not ipaddress.ip_address(a).is_loopback)
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def format_report(r: NetcheckReport, relay_map: RelayMap | None = None) -> str:
-    def yn(v: bool | None) -> str:
-        return "unknown" if v is None else "yes" if v else "no"
-
-    lines = [
-        f"UDP:                 {yn(r.udp)}",
-        f"IPv4:                {_fmt(r.ipv4) if r.ipv4 else 'no'}",
-        f"IPv6:                {_fmt(r.ipv6) if r.ipv6 else 'no'}",
-        f"Mapping varies:      {yn(r.mapping_varies_by_dest)}"
-        + (" (hard NAT)" if r.hard_nat else ""),
-        f"Hairpinning:         {yn(r.hairpin)}",
-    ]
-    if r.nat_type is not None:
-        lines.append(f"NAT type (RFC 3489): {r.nat_type}")
-    if r.local_addresses:
-        lines.append(f"Local addresses:     {', '.join(r.local_addresses)}")
-    if r.region_latency:
-        lines.append("Relay regions:")
-        for rid, lat in sorted(r.region_latency.items()):
-            reg = relay_map.region(rid) if relay_map else None
-            name = f"{rid} ({reg.code})" if reg else str(rid)
-            ms = "no reply" if lat is None else f"{lat * 1000:.1f} ms"
-            star = "  <- preferred" if rid == r.preferred_region else ""
-            lines.append(f"  {name}: {ms}{star}")
-    return "\n".join(lines)
-
-
-def _parse_addr(text: str) -> Addr:
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        return (text, stun.DEFAULT_PORT)
-    return (host.strip("[]"), int(port))
-
-
-def _cmd(a: Any) -> int:
-    from wgmesh.errors import WgmeshError
-    from wgmesh.netmap import relay_map_from_json
-
-    relay_map = None
-    servers = [StunServer(_parse_addr(s)) for s in a.stun]
-    if a.relay_map:
-        try:
-            relay_map = relay_map_from_json(json.loads(Path(a.relay_map).read_text()))
-        except (OSError, ValueError) as e:
-            raise WgmeshError(f"--relay-map {a.relay_map}: {e}") from e
-        servers += servers_from_relay_map(relay_map)
-    if not servers:
-        return _from_agent(a)
-    sock = None
-    if a.port:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.bind(("0.0.0.0", a.port))
-        except OSError as e:
-            raise WgmeshError(f"--port {a.port}: {e.strerror}") from e
-    try:
-        report = netcheck(servers, sock=sock, timeout=a.timeout,
-                          classic=_parse_addr(a.classic) if a.classic else None)
-    finally:
-        if sock is not None:
-            sock.close()
-    print(json.dumps(report.to_json()) if a.json else format_report(report, relay_map))
-    return 0
-
-
-def _from_agent(a: Any) -> int:
-    """No servers given: ask the running node agent, which probes from its WireGuard port
-    against its netmap's relays (the mapping its WireGuard packets really get)."""
-    from wgmesh.errors import WgmeshError
-    from wgmesh.node.localapi import call
-
-    try:
-        d = call("netcheck", path=a.socket, timeout=a.timeout + 30)
-    except WgmeshError as e:
-        raise WgmeshError(f"{e}; or give --stun HOST[:PORT] / --relay-map FILE") from None
-    if a.json:
-        print(json.dumps(d))
-        return 0
-    report = NetcheckReport(
-        udp=d["udp"], ipv4=_parse_addr(d["ipv4"]) if d["ipv4"] else None,
-        ipv6=_parse_addr(d["ipv6"]) if d["ipv6"] else None,
-        mapping_varies_by_dest=d["mapping_varies_by_dest"], hairpin=d["hairpin"],
-        region_latency={int(k): v for k, v in d["region_latency"].items()},
-        preferred_region=d["preferred_region"], seen_by=d["seen_by"], nat_type=d["nat_type"],
-        local_addresses=tuple(d["local_addresses"]))
-    print(format_report(report))
-    return 0
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``wgmesh netcheck`` (see :mod:`wgmesh.cli.main`)."""
-    p = sub.add_parser("netcheck", help="report UDP, reflexive addresses, NAT hardness, "
-                                         "relay latency and hairpinning")
-    p.add_argument("--json", action="store_true", help="one JSON object")
-    p.add_argument("--stun", action="append", default=[], metavar="HOST[:PORT]",
-                   help="a STUN server (repeat; two or more tell a hard NAT)")
-    p.add_argument("--relay-map", metavar="FILE", help="relay map JSON: every relay's STUN")
-    p.add_argument("--classic", metavar="HOST[:PORT]",
-                   help="also run the RFC 3489 NAT-type test against this CHANGE-REQUEST "
-                        "server (e.g. coturn with two addresses)")
-    p.add_argument("--port", type=int, default=0, help="probe from this local UDP port")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
-    p.add_argument("--socket", default="/run/wgmesh/wgmesh.sock",
-                   help="with no --stun/--relay-map: ask the node agent on this socket")
-    p.set_defaults(func=_cmd)

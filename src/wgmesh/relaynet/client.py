@@ -28,12 +28,12 @@ import logging
 import random
 import socket
 import ssl as _ssl
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from wgmesh.keys import Key, PrivateKey
+from wgmesh.loopthread import LoopThread
 from wgmesh.netmap import RelayMap
 from wgmesh.relay import RelayURL
 from wgmesh.relaynet.connection import (
@@ -54,9 +54,12 @@ OnPeer = Callable[[Key, bool, int], None]
 
 def regions_of(relays: RelayMap | Sequence[str] | Mapping[int, Sequence[str]]
                ) -> dict[int, list[str]]:
-    """Region id -> relay URLs. A plain list of URLs is one region (id 1)."""
+    """Region id -> relay URLs. A plain list of URLs is one region (id 1). A relay map
+    node's key pins its URL (``URL#KEY``, see :class:`~wgmesh.relay.RelayURL`)."""
     if isinstance(relays, RelayMap):
-        return {r.region_id: [n.url for n in r.nodes] for r in relays.regions if r.nodes}
+        return {r.region_id: [n.url if n.key is None
+                              else f"{n.url.partition('#')[0]}#{n.key.b64()}" for n in r.nodes]
+                for r in relays.regions if r.nodes}
     if isinstance(relays, Mapping):
         return {int(k): list(v) for k, v in relays.items() if v}
     return {1: list(relays)} if relays else {}
@@ -444,7 +447,8 @@ class RelayClient:
 
 
 class RelayClientThread:
-    """A :class:`RelayClient` on its own event-loop thread, for blocking callers.
+    """A :class:`RelayClient` on its own :class:`~wgmesh.loopthread.LoopThread`, for
+    blocking callers.
 
     :meth:`send` is thread-safe and never blocks: packets are batched into the
     loop with one wake-up per burst, not one per packet. ``on_packet`` runs on
@@ -456,29 +460,29 @@ class RelayClientThread:
                  *, on_packet: OnPacket, **kw: Any) -> None:
         self._args = (private_key, relays)
         self._kw = {**kw, "on_packet": on_packet}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="wgmesh-relay",
-                                        daemon=True)
+        self._thread = LoopThread("wgmesh-relay")
         self._out: collections.deque[tuple[Key, bytes]] = collections.deque()
         self._wake = False
         self.client: RelayClient | None = None
 
     def start(self, timeout: float = 10.0) -> RelayClientThread:
-        self._thread.start()
-
         async def boot() -> RelayClient:
             c = RelayClient(*self._args, **self._kw)
             await c.start(wait=timeout)
             return c
 
-        self.client = asyncio.run_coroutine_threadsafe(boot(), self._loop).result(timeout + 5)
+        try:
+            self.client = self._thread.call(boot(), timeout + 5)
+        except BaseException:
+            self._thread.stop()  # cancels whatever the client had started
+            raise
         return self
 
     def send(self, dst: Key, data: bytes) -> None:
         self._out.append((dst, data))
         if not self._wake:
             self._wake = True
-            self._loop.call_soon_threadsafe(self._flush)
+            self._thread.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self) -> None:
         self._wake = False  # before draining: a send after this line schedules again
@@ -490,14 +494,14 @@ class RelayClientThread:
 
     def call(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` on the relay loop (e.g. ``client.set_peer_region``)."""
-        self._loop.call_soon_threadsafe(fn, *args)
+        self._thread.loop.call_soon_threadsafe(fn, *args)
 
     def close(self) -> None:
-        if self.client is not None:
-            asyncio.run_coroutine_threadsafe(self.client.close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        try:
+            if self.client is not None:
+                self._thread.call(self.client.close(), 10)
+        finally:
+            self._thread.stop()
 
     def __enter__(self) -> RelayClientThread:
         return self.start()

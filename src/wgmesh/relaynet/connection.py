@@ -1,7 +1,9 @@
 """One authenticated client connection to one relay (nodes and mesh links use it).
 
 :meth:`RelayConnection.open` does TCP (+TLS), the HTTP upgrade and the
-challenge handshake, and returns once the server has accepted the key. After
+challenge handshake, and returns once the server has accepted our key and
+proved its own (the one pinned by ``#KEY`` in the URL, if any: a relay that
+names another key is refused before we send a byte of the hello). After
 that, frames are delivered to the callbacks synchronously from the event loop;
 the connection sends keepalives and aborts itself when the server falls silent
 (a half-open TCP connection looks alive forever otherwise).
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import ssl as _ssl
@@ -23,19 +24,21 @@ from typing import Any
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.relay import (
+    NONCE_LEN,
     FrameError,
     FrameType,
     RelayURL,
     encode_frame,
     frame_client_hello,
     frame_send,
+    open_server_info,
     parse_peer,
     parse_server_hello,
     split_key,
 )
 from wgmesh.relaynet.stream import FrameStream
 
-__all__ = ["MakeSocket", "RelayConnectError", "RelayConnection", "connect_socket"]
+__all__ = ["MakeSocket", "OnPeer", "RelayConnectError", "RelayConnection", "connect_socket"]
 
 OnRecv = Callable[[Key, bytes], None]
 MakeSocket = Callable[[int], socket.socket]
@@ -77,7 +80,7 @@ class ConnectionKeeper:
 class RelayConnection(FrameStream):
     """A client's connection to one relay. Create with :meth:`open`."""
 
-    def __init__(self, url: RelayURL, private_key: PrivateKey, info: dict[str, Any], *,
+    def __init__(self, url: RelayURL, private_key: PrivateKey, mesh_key: bytes | None, *,
                  on_recv: OnRecv | None, on_peer: OnPeer | None, keepalive: float,
                  idle_timeout: float, queue_frames: int, write_timeout: float) -> None:
         super().__init__(queue_frames=queue_frames, write_timeout=write_timeout,
@@ -91,7 +94,8 @@ class RelayConnection(FrameStream):
         self.on_peer = on_peer
         self.on_lost: Callable[[RelayConnection], None] | None = None
         self._key = private_key
-        self._info = info
+        self._mesh_key = mesh_key
+        self._hello_nonce = os.urandom(NONCE_LEN)
         self._keepalive = keepalive
         self._idle_timeout = idle_timeout
         self._ready: asyncio.Future[None] = self._loop.create_future()
@@ -113,27 +117,29 @@ class RelayConnection(FrameStream):
 
         ``make_socket(family)`` supplies the unconnected TCP socket, e.g. one
         created inside another network namespace (the kernel bridge's case).
+        ``mesh_key``: we are a relay dialling a mesh peer; both sides prove it.
         """
         u = url if isinstance(url, RelayURL) else RelayURL.parse(url)
-        info: dict[str, Any] = {"mesh_key": mesh_key.hex()} if mesh_key else {}
         if u.tls and ssl is None:
             ssl = _ssl.create_default_context()
         loop = asyncio.get_running_loop()
 
         def factory() -> RelayConnection:
-            return cls(u, private_key, info, on_recv=on_recv, on_peer=on_peer,
+            return cls(u, private_key, mesh_key, on_recv=on_recv, on_peer=on_peer,
                        keepalive=keepalive, idle_timeout=idle_timeout,
                        queue_frames=queue_frames, write_timeout=write_timeout)
 
         conn: RelayConnection | None = None
         try:
             async with asyncio.timeout(timeout):
-                tls = {"ssl": ssl, "server_hostname": u.host} if u.tls else {}
+                ctx, hostname = (ssl, u.host) if u.tls else (None, None)
                 if make_socket is None:
-                    _, conn = await loop.create_connection(factory, u.host, u.port, **tls)
+                    _, conn = await loop.create_connection(
+                        factory, u.host, u.port, ssl=ctx, server_hostname=hostname)
                 else:
                     sock = await connect_socket(make_socket, u.host, u.port)
-                    _, conn = await loop.create_connection(factory, sock=sock, **tls)
+                    _, conn = await loop.create_connection(
+                        factory, sock=sock, ssl=ctx, server_hostname=hostname)
                 await conn._ready
         except (OSError, TimeoutError, RelayConnectError) as e:  # SSLError is an OSError
             if conn is not None:
@@ -171,7 +177,9 @@ class RelayConnection(FrameStream):
                 return
 
     def _on_frame(self, ftype: int, body: bytes) -> None:
-        if ftype == FrameType.RECV:
+        if not self._ready.done():
+            self._handshake(ftype, body)
+        elif ftype == FrameType.RECV:
             if self.on_recv is not None:
                 src, data = split_key(body)
                 self.on_recv(Key.from_raw(src), data)
@@ -185,23 +193,35 @@ class RelayConnection(FrameStream):
             fut = self._pings.pop(body, None)
             if fut is not None and not fut.done():
                 fut.set_result(time.monotonic())
-        elif ftype == FrameType.SERVER_HELLO:
-            self.server_key, challenge = parse_server_hello(body)
-            self.write_frame(frame_client_hello(self._key, self.server_key, challenge,
-                                                self._info))
-        elif ftype == FrameType.SERVER_INFO:
-            try:
-                self.server_info = json.loads(body)
-            except ValueError as e:
-                raise FrameError("SERVER_INFO is not JSON") from e
-            if not self._ready.done():
-                self._ready.set_result(None)
-                self._arm_timer()
         elif ftype == FrameType.CLOSE:
-            self.close_reason = body.decode(errors="replace")[:200]
-            self._fail(f"closed by relay: {self.close_reason}")
+            self._closed_by_relay(body)
         elif ftype != FrameType.KEEPALIVE:
             raise FrameError(f"unexpected frame {ftype} from relay")
+
+    def _handshake(self, ftype: int, body: bytes) -> None:
+        """Until the relay has proved its key, it may only say hello, prove, or refuse."""
+        if ftype == FrameType.SERVER_HELLO and self.server_key is None:
+            key, challenge = parse_server_hello(body)
+            if self.url.key is not None and key != self.url.key:
+                raise FrameError(f"the relay presented key {key}, not its pinned key "
+                                 f"{self.url.key}: refusing it")
+            self.server_key = key
+            self.write_frame(frame_client_hello(self._key, key, challenge,
+                                                nonce=self._hello_nonce,
+                                                mesh_key=self._mesh_key))
+        elif ftype == FrameType.SERVER_INFO and self.server_key is not None:
+            self.server_info = open_server_info(self._key, self.server_key, self._hello_nonce,
+                                                body, mesh_key=self._mesh_key)
+            self._ready.set_result(None)
+            self._arm_timer()
+        elif ftype == FrameType.CLOSE:
+            self._closed_by_relay(body)
+        elif ftype != FrameType.KEEPALIVE:
+            raise FrameError(f"frame {ftype} before the relay proved its key")
+
+    def _closed_by_relay(self, body: bytes) -> None:
+        self.close_reason = body.decode(errors="replace")[:200]
+        self._fail(f"closed by relay: {self.close_reason}")
 
     def _arm_timer(self) -> None:
         self._timer = self._loop.call_later(self._keepalive, self._tick)

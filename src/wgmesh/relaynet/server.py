@@ -2,7 +2,7 @@
 
 One asyncio process serves, on one TCP port, the relay upgrade (``/relay``),
 ``GET /metrics`` (JSON counters) and ``GET /health``; on UDP (3478 by default)
-it answers STUN Binding with :func:`wgmesh.stun.binding_response`.
+it answers STUN Binding (:class:`~wgmesh.relaynet.stunserver.StunResponder`).
 
 Forwarding a SEND costs a dict lookup and one frame build: the destination's
 :class:`~wgmesh.relaynet.stream.FrameStream` batches it with the other frames of
@@ -11,9 +11,23 @@ drop or a close, never in shared state changing: unauthenticated frames,
 unknown types, oversize lengths, floods past the rate limit, silence past the
 idle timeout, a socket nobody reads (write timeout).
 
+Memory is bounded under abuse (any self-made key may connect when there is no
+allow-list): connections in total (``max_connections``) and per source address
+(``max_per_source``; an IPv6 source counts by its /64) are capped, and so is
+what one connection can make the server hold: ``max_destinations`` keys it is
+remembered to have talked to, ``queue_bytes`` queued for it while it does not
+read; ``queue_budget`` caps what the queues of all connections hold together.
+Everything a connection holds is dropped with it.
+
+Presence is told only to those with a reason to know: a node hears that ``K``
+came, left or is not here only if it sent to ``K`` and ``K`` sent to it during
+its connection (mesh peers, which route by presence, hear every local node).
+So a stranger cannot watch arbitrary keys come and go. ``GET /metrics`` answers
+only ``metrics_allow`` networks (default: loopback and this host's own address).
+
 Mesh: with ``mesh_key`` and ``mesh_peers``, the server dials each peer relay
 as a client that proves the mesh key, learns which nodes are connected there,
-and forwards packets for them in one hop (see :mod:`wgmesh.relay`).
+and forwards packets for them in one hop (:mod:`wgmesh.relaynet.mesh`).
 
 Allow-list (optional): with ``control_url`` and ``relay_credential`` (a
 control API key of role ``relay``: ``wgmesh control apikey create --role
@@ -31,31 +45,30 @@ that drop off it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
-import hmac
+import ipaddress
 import json
 import logging
-import resource
 import secrets
 import ssl as _ssl
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
-from wgmesh import stun
 from wgmesh.errors import WgmeshError
-from wgmesh.keys import KEY_LEN, Key, PrivateKey, load_or_create_private_key
+from wgmesh.keys import KEY_LEN, Key, PrivateKey
+from wgmesh.loopthread import LoopThread
 from wgmesh.relay import (
     CHALLENGE_LEN,
     GONE_DISCONNECTED,
     GONE_NOT_HERE,
     MAX_PACKET,
+    NONCE_LEN,
     PROTOCOL_VERSION,
     UPGRADE_TOKEN,
+    ClientHello,
     FrameError,
     FrameType,
     encode_frame,
@@ -63,30 +76,41 @@ from wgmesh.relay import (
     frame_peer,
     frame_recv,
     frame_server_hello,
+    frame_server_info,
     open_client_hello,
     parse_forward,
 )
-from wgmesh.relaynet.connection import ConnectionKeeper, RelayConnectError, RelayConnection
-from wgmesh.relaynet.stream import FrameStream
+from wgmesh.relaynet.connection import OnPeer, RelayConnection
+from wgmesh.relaynet.mesh import RegionMesh
+from wgmesh.relaynet.stream import QUEUE_BYTES, FrameStream, QueueBudget
+from wgmesh.relaynet.stunserver import StunResponder
 
-__all__ = ["RelayServer", "add_parser", "load_mesh_key"]
+__all__ = ["RelayServer"]
 
 log = logging.getLogger("wgmesh.relay")
 
 _RECV = bytes((FrameType.RECV,))
-_MAX_INTEREST = 4096  # peers one client is told about when they come and go
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def load_mesh_key(path: str | Path) -> bytes:
-    """A region's mesh key: at least 32 bytes of hex in a file (``openssl rand -hex 32``)."""
-    text = Path(path).read_text().strip()
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address, IPv4-mapped IPv6 read as IPv4; None if it is none (a UNIX socket)."""
     try:
-        raw = bytes.fromhex(text)
-    except ValueError as e:
-        raise WgmeshError(f"{path}: mesh key must be hex") from e
-    if len(raw) < 32:
-        raise WgmeshError(f"{path}: mesh key must be at least 32 bytes")
-    return raw
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _source_of(ip: str) -> str:
+    """The unit a per-source cap counts: the address, or its /64 for IPv6 (one subscriber
+    holds a whole /64)."""
+    addr = _address(ip)
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr or ip)
 
 
 class _TokenBucket:
@@ -108,21 +132,32 @@ class _Client(FrameStream):
     """One inbound connection: HTTP, then handshake, then a node or a mesh peer."""
 
     def __init__(self, server: RelayServer) -> None:
-        super().__init__(queue_frames=server.queue_frames, write_timeout=server.write_timeout,
+        super().__init__(queue_frames=server.queue_frames, queue_bytes=server.queue_bytes,
+                         budget=server.queue_budget, write_timeout=server.write_timeout,
                          on_drop=server._drop)
         self.server = server
         self.state = "http"  # -> "hello" -> "node" | "mesh"
         self.key: bytes = b""
         self.challenge = b""
+        self.source = ""  # what the per-source cap counts; "" until admitted
+        self.peer_ip = self.local_ip = ""
         self.preferred = False
         self.bucket = (_TokenBucket(server.rate_limit_bytes, server.rate_burst)
                        if server.rate_limit_bytes else None)
         self.interest: set[bytes] = set()  # peers this client sent to
+        self.heard_from: set[bytes] = set()  # peers that sent to this client
         self.told_not_here: dict[bytes, float] = {}  # absent peer -> when we last said so
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.server._pending.add(self)
+        peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        self.peer_ip = str(peer[0]) if peer else ""
+        self.local_ip = str(local[0]) if local else ""
+        self.server._admit(self)
+
+    def knows(self, key: bytes) -> bool:
+        """Has this client a reason to hear about ``key``: have they talked both ways?"""
+        return key in self.heard_from and key in self.interest
 
     def on_preamble(self, head: bytes) -> bool:
         return self.server._http(self, head)
@@ -140,74 +175,30 @@ class _Client(FrameStream):
         self.server._closed(self)
 
 
-class _MeshLink(ConnectionKeeper):
-    """Our outbound connection to one mesh peer: presence in, FORWARD out."""
-
-    def __init__(self, server: RelayServer, url: str) -> None:
-        self.server = server
-        self.url = url
-        self.conn: RelayConnection | None = None
-        self.keys: set[bytes] = set()
-        self.task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        srv = self.server
-        backoff = 0.1
-        while True:
-            try:
-                conn = await RelayConnection.open(
-                    self.url, srv.private_key, mesh_key=srv.mesh_key, ssl=srv.mesh_ssl,
-                    on_peer=self._on_peer, keepalive=srv.keepalive,
-                    idle_timeout=srv.idle_timeout, queue_frames=srv.queue_frames * 4,
-                    write_timeout=srv.write_timeout)
-            except RelayConnectError as e:
-                log.debug("mesh %s: %s", self.url, e)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            if conn.server_key == srv.public_key:
-                conn.close()
-                log.info("mesh peer %s is this relay; not meshing with myself", self.url)
-                return
-            backoff = 0.1
-            self.conn = conn
-            srv.counters["mesh_links_up"] += 1
-            await conn.wait_closed()
-            self.conn = None
-            for k in list(self.keys):
-                self._forget(k)
-
-    def _on_peer(self, key: Key, present: bool, reason: int) -> None:
-        if present:
-            self.keys.add(key.raw)
-            self.server._remote[key.raw] = self
-            self.server._announce_to_interested(key.raw, present=True)
-        else:
-            self._forget(key.raw)
-
-    def _forget(self, raw: bytes) -> None:
-        self.keys.discard(raw)
-        srv = self.server
-        if srv._remote.get(raw) is self:
-            del srv._remote[raw]
-            if raw not in srv._clients:
-                srv._announce_to_interested(raw, present=False)
-
-
-
 class RelayServer:
-    """A relay. ``await start(...)``, then ``await close()``; or the CLI ``wgmesh relay serve``.
+    """A relay: ``await start()``, then ``await close()``; or ``with RelayServer(...) as srv:``
+    on its own loop thread (scripts, notebooks, tests); or the CLI ``wgmesh relay serve``.
 
-    ``rate_limit_bps`` limits what each node may *send*, in bits per second
-    (``None``: unlimited). Timeouts are in seconds.
+    ``host``/``port`` (0: any free port), ``ssl`` and ``stun_port`` (UDP port for
+    STUN; ``None``: no STUN, 0: any free port) say where :meth:`start` listens
+    unless it is told otherwise. ``rate_limit_bps`` limits what each node may
+    *send*, in bits per second (``None``: unlimited). Timeouts are in seconds.
+    The ``max_*`` and ``queue_*`` caps bound memory (module docstring);
+    ``metrics_allow``: CIDRs that may read ``/metrics`` (``None``: this host only).
     """
 
     def __init__(self, private_key: PrivateKey | None = None, *,
+                 host: str = "0.0.0.0", port: int = 0, ssl: _ssl.SSLContext | None = None,
+                 stun_port: int | None = None,
                  mesh_key: bytes | None = None, mesh_peers: Sequence[str] = (),
                  mesh_ssl: _ssl.SSLContext | None = None,
                  control_url: str | None = None, relay_credential: str | None = None,
                  allow_refresh: float = 10.0,
                  rate_limit_bps: float | None = None, queue_frames: int = 256,
+                 queue_bytes: int = QUEUE_BYTES, queue_budget: int = 256 * 1024 * 1024,
+                 max_connections: int = 10_000, max_per_source: int = 1024,
+                 max_destinations: int = 1024,
+                 metrics_allow: Sequence[str] | None = None,
                  write_timeout: float = 5.0, keepalive: float = 20.0,
                  idle_timeout: float = 65.0, handshake_timeout: float = 10.0,
                  software: str = "wgmesh-relay") -> None:
@@ -217,6 +208,10 @@ class RelayServer:
             raise WgmeshError("an allow-list from control needs a relay credential")
         self.private_key = private_key or PrivateKey.generate()
         self.public_key = self.private_key.public
+        self.host = host
+        self.port = port
+        self.ssl = ssl
+        self._stun_listen = stun_port
         self.mesh_key = mesh_key
         self.mesh_peer_urls = list(mesh_peers)
         self.mesh_ssl = mesh_ssl
@@ -227,6 +222,16 @@ class RelayServer:
         self.rate_limit_bytes = (rate_limit_bps or 0) / 8
         self.rate_burst = max(self.rate_limit_bytes / 4, 2 * MAX_PACKET)
         self.queue_frames = queue_frames
+        self.queue_bytes = max(queue_bytes, 2 * MAX_PACKET)
+        self.queue_budget = QueueBudget(max(queue_budget, self.queue_bytes))
+        self.max_connections = max_connections
+        self.max_per_source = max_per_source
+        self.max_destinations = max_destinations
+        try:
+            self.metrics_allow: tuple[_Network, ...] | None = None if metrics_allow is None \
+                else tuple(ipaddress.ip_network(n.strip(), strict=False) for n in metrics_allow)
+        except ValueError as e:
+            raise WgmeshError(f"metrics allow-list: {e}") from e
         self.write_timeout = write_timeout
         self.keepalive = keepalive
         self.idle_timeout = idle_timeout
@@ -234,51 +239,57 @@ class RelayServer:
         self.software = software
         self.counters: collections.Counter[str] = collections.Counter()
         self.drops: collections.Counter[str] = collections.Counter()
-        self.port = 0
         self.stun_port = 0
+        self.mesh = RegionMesh(self._dial_mesh, self.public_key, self._on_remote, self.counters)
         self._clients: dict[bytes, _Client] = {}
         self._mesh_in: set[_Client] = set()
         self._pending: set[_Client] = set()
-        self._remote: dict[bytes, _MeshLink] = {}
+        self._per_source: collections.Counter[str] = collections.Counter()
+        self.connections = 0  # admitted TCP connections of every kind (HTTP, nodes, mesh)
         self._interested: dict[bytes, set[_Client]] = {}
-        self._links: list[_MeshLink] = []
         self._server: asyncio.Server | None = None
-        self._stun: asyncio.DatagramTransport | None = None
+        self._stun: StunResponder | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._thread: LoopThread | None = None
         self._started = time.monotonic()
 
     # ---- life cycle ------------------------------------------------------------------
-    async def start(self, host: str = "0.0.0.0", port: int = 0, *,
+    async def start(self, host: str | None = None, port: int | None = None, *,
                     ssl: _ssl.SSLContext | None = None, stun_port: int | None = None) -> None:
-        """Listen on ``host:port`` (0: any free port; see :attr:`port`).
+        """Listen on ``host:port`` (0: any free port; then see :attr:`port`).
 
         ``stun_port``: UDP port for STUN (``None``: no STUN; 0: any free port).
+        Arguments left out (``None``) are the constructor's.
         """
+        host = self.host if host is None else host
+        port = self.port if port is None else port
+        ssl = self.ssl if ssl is None else ssl
+        stun_port = self._stun_listen if stun_port is None else stun_port
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Client(self), host, port, ssl=ssl,
                                                 reuse_address=True, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
         if stun_port is not None:
-            self._stun, _ = await loop.create_datagram_endpoint(
-                lambda: _StunResponder(self), local_addr=(host, stun_port))
-            self.stun_port = self._stun.get_extra_info("sockname")[1]
+            self._stun = await StunResponder.listen(host, stun_port, software=self.software,
+                                                    counters=self.counters, drops=self.drops)
+            self.stun_port = self._stun.port
         self._tasks.append(loop.create_task(self._sweep()))
         if self.control_url:
             self._tasks.append(loop.create_task(self._poll_allow_list()))
-        self._links = [_MeshLink(self, u) for u in self.mesh_peer_urls]
+        for url in self.mesh_peer_urls:
+            self.mesh.add(url)
 
     def add_mesh_peer(self, url: str) -> None:
         """Mesh with one more relay of the region (each relay dials every other one)."""
         if not self.mesh_key:
             raise WgmeshError("meshing needs a mesh key")
         self.mesh_peer_urls.append(url)
-        self._links.append(_MeshLink(self, url))
+        self.mesh.add(url)
 
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
-        for link in self._links:
-            await link.close()
+        await self.mesh.close()
         if self._stun is not None:
             self._stun.close()
         if self._server is not None:
@@ -296,6 +307,48 @@ class RelayServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def __enter__(self) -> RelayServer:
+        """Start on a :class:`~wgmesh.loopthread.LoopThread` of its own; stop on exit."""
+        thread = LoopThread("wgmesh-relay-server")
+        try:
+            thread.call(self.start(), timeout=30)
+        except BaseException:
+            thread.stop()
+            raise
+        self._thread = thread
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            try:
+                thread.call(self.close(), timeout=30)
+            finally:
+                thread.stop()
+
+    async def _dial_mesh(self, url: str, on_peer: OnPeer) -> RelayConnection:
+        return await RelayConnection.open(
+            url, self.private_key, mesh_key=self.mesh_key, ssl=self.mesh_ssl, on_peer=on_peer,
+            keepalive=self.keepalive, idle_timeout=self.idle_timeout,
+            queue_frames=self.queue_frames * 4, write_timeout=self.write_timeout)
+
+    def _on_remote(self, key: bytes, present: bool) -> None:
+        if present or key not in self._clients:
+            self._announce_to_interested(key, present=present)
+
+    def _admit(self, c: _Client) -> None:
+        """Count a new connection against the caps, or refuse it at once."""
+        source = _source_of(c.peer_ip)
+        if self.connections >= self.max_connections:
+            c.abort("too_many_connections")
+        elif self._per_source[source] >= self.max_per_source:
+            c.abort("too_many_from_source")
+        else:
+            c.source = source
+            self._per_source[source] += 1
+            self.connections += 1
+            self._pending.add(c)
+
     # ---- metrics ---------------------------------------------------------------------
     def _drop(self, reason: str) -> None:
         self.drops[reason] += 1
@@ -308,9 +361,14 @@ class RelayServer:
             "clients": len(self._clients),
             "home_clients": sum(1 for c in self._clients.values() if c.preferred),
             "mesh_peers_connected_in": len(self._mesh_in),
-            "mesh_links_up": sum(1 for lk in self._links if lk.conn is not None),
-            "remote_clients": len(self._remote),
+            "mesh_links_up": self.mesh.links_up,
+            "remote_clients": len(self.mesh.remote),
             "pending_connections": len(self._pending),
+            "connections": self.connections,
+            "sources": len(self._per_source),
+            "destinations": sum(len(c.interest) + len(c.heard_from)
+                                for c in self._clients.values()),
+            "queued_bytes": self.queue_budget.used,
             "allow_list_size": None if self.allowed is None else len(self.allowed),
             "counters": dict(self.counters),
             "drops": dict(self.drops),
@@ -335,7 +393,11 @@ class RelayServer:
             self._respond(c, 405, "method not allowed")
             return False
         if path == b"/metrics":
-            self._respond(c, 200, json.dumps(self.metrics()), "application/json")
+            if not self._metrics_allowed(c):
+                self.drops["metrics_forbidden"] += 1
+                self._respond(c, 403, "metrics are not served to this address")
+            else:
+                self._respond(c, 200, json.dumps(self.metrics()), "application/json")
             return False
         if path == b"/health":
             self._respond(c, 200, "ok")
@@ -354,11 +416,19 @@ class RelayServer:
         c.write_frame(frame_server_hello(self.public_key, c.challenge))
         return True
 
+    def _metrics_allowed(self, c: _Client) -> bool:
+        ip = _address(c.peer_ip)
+        if ip is None:
+            return False
+        if self.metrics_allow is None:  # this host: loopback, or from our own address
+            return ip.is_loopback or c.peer_ip == c.local_ip
+        return any(ip in n for n in self.metrics_allow)
+
     @staticmethod
     def _respond(c: _Client, status: int, body: str, ctype: str = "text/plain") -> None:
         raw = body.encode()
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  426: "Upgrade Required"}[status]
+        reason = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+                  405: "Method Not Allowed", 426: "Upgrade Required"}[status]
         c.write_raw(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
                     f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n".encode() + raw)
         c.close()
@@ -371,20 +441,20 @@ class RelayServer:
             return
         try:
             hello = open_client_hello(self.private_key, c.challenge, body)
-        except FrameError:
-            c.abort("auth_failed")
+        except FrameError as e:  # a clear answer and a counter; no traceback, no log line
+            self._close_with(c, f"hello refused: {e}", "auth_failed")
             return
         key = hello.key.raw
         self._pending.discard(c)
         c.key = key
-        mesh = hello.mesh_key
-        if mesh is not None:
-            if self.mesh_key is None or not hmac.compare_digest(mesh, self.mesh_key):
+        if hello.wants_mesh:
+            if self.mesh_key is None or not hello.proves_mesh_key(self.mesh_key,
+                                                                  self.public_key):
                 self._close_with(c, "mesh key mismatch", "mesh_auth_failed")
                 return
             c.state = "mesh"
             self._mesh_in.add(c)
-            self._server_info(c)
+            self._server_info(c, hello, mesh=True)
             for k in self._clients:
                 c.write_frame(frame_peer(FrameType.PEER_PRESENT, k))
         else:
@@ -398,16 +468,18 @@ class RelayServer:
             c.state = "node"
             self._clients[key] = c
             self.counters["clients_accepted"] += 1
-            self._server_info(c)
+            self._server_info(c, hello)
             self._broadcast_mesh(frame_peer(FrameType.PEER_PRESENT, key))
             self._announce_to_interested(key, present=True)
         if len(frames) > 1:
             c.on_frames(frames[1:])
 
-    def _server_info(self, c: _Client) -> None:
+    def _server_info(self, c: _Client, hello: ClientHello, *, mesh: bool = False) -> None:
         info = {"v": PROTOCOL_VERSION, "max_packet": MAX_PACKET, "keepalive": self.keepalive,
                 "rate_limit_bps": self.rate_limit_bytes * 8 or None}
-        c.write_frame(encode_frame(FrameType.SERVER_INFO, json.dumps(info).encode()))
+        c.write_frame(frame_server_info(self.private_key, hello, info,
+                                        nonce=secrets.token_bytes(NONCE_LEN),
+                                        mesh_key=self.mesh_key if mesh else None))
 
     def _close_with(self, c: _Client, reason: str, counter: str) -> None:
         c.write_frame(encode_frame(FrameType.CLOSE, reason.encode()))
@@ -418,6 +490,7 @@ class RelayServer:
     def _node_frames(self, c: _Client, frames: list[tuple[int, bytes]]) -> None:
         counters = self.counters
         clients = self._clients
+        cap = self.max_destinations
         now = time.monotonic()
         for ftype, body in frames:
             if c.closed:
@@ -433,23 +506,25 @@ class RelayServer:
                     self.drops["rate_limited"] += 1
                     continue
                 dst = body[:KEY_LEN]
-                if dst not in c.interest and len(c.interest) < _MAX_INTEREST:
+                if dst not in c.interest and len(c.interest) < cap:
                     c.interest.add(dst)
                     self._interested.setdefault(dst, set()).add(c)
                 target = clients.get(dst)
                 if target is not None:
+                    if c.key not in target.heard_from and len(target.heard_from) < cap:
+                        target.heard_from.add(c.key)
                     target.write_frame(frame_recv(c.key, memoryview(body)[KEY_LEN:]))
                     counters["packets_out"] += 1
                     counters["bytes_out"] += n
                     continue
-                link = self._remote.get(dst)
-                if link is not None and link.conn is not None:
-                    link.conn.write_frame(frame_forward(c.key, dst, memoryview(body)[KEY_LEN:]))
+                hop = self.mesh.route(dst)
+                if hop is not None:
+                    hop.write_frame(frame_forward(c.key, dst, memoryview(body)[KEY_LEN:]))
                     counters["packets_mesh_out"] += 1
                     continue
                 self.drops["unknown_dest"] += 1
-                if now - c.told_not_here.get(dst, -1.0) >= 1.0:  # one notice a second
-                    if len(c.told_not_here) >= _MAX_INTEREST:
+                if c.knows(dst) and now - c.told_not_here.get(dst, -1.0) >= 1.0:  # 1/s
+                    if len(c.told_not_here) >= cap:
                         c.told_not_here.clear()
                     c.told_not_here[dst] = now
                     c.write_frame(frame_peer(FrameType.PEER_GONE, dst, GONE_NOT_HERE))
@@ -481,6 +556,8 @@ class RelayServer:
                 if target is None:
                     self.drops["mesh_unknown_dest"] += 1  # never re-forwarded: one hop only
                     continue
+                if src not in target.heard_from and len(target.heard_from) < self.max_destinations:
+                    target.heard_from.add(src)
                 target.write_frame(frame_recv(src, packet))
                 counters["packets_out"] += 1
                 counters["bytes_out"] += len(packet)
@@ -498,10 +575,16 @@ class RelayServer:
         frame = (frame_peer(FrameType.PEER_PRESENT, key) if present
                  else frame_peer(FrameType.PEER_GONE, key, GONE_DISCONNECTED))
         for c in self._interested.get(key, ()):
-            c.write_frame(frame)
+            if c.knows(key):
+                c.write_frame(frame)
 
     def _closed(self, c: _Client) -> None:
         self._pending.discard(c)
+        if c.source:
+            self.connections -= 1
+            self._per_source[c.source] -= 1
+            if not self._per_source[c.source]:
+                del self._per_source[c.source]
         if c.state == "mesh":
             self._mesh_in.discard(c)
             return
@@ -516,7 +599,7 @@ class RelayServer:
         if self._clients.get(c.key) is c:
             del self._clients[c.key]
             self._broadcast_mesh(frame_peer(FrameType.PEER_GONE, c.key, GONE_DISCONNECTED))
-            if c.key not in self._remote:
+            if c.key not in self.mesh.remote:
                 self._announce_to_interested(c.key, present=False)
 
     # ---- timers ----------------------------------------------------------------------
@@ -565,92 +648,3 @@ class RelayServer:
         for k, c in list(self._clients.items()):
             if k not in self.allowed:
                 self._close_with(c, "node no longer allowed by control", "not_allowed")
-
-
-class _StunResponder(asyncio.DatagramProtocol):
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        srv = self.server
-        srv.counters["stun_requests"] += 1
-        reply = stun.binding_response(data, (addr[0], addr[1]), software=srv.software)
-        if reply is None:
-            srv.drops["stun_invalid"] += 1
-            return
-        srv.counters["stun_replies"] += 1
-        if self.transport is not None:
-            self.transport.sendto(reply, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        self.server.drops["stun_send_error"] += 1
-
-
-# ---- CLI ---------------------------------------------------------------------------------
-def _serve(a: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(message)s")
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # one fd per client
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    key = load_or_create_private_key(a.key_file)
-    mesh_key = load_mesh_key(a.mesh_key_file) if a.mesh_key_file else None
-    credential = (Path(a.relay_credential_file).read_text().strip()
-                  if a.relay_credential_file else None)
-    ssl_ctx = None
-    if a.tls_cert or a.tls_key:
-        if not (a.tls_cert and a.tls_key):
-            raise WgmeshError("--tls-cert and --tls-key go together")
-        ssl_ctx = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
-        ssl_ctx.load_cert_chain(a.tls_cert, a.tls_key)
-    mesh_ssl = _ssl.create_default_context(cafile=a.mesh_ca) if a.mesh_ca else None
-    host, _, port = a.listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
-
-    async def run() -> None:
-        srv = RelayServer(key, mesh_key=mesh_key, mesh_peers=a.mesh_peer, mesh_ssl=mesh_ssl,
-                          control_url=a.control, relay_credential=credential,
-                          rate_limit_bps=a.rate_limit * 1e6 if a.rate_limit else None)
-        await srv.start(host, int(port), ssl=ssl_ctx,
-                        stun_port=None if a.stun_port < 0 else a.stun_port)
-        print(json.dumps({"listening": f"{host}:{srv.port}", "stun_port": srv.stun_port,
-                          "server_key": srv.public_key.b64(), "tls": ssl_ctx is not None}),
-              flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await srv.close()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``wgmesh relay serve``."""
-    relay = sub.add_parser("relay", help="encrypted-packet relay server (DERP-like) with STUN")
-    rs = relay.add_subparsers(dest="relay_cmd", required=True)
-    s = rs.add_parser("serve", help="run a relay (and STUN server) in the foreground")
-    s.add_argument("--listen", default="0.0.0.0:3340", metavar="HOST:PORT",
-                   help="TCP address for the relay and /metrics (default %(default)s)")
-    s.add_argument("--stun-port", type=int, default=stun.DEFAULT_PORT,
-                   help="UDP port for STUN on the same host (-1: off; default %(default)s)")
-    s.add_argument("--key-file", default="/var/lib/wgmesh/relay.key",
-                   help="the relay's long-term private key, created 0600 if missing")
-    s.add_argument("--tls-cert", help="PEM certificate chain: serve https (e.g. on 443)")
-    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    s.add_argument("--mesh-key-file", help="hex mesh key shared by the relays of this region")
-    s.add_argument("--mesh-peer", nargs="+", action="extend", default=[], metavar="URL",
-                   help="the other relays of this region, e.g. http://203.0.113.11:3340"
-                        " (list every other one: each relay dials each)")
-    s.add_argument("--mesh-ca", help="CA bundle to verify https mesh peers")
-    s.add_argument("--control", metavar="URL",
-                   help="control service: accept only the nodes it lists")
-    s.add_argument("--relay-credential-file", help="bearer credential for --control")
-    s.add_argument("--rate-limit", type=float, metavar="MBIT/S",
-                   help="per-node send limit in Mbit/s (default: none)")
-    s.add_argument("-v", "--verbose", action="store_true")
-    s.set_defaults(func=_serve)

@@ -8,9 +8,11 @@ Websocket framing (aiohttp) would add a mask/unmask pass and per-message
 task switches for no gain, since the bytes are already end-to-end encrypted.
 
 Output is bounded: while the kernel buffer is full (``pause_writing``) frames
-wait in a fixed-size queue that drops the *oldest* (fresh packets matter more
-to WireGuard than stale ones), and a connection that stays unwritable past
-``write_timeout`` is aborted, so a slow reader costs only itself.
+wait in a queue capped in frames and in bytes that drops the *oldest* (fresh
+packets matter more to WireGuard than stale ones), and a connection that
+stays unwritable past ``write_timeout`` is aborted, so a slow reader costs
+only itself, and at most ``queue_bytes`` of memory; a :class:`QueueBudget`
+shared by a server's connections caps what all of them hold together.
 """
 
 from __future__ import annotations
@@ -23,11 +25,22 @@ from collections.abc import Callable
 
 from wgmesh.relay import FrameDecoder, FrameError
 
-__all__ = ["MAX_PREAMBLE", "FrameStream"]
+__all__ = ["MAX_PREAMBLE", "QUEUE_BYTES", "FrameStream", "QueueBudget"]
 
 MAX_PREAMBLE = 8192  # bytes of HTTP head we accept before frames
 WRITE_HIGH_WATER = 256 * 1024
+QUEUE_BYTES = 1024 * 1024  # default cap of the backlog of a connection that is not read
 log = logging.getLogger("wgmesh.relay")
+
+
+class QueueBudget:
+    """Bytes that the backlogs of many connections may hold together."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 class FrameStream(asyncio.Protocol):
@@ -38,11 +51,15 @@ class FrameStream(asyncio.Protocol):
     and for every forced close, so owners can count them.
     """
 
-    def __init__(self, *, queue_frames: int = 256, write_timeout: float = 5.0,
+    def __init__(self, *, queue_frames: int = 256, queue_bytes: int = QUEUE_BYTES,
+                 budget: QueueBudget | None = None, write_timeout: float = 5.0,
                  on_drop: Callable[[str], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder()
         self.queue_frames = queue_frames
+        self.queue_bytes = queue_bytes
+        self.queued_bytes = 0  # in the backlog
+        self.budget = budget or QueueBudget(queue_bytes)
         self.write_timeout = write_timeout
         self.on_drop = on_drop or (lambda reason: None)
         self.closed = False
@@ -101,7 +118,7 @@ class FrameStream(asyncio.Protocol):
             self._write_timer = None
         if self._backlog:
             self._out.extend(self._backlog)
-            self._backlog.clear()
+            self._release_backlog()
             self._schedule_flush()
         if self._resumed is not None:
             self._resumed.set()
@@ -112,7 +129,7 @@ class FrameStream(asyncio.Protocol):
         if self._write_timer is not None:
             self._write_timer.cancel()
         self._out.clear()
-        self._backlog.clear()
+        self._release_backlog()
         if self._resumed is not None:
             self._resumed.set()
         self.on_closed()
@@ -139,13 +156,36 @@ class FrameStream(asyncio.Protocol):
         if self.closed:
             return
         if self.paused:
-            if len(self._backlog) >= self.queue_frames:
-                self._backlog.popleft()
-                self.on_drop("queue_full")
-            self._backlog.append(frame)
+            self._enqueue(frame)
             return
         self._out.append(frame)
         self._schedule_flush()
+
+    def _enqueue(self, frame: bytes) -> None:
+        """Backlog ``frame``, dropping our oldest to stay within our caps and the budget."""
+        backlog, budget, n = self._backlog, self.budget, len(frame)
+        while backlog and (len(backlog) >= self.queue_frames
+                           or self.queued_bytes + n > self.queue_bytes):
+            self._drop_oldest("queue_full")
+        while backlog and budget.used + n > budget.limit:
+            self._drop_oldest("queue_budget")
+        if budget.used + n > budget.limit:  # the others hold it all: this frame goes
+            self.on_drop("queue_budget")
+            return
+        backlog.append(frame)
+        self.queued_bytes += n
+        budget.used += n
+
+    def _drop_oldest(self, reason: str) -> None:
+        n = len(self._backlog.popleft())
+        self.queued_bytes -= n
+        self.budget.used -= n
+        self.on_drop(reason)
+
+    def _release_backlog(self) -> None:
+        self._backlog.clear()
+        self.budget.used -= self.queued_bytes
+        self.queued_bytes = 0
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:

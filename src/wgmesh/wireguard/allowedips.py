@@ -98,18 +98,11 @@ class AllowedIPs(Generic[T]):
 
     def lookup_packet_dst(self, pkt: bytes | memoryview) -> T | None:
         """The peer for an IP packet's destination; None for non-IP or unrouted."""
-        return self._lookup_at(pkt, 16, 24)
-
-    def lookup_packet_src(self, pkt: bytes | memoryview) -> T | None:
-        """The peer an IP packet's source address belongs to (the inbound source check)."""
-        return self._lookup_at(pkt, 12, 8)
-
-    def _lookup_at(self, pkt: bytes | memoryview, off4: int, off6: int) -> T | None:
         if not pkt:
             return None
         v = pkt[0] >> 4
         if v == 4 and len(pkt) >= 20:
-            return self._v4.lookup(int.from_bytes(pkt[off4:off4 + 4], "big"))
+            return self._v4.lookup(int.from_bytes(pkt[16:20], "big"))
         if v == 6 and len(pkt) >= 40:
-            return self._v6.lookup(int.from_bytes(pkt[off6:off6 + 16], "big"))
+            return self._v6.lookup(int.from_bytes(pkt[24:40], "big"))
         return None

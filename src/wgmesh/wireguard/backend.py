@@ -1,20 +1,30 @@
 """The one interface both data planes implement: kernel (netlink) and userspace (Python).
 
-The node agent only speaks this interface. Peers are given as the *desired
-state*; a backend applies the difference, so a netmap delta that changes one
-peer costs one peer's worth of work.
+The node only speaks this interface and never asks which implementation it
+has: whatever differs between data planes (how the packet filter is enforced,
+how disco/STUN and relayed WireGuard share the WireGuard port, the traversal
+profile that suits that port, the keepalive) is a member of :class:`Backend`,
+so a third backend needs no change to the node. Peers are given as the
+*desired state*; a backend applies the difference, so a netmap delta that
+changes one peer costs one peer's worth of work.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import attrs
 
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key, PrivateKey
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from wgmesh.netmap import FilterRule
+    from wgmesh.traversal import TraversalConfig, _Relay
 
 __all__ = [
     "DEFAULT_MTU",
@@ -24,10 +34,12 @@ __all__ = [
     "PeerConfig",
     "PeerDiff",
     "PeerStats",
+    "Port",
     "diff_peers",
 ]
 
 DEFAULT_MTU = 1420
+Addr = tuple[str, int]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -106,22 +118,76 @@ def diff_peers(current: Mapping[Key, PeerConfig], desired: Sequence[PeerConfig])
     return PeerDiff(add, update, remove)
 
 
+class Port(Protocol):
+    """How disco/STUN and relayed WireGuard share one backend's WireGuard port: what the
+    node's data plane drives for traversal. Called on the node's asyncio loop thread, and
+    calls its callbacks there."""
+
+    def start(self, on_datagram: Callable[[bytes, Addr], None],
+              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None:
+        """Hand datagrams on the port that are not WireGuard (STUN, disco) to
+        ``on_datagram``, and a relayed peer's outgoing WireGuard packets to
+        ``on_wireguard_for_relay``."""
+
+    def send(self, data: bytes, addr: Addr) -> None:
+        """Send a datagram (STUN, disco) from the WireGuard port."""
+
+    def use_relay(self, key: Key) -> None:
+        """Carry ``key``'s WireGuard packets through the relay."""
+
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        """Point the peer at ``addr``; ``handshake``: make WireGuard handshake on it now."""
+
+    def use_socket(self, key: Key, send: Callable[[bytes], None]) -> None:
+        """Carry ``key``'s WireGuard packets out through ``send`` (a port-search socket's
+        path). Only asked of a backend whose traversal profile has ``many_ports``."""
+
+    def inject(self, key: Key, data: bytes) -> None:
+        """A WireGuard packet from ``key`` that came another way (relay, port search)."""
+
+    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | _Relay | None:
+        """The stats endpoint as traversal sees it: an address, or RELAY."""
+
+    def close(self) -> None:
+        """Stop delivering and release what the port holds."""
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """A WireGuard interface under wgmesh's control."""
+    """A WireGuard interface under wgmesh's control (see the module docstring)."""
 
     name: str
-    kind: str  # "kernel" or "userspace"
+    kind: str  # "kernel" or "userspace": reported (status, logs), never branched on
+
+    @property
+    def keepalive(self) -> int:
+        """The persistent keepalive (seconds, 0: off) the node gives every peer."""
+
+    @property
+    def traversal(self) -> TraversalConfig:
+        """The traversal profile that suits this data plane's port."""
+
+    def set_filter(self, rules: Sequence[FilterRule]) -> None:
+        """Enforce the netmap's inbound rules on the interface: a flow a peer starts is
+        dropped unless a rule allows it; replies to our own flows pass.
+
+        May be called before :meth:`up`, and the node does so, so no peer is ever
+        configured without its filter. Fails closed: raises :class:`BackendError` when
+        the rules cannot be put in place (the previous ones then stay)."""
 
     def up(self, config: InterfaceConfig) -> None:
         """Create (or adopt) the interface, set key, port, addresses, MTU, and bring it up."""
 
     def down(self) -> None:
-        """Destroy the interface and release every resource."""
+        """Destroy the interface, remove its filter and release every resource."""
 
     @property
     def listen_port(self) -> int:
         """The UDP port actually bound (the kernel picks one when 0 was asked)."""
+
+    def open_port(self, loop: asyncio.AbstractEventLoop) -> Port:
+        """The :class:`Port` traversal drives, once the interface is up; it delivers its
+        callbacks on ``loop``."""
 
     def set_peers(self, desired: Sequence[PeerConfig]) -> PeerDiff:
         """Make the peer set equal to ``desired``; touch only what differs."""

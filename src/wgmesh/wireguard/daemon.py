@@ -1,20 +1,19 @@
-"""`wgmesh userspace IFNAME [--foreground]`: a standalone device, like `wireguard-go IFNAME`.
+"""A standalone userspace WireGuard interface, like ``wireguard-go IFNAME``.
 
-It creates the TUN interface, detaches once it is serving (unless
-``--foreground``), and serves UAPI until SIGTERM/SIGINT or until the interface
-is deleted (``wg-quick down`` does ``ip link del``). Heavy imports wait until the
-command runs, so building the CLI stays cheap.
+:func:`serve` creates the TUN interface, detaches once it is serving (unless
+``foreground``), and serves UAPI until SIGTERM/SIGINT or until the interface is
+deleted (``wg-quick down`` does ``ip link del``). ``wgmesh userspace`` is its
+command (:mod:`wgmesh.cli.userspace`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
-import sys
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["add_parser"]
+__all__ = ["serve"]
 
 
 def _daemonize() -> int | None:
@@ -35,29 +34,30 @@ def _daemonize() -> int | None:
     return None
 
 
-def _cmd(a: argparse.Namespace) -> int:
-    if not a.foreground:
+def serve(ifname: str, *, foreground: bool = False,
+          on_serving: Callable[[], None] | None = None) -> int:
+    """Serve ``ifname`` until stopped; returns the exit code.
+
+    Without ``foreground`` the calling process returns once the detached one is serving
+    (0) or has failed (1). ``on_serving()`` runs once serving in the foreground. Raises
+    :class:`~wgmesh.wireguard.backend.BackendError`, ``UapiError`` or :class:`OSError`
+    when the device cannot start (in a detached child, its stderr is still the caller's).
+    """
+    if not foreground:
         rc = _daemonize()
         if rc is not None:
             return rc
-    from wgmesh.wireguard.backend import BackendError
-    from wgmesh.wireguard.uapi import UapiError
     from wgmesh.wireguard.userspace import UserspaceBackend
 
-    dev = UserspaceBackend(a.ifname)
-    try:
-        dev.start()
-    except (BackendError, UapiError, OSError) as e:
-        print(f"wgmesh userspace: {e}", file=sys.stderr)
-        return 1
+    dev = UserspaceBackend(ifname)
+    dev.start()
     ready = os.environ.pop("WGMESH_USERSPACE_READY_FD", None)
     if ready is not None:
         os.write(int(ready), b"1")
         os.close(int(ready))
         os.dup2(os.open(os.devnull, os.O_RDWR), 2)
-    else:
-        print(f"wgmesh userspace: {a.ifname} up, UAPI on /var/run/wireguard/{a.ifname}.sock",
-              flush=True)
+    elif on_serving is not None:
+        on_serving()
 
     def stop(signum: int, frame: Any) -> None:
         dev.down()
@@ -68,13 +68,3 @@ def _cmd(a: argparse.Namespace) -> int:
         pass
     dev.down()
     return 0
-
-
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("userspace", help="run a userspace WireGuard interface (like wireguard-go)",
-                       description="Create TUN interface IFNAME and serve WireGuard's UAPI on "
-                                   "/var/run/wireguard/IFNAME.sock, so `wg` and `wg-quick` "
-                                   "manage it.")
-    p.add_argument("ifname", metavar="IFNAME")
-    p.add_argument("-f", "--foreground", action="store_true", help="do not detach")
-    p.set_defaults(func=_cmd)

@@ -330,10 +330,10 @@ class Device:
         0 when there is nothing for TUN (keepalive, or dropped and counted)."""
         (receiver,) = _U32.unpack_from(data, 4)
         entry = self.index.get(receiver)
-        if entry is None or entry[1] is None:
+        if entry is None or (kp := entry[1]) is None:
             self.drops["unknown_index"] += 1
             return 0
-        peer, kp = entry
+        peer = entry[0]
         if now - kp.birth >= self.timing.reject_after_time or \
                 kp.replay.greatest >= REJECT_AFTER_MESSAGES:
             self.drops["expired_key"] += 1

@@ -9,20 +9,20 @@ Two enforcers of the same rules:
   header slice and a dict lookup.
 * :func:`nft_ruleset` for the kernel backend: the same policy as an nftables
   table on the WireGuard interface (``ct state established,related`` plays the
-  part of the tracking), installed and removed by :func:`install_nft`.
+  part of the tracking). :func:`nft_replace` and :func:`nft_delete` are the
+  scripts that swap it in and take it out; running ``nft`` is the kernel
+  backend's business (:mod:`wgmesh.wireguard.nftables`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import subprocess
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-from wgmesh.errors import WgmeshError
 from wgmesh.netmap import FilterRule
 
-__all__ = ["PacketFilter", "install_nft", "nft_ruleset", "parse_flow", "remove_nft"]
+__all__ = ["PacketFilter", "nft_delete", "nft_replace", "nft_ruleset", "parse_flow"]
 
 TCP, UDP, ICMP, ICMP6 = 6, 17, 1, 58
 _PROTO_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMP6: "icmp"}
@@ -142,9 +142,14 @@ def _set(cidrs: Iterable[str], version: int) -> str | None:
     return "{ " + ", ".join(nets) + " }" if nets else None
 
 
+def _table(ifname: str) -> str:
+    """The name of wgmesh's nftables table for ``ifname`` (family ``inet``)."""
+    return f"wgmesh_{ifname.replace('-', '_')}"
+
+
 def nft_ruleset(ifname: str, rules: Sequence[FilterRule]) -> str:
     """An nftables table that enforces ``rules`` on packets arriving from ``ifname``."""
-    table = f"wgmesh_{ifname.replace('-', '_')}"
+    table = _table(ifname)
     lines = [f"table inet {table} {{", "  chain input {",
              "    type filter hook input priority filter; policy accept;",
              f'    iifname "{ifname}" ct state established,related accept']
@@ -169,18 +174,14 @@ def nft_ruleset(ifname: str, rules: Sequence[FilterRule]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nft(script: str) -> None:
-    cp = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
-    if cp.returncode != 0:
-        raise WgmeshError(f"nft failed: {cp.stderr.strip()}")
+def nft_delete(ifname: str) -> str:
+    """An ``nft -f`` script that removes wgmesh's table for ``ifname``, if there is one
+    (declaring the table first makes the delete succeed when it is missing)."""
+    table = _table(ifname)
+    return f"table inet {table}\ndelete table inet {table}\n"
 
 
-def install_nft(ifname: str, rules: Sequence[FilterRule]) -> None:
-    """Replace wgmesh's table for ``ifname`` atomically (one nft transaction)."""
-    table = f"wgmesh_{ifname.replace('-', '_')}"
-    _nft(f"table inet {table}\ndelete table inet {table}\n" + nft_ruleset(ifname, rules))
-
-
-def remove_nft(ifname: str) -> None:
-    table = f"wgmesh_{ifname.replace('-', '_')}"
-    _nft(f"table inet {table}\ndelete table inet {table}\n")
+def nft_replace(ifname: str, rules: Sequence[FilterRule]) -> str:
+    """An ``nft -f`` script that swaps in the table for ``rules`` as one transaction:
+    there is no moment without a filter, and a failed script leaves the old one."""
+    return nft_delete(ifname) + nft_ruleset(ifname, rules)

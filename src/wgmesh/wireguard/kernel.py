@@ -25,6 +25,11 @@ pyroute2's sync sockets run their own asyncio loop per thread and cannot be
 used from inside a running loop, so every netlink call of a backend runs on
 one private worker thread: the backend is safe to call from any thread,
 including an asyncio loop thread.
+
+The rest of the :class:`~wgmesh.wireguard.backend.Backend` contract: nftables
+enforces the packet filter (:mod:`~wgmesh.wireguard.nftables`), and
+:class:`KernelPort` shares the kernel's WireGuard port with traversal
+(sharedsock for STUN/disco, the loopback relay bridge for relayed peers).
 """
 
 from __future__ import annotations
@@ -39,12 +44,13 @@ import os
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 from wgmesh.keys import Key
 from wgmesh.wireguard.backend import (
+    Addr,
     BackendError,
     InterfaceConfig,
     IPNetwork,
@@ -54,12 +60,21 @@ from wgmesh.wireguard.backend import (
     diff_peers,
 )
 from wgmesh.wireguard.netns import netns_path, socket_in
+from wgmesh.wireguard.nftables import NftFilter
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from wgmesh.netmap import FilterRule
+    from wgmesh.traversal import TraversalConfig, _Relay
+    from wgmesh.wireguard.proxy import RelayBridge
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "RTPROT_WGMESH",
     "DeviceInfo",
     "KernelBackend",
+    "KernelPort",
     "parse_device",
     "peer_messages",
     "redacted_socket_class",
@@ -140,7 +155,7 @@ def _peer_fragments(old: PeerConfig | None, new: PeerConfig | None, key: Key) ->
               for i in range(0, len(ips), ALLOWEDIPS_PER_FRAGMENT)] or [()]
     frags = []
     for n, chunk in enumerate(chunks):
-        fattrs = head if n == 0 else [["WGPEER_A_PUBLIC_KEY", key.b64()]]
+        fattrs: list[list[Any]] = head if n == 0 else [["WGPEER_A_PUBLIC_KEY", key.b64()]]
         fflags = flags if n == 0 else WGPEER_F_UPDATE_ONLY  # later ones append
         fsize = size if n == 0 else _nla_size(32) + _nla_size(4)
         fattrs = [*fattrs, ["WGPEER_A_FLAGS", fflags]]
@@ -187,19 +202,19 @@ def redacted_socket_class() -> Any:
     from pyroute2.netlink.generic import AsyncGenericNetlinkSocket
     from pyroute2.netlink.generic.wireguard import WG_GENL_NAME, AsyncWireGuard, wgmsg
 
-    class RedactedDump(wgmsg):  # type: ignore[misc]
+    class RedactedDump(wgmsg):
         _nlmsg_base__compiled_nla = False  # pyroute2 caches the parent's table otherwise
         nla_map = tuple((name, "none") if name == "WGDEVICE_A_PRIVATE_KEY" else (name, kind)
                         for name, kind in wgmsg.nla_map)
 
-    class AsyncRedacted(AsyncWireGuard):  # type: ignore[misc]
+    class AsyncRedacted(AsyncWireGuard):
         async def setup_endpoint(self) -> None:
             if getattr(self.local, "transport", None) is not None:
                 return
             await AsyncGenericNetlinkSocket.setup_endpoint(self)
             await self.bind(WG_GENL_NAME, RedactedDump)
 
-    class RedactedWireGuard(WireGuard):  # type: ignore[misc]
+    class RedactedWireGuard(WireGuard):
         async_class = AsyncRedacted
         dump_class = RedactedDump
 
@@ -320,6 +335,9 @@ class KernelBackend:
     """One in-kernel WireGuard interface in ``netns`` (``None``: this namespace)."""
 
     kind = "kernel"
+    #: A fresh peer entry handshakes at once on its endpoint (what :class:`KernelPort`
+    #: relies on to prove a direct path), and NAT mappings stay open.
+    keepalive = 25
 
     def __init__(self, name: str = "wg0", *, netns: str | None = None) -> None:
         self.name = name
@@ -333,6 +351,7 @@ class KernelBackend:
         self._addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
         self._peers: dict[Key, PeerConfig] = {}
         self._routes: set[IPNetwork] = set()
+        self._filter = NftFilter(name, netns=netns)
         self.messages_sent = 0  # WG_CMD_SET_DEVICE messages, for the bulk-path tests
 
     def __repr__(self) -> str:
@@ -449,7 +468,7 @@ class KernelBackend:
         self._sync_routes()
 
     def down(self) -> None:
-        """Delete the interface (its routes and addresses go with it)."""
+        """Delete the interface (its routes and addresses go with it), then its filter."""
         def _down() -> None:
             if self._ipr is not None and self._ifindex:
                 with contextlib.suppress(Exception):
@@ -462,10 +481,14 @@ class KernelBackend:
             self._open_worker = False
         self._peers.clear()
         self._routes.clear()
+        try:
+            self._filter.remove()
+        except BackendError as e:  # the interface is gone: the table matches nothing now
+            log.warning("%s", e)
 
     def close(self) -> None:
-        """Let go of the netlink sockets but leave the interface running, so a restarted
-        agent can adopt it without dropping a single tunnel packet."""
+        """Let go of the netlink sockets but leave the interface (and its filter) running,
+        so a restarted agent can adopt it without dropping a single tunnel packet."""
         if self._open_worker:
             self._call(self._close)
             self._worker.shutdown()
@@ -480,6 +503,20 @@ class KernelBackend:
     @property
     def ifindex(self) -> int:
         return self._ifindex
+
+    @property
+    def traversal(self) -> TraversalConfig:
+        from wgmesh.traversal import TraversalConfig
+
+        return TraversalConfig.kernel()
+
+    def set_filter(self, rules: Sequence[FilterRule]) -> None:
+        """Enforce ``rules`` with an nftables table on the interface (it may not exist yet:
+        the table matches the name). Raises :class:`BackendError` if ``nft`` fails."""
+        self._filter.install(rules)
+
+    def open_port(self, loop: asyncio.AbstractEventLoop) -> KernelPort:
+        return KernelPort(self, loop)
 
     @property
     def listen_port(self) -> int:
@@ -560,3 +597,68 @@ class KernelBackend:
 
     def stats(self) -> dict[Key, PeerStats]:
         return self.info().peers
+
+
+# ---- the port traversal drives -------------------------------------------------------------
+class KernelPort:
+    """Kernel WireGuard: STUN/disco through sharedsock on its port, relayed peers through
+    loopback endpoints of the relay bridge. Python never sees a direct-path packet."""
+
+    def __init__(self, backend: KernelBackend, loop: asyncio.AbstractEventLoop) -> None:
+        from wgmesh.wireguard.sharedsock import SharedSocket
+
+        self.backend = backend
+        self.loop = loop
+        self.shared = SharedSocket.for_backend(backend)
+        self.bridge: RelayBridge | None = None
+
+    def _bridge(self) -> RelayBridge:
+        if self.bridge is None:
+            raise BackendError(f"{self.backend.name}: the port is not started")
+        return self.bridge
+
+    def start(self, on_datagram: Callable[[bytes, Addr], None],
+              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None:
+        from wgmesh.wireguard.proxy import RelayBridge
+
+        self.shared.add_reader(self.loop, on_datagram)
+        self.bridge = RelayBridge(self.loop, on_wireguard_for_relay, self.backend.listen_port,
+                                  netns=self.backend.netns)
+
+    def send(self, data: bytes, addr: Addr) -> None:
+        self.shared.send(data, addr)
+
+    def use_relay(self, key: Key) -> None:
+        self._bridge().use_relay(self.backend, key)
+
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        # Not bridge.use_direct: relayed packets must keep flowing until traversal trusts
+        # the direct path (RelayIngress), which the data plane enforces.
+        if handshake and (pc := self.backend.peers().get(key)) is not None:
+            # A fresh peer entry has no session, and its persistent keepalive makes the
+            # kernel handshake at once, on the new endpoint: the proof traversal waits for.
+            others = [c for k, c in self.backend.peers().items() if k != key]
+            self.backend.set_peers(others)
+            self.backend.set_peers([*others, attrs.evolve(pc, endpoint=addr)])
+            return
+        self.backend.set_endpoint(key, addr)
+
+    def use_socket(self, key: Key, send: Callable[[bytes], None]) -> None:
+        raise BackendError("kernel WireGuard sends from its own port only "
+                           "(its traversal profile opens no extra sockets)")
+
+    def inject(self, key: Key, data: bytes) -> None:
+        self._bridge().deliver(key, data)
+
+    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | _Relay | None:
+        from wgmesh.traversal import RELAY
+
+        if endpoint is not None and endpoint[0] in ("127.0.0.1", "::1"):
+            return RELAY  # a loopback endpoint is the bridge: the peer goes via the relay
+        return endpoint
+
+    def close(self) -> None:
+        self.shared.remove_reader(self.loop)
+        self.shared.close()
+        if self.bridge is not None:
+            self.bridge.close()

@@ -1,11 +1,12 @@
-"""Sockets inside a named network namespace, without moving the caller.
+"""Network namespaces by ``ip netns`` name or path: enter one, or run a call inside one.
 
 The kernel backend's helpers (the shared-port raw sockets, the relay bridge's
-loopback sockets) must live in the namespace of the WireGuard interface they
-serve. A socket stays in the namespace it was created in, and ``setns`` only
-moves the calling thread, so a short-lived thread enters the namespace, makes
-the socket and exits: the caller and every other thread stay where they are,
-and no process is forked.
+loopback sockets, nftables) must act in the namespace of the WireGuard
+interface they serve. A socket stays in the namespace it was created in, and
+``setns`` only moves the calling thread (and what it starts later), so
+:func:`call_in` runs a call on a short-lived thread that enters the namespace:
+the caller and every other thread stay where they are, and no process is
+forked. :func:`enter` moves the calling thread for good (a node's loop thread).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import ctypes
 import os
 import socket
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["netns_path", "socket_in"]
+__all__ = ["call_in", "enter", "netns_path", "socket_in"]
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 def netns_path(netns: str) -> str:
@@ -25,30 +29,43 @@ def netns_path(netns: str) -> str:
     return netns if netns.startswith("/") else f"/run/netns/{netns}"
 
 
-def socket_in(netns: str | None, family: int, type: int, proto: int = 0) -> socket.socket:
-    """A new socket created inside ``netns`` (``None``: the caller's namespace)."""
+def enter(netns: str) -> None:
+    """Move the calling thread into ``netns``; threads and processes it starts follow.
+
+    Raises :class:`OSError` if the namespace does not exist or cannot be entered.
+    """
+    fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def call_in(netns: str | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` run inside ``netns`` (``None``: here, on this thread)."""
     if netns is None:
-        return socket.socket(family, type, proto)
-    made: list[socket.socket] = []
+        return fn(*args, **kwargs)
+    made: list[T] = []
     failed: list[BaseException] = []
 
-    def enter_and_create() -> None:
+    def enter_and_call() -> None:
         try:
-            fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                libc = ctypes.CDLL(None, use_errno=True)
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({netns}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            made.append(socket.socket(family, type, proto))
+            enter(netns)
+            made.append(fn(*args, **kwargs))
         except BaseException as e:  # handed to the caller's thread below
             failed.append(e)
 
-    t = threading.Thread(target=enter_and_create, name=f"netns-{netns}", daemon=True)
+    t = threading.Thread(target=enter_and_call, name=f"netns-{netns}", daemon=True)
     t.start()
     t.join()
     if failed:
         raise failed[0]
     return made[0]
+
+
+def socket_in(netns: str | None, family: int, type: int, proto: int = 0) -> socket.socket:
+    """A new socket created inside ``netns`` (``None``: the caller's namespace)."""
+    return call_in(netns, socket.socket, family, type, proto)

@@ -1,8 +1,8 @@
 """``backend="auto" | "kernel" | "userspace"``: pick a data plane, and say which and why.
 
 Auto prefers the kernel module (Python then never touches a direct-path
-packet) wherever ``ip link add type wireguard`` works, and falls back to the
-userspace device otherwise. An explicit choice that cannot be honoured is an
+packet) wherever ``ip link add type wireguard`` works and ``nft`` is there to
+enforce the packet filter, and falls back to the userspace device otherwise. An explicit choice that cannot be honoured is an
 error, never a silent substitution.
 """
 
@@ -18,6 +18,15 @@ __all__ = ["BACKENDS", "open_backend"]
 log = logging.getLogger("wgmesh.backend")
 
 BACKENDS = ("auto", "kernel", "userspace")
+
+
+def _kernel_possible() -> tuple[bool, str]:
+    from wgmesh.wireguard.nftables import nft_available
+
+    ok, why = nft_available()  # without it the filter cannot be enforced: fail closed
+    if not ok:
+        return False, why
+    return kernel_wireguard_available()
 
 
 def _userspace_possible() -> tuple[bool, str]:
@@ -38,7 +47,7 @@ def open_backend(kind: str, ifname: str, *, netns: str | None = None) -> tuple[B
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
     why = "not probed"
     if kind in ("auto", "kernel"):
-        ok, why = kernel_wireguard_available()
+        ok, why = _kernel_possible()
         if ok:
             from wgmesh.wireguard.kernel import KernelBackend
 

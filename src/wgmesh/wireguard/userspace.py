@@ -19,6 +19,9 @@ Hooks for the relay and NAT traversal, all safe to call from any thread:
   peer's packets through a relay ``send_fn(bytes)`` (called on the device
   thread; must not block) and feed back what the relay delivers from that peer.
   Clearing the relay, or :meth:`set_endpoint`, returns the peer to UDP.
+
+:class:`UserspacePort` is these hooks as the :class:`~wgmesh.wireguard.backend.Port`
+that the node's traversal drives.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from wgmesh.keys import Key
 from wgmesh.netmap import FilterRule
 from wgmesh.wireguard.backend import (
+    Addr,
     BackendError,
     InterfaceConfig,
     PeerConfig,
@@ -51,7 +56,12 @@ from wgmesh.wireguard.timers import Timing, timing_from_env
 from wgmesh.wireguard.tun import Tun
 from wgmesh.wireguard.uapi import DeviceSet, PeerStatus, UapiError, UapiServer, format_get
 
-__all__ = ["UserspaceBackend"]
+if TYPE_CHECKING:
+    import asyncio
+
+    from wgmesh.traversal import TraversalConfig, _Relay
+
+__all__ = ["UserspaceBackend", "UserspacePort"]
 
 BATCH = 64
 TICK = 0.1  # seconds between timer passes at most
@@ -69,6 +79,8 @@ class UserspaceBackend:
     """A WireGuard interface implemented in this process (see the module docstring)."""
 
     kind = "userspace"
+    #: Disco heartbeats keep paths and NAT mappings alive; the device needs no keepalive.
+    keepalive = 0
 
     def __init__(self, name: str, *, timing: Timing | None = None, uapi: bool = True,
                  gro: bool = True) -> None:
@@ -160,6 +172,15 @@ class UserspaceBackend:
     @property
     def listen_port(self) -> int:
         return self._port
+
+    @property
+    def traversal(self) -> TraversalConfig:
+        from wgmesh.traversal import TraversalConfig
+
+        return TraversalConfig.userspace()
+
+    def open_port(self, loop: asyncio.AbstractEventLoop) -> UserspacePort:
+        return UserspacePort(self, loop)
 
     # ---- Backend API --------------------------------------------------------------
     def set_peers(self, desired: Sequence[PeerConfig]) -> PeerDiff:
@@ -311,12 +332,13 @@ class UserspaceBackend:
                     v4.close()
                     raise
                 chosen = v4.getsockname()[1]
-                v6: socket.socket | None = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                v6: socket.socket | None = s6
                 try:
-                    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    v6.bind(("::", chosen))
+                    s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    s6.bind(("::", chosen))
                 except OSError as e:
-                    v6.close()
+                    s6.close()
                     v6 = None
                     if e.errno == errno.EADDRINUSE and port == 0 and attempt < 9:
                         v4.close()
@@ -536,3 +558,49 @@ class UserspaceBackend:
             os.write(self._tun_fd, pkt)
         except OSError:
             self.io_errors += 1
+
+
+class UserspacePort:
+    """The device's hooks as the port traversal drives (see the module docstring)."""
+
+    def __init__(self, backend: UserspaceBackend, loop: asyncio.AbstractEventLoop) -> None:
+        self.backend = backend
+        self.loop = loop
+        self._relay_out: Callable[[Key, bytes], None] | None = None
+
+    def start(self, on_datagram: Callable[[bytes, Addr], None],
+              on_wireguard_for_relay: Callable[[Key, bytes], None]) -> None:
+        loop = self.loop
+        self.backend.on_other = lambda data, addr: loop.call_soon_threadsafe(
+            on_datagram, bytes(data), addr)
+        self._relay_out = on_wireguard_for_relay
+
+    def send(self, data: bytes, addr: Addr) -> None:
+        self.backend.send_other(data, addr)
+
+    def use_relay(self, key: Key) -> None:
+        out = self._relay_out
+        if out is None:
+            raise BackendError(f"{self.backend.name}: the port is not started")
+        self.use_socket(key, lambda data: out(key, data))
+
+    def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
+        self.backend.set_endpoint(key, addr)  # the device handshakes as it needs to
+
+    def use_socket(self, key: Key, send: Callable[[bytes], None]) -> None:
+        loop = self.loop
+        self.backend.set_peer_relay(
+            key, lambda data: loop.call_soon_threadsafe(send, bytes(data)))
+
+    def inject(self, key: Key, data: bytes) -> None:
+        self.backend.inject_from_relay(key, data)
+
+    def seen_endpoint(self, endpoint: Addr | None, path: str) -> Addr | _Relay | None:
+        from wgmesh.traversal import RELAY
+
+        # The device keeps a relay route beside the endpoint, so the endpoint alone
+        # cannot say "relayed"; our own path state does.
+        return RELAY if path == "relay" else endpoint
+
+    def close(self) -> None:
+        self.backend.on_other = None

@@ -1,4 +1,4 @@
-"""Durable control state behind one :class:`Store` interface: SQLite (default) or PostgreSQL.
+"""The one :class:`Store` implementation, in portable SQL; the dialects supply transactions.
 
 Every mutation is one transaction that also appends a row to ``changes`` (the
 new state of the entity, under a global sequence number) and an entry to the
@@ -11,7 +11,7 @@ advisory lock), so change sequence numbers commit in order and a reader can
 never skip a change that commits late. Control writes are rare; this is cheap.
 
 Stores are synchronous and not thread-safe: the server gives each one its own
-thread. Schema changes are versioned migrations (:data:`MIGRATIONS`).
+thread.
 """
 
 from __future__ import annotations
@@ -19,189 +19,43 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
-import os
 import secrets
-import sqlite3
-import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-import attrs
-
 from wgmesh.control import addressing, credentials
-from wgmesh.control.audit import GENESIS, AuditEntry, entry_hash
-from wgmesh.control.errors import BadRequest, Conflict, ControlError, NotFound, Unauthorized
-from wgmesh.control.policy import DEFAULT_POLICY, parse_policy
+from wgmesh.control.audit import GENESIS, KEYED_ACTION, AuditEntry, entry_hash, key_id
+from wgmesh.control.errors import (
+    BadRequest,
+    Conflict,
+    ControlError,
+    NotFound,
+    TooManyRequests,
+    Unauthorized,
+)
+from wgmesh.control.policy import DEFAULT_POLICY, NODE_NAME_RE, parse_policy
+from wgmesh.control.store.migrations import MIGRATIONS
+from wgmesh.control.store.records import (
+    AUTHKEY_COLUMNS,
+    NODE_COLUMNS,
+    ApiKeyRecord,
+    AuthKeyRecord,
+    Change,
+    NodeRecord,
+    Registration,
+    endpoints_json,
+)
 from wgmesh.keys import Key
-from wgmesh.netmap import Endpoint, NodeInfo, Peer
+from wgmesh.netmap import Endpoint
 
-__all__ = ["MIGRATIONS", "ApiKeyRecord", "AuthKeyRecord", "Change", "NodeRecord",
-           "PostgresStore", "Registration", "SQLiteStore", "Store", "open_store"]
+__all__ = ["CHALLENGE_TTL_S", "MAX_CHALLENGES", "ROLES", "Store", "Tx"]
 
 CHALLENGE_TTL_S = 60.0
+#: Outstanding registration challenges, network-wide: past it, new ones wait.
+MAX_CHALLENGES = 10_000
 ROLES = ("admin", "relay")
-
-
-@attrs.frozen
-class NodeRecord:
-    """A node as control stores it: public keys and metadata only, never a private key."""
-
-    id: int
-    name: str
-    node_key: Key
-    disco_key: Key
-    addr_index: int
-    ipv4: str
-    ipv6: str
-    tags: tuple[str, ...]
-    created_at: float
-    key_expiry: float
-    endpoints: tuple[Endpoint, ...] = ()
-    home_relay: int = 0
-    online: bool = False
-    last_seen: float = 0.0
-    hostinfo: dict[str, Any] = attrs.field(factory=dict, hash=False)
-    auth_key_id: str = ""
-
-    def live(self, now: float) -> bool:
-        return not (0 < self.key_expiry <= now)
-
-    def info(self) -> NodeInfo:
-        return NodeInfo(id=self.id, name=self.name, node_key=self.node_key,
-                        disco_key=self.disco_key, ipv4=self.ipv4, ipv6=self.ipv6,
-                        tags=self.tags, key_expiry=self.key_expiry)
-
-    def peer(self, caps: tuple[str, ...] = ()) -> Peer:
-        return Peer(id=self.id, name=self.name, node_key=self.node_key,
-                    disco_key=self.disco_key, ipv4=self.ipv4, ipv6=self.ipv6,
-                    allowed_ips=(f"{self.ipv4}/32", f"{self.ipv6}/128"),
-                    endpoints=self.endpoints, home_relay=self.home_relay, online=self.online,
-                    last_seen=self.last_seen, key_expiry=self.key_expiry, tags=self.tags,
-                    caps=caps)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "node_key": self.node_key.b64(),
-                "disco_key": self.disco_key.b64(), "addr_index": self.addr_index,
-                "ipv4": self.ipv4, "ipv6": self.ipv6, "tags": list(self.tags),
-                "created_at": self.created_at, "key_expiry": self.key_expiry,
-                "endpoints": [{"ip": e.ip, "port": e.port, "kind": e.kind}
-                              for e in self.endpoints],
-                "home_relay": self.home_relay, "online": self.online,
-                "last_seen": self.last_seen, "hostinfo": self.hostinfo,
-                "auth_key_id": self.auth_key_id}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> NodeRecord:
-        return cls(id=d["id"], name=d["name"], node_key=Key(d["node_key"]),
-                   disco_key=Key(d["disco_key"]), addr_index=d["addr_index"], ipv4=d["ipv4"],
-                   ipv6=d["ipv6"], tags=tuple(d["tags"]), created_at=d["created_at"],
-                   key_expiry=d["key_expiry"],
-                   endpoints=tuple(Endpoint(**e) for e in d["endpoints"]),
-                   home_relay=d["home_relay"], online=d["online"], last_seen=d["last_seen"],
-                   hostinfo=d["hostinfo"], auth_key_id=d["auth_key_id"])
-
-
-@attrs.frozen
-class AuthKeyRecord:
-    id: str
-    reusable: bool
-    tags: tuple[str, ...]
-    created_at: float
-    expires_at: float
-    uses: int
-    revoked: bool
-    description: str
-
-    def usable(self, now: float) -> bool:
-        return (not self.revoked and (self.expires_at == 0 or now < self.expires_at)
-                and (self.reusable or self.uses == 0))
-
-    def to_json(self) -> dict[str, Any]:
-        d = attrs.asdict(self)
-        d["tags"] = list(self.tags)
-        return d
-
-
-@attrs.frozen
-class ApiKeyRecord:
-    id: str
-    role: str
-    created_at: float
-    revoked: bool
-    description: str
-
-    def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-
-@attrs.frozen
-class Change:
-    """The new state of one entity. kind: node | node_removed | policy | relay_map."""
-
-    seq: int
-    kind: str
-    entity: str
-    data: str
-
-
-@attrs.frozen
-class Registration:
-    """A registration request whose challenge proof the store checks and consumes."""
-
-    node_key: Key
-    disco_key: Key
-    hostname: str
-    challenge_id: str
-    proof_hash: str
-    auth_key: str | None = None
-    rotate_from: Key | None = None
-
-
-# ----------------------------------------------------------------- migrations
-
-#: (version, statements). Placeholders: {pk} auto-increment key, {real} float.
-MIGRATIONS: list[tuple[int, list[str]]] = [
-    (1, [
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-        """CREATE TABLE nodes (
-            id {pk}, name TEXT NOT NULL UNIQUE, node_key TEXT NOT NULL UNIQUE,
-            disco_key TEXT NOT NULL, addr_index BIGINT NOT NULL UNIQUE, tags TEXT NOT NULL,
-            created_at {real} NOT NULL, key_expiry {real} NOT NULL, endpoints TEXT NOT NULL,
-            home_relay INTEGER NOT NULL, online INTEGER NOT NULL, last_seen {real} NOT NULL,
-            hostinfo TEXT NOT NULL, auth_key_id TEXT NOT NULL,
-            token_id TEXT UNIQUE, token_hash TEXT)""",
-        """CREATE TABLE auth_keys (
-            id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, reusable INTEGER NOT NULL,
-            tags TEXT NOT NULL, created_at {real} NOT NULL, expires_at {real} NOT NULL,
-            uses INTEGER NOT NULL, revoked INTEGER NOT NULL, description TEXT NOT NULL)""",
-        """CREATE TABLE api_keys (
-            id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, role TEXT NOT NULL,
-            created_at {real} NOT NULL, revoked INTEGER NOT NULL, description TEXT NOT NULL)""",
-        """CREATE TABLE challenges (
-            id TEXT PRIMARY KEY, node_key TEXT NOT NULL, rotate_from TEXT NOT NULL,
-            secret_hash TEXT NOT NULL, expires_at {real} NOT NULL)""",
-        """CREATE TABLE policies (
-            version INTEGER PRIMARY KEY, text TEXT NOT NULL, created_at {real} NOT NULL,
-            actor TEXT NOT NULL)""",
-        """CREATE TABLE changes (
-            seq {pk}, ts {real} NOT NULL, kind TEXT NOT NULL, entity TEXT NOT NULL,
-            data TEXT NOT NULL)""",
-        """CREATE TABLE audit (
-            seq BIGINT PRIMARY KEY, ts {real} NOT NULL, actor TEXT NOT NULL,
-            action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL,
-            prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
-    ]),
-    (2, ["CREATE INDEX challenges_expiry ON challenges (expires_at)"]),
-    # The key expiry already announced, so replicas record each expiry once.
-    (3, ["ALTER TABLE nodes ADD COLUMN expiry_recorded {real} NOT NULL DEFAULT 0"]),
-]
-
-_NODE_COLS = ("id, name, node_key, disco_key, addr_index, tags, created_at, key_expiry, "
-              "endpoints, home_relay, online, last_seen, hostinfo, auth_key_id")
-_AUTHKEY_COLS = "id, reusable, tags, created_at, expires_at, uses, revoked, description"
 
 
 class Tx(ABC):
@@ -220,12 +74,20 @@ class Tx(ABC):
 
 
 class Store(ABC):
-    """Control state. Raises :class:`ControlError` subclasses for requests it refuses."""
+    """Control state. Raises :class:`ControlError` subclasses for requests it refuses.
+
+    Audit entries are chained under :attr:`audit_key` once :meth:`use_audit_key`
+    set it; a store without the key may not append to a keyed trail.
+    """
 
     ula_prefix: str
 
-    def __init__(self, key_expiry_s: float = 180 * 86400) -> None:
+    def __init__(self, key_expiry_s: float = 180 * 86400,
+                 max_challenges: int = MAX_CHALLENGES) -> None:
         self.key_expiry_s = key_expiry_s
+        self.max_challenges = max_challenges
+        self.audit_key: bytes | None = None
+        self._audit_key_id: str | None = None
 
     # -- plumbing each dialect provides
     @abstractmethod
@@ -265,20 +127,37 @@ class Store(ABC):
                 tx.run("INSERT INTO policies VALUES (1, ?, ?, 'system')",
                        json.dumps(DEFAULT_POLICY, sort_keys=True, indent=2), time.time())
             self.ula_prefix = tx.row("SELECT value FROM meta WHERE key = 'ula_prefix'")[0]  # type: ignore[index]
+            kid = tx.row("SELECT value FROM meta WHERE key = 'audit_key_id'")
+            self._audit_key_id = None if kid is None else str(kid[0])
             return max(v for v, _ in MIGRATIONS)
+
+    def use_audit_key(self, key: bytes) -> None:
+        """Chain audit entries under ``key`` from now on.
+
+        The first key a database sees is recorded (by its fingerprint) and
+        starts the keyed chain with an ``audit.keyed`` entry; an unkeyed
+        database upgrades so, in place. A different key is refused: replicas
+        must share one key file, and a lost key must not silently fork the chain.
+        """
+        kid = key_id(key)
+        with self._tx() as tx:
+            row = tx.row("SELECT value FROM meta WHERE key = 'audit_key_id'")
+            if row is not None and row[0] != kid:
+                raise ControlError(f"the audit key (id {kid}) is not this database's audit "
+                                   f"key (id {row[0]}): replicas must share one audit key file")
+            self.audit_key, self._audit_key_id = key, kid
+            if row is None:
+                tx.run("INSERT INTO meta VALUES ('audit_key_id', ?)", kid)
+                last = tx.row("SELECT MAX(seq) FROM audit")
+                self._audit(tx, "system", KEYED_ACTION, "audit",
+                            {"key_id": kid, "unkeyed_before": ((last and last[0]) or 0) + 1})
 
     # -- helpers inside a transaction
     def _node(self, r: Sequence[Any]) -> NodeRecord:
-        v4, v6 = addressing.address_for(r[4], self.ula_prefix)
-        return NodeRecord(id=r[0], name=r[1], node_key=Key(r[2]), disco_key=Key(r[3]),
-                          addr_index=r[4], ipv4=v4, ipv6=v6, tags=tuple(json.loads(r[5])),
-                          created_at=r[6], key_expiry=r[7],
-                          endpoints=tuple(Endpoint(**e) for e in json.loads(r[8])),
-                          home_relay=r[9], online=bool(r[10]), last_seen=r[11],
-                          hostinfo=json.loads(r[12]), auth_key_id=r[13])
+        return NodeRecord.from_row(r, self.ula_prefix)
 
     def _node_where(self, tx: Tx, where: str, *params: Any) -> NodeRecord | None:
-        r = tx.row(f"SELECT {_NODE_COLS} FROM nodes WHERE {where}", *params)
+        r = tx.row(f"SELECT {NODE_COLUMNS} FROM nodes WHERE {where}", *params)
         return None if r is None else self._node(r)
 
     def _change(self, tx: Tx, kind: str, entity: str, data: str) -> int:
@@ -296,31 +175,60 @@ class Store(ABC):
 
     def _audit(self, tx: Tx, actor: str, action: str, target: str,
                detail: dict[str, Any] | None = None) -> None:
+        if self.audit_key is None and self._audit_key_id is not None:
+            raise ControlError("this database's audit trail is keyed: open it with its "
+                               "audit key to change anything")
         last = tx.row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
         ts = time.time()
         text = json.dumps(detail or {}, sort_keys=True, separators=(",", ":"))
-        h = entry_hash(prev, seq, ts, actor, action, target, text)
-        tx.run("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-               seq, ts, actor, action, target, text, prev, h)
+        h = entry_hash(prev, seq, ts, actor, action, target, text, self.audit_key)
+        tx.run("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+               seq, ts, actor, action, target, text, prev, h, int(self.audit_key is not None))
 
     def _resolve(self, tx: Tx, ref: str) -> NodeRecord:
-        numeric = ref.isascii() and ref.isdigit() and len(ref) < 19  # fits an INTEGER
-        rec = (self._node_where(tx, "id = ?", int(ref)) if numeric
-               else self._node_where(tx, "name = ?", ref))
+        """``id:N``, ``name:NAME``, or a bare id or name as long as it cannot mean both."""
+        kind, sep, value = ref.partition(":")  # names are DNS labels: never a colon
+        if not sep:
+            kind, value = ("either" if _is_id(ref) else "name"), ref
+        elif kind not in ("id", "name") or not value:
+            raise BadRequest(f"node {ref!r}: use an id, a name, id:N or name:NAME")
+        if kind == "id" and not _is_id(value):
+            raise BadRequest(f"node {ref!r}: id:N takes a number")
+        by_id = self._node_where(tx, "id = ?", int(value)) if kind != "name" else None
+        by_name = self._node_where(tx, "name = ?", value) if kind != "id" else None
+        if by_id is not None and by_name is not None and by_id.id != by_name.id:
+            raise BadRequest(f"node {ref!r} is ambiguous: id {ref} is {by_id.name!r}, the node "
+                             f"named {ref!r} has id {by_name.id}; say id:{ref} or name:{ref}")
+        rec = by_id or by_name
         if rec is None:
             raise NotFound(f"no node {ref!r}")
         return rec
 
+    def _unique_name(self, tx: Tx, base: str) -> str:
+        prefix = addressing.name_prefix(base)
+        taken = {r[0] for r in tx.rows("SELECT name FROM nodes WHERE name LIKE ?", prefix + "%")}
+        return addressing.unique_name(base, taken)
+
     # -- registration
     def add_challenge(self, node_key: Key, rotate_from: Key | None, secret_hash: str) -> str:
+        """Store a challenge; :class:`TooManyRequests` while ``max_challenges`` are outstanding."""
         cid = secrets.token_hex(16)
         now = time.time()
         with self._tx() as tx:
             tx.run("DELETE FROM challenges WHERE expires_at < ?", now)
+            count, first = tx.row("SELECT COUNT(*), MIN(expires_at) FROM challenges")  # type: ignore[misc]
+            if count >= self.max_challenges:
+                raise TooManyRequests("too many registrations in progress; try again shortly",
+                                      max(1.0, first - now))
             tx.run("INSERT INTO challenges VALUES (?, ?, ?, ?, ?)", cid, node_key.b64(),
                    rotate_from.b64() if rotate_from else "", secret_hash, now + CHALLENGE_TTL_S)
         return cid
+
+    def prune_challenges(self) -> int:
+        """Drop expired challenges (also done on each new one); how many went."""
+        with self._tx() as tx:
+            return tx.run("DELETE FROM challenges WHERE expires_at < ?", time.time())
 
     def register(self, req: Registration) -> tuple[NodeRecord, str]:
         """Consume the challenge, check the auth key, create or update the node: one transaction.
@@ -353,16 +261,16 @@ class Store(ABC):
             if key is None and not (req.rotate_from and target and target.live(now)):
                 raise Unauthorized("an auth key is required (rotating a live node's key "
                                    "needs only the old key's proof)")
+            # Only an authenticated registration renews the key's lifetime; a
+            # rotation proves the old key, not the right to keep it forever.
             expiry = now + self.key_expiry_s if self.key_expiry_s else 0.0
+            if key is None and target is not None:
+                expiry = target.key_expiry
             tid, token, thash = credentials.mint(credentials.NODE_TOKEN)
             hostinfo = json.dumps({"hostname": req.hostname})
             actor = f"authkey:{key.id}" if key else f"node:{target.id}"  # type: ignore[union-attr]
             if target is None:
-                taken = {r[0] for r in tx.rows(
-                    "SELECT name FROM nodes WHERE name = ? OR name LIKE ?",
-                    addressing.dns_label(req.hostname),
-                    addressing.dns_label(req.hostname) + "-%")}
-                name = addressing.unique_name(addressing.dns_label(req.hostname), taken)
+                name = self._unique_name(tx, addressing.dns_label(req.hostname))
                 last = tx.row("SELECT MAX(addr_index) FROM nodes")
                 index = addressing.next_index((last and last[0]) or 0)
                 r = tx.row(
@@ -390,7 +298,7 @@ class Store(ABC):
 
     def _use_auth_key(self, tx: Tx, token: str, now: float) -> AuthKeyRecord:
         parsed = credentials.parse(token, credentials.AUTH_KEY)
-        row = parsed and tx.row(f"SELECT {_AUTHKEY_COLS}, secret_hash FROM auth_keys "
+        row = parsed and tx.row(f"SELECT {AUTHKEY_COLUMNS}, secret_hash FROM auth_keys "
                                 "WHERE id = ?", parsed[0])
         if not parsed or not row or not credentials.matches(parsed[1], row[-1]):
             raise Unauthorized("auth key invalid")
@@ -400,20 +308,15 @@ class Store(ABC):
                   "AND (expires_at = 0 OR expires_at > ?) AND (reusable = 1 OR uses = 0)",
                   row[0], now) != 1:
             raise Unauthorized("auth key revoked, expired or already used")
-        key = self._authkey(row)
+        key = AuthKeyRecord.from_row(row)
         self._audit(tx, f"authkey:{key.id}", "authkey.use", f"authkey:{key.id}", {})
         return key
-
-    def _authkey(self, r: Sequence[Any]) -> AuthKeyRecord:
-        return AuthKeyRecord(id=r[0], reusable=bool(r[1]), tags=tuple(json.loads(r[2])),
-                             created_at=r[3], expires_at=r[4], uses=r[5], revoked=bool(r[6]),
-                             description=r[7])
 
     # -- nodes
     def node_for_token(self, token: str) -> NodeRecord:
         parsed = credentials.parse(token, credentials.NODE_TOKEN)
         with self._read() as tx:
-            row = parsed and tx.row(f"SELECT {_NODE_COLS}, token_hash FROM nodes "
+            row = parsed and tx.row(f"SELECT {NODE_COLUMNS}, token_hash FROM nodes "
                                     "WHERE token_id = ?", parsed[0])
         if not parsed or not row or not credentials.matches(parsed[1], row[-1]):
             raise Unauthorized("node token invalid (node deleted or re-registered?)")
@@ -424,8 +327,8 @@ class Store(ABC):
                     hostinfo: dict[str, Any] | None = None) -> NodeRecord:
         """The node's own reports: no audit entry (they are not security events)."""
         sets, params = [], []
-        for col, val in (("endpoints", None if endpoints is None else json.dumps(
-                              [{"ip": e.ip, "port": e.port, "kind": e.kind} for e in endpoints])),
+        for col, val in (("endpoints",
+                          None if endpoints is None else json.dumps(endpoints_json(endpoints))),
                          ("home_relay", home_relay),
                          ("hostinfo", None if hostinfo is None else json.dumps(hostinfo))):
             if val is not None:
@@ -450,7 +353,7 @@ class Store(ABC):
 
     def list_nodes(self) -> list[NodeRecord]:
         with self._read() as tx:
-            return [self._node(r) for r in tx.rows(f"SELECT {_NODE_COLS} FROM nodes ORDER BY id")]
+            return [self._node(r) for r in tx.rows(f"SELECT {NODE_COLUMNS} FROM nodes ORDER BY id")]
 
     def expire_node(self, ref: str, actor: str) -> NodeRecord:
         now = time.time()
@@ -459,6 +362,20 @@ class Store(ABC):
             tx.run("UPDATE nodes SET key_expiry = ?, expiry_recorded = ? WHERE id = ?",
                    now, now, rec.id)
             self._audit(tx, actor, "node.expire", f"node:{rec.id}", {"name": rec.name})
+            return self._node_changed(tx, rec.id)
+
+    def extend_node(self, ref: str, expiry_s: float | None, actor: str) -> NodeRecord:
+        """Renew a node's key lifetime from now (``None``: the server's; 0: never expires).
+
+        With a registration under an auth key, the only way a key lifetime grows.
+        """
+        expiry_s = self.key_expiry_s if expiry_s is None else expiry_s
+        expiry = time.time() + expiry_s if expiry_s else 0.0
+        with self._tx() as tx:
+            rec = self._resolve(tx, ref)
+            tx.run("UPDATE nodes SET key_expiry = ? WHERE id = ?", expiry, rec.id)
+            self._audit(tx, actor, "node.extend", f"node:{rec.id}",
+                        {"name": rec.name, "old": rec.key_expiry, "new": expiry})
             return self._node_changed(tx, rec.id)
 
     def record_expiries(self, node_ids: Sequence[int]) -> int:
@@ -484,6 +401,30 @@ class Store(ABC):
                         {"name": rec.name, "node_key": rec.node_key.b64()})
             return rec
 
+    def rename_node(self, ref: str, name: str, actor: str) -> NodeRecord:
+        """Assign ``name``: policy selectors naming it now match this node.
+
+        A node holding the name by its own hostname gives it up (it moves to
+        ``name-2``...); a name another node was assigned is a :class:`Conflict`.
+        """
+        if not NODE_NAME_RE.match(name):
+            raise BadRequest(f"name: {name!r} is not a DNS label (a-z, 0-9, -)")
+        with self._tx() as tx:
+            rec = self._resolve(tx, ref)
+            holder = self._node_where(tx, "name = ?", name)
+            if holder is not None and holder.id != rec.id:
+                if holder.name_assigned:
+                    raise Conflict(f"name {name!r} is assigned to node {holder.id}")
+                moved = self._unique_name(tx, name)
+                tx.run("UPDATE nodes SET name = ? WHERE id = ?", moved, holder.id)
+                self._audit(tx, actor, "node.rename", f"node:{holder.id}",
+                            {"old": name, "new": moved, "assigned": False})
+                self._node_changed(tx, holder.id)
+            tx.run("UPDATE nodes SET name = ?, name_assigned = 1 WHERE id = ?", name, rec.id)
+            self._audit(tx, actor, "node.rename", f"node:{rec.id}",
+                        {"old": rec.name, "new": name, "assigned": True})
+            return self._node_changed(tx, rec.id)
+
     def set_tags(self, ref: str, tags: Sequence[str], actor: str) -> NodeRecord:
         with self._tx() as tx:
             rec = self._resolve(tx, ref)
@@ -504,13 +445,13 @@ class Store(ABC):
             self._audit(tx, actor, "authkey.create", f"authkey:{kid}",
                         {"reusable": reusable, "tags": sorted(set(tags)),
                          "expires_at": expires_at})
-            r = tx.row(f"SELECT {_AUTHKEY_COLS} FROM auth_keys WHERE id = ?", kid)
-        return self._authkey(r), token  # type: ignore[arg-type]
+            r = tx.row(f"SELECT {AUTHKEY_COLUMNS} FROM auth_keys WHERE id = ?", kid)
+        return AuthKeyRecord.from_row(r), token  # type: ignore[arg-type]
 
     def list_auth_keys(self) -> list[AuthKeyRecord]:
         with self._read() as tx:
-            return [self._authkey(r) for r in
-                    tx.rows(f"SELECT {_AUTHKEY_COLS} FROM auth_keys ORDER BY created_at")]
+            return [AuthKeyRecord.from_row(r) for r in
+                    tx.rows(f"SELECT {AUTHKEY_COLUMNS} FROM auth_keys ORDER BY created_at")]
 
     def revoke_auth_key(self, kid: str, actor: str) -> None:
         with self._tx() as tx:
@@ -662,138 +603,5 @@ class Store(ABC):
         return tokens
 
 
-# -------------------------------------------------------------------- SQLite
-
-
-class _SQLiteTx(Tx):
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        return self.conn.execute(sql, params).fetchall()
-
-    def run(self, sql: str, *params: Any) -> int:
-        return self.conn.execute(sql, params).rowcount
-
-
-class SQLiteStore(Store):
-    """The embedded default: one file in WAL mode."""
-
-    def __init__(self, path: str | os.PathLike[str], **kw: Any) -> None:
-        super().__init__(**kw)
-        Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.path = str(path)
-        self.conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                                    timeout=10)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        with contextlib.suppress(OSError):
-            os.chmod(self.path, 0o600)
-        self.migrate()
-
-    def _ddl_types(self) -> dict[str, str]:
-        return {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL"}
-
-    def _notify(self, tx: Tx, seq: int) -> None:
-        """One process per database file: the server polls, nobody to wake."""
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[Tx]:
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield _SQLiteTx(self.conn)
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-# ---------------------------------------------------------------- PostgreSQL
-
-_PG_LOCK = 0x77676D65  # "wgme": the writers' advisory lock
-_PG_CHANNEL = "wgmesh_changes"
-
-
-class _PgTx(Tx):
-    def __init__(self, cur: Any) -> None:
-        self.cur = cur
-
-    def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        self.cur.execute(sql.replace("?", "%s"), params)
-        return self.cur.fetchall() if self.cur.description else []
-
-    def run(self, sql: str, *params: Any) -> int:
-        self.cur.execute(sql.replace("?", "%s"), params)
-        return int(self.cur.rowcount)
-
-
-class PostgresStore(Store):
-    """For several control replicas: they share the database and wake each other by NOTIFY."""
-
-    channel = _PG_CHANNEL
-
-    def __init__(self, dsn: str, **kw: Any) -> None:
-        super().__init__(**kw)
-        import psycopg
-
-        self.dsn = dsn
-        try:
-            self.conn = psycopg.connect(dsn, autocommit=True)
-        except psycopg.Error as e:
-            raise ControlError(f"cannot connect to PostgreSQL: {e}") from None
-        self.migrate()
-
-    def _ddl_types(self) -> dict[str, str]:
-        return {"pk": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION"}
-
-    def _connection(self) -> Any:
-        """The connection, re-opened if the database restarted or the link broke."""
-        if self.conn.closed or self.conn.broken:
-            import psycopg
-
-            self.conn = psycopg.connect(self.dsn, autocommit=True)
-        return self.conn
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[Tx]:
-        conn = self._connection()
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-            yield _PgTx(cur)
-
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Tx]:
-        conn = self._connection()
-        with conn.transaction(), conn.cursor() as cur:
-            yield _PgTx(cur)
-
-    def _notify(self, tx: Tx, seq: int) -> None:
-        tx.rows("SELECT pg_notify(?, ?)", self.channel, str(seq))
-
-    def listen(self, stop: threading.Event, on_notify: Callable[[], None]) -> None:
-        """Call ``on_notify`` after each batch of change notifications until ``stop`` (blocks)."""
-        import psycopg
-
-        while not stop.is_set():
-            try:
-                with psycopg.connect(self.dsn, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {self.channel}")
-                    on_notify()  # whatever committed while we were not listening
-                    while not stop.is_set():
-                        if any(True for _ in conn.notifies(timeout=0.5, stop_after=1)):
-                            on_notify()
-            except psycopg.Error:
-                stop.wait(1.0)  # the server's poll covers the gap; reconnect
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def open_store(db: str, **kw: Any) -> Store:
-    """``postgresql://...`` (or ``postgres://``) selects PostgreSQL; anything else is a SQLite path."""
-    if db.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(db, **kw)
-    return SQLiteStore(db.removeprefix("sqlite://"), **kw)
+def _is_id(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) < 19  # fits an INTEGER

@@ -1,0 +1,90 @@
+"""What every benchmark here shares: the machine's load, ABBA rounds, ratios and one JSON line.
+
+Why: this machine's two cores are shared, so a figure means little without the
+load it was taken under, and a ratio means little unless both sides saw the
+same load. Rounds therefore run in ABBA order (A B, B A, A B, ...): slow drift
+hits both sides alike and neither always goes first. The headline ratio is the
+median of per-round ratios (a round's two runs are adjacent in time), never
+best against best, and the spread of those ratios is reported next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+P99_MIN_SAMPLES = 100  # fewer samples than this and "p99" would just be the maximum
+
+
+def load() -> list[float]:
+    """1-, 5- and 15-minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+class Report:
+    """One benchmark run: the load is read when it starts and when it prints its line."""
+
+    def __init__(self) -> None:
+        self.load_start = load()
+
+    def emit(self, fields: dict[str, Any]) -> None:
+        """Print the run's single JSON line, with ``load_start`` and ``load_end``."""
+        print(json.dumps({**fields, "load_start": self.load_start, "load_end": load()}),
+              flush=True)
+
+
+def run_abba(rounds: int, a: Callable[[], T], b: Callable[[], T]) -> tuple[list[T], list[T]]:
+    """Run ``a`` and ``b`` once per round, in the order a b, b a, a b, ...; each side's
+    results by round, so ``a_results[i]`` and ``b_results[i]`` were taken back to back."""
+    results: tuple[list[T], list[T]] = ([], [])
+    for n in range(rounds):
+        for side in (0, 1) if n % 2 == 0 else (1, 0):
+            results[side].append((a, b)[side]())
+    return results
+
+
+def spread(xs: Sequence[float], digits: int = 3) -> list[float]:
+    """[min, max] of the runs or rounds behind a median."""
+    return [round(min(xs), digits), round(max(xs), digits)]
+
+
+def round_ratios(num: Sequence[float], den: Sequence[float], key: str = "ratio") -> dict[str, Any]:
+    """Median of per-round ratios num/den as ``key``, each round's ratio and their spread."""
+    ratios = [n / d for n, d in zip(num, den, strict=True)]
+    prefix = key.removesuffix("ratio")
+    return {key: round(statistics.median(ratios), 3),
+            f"{prefix}round_ratios": [round(r, 3) for r in ratios],
+            f"{prefix}ratio_spread": spread(ratios)}
+
+
+def tail(xs: Sequence[float], prefix: str = "") -> dict[str, Any]:
+    """p50 and p99 of latencies in seconds; with fewer than 100 samples a p99 would be the
+    maximum in disguise, so the maximum is reported as such (``max_s``) instead."""
+    if not xs:
+        return {f"{prefix}p50_s": None, f"{prefix}samples": 0}
+    s = sorted(xs)
+    out: dict[str, Any] = {f"{prefix}p50_s": round(s[len(s) // 2], 4),
+                           f"{prefix}samples": len(s)}
+    if len(s) >= P99_MIN_SAMPLES:
+        out[f"{prefix}p99_s"] = round(s[min(len(s) - 1, int(0.99 * len(s)))], 4)
+    else:
+        out[f"{prefix}max_s"] = round(s[-1], 4)
+    return out
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    """Resident memory of process ``pid`` in MB."""
+    m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
+    return round(int(m.group(1)) / 1024, 1) if m else float("nan")
