@@ -26,7 +26,14 @@ mapper sends patches, so this is not Headscale). ``full_map_bytes`` /
 ``rebuild_cpu_s`` the CPU that encoding takes here. Latencies include this
 client's own event-loop delay over thousands of streams, so they are upper
 bounds; a p99 needs >= 100 samples, below that ``*_max_s`` is reported instead.
-``server_cpu_s`` is the server's CPU during the measured changes. A recipient
+``server_cpu_s`` is the server's CPU during the measured changes. Streams and
+registrations use the authenticated channel as nodes do (a nonce per request:
+signed answers, a signed session line and a MAC line after every stream line);
+the clients check the registration signatures, while the seeded streams' keys are
+stand-ins without private keys, so the server does all its sealing work but the
+per-node verification (one per node, on the node) is not repeated here; ``--plain``
+runs without the envelope (unsigned answers, plain streams), to measure what it
+costs on the same machine at the same time. A recipient
 that never got a change counts in ``missed`` and makes the run exit 1.
 PostgreSQL runs report ``pg_fsync`` and ``pg_synchronous_commit`` as the server
 has them (``scripts/start-postgres.sh`` runs with ``fsync=off``).
@@ -55,6 +62,8 @@ from wgmesh.control.store import open_store
 from wgmesh.keys import PrivateKey
 
 GROUP = 100
+#: The authenticated channel (nonces in every node call); ``--plain`` turns it off.
+SEALED = True
 
 
 class Streams:
@@ -85,18 +94,24 @@ class Streams:
         async with sem:
             t0 = time.monotonic()
             resp = await session.get(self.urls[i % len(self.urls)] + "/v1/netmap",
+                                     params={"nonce": _nonce()} if SEALED else None,
                                      headers={"Authorization": f"Bearer {token}"})
             parts: list[bytes] = []
+            session_line = SEALED  # the signed session line comes before the map
             while i not in self.first:
                 chunk = await resp.content.readany()
                 if not chunk:
                     raise RuntimeError(f"stream {i} ended before its map")
-                head, sep, rest = chunk.partition(b"\n")
-                parts.append(head)
-                if sep:
-                    self.first[i] = time.monotonic() - t0
-                    self.first_bytes[i] = sum(map(len, parts))
-                    parts = [rest]
+                while chunk:
+                    head, sep, chunk = chunk.partition(b"\n")
+                    parts.append(head)
+                    if sep and session_line:
+                        session_line, parts = False, []
+                    elif sep:
+                        self.first[i] = time.monotonic() - t0
+                        self.first_bytes[i] = sum(map(len, parts))
+                        parts = [chunk]
+                        break
         opened.set()
         async for chunk in resp.content.iter_any():
             now = time.monotonic()
@@ -182,11 +197,12 @@ def _reference(db: str, recipients: list[int]) -> tuple[float, float]:
 
 
 def _start_server(db: str, state: Path, name: str) -> tuple[subprocess.Popen[str], str]:
-    """One ``wgmesh control serve``; replicas share the admin and audit keys in ``state``."""
+    """One ``wgmesh control serve``; replicas share the admin, audit and control keys."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "wgmesh", "control", "serve", "--db", db, "--listen",
          "127.0.0.1:0", "--state-dir", str(state / name), "--api-key-file",
          str(state / "admin.key"), "--audit-key-file", str(state / "audit.key"),
+         "--control-key-file", str(state / "control.key"),
          "--keepalive", "120", "--key-expiry-days", "0", "--challenge-rate", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         preexec_fn=_raise_fd_limit)
@@ -230,7 +246,7 @@ async def _fanout(args: argparse.Namespace, db: str, state: Path) -> dict[str, A
     # one server, or two replicas: every per-server figure is prefixed with its replica
     prefixes = ["replica_a_", "replica_b_"] if args.scenario == "replicas" else [""]
     procs: list[subprocess.Popen[str]] = []
-    out: dict[str, Any] = {"scenario": args.scenario, "nodes": len(tokens),
+    out: dict[str, Any] = {"scenario": args.scenario, "nodes": len(tokens), "envelope": SEALED,
                            "db": "postgresql" if db.startswith("postgres") else "sqlite",
                            "missed": 0}
     try:
@@ -302,6 +318,12 @@ async def _fanout(args: argparse.Namespace, db: str, state: Path) -> dict[str, A
     return out
 
 
+def _nonce() -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+
+
 def _fake_key(i: int) -> Any:
     """Distinct public keys without paying for key generation at N=10,000."""
     from wgmesh.keys import Key
@@ -310,13 +332,18 @@ def _fake_key(i: int) -> Any:
 
 
 async def _register(args: argparse.Namespace, db: str, state: Path) -> dict[str, Any]:
+    import json
+
     from wgmesh.control.client import ControlClient
+    from wgmesh.control.envelope import ControlKey, verify_answer
 
     proc, url = _start_server(db, state, "a")
     n = args.nodes
     try:
         admin_key = (state / "admin.key").read_text().strip()
-        ak = ControlClient(url, api_key=admin_key).create_auth_key(reusable=True)["key"]
+        admin = ControlClient(url, api_key=admin_key)
+        ak = admin.create_auth_key(reusable=True)["key"]
+        control_key = ControlKey.parse(admin.server_control_key() or "")
         pool_keys = [PrivateKey.generate() for _ in range(n)]
         disco = PrivateKey.generate().public.b64()
         lat: list[float] = []
@@ -328,19 +355,28 @@ async def _register(args: argparse.Namespace, db: str, state: Path) -> dict[str,
 
             from nacl.public import Box, PublicKey
 
+            async def signed(path: str, req: dict[str, Any]) -> Any:
+                """A node's call: the answer must verify under the control key."""
+                nonce = _nonce()
+                async with session.post(url + path,
+                                        json={**req, "nonce": nonce} if SEALED else req) as r:
+                    data = await r.read()
+                    assert r.status == 200, data
+                    if SEALED:
+                        verify_answer(control_key, r.headers.get("Wgmesh-Control-Key"),
+                                      key.public, base64.urlsafe_b64decode(nonce), data,
+                                      r.headers.get("Wgmesh-Signature"))
+                return json.loads(data)
+
             async with sem:
                 t0 = time.monotonic()
-                async with session.post(url + "/v1/register/challenge",
-                                        json={"node_key": key.public.b64()}) as r:
-                    ch = await r.json()
+                ch = await signed("/v1/register/challenge", {"node_key": key.public.b64()})
                 secret = Box(key.nacl(), PublicKey(base64.b64decode(ch["server_key"]))).decrypt(
                     base64.b64decode(ch["sealed"]))
-                async with session.post(url + "/v1/register", json={
-                        "node_key": key.public.b64(), "disco_key": disco, "hostname": f"r{i}",
-                        "challenge_id": ch["challenge_id"], "auth_key": ak,
-                        "proof": base64.b64encode(secret).decode()}) as r:
-                    body = await r.json()
-                    assert r.status == 200, body
+                body = await signed("/v1/register", {
+                    "node_key": key.public.b64(), "disco_key": disco, "hostname": f"r{i}",
+                    "challenge_id": ch["challenge_id"], "auth_key": ak,
+                    "proof": base64.b64encode(secret).decode()})
                 lat.append(time.monotonic() - t0)
                 tokens.append(body["node_token"])
 
@@ -357,13 +393,14 @@ async def _register(args: argparse.Namespace, db: str, state: Path) -> dict[str,
             for tok in tokens[:P99_MIN_SAMPLES]:
                 t1 = time.monotonic()
                 async with session.get(url + "/v1/netmap",
+                                       params={"nonce": _nonce()} if SEALED else None,
                                        headers={"Authorization": f"Bearer {tok}"}) as r:
                     buf = b""
-                    while b"\n" not in buf:
+                    while buf.count(b"\n") < 1 + SEALED:  # the session line, then the map
                         buf += await r.content.readany()
                 fm.append(time.monotonic() - t1)
-                sizes.append(buf.index(b"\n") + 1)
-        return {"scenario": "register", "nodes": n,
+                sizes.append(len(buf.split(b"\n")[SEALED]) + 1)
+        return {"scenario": "register", "nodes": n, "envelope": SEALED,
                 "db": "postgresql" if db.startswith("postgres") else "sqlite",
                 "registrations_per_s": round(n / elapsed, 1), **tail(lat),
                 **tail(fm, "full_map_"), "bytes_per_recipient": round(statistics.fmean(sizes)),
@@ -389,10 +426,14 @@ def main() -> int:
                                               "10000, register 500")
     ap.add_argument("--rounds", type=int, default=3, help="measured changes per scenario")
     ap.add_argument("--parallel", type=int, default=16, help="concurrent registrations")
+    ap.add_argument("--plain", action="store_true",
+                    help="without the control-key envelope (to measure what it costs)")
     ap.add_argument("--postgres", metavar="DSN", nargs="?", const=os.environ.get(
         "WGMESH_TEST_POSTGRES_DSN"), help="use a fresh database on this PostgreSQL server "
                                           "(default DSN: $WGMESH_TEST_POSTGRES_DSN)")
     args = ap.parse_args()
+    global SEALED
+    SEALED = not args.plain
     if args.scenario == "replicas" and not args.postgres:
         ap.error("--scenario replicas needs --postgres (replicas share one PostgreSQL)")
     args.nodes = args.nodes or {"mesh": 1000, "replicas": 1000, "partitioned": 10000,

@@ -40,13 +40,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from _bench import Report, proc_rss_mb, round_ratios, run_abba, spread
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.relay import FrameType, RelayURL, encode_frame
 from wgmesh.relaynet.connection import RelayConnection
 from wgmesh.relaynet.stream import FrameStream
+
+if TYPE_CHECKING:  # the roles below run in lab hosts and need no lab themselves
+    from wgmesh.lab.network import Host, Lab, Process
 
 PACKET = 1400
 PORT = 3340
@@ -203,6 +206,16 @@ def _delivered(run: dict[str, Any]) -> float:
     return int(run["packets"]) / int(run["sent"])
 
 
+def relay_lab(lab: Lab) -> tuple[tuple[Host, Host, Host], Process, str]:
+    """Hosts relay, src and dst on the lab's internet and ``wgmesh relay serve`` on the
+    first: (hosts, the relay process, its URL)."""
+    relay, src, dst = (lab.add_public_host(n) for n in ("relay", "src", "dst"))
+    srv = lab.python(relay, "-m", "wgmesh", "relay", "serve", "--listen",
+                     f"{relay.ip}:{PORT}", "--key-file", f"/tmp/{lab.prefix}-relay.key")
+    srv.wait_for_output('"listening"', timeout=30)
+    return (relay, src, dst), srv, f"http://{relay.ip}:{PORT}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -216,11 +229,7 @@ def main() -> None:
 
     me = __file__
     with Lab() as lab:
-        relay, src, dst = (lab.add_public_host(n) for n in ("relay", "src", "dst"))
-        srv = lab.python(relay, "-m", "wgmesh", "relay", "serve", "--listen",
-                         f"{relay.ip}:{PORT}", "--key-file", f"/tmp/{lab.prefix}-relay.key")
-        srv.wait_for_output('"listening"', timeout=30)
-        url = f"http://{relay.ip}:{PORT}"
+        (relay, src, dst), srv, url = relay_lab(lab)
 
         def metrics() -> dict[str, Any]:
             m: dict[str, Any] = json.loads(lab.run(relay, [sys.executable, "-c", (

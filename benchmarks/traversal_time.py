@@ -12,7 +12,12 @@ and measures, on the shared wall clock:
 
 Reference, same runs: the least a coordinated punch can take, one relay round trip
 (call-me-maybe) plus one direct disco round trip (ping/pong). ``ratio`` =
-median ``t_direct_s`` / median reference. Prints one JSON line. Needs root.
+median ``t_direct_s`` / median reference.
+
+``pairs``: per NAT pair (``a:b`` as spelled on the command line, ``symmetric+pcp``
+with a port-mapping router whose node maps its port, as a Node does), the
+fraction of runs that ended direct, the median time to direct and the same
+runs' median relay round trip. Prints one JSON line. Needs root.
 """
 
 from __future__ import annotations
@@ -44,8 +49,14 @@ def _reboot_nat(lab: Lab, host: Host) -> float:
     return time.time()
 
 
+#: (a, b, seconds a run may take): the port-mapping cases, and the pair that must stay
+#: relayed without them.
+PORTMAP_PAIRS = (("symmetric+pcp", "symmetric", 40), ("symmetric+natpmp", "symmetric", 40),
+                 ("symmetric+upnp", "symmetric", 40), ("symmetric", "symmetric", 12))
+
+
 def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind_b: str,
-             tag: str, reboot: bool = False) -> dict[str, Any]:
+             tag: str, reboot: bool = False, duration: float = 40) -> dict[str, Any]:
     hosts = [lab.add_node_host(f"{tag}a", kind_a), lab.add_node_host(f"{tag}b", kind_b)]
     keys = []
     for side in "ab":
@@ -56,11 +67,13 @@ def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind
     procs = []
     for i, (side, host) in enumerate(zip("ab", hosts, strict=True)):
         stun_args = [x for s in stun for x in ("--stun", s)]
+        if host.nat is not None and host.nat.portmap:
+            stun_args.append("--portmap")
         procs.append(lab.python(
             host, "-m", "wgmesh.lab.traversal", "--key-file", str(tmp / f"{tag}{side}.key"),
             "--disco-key-file", str(tmp / f"{tag}{side}.disco"), "--peer", keys[1 - i][0],
             "--peer-disco", keys[1 - i][1], "--relay", relay, *stun_args,
-            "--duration", "40", "--exit-after-direct", "0.3",
+            "--duration", str(duration), "--exit-after-direct", "0.3",
             "--directs", "2" if reboot else "1"))
     t_reboot = None
     if reboot:
@@ -92,11 +105,23 @@ def run_pair(lab: Lab, tmp: Path, relay: str, stun: list[str], kind_a: str, kind
     return out
 
 
+def _pair_summary(pair: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fraction direct, median time to direct and the same runs' relay round trip."""
+    t = [r["t_direct_s"] for r in runs if "t_direct_s" in r]
+    rtt = [r["relay_rtt_s"] for r in runs if "relay_rtt_s" in r]
+    return {"pair": pair, "direct": f"{len(t)}/{len(runs)}",
+            "fraction_direct": round(len(t) / len(runs), 2) if runs else None,
+            "t_direct_median_s": round(statistics.median(t), 3) if t else None,
+            "relay_rtt_median_ms": round(statistics.median(rtt) * 1e3, 2) if rtt else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--hard-runs", type=int, default=3, help="eim x symmetric runs")
     ap.add_argument("--reboot-runs", type=int, default=3, help="NAT reboot recovery runs")
+    ap.add_argument("--portmap-runs", type=int, default=3,
+                    help="runs of each port-mapping pair (and of symmetric x symmetric)")
     a = ap.parse_args()
     report = Report()
     with Lab() as lab, tempfile.TemporaryDirectory() as td:
@@ -112,6 +137,9 @@ def main() -> None:
                 for i in range(a.hard_runs)]
         reboot = [run_pair(lab, tmp, url, stun, "eim", "eim", f"r{i}", reboot=True)
                   for i in range(a.reboot_runs)]
+        mapped = {f"{ka}:{kb}": [run_pair(lab, tmp, url, stun, ka, kb, f"m{j}{i}",
+                                          duration=limit) for i in range(a.portmap_runs)]
+                  for j, (ka, kb, limit) in enumerate(PORTMAP_PAIRS)}
     direct = [r["t_direct_s"] for r in easy if "t_direct_s" in r]
     ref = [r["relay_rtt_s"] + r["disco_rtt_s"] for r in easy if "disco_rtt_s" in r]
     hard_t = [r["t_direct_s"] for r in hard if "t_direct_s" in r]
@@ -128,6 +156,8 @@ def main() -> None:
         "t_direct_eim_symmetric_s": round(med(hard_t), 2) if hard_t else None,
         "nat_reboot_recovered": f"{len(rec)}/{len(reboot)}",
         "t_recover_s": round(med(rec), 2) if rec else None,
+        "pairs": [_pair_summary("eim:eim", easy), _pair_summary("eim:symmetric", hard),
+                  *(_pair_summary(k, v) for k, v in mapped.items())],
         "target_direct_s": 2.0, "target_first_packet_s": 1.0, "target_recover_s": 10.0,
     })
 

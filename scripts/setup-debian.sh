@@ -8,6 +8,8 @@
 #  - miniupnpd, miniupnpc: a real port-mapping router (UPnP-IGD, NAT-PMP, PCP) for lab NATs
 #    and upnpc, to list its mappings
 #  - postgresql: the service tier's real database
+#  - prometheus: a real Prometheus scrapes control, relay and agent in the metrics test
+#  - openssl, sqlite3: docs/deploy.md's private CA and online backup, run by its test
 set -eu
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
@@ -16,7 +18,8 @@ apt-get install -y -qq --no-install-recommends \
     wireguard-go wireguard-tools \
     qemu-system-x86 linux-image-amd64 busybox-static \
     coturn iperf3 tcpdump bind9-dnsutils miniupnpd miniupnpc \
-    postgresql \
+    postgresql prometheus openssl sqlite3 \
     python3-venv python3-dev gcc >/dev/null
-# coturn, postgresql and miniupnpd must not run as system services; tests start their own.
-systemctl disable --now coturn postgresql miniupnpd >/dev/null 2>&1 || true
+# coturn, postgresql, miniupnpd and prometheus must not run as system services; tests start
+# their own.
+systemctl disable --now coturn postgresql miniupnpd prometheus >/dev/null 2>&1 || true

@@ -329,6 +329,12 @@ class LockState:
     def is_revoked(self, node_key: Key) -> bool:
         return node_key in self._revoked
 
+    def label(self, node_key: Key) -> str:
+        """For status output: "signed", "needs signature" or "revoked"."""
+        if self.allows(node_key):
+            return "signed"
+        return "revoked" if node_key in self._revoked else "needs signature"
+
     def contains(self, update_hash: bytes) -> bool:
         return update_hash in self._seen
 

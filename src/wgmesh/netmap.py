@@ -47,6 +47,7 @@ __all__ = [
     "RelayNode",
     "RelayRegion",
     "apply",
+    "check_domain",
     "decode",
     "dumps",
     "encode",
@@ -112,6 +113,8 @@ class NodeInfo:
     ipv6: str
     tags: tuple[str, ...] = ()
     key_expiry: float = 0.0
+    #: False while the node waits for an admin's approval (it then has no peers).
+    approved: bool = True
 
     @property
     def addresses(self) -> tuple[str, str]:
@@ -143,6 +146,10 @@ class Peer:
     key_expiry: float = 0.0
     tags: tuple[str, ...] = ()
     caps: tuple[str, ...] = ()
+    #: Networks behind this peer it routes for us: approved subnet routes it is the primary
+    #: router of, and ``/0`` if it is an exit node. A node uses them only if it accepts
+    #: routes (or picked this exit node); absent on the wire when empty.
+    routes: tuple[str, ...] = ()
 
 
 #: The fields a :class:`PeerChange` can carry: the ones that change often.
@@ -248,6 +255,11 @@ class Netmap:
     relay_map: RelayMap = RelayMap()
     filter: tuple[FilterRule, ...] = ()
     policy_version: int = 0
+    #: The mesh lock's head hash (hex) as control stores it; "" while the mesh is not
+    #: locked. Only a hint to fetch the chain: nodes trust the chain, never this field.
+    lock_head: str = ""
+    #: The mesh DNS domain (``NAME.DOMAIN``), a control setting; "" for the default.
+    domain: str = ""
 
     def peer_by_key(self, key: Key) -> Peer | None:
         return next((p for p in self.peers.values() if p.node_key == key), None)
@@ -297,11 +309,12 @@ class NetmapDelta:
     relay_map: RelayMap | None = None
     filter: tuple[FilterRule, ...] | None = None
     policy_version: int | None = None
+    lock_head: str | None = None
 
     def is_empty(self) -> bool:
         return not (self.peers_upsert or self.peers_removed or self.peers_changed) and all(
             v is None for v in (self.self_node, self.relay_map, self.filter,
-                                self.policy_version))
+                                self.policy_version, self.lock_head))
 
 
 @attrs.frozen
@@ -334,6 +347,8 @@ def apply(netmap: Netmap, delta: NetmapDelta) -> Netmap:
         filter=netmap.filter if delta.filter is None else delta.filter,
         policy_version=(netmap.policy_version if delta.policy_version is None
                         else delta.policy_version),
+        lock_head=netmap.lock_head if delta.lock_head is None else delta.lock_head,
+        domain=netmap.domain,
     )
 
 
@@ -347,7 +362,8 @@ def _endpoint_json(e: Endpoint) -> dict[str, Any]:
 def _node_json(n: NodeInfo) -> dict[str, Any]:
     return {"id": n.id, "name": n.name, "node_key": n.node_key.b64(),
             "disco_key": n.disco_key.b64(), "ipv4": n.ipv4, "ipv6": n.ipv6,
-            "tags": list(n.tags), "key_expiry": n.key_expiry}
+            "tags": list(n.tags), "key_expiry": n.key_expiry,
+            **({} if n.approved else {"approved": False})}
 
 
 def _peer_json(p: Peer) -> dict[str, Any]:
@@ -356,7 +372,8 @@ def _peer_json(p: Peer) -> dict[str, Any]:
             "allowed_ips": list(p.allowed_ips),
             "endpoints": [_endpoint_json(e) for e in p.endpoints],
             "home_relay": p.home_relay, "online": p.online, "last_seen": p.last_seen,
-            "key_expiry": p.key_expiry, "tags": list(p.tags), "caps": list(p.caps)}
+            "key_expiry": p.key_expiry, "tags": list(p.tags), "caps": list(p.caps),
+            **({"routes": list(p.routes)} if p.routes else {})}
 
 
 def _change_json(c: PeerChange) -> dict[str, Any]:
@@ -390,7 +407,9 @@ def to_json(obj: Any) -> Any:
                     "peers": [_peer_json(p) for p in obj.peers.values()],
                     "relay_map": _relay_map_json(obj.relay_map),
                     "filter": [_rule_json(r) for r in obj.filter],
-                    "policy_version": obj.policy_version}
+                    "policy_version": obj.policy_version,
+                    **({"lock_head": obj.lock_head} if obj.lock_head else {}),
+                    **({"domain": obj.domain} if obj.domain else {})}
         case NetmapDelta():
             out: dict[str, Any] = {"type": "delta", "seq": obj.seq}
             if obj.peers_upsert:
@@ -407,6 +426,8 @@ def to_json(obj: Any) -> Any:
                 out["filter"] = [_rule_json(r) for r in obj.filter]
             if obj.policy_version is not None:
                 out["policy_version"] = obj.policy_version
+            if obj.lock_head is not None:
+                out["lock_head"] = obj.lock_head
             return out
         case Keepalive():
             return {"type": "keepalive", "seq": obj.seq}
@@ -461,6 +482,8 @@ def from_json(obj: Any) -> Message:
             filter=tuple(_rule(x, f"filter[{i}]")
                          for i, x in enumerate(_list(d, "filter", "netmap"))),
             policy_version=_int(d, "policy_version", "netmap"),
+            lock_head=_lock_head(d, "netmap") if "lock_head" in d else "",
+            domain=_domain(d, "netmap") if "domain" in d else "",
         )
     if kind == "delta":
         return NetmapDelta(
@@ -477,6 +500,7 @@ def from_json(obj: Any) -> Message:
                 _rule(x, f"filter[{i}]") for i, x in enumerate(_list(d, "filter", "delta"))),
             policy_version=(None if "policy_version" not in d
                             else _int(d, "policy_version", "delta")),
+            lock_head=_lock_head(d, "delta") if "lock_head" in d else None,
         )
     raise NetmapFormatError(f"message: unknown type {kind!r}")
 
@@ -537,6 +561,24 @@ def _str(d: dict[str, Any], key: str, path: str, maxlen: int = 255) -> str:
     v = d.get(key)
     if not isinstance(v, str) or len(v) > maxlen:
         raise _fail(f"{path}.{key}", f"must be a string of at most {maxlen} characters")
+    return v
+
+
+def _domain(d: dict[str, Any], path: str) -> str:
+    return check_domain(_str(d, "domain", path, 200), f"{path}.domain")
+
+
+def check_domain(text: str, path: str = "domain") -> str:
+    """``text`` if it is a DNS name of lowercase labels (the mesh domain), else an error."""
+    if not all(_NAME_RE.match(label) for label in text.split(".")):
+        raise _fail(path, f"{text!r} is not a DNS name of lowercase labels")
+    return text
+
+
+def _lock_head(d: dict[str, Any], path: str) -> str:
+    v = _str(d, "lock_head", path, 64)
+    if v and (len(v) != 64 or v.strip("0123456789abcdef")):
+        raise _fail(f"{path}.lock_head", "must be 64 lowercase hex digits or empty")
     return v
 
 
@@ -603,7 +645,8 @@ def _nodeinfo(d: dict[str, Any], path: str) -> NodeInfo:
     return NodeInfo(id=_int(d, "id", path), name=_name(d, "name", path),
                     node_key=_key(d, "node_key", path), disco_key=_key(d, "disco_key", path),
                     ipv4=_ip(d, "ipv4", path, 4), ipv6=_ip(d, "ipv6", path, 6),
-                    tags=_tokens(d, "tags", path), key_expiry=_float(d, "key_expiry", path))
+                    tags=_tokens(d, "tags", path), key_expiry=_float(d, "key_expiry", path),
+                    approved=d.get("approved", True) is not False)
 
 
 def _peer(v: Any, path: str) -> Peer:
@@ -617,7 +660,9 @@ def _peer(v: Any, path: str) -> Peer:
                 home_relay=_int(d, "home_relay", path, 0, 2**31),
                 online=_bool(d, "online", path), last_seen=_float(d, "last_seen", path),
                 key_expiry=_float(d, "key_expiry", path), tags=_tokens(d, "tags", path),
-                caps=_tokens(d, "caps", path))
+                caps=_tokens(d, "caps", path),
+                routes=tuple(_cidr(x, f"{path}.routes[{i}]") for i, x in
+                             enumerate(_list(d, "routes", path, optional=True))))
 
 
 def _change(v: Any, path: str) -> PeerChange:

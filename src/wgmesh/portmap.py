@@ -707,10 +707,13 @@ class Lease:
         self._wake_at = self._expires_at = None
         return self._send(now, "delete", 0)
 
-    def receive(self, data: bytes, now: float) -> list[bytes]:
+    def receive(self, data: bytes, now: float, *, announcement: bool = False) -> list[bytes]:
+        """A datagram from the gateway. ``announcement``: it came to the multicast group,
+        so it never answers our request (a NAT-PMP address announcement looks exactly
+        like the reply to our address request, and must not pass for one)."""
         if self.state in ("idle", "deleted", "failed"):
             return []
-        tx = self._tx
+        tx = None if announcement else self._tx
         try:
             msg = self._decode(data)
         except PortmapError as e:

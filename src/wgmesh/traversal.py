@@ -42,7 +42,8 @@ A stats endpoint that moved to a *direct* address while relayed is pinged at
 once: the peer went direct first, follow it.
 
 Hard NAT on one side (``port_search``): the easy side asks (call-me-maybe with
-:data:`~wgmesh.disco.FLAG_PORT_SEARCH`); a userspace hard side opens
+:data:`~wgmesh.disco.FLAG_PORT_SEARCH`) as soon as the peer's call-me-maybe says it
+is hard (:data:`~wgmesh.disco.FLAG_HARD_NAT`), not after a failed round; a userspace hard side opens
 ``search_ports`` extra sockets (``OpenPorts``) and pings us from each, and we
 send up to ``search_probes`` pings to random ports of its public address, rate
 limited, within ``search_duration``: the birthday paradox gives ~98% for
@@ -78,6 +79,7 @@ __all__ = [
     "PathInfo",
     "PathState",
     "PeerPath",
+    "PinFailed",
     "RefreshCandidates",
     "RelayIngress",
     "SendDisco",
@@ -85,6 +87,7 @@ __all__ = [
     "SetEndpoint",
     "Traversal",
     "TraversalConfig",
+    "TriedCandidate",
     "is_lan",
 ]
 
@@ -153,7 +156,7 @@ class TraversalConfig:
     search_probes: int = 1024
     search_duration: float = 20.0
     search_delay: float = 0.5
-    search_rate: float = 100.0  # probes per second
+    search_rate: float = 200.0  # probes per second (~20 kB/s, at most search_probes)
     max_candidates: int = 128
 
     @classmethod
@@ -248,8 +251,17 @@ class RefreshCandidates:
     reason: str
 
 
+@attrs.frozen
+class PinFailed:
+    """The user pinned the peer to ``mode`` and a probing round could not give it."""
+
+    key: Key
+    mode: str
+    reason: str
+
+
 Action = (SendDisco | SendViaRelay | SetEndpoint | RelayIngress | OpenPorts | ClosePorts
-          | PathChanged | ObservedAddr | RefreshCandidates)
+          | PathChanged | ObservedAddr | RefreshCandidates | PinFailed)
 
 
 # Message-level outputs of PeerPath; Traversal seals them into SendDisco / SendViaRelay.
@@ -278,6 +290,8 @@ class LocalInfo:
     node_key: Key
     candidates: tuple[Addr, ...] = ()
     hard_nat: bool = False
+    #: False when netcheck got no UDP answer at all (then only the relay works).
+    udp: bool = True
     _next_sock: int = 1
 
     def alloc_socks(self, n: int) -> tuple[int, ...]:
@@ -289,15 +303,17 @@ class LocalInfo:
 class Candidates:
     """This node's own endpoints: what it publishes to control and sends in call-me-maybe.
 
-    LAN addresses on the WireGuard port, STUN-reflexive IPv4/IPv6, and behind a
-    hard NAT a guess: the public IP with the local port (NATs that preserve ports
-    when they can). Each setter returns the new list when it changed, else ``None``,
-    so the node agent publishes only changes.
+    LAN addresses on the WireGuard port, a gateway port mapping (ahead of STUN: it
+    works even behind a hard NAT), STUN-reflexive IPv4/IPv6, and behind a hard NAT a
+    guess: the public IP with the local port (NATs that preserve ports when they
+    can). Each setter returns the new list when it changed, else ``None``, so the
+    node agent publishes only changes.
     """
 
     def __init__(self, local_port: int) -> None:
         self.local_port = local_port
         self._lan: tuple[str, ...] = ()
+        self._mapped: tuple[Addr, ...] = ()
         self._reflexive: tuple[Addr, ...] = ()
         self._hard = False
         self._current = self._build()
@@ -307,6 +323,8 @@ class Candidates:
         for ip in self._lan:
             a = norm((ip, self.local_port))
             out.setdefault(a, Endpoint(a[0], a[1], "local"))
+        for m in self._mapped:
+            out.setdefault(m, Endpoint(m[0], m[1], "portmap"))
         for r in self._reflexive:
             a = norm(r)
             out.setdefault(a, Endpoint(a[0], a[1], "stun"))
@@ -326,13 +344,16 @@ class Candidates:
 
     def update(self, *, lan: Iterable[str] | None = None,
                reflexive: Iterable[Addr] | None = None, hard_nat: bool | None = None,
-               local_port: int | None = None) -> tuple[Endpoint, ...] | None:
+               local_port: int | None = None, mapped: Iterable[Addr] | None = None
+               ) -> tuple[Endpoint, ...] | None:
         """Replace any of the inputs; the new endpoint list if that changed it."""
         if lan is not None:  # link-local needs a scope a peer cannot know: never published
             self._lan = tuple(dict.fromkeys(a.compressed for a in map(ipaddress.ip_address, lan)
                                             if not a.is_link_local and not a.is_loopback))
         if reflexive is not None:
             self._reflexive = tuple(dict.fromkeys(norm(r) for r in reflexive))
+        if mapped is not None:
+            self._mapped = tuple(dict.fromkeys(norm(m) for m in mapped))
         if hard_nat is not None:
             self._hard = hard_nat
         if local_port is not None:
@@ -383,14 +404,50 @@ class _Cand:
 
 
 @attrs.frozen
+class TriedCandidate:
+    """One address probed for a peer: where it came from and what happened.
+
+    ``sources``: netmap, cmm (the peer's call-me-maybe), peer (it pinged us
+    from there), wg (WireGuard roamed there), search (a port-search hit);
+    ``result``: answered, no answer, or not tried yet.
+    """
+
+    addr: Addr
+    sock: int
+    sources: tuple[str, ...]
+    rtt: float | None
+    result: str
+
+
+@attrs.frozen
 class PathInfo:
-    """A peer's path, for ``status`` and the grid."""
+    """A peer's path, for ``status`` and the grid, with why it is what it is.
+
+    ``reason``: one of the ``REASON_*`` texts; ``pinned``: the user's pin
+    (``direct`` or ``relay``), if any.
+    """
 
     state: PathState
     endpoint: Addr | None
     sock: int
     rtt: float | None
     since: float
+    reason: str = ""
+    tried: tuple[TriedCandidate, ...] = ()
+    pinned: str | None = None
+
+
+REASON_DIRECT = "direct"
+REASON_PINNED = "pinned by the user"
+REASON_HANDSHAKE = "waiting for a WireGuard handshake"
+REASON_UDP_BLOCKED = "local UDP blocked"
+REASON_PROBING = "still probing"
+REASON_HARD_BOTH = "endpoint-dependent NAT on both sides"
+REASON_NO_CANDIDATES = "the peer published no candidates"
+REASON_NO_FAMILY = "no common address family"
+REASON_NO_ANSWER = "no answer from the peer's candidates"
+#: Not the path machine's: the node adds it when control says the peer is offline.
+REASON_OFFLINE = "peer offline"
 
 
 @attrs.define
@@ -450,12 +507,43 @@ class PeerPath:
         self._search: _Search | None = None
         self._open_socks: tuple[int, ...] = ()
         self._close_socks_at: float | None = None
+        self._rounds_done = 0
+        #: The user's pin: "direct", "relay" or None.
+        self.pinned: str | None = None
 
     # ---- queries ------------------------------------------------------------------
     def info(self) -> PathInfo:
         c = self._cands.get(self.best) if self.best else None
+        tried = tuple(TriedCandidate(
+            k.addr, k.sock, tuple(sorted(k.sources)), k.rtt,
+            "answered" if k.last_pong is not None else
+            "no answer" if k.last_ping is not None else "not tried")
+            for k in self._cands.values())
         return PathInfo(self.state, c.addr if c else None, c.sock if c else 0,
-                        c.rtt if c else None, self.since)
+                        c.rtt if c else None, self.since, self.reason(), tried, self.pinned)
+
+    def reason(self) -> str:
+        """Why the path is what it is, from what this side knows (see ``REASON_*``)."""
+        if self.state is PathState.DIRECT:
+            return f"{REASON_DIRECT} ({REASON_PINNED})" if self.pinned == "direct" \
+                else REASON_DIRECT
+        if self.pinned == "relay":
+            return REASON_PINNED
+        if self.state is PathState.PENDING:
+            return REASON_HANDSHAKE
+        if not self.local.udp:
+            return REASON_UDP_BLOCKED
+        if self._rounds_done == 0:
+            return REASON_PROBING
+        if self.local.hard_nat and self.peer_flags & FLAG_HARD_NAT:
+            return REASON_HARD_BOTH
+        theirs = [c.addr for c in self._cands.values() if c.sources & {"netmap", "cmm"}]
+        if not theirs:
+            return REASON_NO_CANDIDATES
+        if self.local.candidates and not ({":" in a[0] for a in theirs}
+                                          & {":" in a[0] for a in self.local.candidates}):
+            return REASON_NO_FAMILY
+        return REASON_NO_ANSWER
 
     def candidates(self) -> list[tuple[int, Addr, float | None]]:
         return [(c.sock, c.addr, c.rtt) for c in self._cands.values()]
@@ -558,12 +646,15 @@ class PeerPath:
         self._round_until = now + self.cfg.round_duration
         self._next_round = now + self.cfg.reprobe_interval
         out: list[_Out] = []
-        if cmm and now - self._last_cmm >= self.cfg.cmm_min_interval:
+        if cmm and now - self._last_cmm >= self.cfg.cmm_min_interval \
+                and self.pinned != "relay":
             out.append(self._cmm(now))
         return out + self._probe(now)
 
     def _probe(self, now: float) -> list[_Out]:
         self._next_probe = now + self.cfg.probe_interval
+        if self.pinned == "relay":
+            return []
         return [self._ping(c, now) for c in self._cands.values()
                 if c.bad_until <= now and not (c.last_pong is not None
                                                and c.last_pong >= self._round_start)]
@@ -573,11 +664,32 @@ class PeerPath:
         self._last_cmm = float("-inf")
         return self._start_round(now, why)
 
+    def pin(self, mode: str | None, now: float) -> list[_Out]:
+        """Hold the path on ``relay``, or insist on ``direct`` (a round that ends on the
+        relay then reports :class:`PinFailed`); ``None`` lets traversal choose again.
+
+        A relay pin also stops probing and answering the peer's pings, so the peer
+        loses its direct path within its trust timeout and follows onto the relay.
+        """
+        if mode not in ("direct", "relay", None):
+            raise ValueError(f"pin mode {mode!r}: direct, relay or None")
+        self.pinned = mode
+        if mode == "relay":
+            return self._to_relay(now, "pinned") if self.state is not PathState.RELAY else []
+        if self.state is PathState.DIRECT:
+            return []
+        return self.kick(now, "unpin" if mode is None else "pin")
+
     def on_traffic(self, now: float) -> None:
         self._last_active = now
 
     # ---- disco input --------------------------------------------------------------
     def on_ping(self, src: Addr, sock: int, txid: bytes, now: float) -> list[_Out]:
+        if self.pinned == "relay":
+            # No pong: the peer must not find a direct path either, or it would stop
+            # taking our packets from the relay (relay ingress off on a direct path).
+            self.counters["ping_ignored_pinned"] += 1
+            return []
         src = norm(src)
         out: list[_Out] = [DiscoOut(src, sock, disco.Pong(txid, src))]
         c = self._cand(src, sock, "peer")
@@ -615,7 +727,8 @@ class PeerPath:
     def on_call_me_maybe(self, cmm: disco.CallMeMaybe, now: float) -> list[_Out]:
         self.peer_flags = cmm.flags
         self._replace_source("cmm", cmm.endpoints)
-        out: list[_Out] = []
+        # A hard peer: no round can reach it, so start the port search now, not after one.
+        out: list[_Out] = self._maybe_search(now)
         if cmm.flags & FLAG_PORT_SEARCH:
             out += self._open_search_ports(now)
         if not cmm.flags & FLAG_REPLY and now - self._last_cmm_reply >= self.cfg.cmm_min_interval:
@@ -631,6 +744,8 @@ class PeerPath:
 
     # ---- choosing -----------------------------------------------------------------
     def _select(self, now: float) -> list[_Out]:
+        if self.pinned == "relay":
+            return []
         fresh = [c for c in self._cands.values()
                  if c.fresh(now, self.cfg) and c.bad_until <= now]
         if not fresh:
@@ -723,7 +838,8 @@ class PeerPath:
                 self._last_reassert = now
                 self.counters["reassert_direct"] += 1
                 out.append(SetEndpoint(self.key, best.addr, best.sock))
-        if ep is not None and ep is not RELAY and (best is None or ep != best.addr):
+        if ep is not None and ep is not RELAY and (best is None or ep != best.addr) \
+                and self.pinned != "relay":
             c = self._cand(ep, 0, "wg")
             if c is not None and not c.fresh(now, self.cfg) and (
                     c.last_ping is None or now - c.last_ping >= self.cfg.probe_interval):
@@ -762,6 +878,9 @@ class PeerPath:
     def _search_step(self, now: float) -> list[_Out]:
         s = self._search
         if s is None or now < s.next_at:
+            return []
+        if self.state is not PathState.RELAY:  # found a path some other way
+            self._search = None
             return []
         if now >= s.end_at or s.sent >= self.cfg.search_probes:
             self._search = None
@@ -818,7 +937,10 @@ class PeerPath:
         if self._round_until is not None:
             if now >= self._round_until:
                 self._round_until = None
+                self._rounds_done += 1
                 out += self._maybe_search(now)
+                if self.pinned == "direct" and self.state is PathState.RELAY:
+                    out.append(PinFailed(self.key, "direct", self.reason()))
             elif now >= self._next_probe:
                 out += self._probe(now)
         out += self._search_step(now)
@@ -917,8 +1039,13 @@ class Traversal:
         return self._wire(peer, peer.close()) if peer else []
 
     def set_local(self, candidates: Iterable[Addr | Endpoint], now: float, *,
-                  hard_nat: bool | None = None) -> list[Action]:
-        """Our own endpoints (and NAT hardness) changed: tell every peer in a new round."""
+                  hard_nat: bool | None = None, udp: bool | None = None) -> list[Action]:
+        """Our own endpoints (and NAT hardness) changed: tell every peer in a new round.
+
+        ``udp``: whether netcheck got any UDP answer (only explains paths).
+        """
+        if udp is not None:
+            self.local.udp = udp
         cands = tuple(norm((c.ip, c.port) if isinstance(c, Endpoint) else c)
                       for c in candidates)
         changed = cands != self.local.candidates or (
@@ -1007,6 +1134,11 @@ class Traversal:
     def path(self, node_key: Key) -> PathInfo | None:
         p = self.peers.get(node_key)
         return p.info() if p else None
+
+    def pin(self, node_key: Key, mode: str | None, now: float) -> list[Action]:
+        """Pin a peer's path (see :meth:`PeerPath.pin`); nothing if it is not a peer."""
+        p = self.peers.get(node_key)
+        return self._wire(p, p.pin(mode, now)) if p else []
 
     # ---- output -------------------------------------------------------------------
     def _wire(self, peer: PeerPath, outs: Iterable[_Out]) -> list[Action]:

@@ -21,6 +21,8 @@ from wgmesh.lab.network import Lab
 from wgmesh.loopthread import LoopThread
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
+#: Estimated seconds in the emulated VM (tests/support/vmtier.py balances its VMs by it).
+VM_COST_S = 100
 
 
 

@@ -17,6 +17,8 @@ from conftest import need
 from wgmesh.lab.network import Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
+#: Estimated seconds in the emulated VM (tests/support/vmtier.py balances its VMs by it).
+VM_COST_S = 80
 
 
 def test_userspace_with_kernel_wireguard(lab: Lab, tmp_path: Path,

@@ -75,9 +75,11 @@ def test_sync_node_in_a_namespace_with_events_and_restart_from_cache(lab: Lab,
             got_direct.set()
 
     na = wgmesh.Node(mesh.control_url, authkey=key, state_dir=tmp_path / "a", netns=ha.ns,
-                     hostname="a", ifname="wgna", backend="userspace")
+                     hostname="a", ifname="wgna", backend="userspace",
+                     control_ca=mesh.control_ca)
     nb = wgmesh.Node(mesh.control_url, authkey=key, state_dir=tmp_path / "b", netns=hb.ns,
-                     hostname="b", ifname="wgnb", backend="userspace")
+                     hostname="b", ifname="wgnb", backend="userspace",
+                     control_ca=mesh.control_ca)
     na.on("peer_path_changed", on_path)
     try:
         st = na.up()
@@ -97,7 +99,8 @@ def test_sync_node_in_a_namespace_with_events_and_restart_from_cache(lab: Lab,
         na.down()
         mesh.control_proc.stop()
         na = wgmesh.Node(mesh.control_url, state_dir=tmp_path / "a", netns=ha.ns,
-                         hostname="a", ifname="wgna", backend="userspace")
+                         hostname="a", ifname="wgna", backend="userspace",
+                         control_ca=mesh.control_ca)
         st2 = na.up()
         assert (st2.ipv4, st2.public_key) == (addr, pub)
         assert not st2.control_online
@@ -118,7 +121,8 @@ def test_async_node_inside_a_running_loop(lab: Lab, tmp_path: Path) -> None:
     async def main() -> str:
         # A sync Node works from inside a running loop: it has its own loop thread.
         n = wgmesh.Node(mesh.control_url, authkey=key, state_dir=tmp_path / "s",
-                        netns=ha.ns, hostname="solo", ifname="wgsolo", backend="userspace")
+                        netns=ha.ns, hostname="solo", ifname="wgsolo", backend="userspace",
+                        control_ca=mesh.control_ca)
         try:
             return n.up().name
         finally:
@@ -147,6 +151,7 @@ def test_bad_authkey_is_a_clear_error(lab: Lab) -> None:
     mesh = MeshLab(lab, relays=1)
     h = lab.add_node_host("x", "none")
     cp = lab.run(h, [*WGMESH, "up", "--control", mesh.control_url, "--authkey", "wgk_bogus",
+                     "--control-ca", mesh.control_ca,
                      "--state-dir", str(mesh.dir / "x"), "--socket", str(mesh.dir / "x.sock")],
                  check=False)
     assert cp.returncode == 1 and "Traceback" not in cp.stderr
@@ -160,6 +165,7 @@ def test_provisioning_example(lab: Lab) -> None:
     h = lab.add_node_host("web-1", "eim")
     script = Path(__file__).parents[2] / "examples" / "provision.py"
     cp = lab.run(h, [sys.executable, str(script), "--control", mesh.control_url,
+                     "--control-ca", mesh.control_ca,
                      "--api-key-file", str(mesh.api_key_file), "--state-dir",
                      str(mesh.dir / "web"), "--hostname", "web-1", "--backend", "userspace",
                      "--once"], timeout=120)
@@ -172,9 +178,9 @@ def test_provisioning_example(lab: Lab) -> None:
 ASYNC_SCRIPT = """
 import asyncio, sys, wgmesh
 
-async def main(url, key, state):
+async def main(url, key, state, ca):
     async with wgmesh.AsyncNode(url, authkey=key, state_dir=state, hostname="anode",
-                                ifname="wganode", backend="userspace") as node:
+                                ifname="wganode", backend="userspace", control_ca=ca) as node:
         events = node.events.aiter()
         st = await node.status()
         print("up", st.name, st.ipv4, flush=True)
@@ -197,7 +203,8 @@ def test_async_node_with_event_iterator(lab: Lab) -> None:
     mesh = MeshLab(lab, relays=1)
     key = mesh.authkey()
     h = lab.add_node_host("anode", "eim")
-    p = lab.python(h, "-c", ASYNC_SCRIPT, mesh.control_url, key, str(mesh.dir / "anode"))
+    p = lab.python(h, "-c", ASYNC_SCRIPT, mesh.control_url, key, str(mesh.dir / "anode"),
+                   mesh.control_ca)
     p.wait_for_output("up anode 100.64.", timeout=60)
     mesh.add_node("bnode", "eim")
     out = p.wait_for_output("pong", timeout=90)
@@ -215,7 +222,7 @@ def test_deleted_node_registers_again_with_its_auth_key(lab: Lab) -> None:
     mesh.admin("nodes", "delete", "a")
     h = lab.hosts["a"]
     p = lab.python(h, "-m", "wgmesh", "up", "--control", mesh.control_url, "--authkey",
-                   mesh.authkey(), "--state-dir", str(mesh.dir / "nodes" / "a"), "--hostname",
+                   mesh.authkey(), "--control-ca", mesh.control_ca, "--state-dir", str(mesh.dir / "nodes" / "a"), "--hostname",
                    "a", "--ifname", "wga", "--backend", "userspace", "--socket",
                    str(mesh.dir / "a-again.sock"))
     p.wait_for_output("wgmesh up:", timeout=60)

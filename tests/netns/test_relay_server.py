@@ -783,6 +783,44 @@ def test_bad_relay_credential_fails_closed(tmp_path: Path) -> None:
         run(main())
 
 
+def test_allow_list_over_https_with_a_private_ca(tmp_path: Path) -> None:
+    """`relay serve --control https://... --control-ca FILE`: the credential goes only over
+    TLS, verified against the given CA; without that CA the fetch fails closed."""
+    import ssl
+
+    from wgmesh.control.client import ControlClient
+    from wgmesh.control.server import ControlServer
+    from wgmesh.lab.tls import LabCA
+
+    ca = LabCA(tmp_path / "ca")
+    cert, key = ca.issue("control", "127.0.0.1")
+    with ControlServer(listen="127.0.0.1:0", state_dir=tmp_path / "ctl", tls_cert=cert,
+                       tls_key=key) as control:
+        assert control.url.startswith("https://")
+        admin = ControlClient(control.url, api_key=control.admin_key, ca=str(ca.path))
+        credential = admin.create_api_key(role="relay")["key"]
+        auth = admin.create_auth_key(reusable=True)["key"]
+        member = PrivateKey.generate()
+        ControlClient(control.url, ca=str(ca.path)).register(
+            member, PrivateKey.generate().public, "member", auth_key=auth)
+
+        async def main() -> None:
+            trusting = ssl.create_default_context(cafile=str(ca.path))
+            srv, url = await serving(control_url=control.url, relay_credential=credential,
+                                     control_ssl=trusting, allow_refresh=0.2)
+            await until(lambda: member.public.raw in (srv.allowed or ()), what="allow-list")
+            await RelayConnection.open(url, member)
+            await srv.close()
+            blind, url = await serving(control_url=control.url, relay_credential=credential,
+                                       allow_refresh=0.2)
+            await until(lambda: blind.drops["allow_list_fetch_failed"] >= 1)
+            with pytest.raises(RelayConnectError, match="not allowed"):
+                await RelayConnection.open(url, member)
+            await blind.close()
+
+        run(main())
+
+
 def test_cross_region_reaches_the_peers_home_relay() -> None:
     async def main() -> None:
         s1, u1 = await serving()

@@ -60,21 +60,22 @@ def test_three_rekeys_with_shortened_clock(lab: Lab, tmp_path: Path,
         transfer(b, a, payload)
 
 
-def test_roaming_peer_endpoint(lab: Lab, tmp_path: Path, payload: tuple[Path, str]) -> None:
+@pytest.mark.parametrize("mover", ["wireguard-go", "wgmesh"])
+def test_roaming_peer_endpoint(lab: Lab, tmp_path: Path, payload: tuple[Path, str],
+                               mover: str) -> None:
+    """Either side moves to a new address and port (a NAT rebinding or a new network);
+    its next packet moves the other's endpoint, with no reconfiguration there."""
     with two_sides(lab, tmp_path) as (a, b):
         a.add_peer(b, endpoint=True)
         b.add_peer(a, endpoint=False)
         a.ping(b)
-        assert a.endpoint() == f"{b.host.ip}:{PORT}"
-        # wireguard-go moves to a new address and port: as a NAT rebinding or a new network.
-        new_ip = re.sub(r"\.\d+$", ".201", b.host.ip)
-        lab.run(b.host, ["ip", "addr", "add", f"{new_ip}/24", "dev", "eth0"])
-        subnet = re.sub(r"\.\d+$", ".0/24", b.host.ip)
-        lab.run(b.host, ["ip", "route", "replace", subnet, "dev", "eth0", "src", new_ip])
-        b.wg("set", b.ifname, "listen-port", "51999")
-        b.ping(a)  # its next packet, from the new endpoint, moves wgmesh's endpoint
-        assert a.endpoint() == f"{new_ip}:51999"
-        a.ping(b)
+        moving, still = (b, a) if mover == "wireguard-go" else (a, b)
+        assert still.endpoint() == f"{moving.host.ip}:{PORT}"
+        new_ip = moving.roam(201, 51999)
+        moving.ping(still)  # its next packet, from the new endpoint, moves the endpoint
+        assert still.endpoint() == f"{new_ip}:51999"
+        still.ping(moving)
+        assert moving.endpoint() == f"{still.host.ip}:{PORT}"
         transfer(a, b, payload)
 
 

@@ -316,15 +316,18 @@ def test_rewritten_and_rehashed_audit_history_is_detected(
 def test_an_old_unkeyed_database_upgrades_in_place(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    from wgmesh.control.store import open_store
+    from wgmesh.control.store import MIGRATIONS, open_store
 
     monkeypatch.setenv("WGMESH_STATE_DIR", str(tmp_path / "elsewhere"))  # no key there
 
     db = str(tmp_path / "control.db")
-    store = open_store(db)  # no audit key: entries chained as before the upgrade
-    for i in range(4):
-        store.audit("system", "test.old", f"t{i}")
-    store.close()
+    with monkeypatch.context() as m:  # migrations after 4 then run on the server's start
+        m.setattr("wgmesh.control.store.sql.MIGRATIONS",
+                  [mg for mg in MIGRATIONS if mg[0] <= 4])
+        store = open_store(db)  # no audit key: entries chained as before the upgrade
+        for i in range(4):
+            store.audit("system", "test.old", f"t{i}")
+        store.close()
     with sqlite3.connect(db) as conn:  # the schema as it was before migration 4
         conn.execute("ALTER TABLE audit DROP COLUMN keyed")
         conn.execute("ALTER TABLE nodes DROP COLUMN name_assigned")

@@ -41,7 +41,8 @@ def dsn() -> Iterator[str]:
 
 @pytest.fixture
 def replicas(dsn: str, tmp_path: Path) -> Iterator[tuple[ControlServer, ControlServer]]:
-    keys = {"api_key_file": tmp_path / "admin.key", "audit_key_file": tmp_path / "audit.key"}
+    keys = {"api_key_file": tmp_path / "admin.key", "audit_key_file": tmp_path / "audit.key",
+            "control_key_file": tmp_path / "control.key"}  # replicas share all three
     with ControlServer(dsn, "127.0.0.1:0", state_dir=tmp_path / "a", keepalive_s=0.3,
                        flush_delay_s=0, **keys) as a, \
          ControlServer(dsn, "127.0.0.1:0", state_dir=tmp_path / "b", keepalive_s=0.3,

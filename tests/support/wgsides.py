@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,16 @@ class Side:
     def endpoint(self) -> str:
         out = self.wg("show", self.ifname, "endpoints").split()
         return out[1] if len(out) == 2 else ""
+
+    def roam(self, last_octet: int, port: int) -> str:
+        """Move to a new address in the host's subnet (it becomes the routing source) and
+        a new listen port, as a NAT rebinding or a new network would; returns the address."""
+        new_ip = re.sub(r"\.\d+$", f".{last_octet}", self.host.ip)
+        self.lab.run(self.host, ["ip", "addr", "add", f"{new_ip}/24", "dev", "eth0"])
+        subnet = re.sub(r"\.\d+$", ".0/24", self.host.ip)
+        self.lab.run(self.host, ["ip", "route", "replace", subnet, "dev", "eth0", "src", new_ip])
+        self.wg("set", self.ifname, "listen-port", str(port))
+        return new_ip
 
 
 def transfer(src: Side, dst: Side, payload: tuple[Path, str]) -> float:

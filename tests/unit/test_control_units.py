@@ -19,6 +19,7 @@ from wgmesh.control.client import Backoff
 from wgmesh.control.policy import DEFAULT_POLICY, PolicyError, node_selectors, parse_policy
 from wgmesh.control.store.records import Change, NodeRecord
 from wgmesh.control.world import World
+from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key
 
 pytestmark = pytest.mark.unit
@@ -348,3 +349,22 @@ def test_rate_limiter_buckets_per_source_and_stays_bounded() -> None:
     for i in range(1000):
         rl.check(f"10.0.{i // 256}.{i % 256}")
     assert len(rl) <= 100
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://control.example:8420", True), ("https://192.0.2.1", True),
+    ("http://127.0.0.1:8420", True), ("http://[::1]:8420", True), ("http://localhost", True),
+    ("http://192.0.2.1:8420", False), ("http://[2001:db8::1]", False),
+    ("http://control.example", False), ("ftp://127.0.0.1", False), ("https://", False)])
+def test_credentials_never_go_to_plain_http_off_loopback(url: str, ok: bool) -> None:
+    """Node tokens, auth keys and the relay's credential are bearer secrets (issue 13)."""
+    from wgmesh.relaynet.server import RelayServer
+    from wgmesh.urls import check_credential_url
+
+    if ok:
+        check_credential_url(url)
+        return
+    with pytest.raises(WgmeshError):
+        check_credential_url(url)
+    with pytest.raises(WgmeshError, match=r"http|expected"):
+        RelayServer(control_url=url, relay_credential="c")

@@ -28,7 +28,8 @@ peers = st.builds(
     ipv4=ipv4s, ipv6=ipv6s, allowed_ips=st.just(("100.64.0.1/32",)),
     endpoints=st.lists(endpoints, max_size=3).map(tuple), home_relay=st.integers(0, 9),
     online=st.booleans(), last_seen=times, key_expiry=times, tags=tokens,
-    caps=st.sampled_from([(), ("file-send",)]))
+    caps=st.sampled_from([(), ("file-send",)]),
+    routes=st.sampled_from([(), ("198.51.100.0/24",), ("0.0.0.0/0", "::/0")]))
 nodes = st.builds(nm.NodeInfo, id=st.integers(1, 10**6), name=names, node_key=keys,
                   disco_key=keys, ipv4=ipv4s, ipv6=ipv6s, tags=tokens, key_expiry=times)
 rules = st.builds(nm.FilterRule, src=st.just(("100.64.0.0/10",)),
@@ -43,11 +44,12 @@ changes = st.builds(
     endpoints=st.none() | st.lists(endpoints, max_size=2).map(tuple),
     home_relay=st.none() | st.integers(0, 9), online=st.none() | st.booleans(),
     last_seen=st.none() | times, key_expiry=st.none() | times)
+lock_heads = st.just("") | st.binary(min_size=32, max_size=32).map(bytes.hex)
 netmaps = st.builds(
     nm.Netmap, seq=st.integers(0, 10**9), self_node=nodes,
     peers=st.lists(peers, max_size=4).map(lambda ps: {p.id: p for p in ps}),
     relay_map=relay_maps, filter=st.lists(rules, max_size=3).map(tuple),
-    policy_version=st.integers(0, 100))
+    policy_version=st.integers(0, 100), lock_head=lock_heads)
 deltas = st.builds(
     nm.NetmapDelta, seq=st.integers(0, 10**9),
     peers_upsert=st.lists(peers, max_size=3).map(tuple),
@@ -55,7 +57,7 @@ deltas = st.builds(
     peers_changed=st.lists(changes, max_size=3).map(tuple),
     self_node=st.none() | nodes, relay_map=st.none() | relay_maps,
     filter=st.none() | st.lists(rules, max_size=2).map(tuple),
-    policy_version=st.none() | st.integers(0, 100))
+    policy_version=st.none() | st.integers(0, 100), lock_head=st.none() | lock_heads)
 
 
 @given(st.one_of(netmaps, deltas, st.builds(nm.Keepalive, seq=st.integers(0, 10**9))))
@@ -192,3 +194,16 @@ def test_decode_errors_name_the_field() -> None:
     obj["peers"][0]["node_key"] = "nope"
     with pytest.raises(nm.NetmapFormatError, match=r"peers\[0\]\.node_key"):
         nm.decode(json.dumps(obj))
+
+
+def test_peer_routes_are_additive_on_the_wire() -> None:
+    """A peer without routes encodes as before (old decoders see nothing new), and a
+    message from an older control (no ``routes`` key) decodes with none."""
+    p = _peer(3)
+    assert "routes" not in nm.to_json(p)
+    routed = attrs.evolve(p, routes=("198.51.100.0/24",))
+    assert nm.to_json(routed)["routes"] == ["198.51.100.0/24"]
+    msg = attrs.evolve(_map(), peers={3: routed})
+    assert nm.decode(nm.encode(msg)) == msg
+    with pytest.raises(nm.NetmapFormatError, match="routes"):
+        nm.from_json({**nm.to_json(msg), "peers": [{**nm.to_json(routed), "routes": ["x"]}]})

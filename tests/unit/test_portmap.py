@@ -576,6 +576,21 @@ def test_natpmp_lease_address_announcement_triggers_remap_not_publication() -> N
     assert isinstance(event, pm.Mapped) and event.mapping.external == ("192.0.2.99", 40000)
 
 
+def test_natpmp_announcement_during_a_remap_never_passes_for_the_reply() -> None:
+    """A flooded address announcement is byte for byte an address reply: only where it
+    came in (the multicast group) tells them apart."""
+    lease = natpmp_lease()
+    natpmp_mapped(lease)
+    lease.receive(natpmp_address_reply("192.0.2.99", epoch=1010), 10.0, announcement=True)
+    lease.receive(natpmp_map_reply(lifetime=600, epoch=1010), 10.1)  # the remap's answer
+    lie = natpmp_address_reply("203.0.113.66", epoch=1010)
+    assert lease.receive(lie, 10.1, announcement=True) == []
+    assert lease.events() == []  # still waiting for the real address reply
+    lease.receive(natpmp_address_reply(epoch=1010), 10.2)
+    (event,) = lease.events()
+    assert isinstance(event, pm.Mapped) and event.mapping.external == (WAN_IP, 40000)
+
+
 def test_natpmp_lease_reads_a_pcp_announcement_of_a_reboot() -> None:
     """miniupnpd announces its restart with PCP only, on the epoch both protocols share."""
     lease = natpmp_lease()

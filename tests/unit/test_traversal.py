@@ -378,6 +378,16 @@ def test_candidates_lan_stun_and_hard_nat_guess() -> None:
     assert ("198.51.100.4", 30001) in c.addrs
 
 
+def test_candidates_port_mapping_comes_before_stun_and_can_be_withdrawn() -> None:
+    c = Candidates(41641)
+    c.update(lan=["10.1.0.10"], reflexive=[("198.51.100.4", 30001)], hard_nat=True)
+    new = c.update(mapped=[("198.51.100.4", 41641)])
+    assert new is not None
+    assert [e.kind for e in new] == ["local", "portmap", "stun"]  # the guess equals it
+    assert c.update(mapped=[("198.51.100.4", 41641)]) is None
+    assert [e.kind for e in c.update(mapped=[]) or ()] == ["local", "stun", "guess"]
+
+
 # ---------------------------------------------------------------- invariants under fuzz
 
 _ADDRS = [PUB4, LAN4, PUB6, ("198.51.100.8", 41641), ("198.51.100.9", 1234)]

@@ -23,7 +23,7 @@ from typing import TextIO
 
 import attrs
 
-from wgmesh.cli.output import print_table, run_command
+from wgmesh.cli.output import print_table, run_command, socket_option
 from wgmesh.display import human_bytes
 from wgmesh.drop.inbox import Inbox
 from wgmesh.drop.protocol import DEFAULT_PORT, DropError
@@ -33,8 +33,8 @@ __all__ = ["add_parser", "main", "progress_bar"]
 
 DEFAULT_STATE_DIR = "/var/lib/wgmesh"
 
-#: PEER (a name or an address) -> its tunnel address.
-ResolvePeer = Callable[[str], str]
+#: PEER (a name or an address) and the agent's socket (None: no agent) -> its tunnel address.
+ResolvePeer = Callable[[str, str | None], str]
 
 
 def progress_bar(name: str, stream: TextIO | None = None) -> Progress:
@@ -59,7 +59,7 @@ def progress_bar(name: str, stream: TextIO | None = None) -> Progress:
     return show
 
 
-def _literal_peer(peer: str) -> str:
+def _literal_peer(peer: str, _socket: str | None = None) -> str:
     try:
         return str(ipaddress.ip_address(peer.strip("[]")))
     except ValueError:
@@ -69,7 +69,7 @@ def _literal_peer(peer: str) -> str:
 
 def cmd_send(a: argparse.Namespace, resolve_peer: ResolvePeer) -> int:
     """``wgmesh file send PEER PATH...``: each file in turn; stops at the first refusal."""
-    addr = resolve_peer(a.peer)
+    addr = resolve_peer(a.peer, a.socket)
     for p in a.paths:
         bar = progress_bar(Path(p).name) if sys.stderr.isatty() and not a.json else None
         r = send_file(addr, p, port=a.port, progress=bar)
@@ -99,8 +99,9 @@ def cmd_receive(a: argparse.Namespace) -> int:
                          for f in files], ["name", "size", "received"])
         return 0
     dest = Path(a.dir)
-    if not dest.is_dir():
+    if dest.exists() and not dest.is_dir():
         raise DropError(f"{dest}: not a directory")
+    dest.mkdir(parents=True, exist_ok=True)
     moved = inbox.move_to(dest, files)
     if a.json:
         print(json.dumps([str(p) for p in moved]))
@@ -113,15 +114,20 @@ def cmd_receive(a: argparse.Namespace) -> int:
 
 
 def _add_commands(fs: argparse._SubParsersAction[argparse.ArgumentParser],
-                  resolve_peer: ResolvePeer, state_dir: str) -> None:
+                  resolve_peer: ResolvePeer, state_dir: str, agent: bool) -> None:
     s = fs.add_parser("send", help="send files to a peer through the tunnel")
     s.add_argument("peer", metavar="PEER", help="peer name or tunnel address")
     s.add_argument("paths", metavar="PATH", nargs="+", help="files to send")
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help="the peer's peer API port")
     s.add_argument("--json", action="store_true", help="one JSON object per file")
+    if agent:
+        socket_option(s, "the agent's local API socket, to look PEER up (env WGMESH_SOCKET)")
+    else:
+        s.set_defaults(socket=None)
     s.set_defaults(func=lambda a: cmd_send(a, resolve_peer))
     r = fs.add_parser("receive", help="list the inbox, or move its files to DIR")
-    r.add_argument("dir", metavar="DIR", nargs="?", help="move received files here")
+    r.add_argument("dir", metavar="DIR", nargs="?",
+                   help="move received files here (created if missing)")
     r.add_argument("--wait", action="store_true", help="wait until a file has arrived")
     r.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S s")
     r.add_argument("--state-dir", default=state_dir, help=f"node state (default {state_dir})")
@@ -133,7 +139,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], *,
                resolve_peer: ResolvePeer, state_dir: str = DEFAULT_STATE_DIR) -> None:
     """Register ``file send`` / ``file receive``; ``resolve_peer`` names PEER's address."""
     f = sub.add_parser("file", help="send files to peers, receive dropped files")
-    _add_commands(f.add_subparsers(dest="file_cmd", required=True), resolve_peer, state_dir)
+    _add_commands(f.add_subparsers(dest="file_cmd", required=True), resolve_peer, state_dir,
+                  agent=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m wgmesh.cli.file",
         description="wgmesh file send|receive without a node agent: peers by tunnel address")
     _add_commands(ap.add_subparsers(dest="file_cmd", required=True), _literal_peer,
-                  DEFAULT_STATE_DIR)
+                  DEFAULT_STATE_DIR, agent=False)
     return run_command(ap.parse_args(argv))
 
 

@@ -21,13 +21,15 @@ def _registrars() -> list[Callable[[argparse._SubParsersAction[argparse.Argument
     from wgmesh.cli import control as control_cli
     from wgmesh.cli import file as file_cli
     from wgmesh.cli import lab as lab_cli
+    from wgmesh.cli import lock as lock_cli
     from wgmesh.cli import relay as relay_cli
 
     def files(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         file_cli.add_parser(sub, resolve_peer=agent.resolve_peer)
 
     return [agent.add_parser, files, lab_cli.add_parser, control_cli.add_parser,
-            relay_cli.add_parser, netcheck.add_parser, userspace.add_parser]
+            relay_cli.add_parser, netcheck.add_parser, userspace.add_parser,
+            lock_cli.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

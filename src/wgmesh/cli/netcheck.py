@@ -4,13 +4,18 @@ the running agent's WireGuard port."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
+import attrs
+
+from wgmesh.cli.output import socket_option
 from wgmesh.errors import WgmeshError
 from wgmesh.netmap import RelayMap, relay_map_from_json
-from wgmesh.node.localapi import DEFAULT_SOCKET, call
+from wgmesh.node.localapi import call
 from wgmesh.node.netcheck import (
     NetcheckReport,
     StunServer,
@@ -19,6 +24,7 @@ from wgmesh.node.netcheck import (
     parse_addr,
     servers_from_relay_map,
 )
+from wgmesh.node.portmapper import probe
 
 __all__ = ["add_parser", "format_report"]
 
@@ -48,7 +54,28 @@ def format_report(r: NetcheckReport, relay_map: RelayMap | None = None) -> str:
             ms = "no reply" if lat is None else f"{lat * 1000:.1f} ms"
             star = "  <- preferred" if rid == r.preferred_region else ""
             lines.append(f"  {name}: {ms}{star}")
+    if r.portmap is not None:
+        lines += _portmap_lines(r.portmap)
     return "\n".join(lines)
+
+
+def _portmap_lines(pm: dict[str, Any]) -> list[str]:
+    held = f"{pm['external']} ({pm['method']})" if pm.get("external") else "none held"
+    lines = [f"Port mapping:        gateway {pm.get('gateway') or 'none'}"
+             + (f", {held}" if "external" in pm else "")]
+    for method, a in pm.get("protocols", {}).items():
+        lines.append(f"  {method}: " + (f"maps to {a['external']}" if a["ok"]
+                                        else f"no ({a['error']})"))
+    return lines
+
+
+async def _probe_both(servers: list[StunServer], sock: socket.socket | None,
+                      a: argparse.Namespace) -> NetcheckReport:
+    """STUN and the gateway's port mapping protocols at the same time."""
+    mapping = asyncio.ensure_future(probe(timeout=a.timeout + 2))
+    report = await asyncio.to_thread(netcheck, servers, sock=sock, timeout=a.timeout,
+                                     classic=parse_addr(a.classic) if a.classic else None)
+    return attrs.evolve(report, portmap=await mapping)
 
 
 def _cmd(a: argparse.Namespace) -> int:
@@ -70,8 +97,7 @@ def _cmd(a: argparse.Namespace) -> int:
         except OSError as e:
             raise WgmeshError(f"--port {a.port}: {e.strerror}") from e
     try:
-        report = netcheck(servers, sock=sock, timeout=a.timeout,
-                          classic=parse_addr(a.classic) if a.classic else None)
+        report = asyncio.run(_probe_both(servers, sock, a))
     finally:
         if sock is not None:
             sock.close()
@@ -103,6 +129,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "server (e.g. coturn with two addresses)")
     p.add_argument("--port", type=int, default=0, help="probe from this local UDP port")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
-    p.add_argument("--socket", default=DEFAULT_SOCKET,
-                   help="with no --stun/--relay-map: ask the node agent on this socket")
+    socket_option(p, "with no --stun/--relay-map: ask the node agent on this socket "
+                     "(env WGMESH_SOCKET)")
     p.set_defaults(func=_cmd)

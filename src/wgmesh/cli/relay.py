@@ -40,6 +40,7 @@ def _serve(a: argparse.Namespace) -> int:
         ssl_ctx = _ssl.create_default_context(_ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(a.tls_cert, a.tls_key)
     mesh_ssl = _ssl.create_default_context(cafile=a.mesh_ca) if a.mesh_ca else None
+    control_ssl = _ssl.create_default_context(cafile=a.control_ca) if a.control_ca else None
     host, _, port = a.listen.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
 
@@ -48,6 +49,7 @@ def _serve(a: argparse.Namespace) -> int:
                           stun_port=None if a.stun_port < 0 else a.stun_port,
                           mesh_key=mesh_key, mesh_peers=a.mesh_peer, mesh_ssl=mesh_ssl,
                           control_url=a.control, relay_credential=credential,
+                          control_ssl=control_ssl,
                           rate_limit_bps=a.rate_limit * 1e6 if a.rate_limit else None,
                           max_connections=a.max_connections, max_per_source=a.max_per_source,
                           metrics_allow=a.metrics_allow.split(",") if a.metrics_allow else None)
@@ -87,6 +89,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--control", metavar="URL",
                    help="control service: accept only the nodes it lists")
     s.add_argument("--relay-credential-file", help="bearer credential for --control")
+    s.add_argument("--control-ca", metavar="FILE",
+                   help="CA bundle to verify an https --control with a private CA")
     s.add_argument("--rate-limit", type=float, metavar="MBIT/S",
                    help="per-node send limit in Mbit/s (default: none)")
     s.add_argument("--max-connections", type=int, default=10_000, metavar="N",

@@ -26,6 +26,7 @@ from wgmesh.control.api import (
 )
 from wgmesh.control.audit import verify
 from wgmesh.control.errors import BadRequest, Forbidden
+from wgmesh.control.routesapi import routes_field, routes_table
 from wgmesh.control.store import Store
 from wgmesh.control.world import World
 
@@ -47,6 +48,8 @@ class AdminAPI:
             ("GET", "/nodes", self.nodes_list),
             ("POST", "/nodes/{ref}/expire", self.nodes_expire),
             ("POST", "/nodes/{ref}/extend", self.nodes_extend),
+            ("PUT", "/nodes/{ref}/expiry", self.nodes_set_expiry),
+            ("POST", "/nodes/{ref}/approve", self.nodes_approve),
             ("DELETE", "/nodes/{ref}", self.nodes_delete),
             ("PUT", "/nodes/{ref}/tags", self.nodes_tag),
             ("PUT", "/nodes/{ref}/name", self.nodes_rename),
@@ -63,6 +66,9 @@ class AdminAPI:
             ("GET", "/audit", self.audit_list),
             ("GET", "/audit/verify", self.audit_verify),
             ("GET", "/stats", self.stats),
+            ("GET", "/routes", self.routes_list),
+            ("POST", "/routes/{ref}/approve", self.routes_approve),
+            ("POST", "/routes/{ref}/reject", self.routes_reject),
         ]
         for method, path, fn in routes:
             router.add_route(method, "/v1/admin" + path, self._admin(fn))
@@ -100,6 +106,18 @@ class AdminAPI:
         rec = await self.db(self.store.extend_node, request.match_info["ref"], expiry, actor)
         return {"node": rec.to_json()}
 
+    async def nodes_set_expiry(self, request: web.Request, actor: str) -> Any:
+        """``{"key_expiry": <unix time>}``; 0 disables expiry."""
+        at = field(await body(request, ADMIN_BODY_LIMIT), "key_expiry", (int, float))
+        if not 0 <= at <= time.time() + _TEN_YEARS:
+            raise BadRequest("key_expiry: a unix time within ten years, or 0 (never)")
+        rec = await self.db(self.store.set_node_expiry, request.match_info["ref"], at, actor)
+        return {"node": rec.to_json()}
+
+    async def nodes_approve(self, request: web.Request, actor: str) -> Any:
+        rec = await self.db(self.store.approve_node, request.match_info["ref"], actor)
+        return {"node": rec.to_json()}
+
     async def nodes_delete(self, request: web.Request, actor: str) -> Any:
         rec = await self.db(self.store.delete_node, request.match_info["ref"], actor)
         return {"deleted": rec.id}
@@ -126,7 +144,9 @@ class AdminAPI:
         rec, token = await self.db(
             self.store.create_auth_key, reusable=field(d, "reusable", bool, False),
             tags=tags(d), expires_at=time.time() + expiry if expiry else 0.0,
-            description=field(d, "description", str, "", maxlen=200), actor=actor)
+            description=field(d, "description", str, "", maxlen=200), actor=actor,
+            ephemeral=field(d, "ephemeral", bool, False),
+            preapproved=field(d, "preapproved", bool, False))
         return {"auth_key": rec.to_json(), "key": token}
 
     async def authkeys_revoke(self, request: web.Request, actor: str) -> Any:
@@ -186,3 +206,21 @@ class AdminAPI:
 
     async def stats(self, request: web.Request, actor: str) -> Any:
         return self.world.snapshot_stats()
+
+    # -- subnet routes and exit nodes (wgmesh.control.routesapi)
+    async def routes_list(self, request: web.Request, actor: str) -> Any:
+        return {"nodes": routes_table(self.world)}
+
+    async def routes_approve(self, request: web.Request, actor: str) -> Any:
+        return await self._routes_decide(request, actor, approve=True)
+
+    async def routes_reject(self, request: web.Request, actor: str) -> Any:
+        return await self._routes_decide(request, actor, approve=False)
+
+    async def _routes_decide(self, request: web.Request, actor: str, approve: bool) -> Any:
+        routes = routes_field(await body(request, ADMIN_BODY_LIMIT))
+        if not routes:
+            raise BadRequest("routes: a non-empty list of CIDRs is required")
+        rec = await self.db(self.store.approve_routes, request.match_info["ref"], routes,
+                            approve, actor)
+        return {"node": rec.to_json()}

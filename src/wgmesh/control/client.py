@@ -7,14 +7,22 @@ process), then :meth:`ControlClient.follow`, which yields the current
 it reconnects with exponential backoff and jitter and resumes from the last
 sequence number it saw. Provisioning scripts use the admin methods with an API
 key. Every error the server reports becomes :class:`ControlAPIError`.
+
+Given the node's private key, the client verifies everything the node acts on
+against the control key (:mod:`~wgmesh.control.envelope`): the pinned one, or
+the one the first answer names (trust on first use; :attr:`control_key` then
+holds it for the caller to pin). Plain ``http://`` is refused except to
+loopback: tokens and auth keys must not cross a network in the clear.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import random
+import secrets
 import threading
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -24,11 +32,26 @@ from nacl.public import Box
 from nacl.public import PublicKey as NaclPublicKey
 
 from wgmesh import netmap as nm
+from wgmesh.control.envelope import (
+    NONCE_LEN,
+    ControlKey,
+    ControlTrustError,
+    StreamVerifier,
+    check_key,
+    split_authkey,
+    verify_answer,
+)
 from wgmesh.control.errors import ControlAPIError
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key, PrivateKey
+from wgmesh.urls import check_credential_url
 
-__all__ = ["Backoff", "ControlClient", "Registered"]
+__all__ = ["Backoff", "ControlClient", "Registered", "check_control_url"]
+
+
+def check_control_url(url: str) -> None:
+    """Refuse a URL that would send node tokens or auth keys in the clear."""
+    check_credential_url(url, "control")
 
 
 @attrs.define
@@ -56,14 +79,25 @@ class Registered:
 
 
 class ControlClient:
-    """One control server. ``node_token`` for node calls, ``api_key`` for admin calls."""
+    """One control server. ``node_token`` for node calls, ``api_key`` for admin calls.
+
+    ``node_key``: the node's private key, which turns on verification of what the node
+    acts on (:meth:`register` sets it); ``control_key``: the pinned control key
+    (None: trust the first one seen); ``ca``: a CA bundle for a private CA."""
 
     def __init__(self, url: str, *, node_token: str | None = None, api_key: str | None = None,
-                 timeout_s: float = 10.0, stream_timeout_s: float = 45.0) -> None:
+                 timeout_s: float = 10.0, stream_timeout_s: float = 45.0,
+                 node_key: PrivateKey | None = None,
+                 control_key: ControlKey | None = None, ca: str | None = None) -> None:
+        check_control_url(url)
         self.url = url.rstrip("/")
         self.node_token, self.api_key = node_token, api_key
         self.timeout_s, self.stream_timeout_s = timeout_s, stream_timeout_s
+        self.node_key, self.control_key = node_key, control_key
+        self._key_proved = False  # this process has seen control prove its key
         self.session = requests.Session()
+        # Per request, not session.verify, which $REQUESTS_CA_BUNDLE would override.
+        self._verify = ca
         #: The last sequence number a stream delivered: ``stream(since=client.last_seq)`` resumes.
         self.last_seq: int | None = None
 
@@ -80,14 +114,45 @@ class ControlClient:
     def _headers(self, cred: str | None) -> dict[str, str]:
         return {"Authorization": f"Bearer {cred}"} if cred else {}
 
-    def _call(self, method: str, path: str, cred: str | None = None,
-              body: dict[str, Any] | None = None, params: dict[str, Any] | None = None) -> Any:
+    def _request(self, method: str, path: str, cred: str | None,
+                 body: dict[str, Any] | None, params: dict[str, Any] | None
+                 ) -> requests.Response:
         try:
-            r = self.session.request(method, self.url + path, json=body, params=params,
-                                     headers=self._headers(cred), timeout=self.timeout_s)
+            return self.session.request(method, self.url + path, json=body, params=params,
+                                        headers=self._headers(cred), timeout=self.timeout_s,
+                                        verify=self._verify)
         except requests.RequestException as e:
             raise WgmeshError(f"control server {self.url} unreachable: {e}") from None
-        return _result(r)
+
+    def _call(self, method: str, path: str, cred: str | None = None,
+              body: dict[str, Any] | None = None, params: dict[str, Any] | None = None) -> Any:
+        return _result(self._request(method, path, cred, body, params))
+
+    def _signed(self, method: str, path: str, body: dict[str, Any] | None = None,
+                params: dict[str, Any] | None = None) -> Any:
+        """A node call whose answer must be signed by the control key, for this node and a
+        fresh nonce; pins the key on first use when none is pinned."""
+        assert self.node_key is not None
+        nonce = secrets.token_bytes(NONCE_LEN)
+        text = base64.urlsafe_b64encode(nonce).decode()
+        body, params = ({**body, "nonce": text} if body is not None else None,
+                        {**params, "nonce": text} if params is not None else None)
+        r = self._request(method, path, None, body, params)
+        if r.status_code >= 400:
+            _result(r)
+        self.control_key = verify_answer(
+            self.control_key, r.headers.get("Wgmesh-Control-Key"), self.node_key.public, nonce,
+            r.content, r.headers.get("Wgmesh-Signature"))
+        self._key_proved = True
+        return json.loads(r.content)
+
+    def prove_control_key(self) -> ControlKey:
+        """Have control prove its key (a signed health answer) before a credential goes to it."""
+        assert self.node_key is not None
+        if not self._key_proved:
+            self._signed("GET", "/v1/health", params={"node": self.node_key.public.b64()})
+        assert self.control_key is not None
+        return self.control_key
 
     def _admin(self, method: str, path: str, body: dict[str, Any] | None = None,
                params: dict[str, Any] | None = None) -> Any:
@@ -99,11 +164,21 @@ class ControlClient:
     def register(self, private_key: PrivateKey, disco_key: Key, hostname: str,
                  auth_key: str | None = None, rotate_from: PrivateKey | None = None
                  ) -> Registered:
-        """Register (or re-register) this node; ``rotate_from`` moves the node to a new key."""
+        """Register (or re-register) this node; ``rotate_from`` moves the node to a new key.
+
+        ``auth_key`` may carry the control key to pin (``wgk_...#ctrlkey:...``)."""
+        if auth_key is not None:
+            # ``wgk_...#ctrlkey:...``: the auth key also pins the control key
+            auth_key, embedded = split_authkey(auth_key)
+            if embedded is not None:
+                check_key(self.control_key, embedded)
+                self.control_key = embedded
+        self.node_key = private_key
         req: dict[str, Any] = {"node_key": private_key.public.b64()}
         if rotate_from is not None:
             req["rotate_from"] = rotate_from.public.b64()
-        ch = self._call("POST", "/v1/register/challenge", body=req)
+        # A signed challenge: the auth key goes only to a control service that proved its key.
+        ch = self._signed("POST", "/v1/register/challenge", body=req)
         server = NaclPublicKey(Key(ch["server_key"]).raw)
         secret = Box(private_key.nacl(), server).decrypt(base64.b64decode(ch["sealed"]))
         if rotate_from is not None:
@@ -112,15 +187,17 @@ class ControlClient:
                 "challenge_id": ch["challenge_id"], "proof": base64.b64encode(secret).decode()}
         if auth_key is not None:
             body["auth_key"] = auth_key
-        out = self._call("POST", "/v1/register", body=body)
+        out = self._signed("POST", "/v1/register", body=body)
         node = nm.NodeInfo.from_json(out["node"])
         self.node_token = out["node_token"]
         self.last_seq = None
         return Registered(node=node, node_token=out["node_token"])
 
     def update(self, *, endpoints: Sequence[nm.Endpoint | str] | None = None,
-               home_relay: int | None = None, hostinfo: dict[str, Any] | None = None) -> None:
-        """Publish this node's endpoints, home relay region and/or host info."""
+               home_relay: int | None = None, hostinfo: dict[str, Any] | None = None,
+               routes: Sequence[str] | None = None) -> None:
+        """Publish this node's endpoints, home relay region, host info and/or the routes
+        it advertises (they carry traffic once approved)."""
         body: dict[str, Any] = {}
         if endpoints is not None:
             body["endpoints"] = [nm.to_json(e) if isinstance(e, nm.Endpoint) else e
@@ -129,15 +206,27 @@ class ControlClient:
             body["home_relay"] = home_relay
         if hostinfo is not None:
             body["hostinfo"] = hostinfo
+        if routes is not None:
+            body["routes"] = list(routes)
         self._call("POST", "/v1/node/update", self.node_token, body)
 
     def stream(self, since: int | None = None) -> Generator[nm.Message, None, None]:
-        """One stream connection's messages (keepalives included) until it ends."""
-        params = {} if since is None else {"since": since}
+        """One stream connection's messages (keepalives included) until it ends.
+
+        Raises :class:`~wgmesh.control.envelope.ControlTrustError` at the first line that
+        fails verification (nothing from it is yielded)."""
+        params: dict[str, Any] = {} if since is None else {"since": since}
+        verifier = None
+        if self.node_key is not None:
+            self.prove_control_key()
+            nonce = secrets.token_bytes(NONCE_LEN)
+            params["nonce"] = base64.urlsafe_b64encode(nonce).decode()
+            verifier = StreamVerifier(self.node_key, nonce, self.control_key)
         try:
             r = self.session.get(self.url + "/v1/netmap", params=params, stream=True,
                                  headers=self._headers(self.node_token),
-                                 timeout=(self.timeout_s, self.stream_timeout_s))
+                                 timeout=(self.timeout_s, self.stream_timeout_s),
+                                 verify=self._verify)
         except requests.RequestException as e:
             raise WgmeshError(f"control server {self.url} unreachable: {e}") from None
         with r:
@@ -149,6 +238,9 @@ class ControlClient:
                     buf += chunk
                     *lines, buf = buf.split(b"\n")
                     for line in lines:
+                        if line and verifier is not None:
+                            line = verifier.feed(line) or b""
+                            self.control_key = verifier.key
                         if line:
                             msg = nm.decode(line)
                             self.last_seq = msg.seq
@@ -156,12 +248,15 @@ class ControlClient:
             except requests.RequestException as e:
                 raise WgmeshError(f"netmap stream broke: {e}") from None
 
-    def follow(self, stop: threading.Event | None = None,
-               backoff: Backoff | None = None) -> Iterator[nm.Netmap]:
+    def follow(self, stop: threading.Event | None = None, backoff: Backoff | None = None,
+               on_rejected: Callable[[ControlTrustError], object] | None = None
+               ) -> Iterator[nm.Netmap]:
         """The current netmap after every change, forever (or until ``stop`` is set).
 
         Reconnects on any network failure; a 401 (node deleted, token replaced)
-        ends the iteration with :class:`ControlAPIError`.
+        ends the iteration with :class:`ControlAPIError`. A line that fails
+        verification is refused (the last good map stays current), reported to
+        ``on_rejected``, and the stream reconnects.
         """
         stop = stop or threading.Event()
         backoff = backoff or Backoff()
@@ -182,17 +277,27 @@ class ControlClient:
             except ControlAPIError as e:
                 if e.status in (401, 403, 404):
                     raise
+            except ControlTrustError as e:
+                if on_rejected is not None:
+                    on_rejected(e)
             except (WgmeshError, nm.NetmapFormatError):
                 pass
             stop.wait(backoff.next_delay())
 
     # ----------------------------------------------------------- admin side
     def create_auth_key(self, *, reusable: bool = False, tags: Sequence[str] = (),
-                        expiry_s: float = 3600, description: str = "") -> dict[str, Any]:
-        """``{"auth_key": {...}, "key": "wgk_..."}``; the key text is shown only once."""
+                        expiry_s: float = 3600, description: str = "",
+                        ephemeral: bool = False, preapproved: bool = False) -> dict[str, Any]:
+        """``{"auth_key": {...}, "key": "wgk_..."}``; the key text is shown only once.
+
+        ``ephemeral``: its nodes are removed a grace period after going offline;
+        ``preapproved``: its nodes skip the admin's approval.
+        """
         return self._admin("POST", "/authkeys", {"reusable": reusable, "tags": list(tags),
                                                  "expiry_s": expiry_s,
-                                                 "description": description})
+                                                 "description": description,
+                                                 "ephemeral": ephemeral,
+                                                 "preapproved": preapproved})
 
     def list_auth_keys(self) -> list[dict[str, Any]]:
         return self._admin("GET", "/authkeys")["auth_keys"]
@@ -221,6 +326,15 @@ class ControlClient:
         """Renew the node's key lifetime from now (default: the server's; 0: never expires)."""
         body = {} if expiry_s is None else {"expiry_s": expiry_s}
         return self._admin("POST", f"/nodes/{_ref(ref)}/extend", body)["node"]
+
+    def set_node_expiry(self, ref: str | int, key_expiry: float) -> dict[str, Any]:
+        """Set the node's key expiry to the unix time ``key_expiry`` (0: never expires)."""
+        return self._admin("PUT", f"/nodes/{_ref(ref)}/expiry",
+                           {"key_expiry": key_expiry})["node"]
+
+    def approve_node(self, ref: str | int) -> dict[str, Any]:
+        """Let a pending node in (the server runs with ``approval=required``)."""
+        return self._admin("POST", f"/nodes/{_ref(ref)}/approve")["node"]
 
     def delete_node(self, ref: str | int) -> None:
         self._admin("DELETE", f"/nodes/{_ref(ref)}")
@@ -257,6 +371,34 @@ class ControlClient:
 
     def stats(self) -> dict[str, Any]:
         return self._admin("GET", "/stats")
+
+    def list_routes(self) -> list[dict[str, Any]]:
+        """Nodes with routes: advertised, approved, enabled, primary."""
+        return self._admin("GET", "/routes")["nodes"]
+
+    def approve_routes(self, ref: str | int, routes: Sequence[str], approve: bool = True
+                       ) -> dict[str, Any]:
+        """Approve (``approve=False``: reject) a node's routes; returns the node."""
+        verb = "approve" if approve else "reject"
+        return self._admin("POST", f"/routes/{_ref(ref)}/{verb}",
+                           {"routes": list(routes)})["node"]
+
+    def lock_chain(self, since: str = "") -> dict[str, Any]:
+        """``{"lock_id", "head", "updates": [base64...]}`` after head ``since`` (hex) or all,
+        with the node token or else the admin key. Verify it (:mod:`wgmesh.lock`): control
+        is not trusted with it."""
+        return self._call("GET", "/v1/lock", self.node_token or self.api_key,
+                          params={"since": since} if since else None)
+
+    def lock_append(self, update: bytes) -> dict[str, Any]:
+        """Append one signed lock update (admin key): ``{"lock_id", "head", "seq"}``."""
+        return self._call("POST", "/v1/lock/updates", self.api_key,
+                          {"update": base64.b64encode(update).decode()})
+
+    def server_control_key(self) -> str | None:
+        """The control key the server names (``ctrlkey:...``), to hand to nodes out of band:
+        as trustworthy as this admin connection."""
+        return self._call("GET", "/v1/health").get("control_key")
 
     def relay_nodes(self) -> dict[str, Any]:
         """For relays (a relay or admin API key): ``{"seq", "node_keys": [b64...]}``."""

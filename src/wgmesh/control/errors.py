@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from wgmesh.errors import WgmeshError
 
 __all__ = ["BadRequest", "Conflict", "ControlAPIError", "ControlError", "Forbidden",
-           "NotFound", "TooLarge", "TooManyRequests", "Unauthorized"]
+           "NotFound", "TooLarge", "TooManyRequests", "Unauthorized", "Unprocessable"]
 
 
 class ControlError(WgmeshError):
@@ -49,6 +49,12 @@ class NotFound(ControlError):
 
 class Conflict(ControlError):
     status, code = 409, "conflict"
+
+
+class Unprocessable(ControlError):
+    """Well-formed but refused on its merits (a lock update that does not verify)."""
+
+    status, code = 422, "unprocessable"
 
 
 class TooLarge(ControlError):

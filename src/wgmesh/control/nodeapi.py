@@ -1,7 +1,9 @@
 """The node API: registration by proof of key possession, the netmap stream, endpoint reports.
 
 Nodes authenticate with the node token issued at registration; relays (and
-admins) may list the live node keys a relay should serve. Each handler checks
+admins) may list the live node keys a relay should serve. A node that sends a
+nonce gets its registration answer signed and its netmap stream sealed to the
+control key (:mod:`~wgmesh.control.envelope`). Each handler checks
 and parses, hands the store work to its thread and kicks the syncer: a change
 reaches every stream, this replica's included, through the change feed.
 """
@@ -16,6 +18,7 @@ import json
 import secrets
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from nacl.exceptions import CryptoError
@@ -34,8 +37,10 @@ from wgmesh.control.api import (
     is_uint,
     key_field,
 )
+from wgmesh.control.envelope import NONCE_LEN, ControlSigner, StreamSealer
 from wgmesh.control.errors import BadRequest, Forbidden, TooManyRequests
 from wgmesh.control.ratelimit import RateLimiter
+from wgmesh.control.routesapi import routes_field
 from wgmesh.control.store import NodeRecord, Registration, Store
 from wgmesh.control.world import World
 from wgmesh.keys import Key, PrivateKey
@@ -58,11 +63,13 @@ class NodeAPI:
     def __init__(self, store: Store, world: World, db: StoreThread, *,
                  kick: Callable[[], None], sync: Callable[[], Awaitable[None]],
                  presence: Callable[[int, bool], None], stopping: threading.Event,
-                 keepalive_s: float, challenges: RateLimiter | None = None) -> None:
+                 keepalive_s: float, challenges: RateLimiter | None = None,
+                 signer: ControlSigner | None = None) -> None:
         self.store, self.world, self.db = store, world, db
         self.kick, self.sync, self.presence = kick, sync, presence
         self.stopping, self.keepalive_s = stopping, keepalive_s
         self.challenges = challenges
+        self.signer = signer
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_get("/v1/health", self.health)
@@ -73,7 +80,27 @@ class NodeAPI:
         router.add_get("/v1/relay/nodes", self.relay_nodes)
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "seq": self.world.seq})
+        """``?node=KEY&nonce=N`` makes it a signed proof of the control key, which a node
+        asks for before its token goes anywhere."""
+        out: dict[str, object] = {"ok": True, "seq": self.world.seq}
+        if self.signer is not None:
+            out["control_key"] = str(self.signer.public)
+        node = request.query.get("node")
+        return self._answer(out, key_field({"node": node}, "node") if node else None,
+                            request.query.get("nonce"))
+
+    def _answer(self, out: dict[str, Any], node_key: Key | None,
+                nonce: object) -> web.Response:
+        """JSON ``out``, signed for ``node_key`` if it sent a nonce (the envelope)."""
+        data = json.dumps(out).encode()
+        headers = {}
+        if self.signer is not None and node_key is not None and nonce is not None:
+            if not isinstance(nonce, str):
+                raise BadRequest("nonce: must be a string")
+            headers = {"Wgmesh-Control-Key": str(self.signer.public),
+                       "Wgmesh-Signature": self.signer.sign_answer(node_key, _nonce(nonce),
+                                                                   data)}
+        return web.Response(body=data, content_type="application/json", headers=headers)
 
     # -- registration
     async def challenge(self, request: web.Request) -> web.Response:
@@ -102,7 +129,7 @@ class NodeAPI:
         proof = base64.b64encode(secret).decode()
         out["challenge_id"] = await self.db(self.store.add_challenge, node_key, rotate_from,
                                             credentials.hash_secret(proof))
-        return web.json_response(out)
+        return self._answer(out, node_key, d.get("nonce"))
 
     async def register(self, request: web.Request) -> web.Response:
         d = await body(request, NODE_BODY_LIMIT)
@@ -122,7 +149,8 @@ class NodeAPI:
             rotate_from=key_field(d, "rotate_from", optional=True))
         rec, token = await self.db(self.store.register, req)
         self.kick()
-        return web.json_response({"node": nm.to_json(rec.info()), "node_token": token})
+        return self._answer({"node": nm.to_json(rec.info()), "node_token": token},
+                            rec.node_key, d.get("nonce"))
 
     # -- nodes
     async def _node(self, request: web.Request) -> NodeRecord:
@@ -135,6 +163,11 @@ class NodeAPI:
         if since_text is not None and not is_uint(since_text):
             raise BadRequest("since: must be a non-negative integer")
         since = int(since_text) if since_text is not None else None
+        sealer: StreamSealer | None = None
+        nonce_text = request.query.get("nonce")
+        if nonce_text is not None and self.signer is not None:
+            session, sealer = self.signer.open_stream(rec.node_key, _nonce(nonce_text),
+                                                      secrets.token_bytes(32))
         world, nid = self.world, rec.id
         if nid not in world.nodes:
             await self.sync()  # registered a moment ago: the syncer has not run yet
@@ -145,8 +178,10 @@ class NodeAPI:
                                            "Cache-Control": "no-store"})
         try:
             await resp.prepare(request)
+            if sealer is not None:
+                await resp.write(session)
             for chunk in lines:
-                await resp.write(chunk)
+                await resp.write(chunk if sealer is None else sealer.feed(chunk))
             if first:
                 self.presence(nid, True)
             sub = world.subs.get(nid)
@@ -162,7 +197,7 @@ class NodeAPI:
                 data = sub.take()
                 if not data:
                     data = nm.encode(nm.Keepalive(seq=sub.seq))
-                await resp.write(data)
+                await resp.write(data if sealer is None else sealer.feed(data))
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -173,7 +208,7 @@ class NodeAPI:
         return resp
 
     async def update(self, request: web.Request) -> web.Response:
-        """The node's own report: endpoints, home relay, host info."""
+        """The node's own report: endpoints, home relay, host info, advertised routes."""
         rec = await self._node(request)
         d = await body(request, NODE_BODY_LIMIT)
         endpoints = None
@@ -197,7 +232,7 @@ class NodeAPI:
             if len(json.dumps(hostinfo)) > 4096:
                 raise BadRequest("hostinfo: larger than 4096 bytes")
         new = await self.db(self.store.update_node, rec.id, endpoints=endpoints,
-                            home_relay=home, hostinfo=hostinfo)
+                            home_relay=home, hostinfo=hostinfo, routes=routes_field(d))
         self.kick()
         return web.json_response({"ok": True, "node": nm.to_json(new.info())})
 
@@ -207,3 +242,13 @@ class NodeAPI:
         if role not in ("relay", "admin"):
             raise Forbidden("needs a relay or admin API key")
         return web.json_response({"seq": self.world.seq, "node_keys": self.world.live_keys()})
+
+
+def _nonce(text: str) -> bytes:
+    try:
+        raw = base64.b64decode(text, altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != NONCE_LEN:
+        raise BadRequest(f"nonce: must be {NONCE_LEN} bytes of base64")
+    return raw

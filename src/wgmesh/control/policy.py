@@ -8,8 +8,19 @@ Policy document (default deny: only what a rule accepts passes)::
       "rules": [
         {"src": ["group:eng"], "dst": ["tag:server:22,443", "bob:*"], "proto": "tcp"},
         {"src": ["tag:dev"], "dst": ["tag:server:*"], "caps": ["file-send"]}
-      ]
+      ],
+      "tagOwners": {"tag:server": ["apikey:0123456789abcdef"]}
     }
+
+Subnet routes and exit nodes: a ``dst`` selector may be a CIDR
+(``198.51.100.0/24:*``; ``0.0.0.0/0:*`` for exit-node use): it matches the
+routers carrying an approved route that overlaps it, and their filters accept
+the sources into that network. ``*`` as a destination covers a router's
+approved routes as well as the node itself. ``autoApprovers`` names who may
+advertise what without an admin's approval::
+
+    "autoApprovers": {"routes": {"198.51.100.0/24": ["tag:router"]},
+                      "exitNode": ["tag:exit"]}
 
 Selectors: ``*`` (every node), ``tag:NAME`` (declared in ``tags``),
 ``group:NAME`` (members are node names and tags), or a node name. A node name
@@ -17,7 +28,11 @@ matches only a name an admin assigned (``wgmesh control nodes rename``): the
 name a node derives from its own hostname is for display and DNS, and grants
 nothing, so a node cannot squat a selector by registering under its name. A ``dst``
 entry is ``selector:ports`` with ports ``*``, ``22``, ``1000-2000`` or a comma
-list. ``proto``: any (default) | tcp | udp | icmp. ``caps`` grants the sources
+list. ``proto``: any (default) | tcp | udp | icmp. ``tagOwners`` names who may
+hand out a tag (to a node, or to an auth key whose nodes then carry it):
+``apikey:ID`` (an admin API key) or ``authkey:ID`` (one auth key); a tag it
+does not list may be given by any admin key. So an auth key made by a key that
+does not own ``tag:server`` can neither be created with it nor register with it. ``caps`` grants the sources
 capabilities on the destinations; ``file-send`` lets them send files
 (``wgmesh.drop.server``). Two nodes see each other when a rule links them in either
 direction (WireGuard needs both ends configured); the packet filter each node
@@ -31,9 +46,10 @@ keeps one member set per base selector and never re-evaluates rules per peer.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -56,6 +72,7 @@ _GROUP_RE = re.compile(rf"^group:{_LABEL}$")
 #: A node name an admin may assign: a DNS label.
 NODE_NAME_RE = re.compile(rf"^{_LABEL}$")
 _MAX_RULES = 10_000
+_OWNER_RE = re.compile(r"^(apikey|authkey):[0-9a-f]{16}$")
 
 
 class PolicyError(BadRequest):
@@ -81,6 +98,22 @@ class Policy:
     version: int
     text: str
     rules: tuple[Rule, ...]
+    tag_owners: dict[str, frozenset[str]] = attrs.field(factory=dict, eq=False, hash=False)
+    #: (prefix, selectors): nodes with these selectors may advertise routes within prefix.
+    auto_routes: tuple[tuple[str, frozenset[str]], ...] = ()
+    #: Nodes with these selectors may advertise an exit node (the ``/0`` routes).
+    auto_exit: frozenset[str] = frozenset()
+
+    @functools.cached_property
+    def cidrs(self) -> frozenset[str]:
+        """Every CIDR used as a destination selector (without the ``cidr:`` prefix)."""
+        return frozenset(s[5:] for r in self.rules for s in r.dst_selectors
+                         if s.startswith("cidr:"))
+
+    def may_assign(self, tag: str, *actors: str) -> bool:
+        """Whether any of ``actors`` (``apikey:ID``, ``authkey:ID``) may give out ``tag``."""
+        owners = self.tag_owners.get(tag)
+        return owners is None or not owners.isdisjoint(actors)
 
     def linked(self, selectors: frozenset[str]) -> set[str]:
         """Base selectors of everything a node with ``selectors`` may see."""
@@ -179,8 +212,8 @@ def parse_policy(doc: Any, version: int = 0) -> Policy:
     if not isinstance(doc, dict):
         raise PolicyError("policy must be a JSON object",
                           [{"path": "", "message": "must be an object"}])
-    for k in sorted(set(doc) - {"groups", "tags", "rules"}):
-        err(k, "unknown key (expected groups, tags, rules)")
+    for k in sorted(set(doc) - {"groups", "tags", "rules", "tagOwners", "autoApprovers"}):
+        err(k, "unknown key (expected groups, tags, rules, tagOwners, autoApprovers)")
     tags = doc.get("tags", [])
     declared: set[str] = set()
     if not isinstance(tags, list):
@@ -192,12 +225,18 @@ def parse_policy(doc: Any, version: int = 0) -> Policy:
             else:
                 declared.add(t)
 
-    def base(sel: Any, path: str, groups_ok: bool) -> set[str]:
+    def base(sel: Any, path: str, groups_ok: bool, cidr_ok: bool = False) -> set[str]:
         if not isinstance(sel, str):
             err(path, "must be a string")
             return set()
         if sel == "*":
             return {"*"}
+        if cidr_ok and "/" in sel:
+            net = _network(sel)
+            if net is None:
+                err(path, f"{sel!r} is not a CIDR")
+                return set()
+            return {f"cidr:{net}"}
         if sel.startswith("tag:"):
             if sel not in declared:
                 err(path, f"{sel} is not declared in \"tags\"")
@@ -262,7 +301,7 @@ def parse_policy(doc: Any, version: int = 0) -> Policy:
                 if isinstance(ports, str):
                     err(dp, ports)
                     continue
-                dst.append((frozenset(base(sel, dp, groups_ok=True)), ports))
+                dst.append((frozenset(base(sel, dp, groups_ok=True, cidr_ok=True)), ports))
         proto = r.get("proto", "any")
         if proto not in PROTOS:
             err(f"{p}.proto", f"{proto!r} is not one of {', '.join(PROTOS)}")
@@ -276,8 +315,61 @@ def parse_policy(doc: Any, version: int = 0) -> Policy:
                     f"unknown capability {c!r} (known: {', '.join(sorted(CAPABILITIES))})")
         rules.append(Rule(src=frozenset(src), dst=tuple(dst), proto=str(proto),
                           caps=tuple(sorted({str(c) for c in caps}))))
+    owners: dict[str, frozenset[str]] = {}
+    raw_owners = doc.get("tagOwners", {})
+    if not isinstance(raw_owners, dict):
+        err("tagOwners", "must be an object of tag:NAME -> [apikey:ID | authkey:ID]")
+        raw_owners = {}
+    for t, who in raw_owners.items():
+        if t not in declared:
+            err(f"tagOwners.{t}", f"{t} is not declared in \"tags\"")
+        if not isinstance(who, list) or not all(
+                isinstance(w, str) and _OWNER_RE.match(w) for w in who):
+            err(f"tagOwners.{t}", "must be a list of apikey:ID or authkey:ID (16 hex digits)")
+            continue
+        owners[t] = frozenset(who)
+    auto_routes, auto_exit = _auto_approvers(doc.get("autoApprovers", {}), base, err)
     if errors:
         raise PolicyError(f"policy has {len(errors)} error(s): {errors[0]['path']}: "
                           f"{errors[0]['message']}", errors)
     text = json.dumps(doc, sort_keys=True, indent=2)
-    return Policy(version=version, text=text, rules=tuple(rules))
+    return Policy(version=version, text=text, rules=tuple(rules), tag_owners=owners,
+                  auto_routes=auto_routes, auto_exit=auto_exit)
+
+
+def _auto_approvers(raw: Any, base: Callable[..., set[str]], err: Callable[[str, str], None]
+                    ) -> tuple[tuple[tuple[str, frozenset[str]], ...], frozenset[str]]:
+    """``autoApprovers``: (prefix, selectors) pairs for routes, and the exit-node selectors."""
+    if not isinstance(raw, dict) or set(raw) - {"routes", "exitNode"}:
+        err("autoApprovers", 'must be {"routes": {CIDR: [selectors]}, "exitNode": [selectors]}')
+        return (), frozenset()
+    routes, exit_sels = raw.get("routes", {}), raw.get("exitNode", [])
+    if not isinstance(routes, dict):
+        err("autoApprovers.routes", "must be an object of CIDR -> [selectors]")
+        routes = {}
+    out = []
+    for prefix, sels in routes.items():
+        p = f"autoApprovers.routes.{prefix}"
+        net = _network(prefix)
+        if net is None:
+            err(p, f"{prefix!r} is not a CIDR")
+        elif not isinstance(sels, list):
+            err(p, "must be a list of selectors")
+        else:
+            out.append((net, frozenset().union(*(base(s, f"{p}[{j}]", groups_ok=True)
+                                                 for j, s in enumerate(sels)))))
+    if not isinstance(exit_sels, list):
+        err("autoApprovers.exitNode", "must be a list of selectors")
+        exit_sels = []
+    who: set[str] = set()
+    for j, sel in enumerate(exit_sels):
+        who |= base(sel, f"autoApprovers.exitNode[{j}]", groups_ok=True)
+    return tuple(out), frozenset(who)
+
+
+def _network(text: str) -> str | None:
+    """``text`` as a canonical network (host bits cleared), or None if it is not one."""
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        return None

@@ -8,6 +8,10 @@ keys. The first admin key is bootstrapped on first start into
 existing file is imported, so replicas and provisioning scripts can share one.
 The audit chain's HMAC key lives the same way in ``<state dir>/audit.key`` (or
 ``audit_key_file``), outside the database it protects; replicas share it.
+So does the control key (``control.key`` or ``control_key_file``), the Ed25519 key
+every answer and netmap stream is authenticated to (:mod:`~wgmesh.control.envelope`);
+the database records its fingerprint and refuses a replica with another key.
+With ``tls_cert``/``tls_key`` the server speaks HTTPS itself.
 
 All database work runs on one dedicated thread per server (the store is
 synchronous); the event loop only parses, checks and streams. After any commit
@@ -24,8 +28,10 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -34,14 +40,18 @@ from wgmesh import netmap as nm
 from wgmesh.control import credentials
 from wgmesh.control.adminapi import AdminAPI
 from wgmesh.control.api import ADMIN_BODY_LIMIT, StoreThread, json_errors, relay_map_of
+from wgmesh.control.envelope import ControlSigner
 from wgmesh.control.errors import ControlError
+from wgmesh.control.lockapi import LockAPI
+from wgmesh.control.metrics import ControlMetrics
 from wgmesh.control.nodeapi import NodeAPI
 from wgmesh.control.ratelimit import RateLimiter
 from wgmesh.control.store import NodeRecord, PostgresStore, Store, open_store
 from wgmesh.control.world import World
+from wgmesh.errors import WgmeshError
 from wgmesh.loopthread import LoopThread
 
-__all__ = ["ControlServer", "default_state_dir"]
+__all__ = ["ControlServer", "default_state_dir", "load_control_key"]
 
 log = logging.getLogger("wgmesh.control")
 
@@ -79,13 +89,47 @@ def _audit_key(path: Path) -> bytes:
     return key
 
 
+def load_control_key(path: Path) -> ControlSigner:
+    """The control key in ``path``, created (0600) on first use."""
+    try:
+        _write_secret(path, ControlSigner(secrets.token_bytes(32)).text())
+        log.info("wrote the control key to %s", path)
+    except FileExistsError:
+        pass  # the usual case; or another replica won the race to create it
+    try:
+        return ControlSigner.from_text(path.read_text())
+    except WgmeshError as e:
+        raise ControlError(f"{path}: {e}") from None
+
+
+def _tls_context(cert: str | os.PathLike[str] | None,
+                 key: str | os.PathLike[str] | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ControlError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ControlError(f"cannot load the TLS certificate {cert}: {e}") from None
+    return ctx
+
+
 class ControlServer:
     """The coordination server. ``async with``/``start()`` in asyncio, or ``with`` from sync code.
 
     ``db``: a SQLite path or ``postgresql://`` DSN (default: ``control.db`` in
     the state directory); ``listen``: ``host:port`` (port 0 picks one);
+    ``metrics_allow``: CIDRs that may read ``/metrics`` without an admin key
+    (default: loopback; :mod:`~wgmesh.control.metrics`);
     ``challenge_rate``/``challenge_burst``: registration challenges per second
-    and in a burst per source address (IPv6: per /64); a rate of 0 disables it.
+    and in a burst per source address (IPv6: per /64); a rate of 0 disables it;
+    ``approval``: ``open``, or ``required`` (new nodes wait as pending until an
+    admin approves them, unless their auth key is pre-approved);
+    ``ephemeral_grace_s``: how long an ephemeral node may stay offline before
+    it is removed; ``control_key_file``: the control key (default ``control.key``
+    in the state dir); ``tls_cert``/``tls_key``: PEM files to serve HTTPS with.
     """
 
     def __init__(self, db: str | None = None, listen: str = "127.0.0.1:8420", *,
@@ -96,24 +140,39 @@ class ControlServer:
                  key_expiry_s: float = 180 * 86400, keepalive_s: float = 15.0,
                  poll_s: float = 1.0, flush_delay_s: float = 0.005,
                  keep_changes: int = 200_000, challenge_rate: float = 10.0,
-                 challenge_burst: int = 60) -> None:
+                 challenge_burst: int = 60, approval: str = "open",
+                 ephemeral_grace_s: float = 60.0,
+                 metrics_allow: Sequence[str] | None = None,
+                 control_key_file: str | os.PathLike[str] | None = None,
+                 tls_cert: str | os.PathLike[str] | None = None,
+                 tls_key: str | os.PathLike[str] | None = None,
+                 mesh_domain: str = "") -> None:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.mesh_domain = nm.check_domain(mesh_domain) if mesh_domain else ""
         self.db = db or str(self.state_dir / "control.db")
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]") or "127.0.0.1", int(port)
         self.api_key_file = Path(api_key_file) if api_key_file else self.state_dir / "admin.key"
         self.audit_key_file = (Path(audit_key_file) if audit_key_file
                                else self.state_dir / "audit.key")
+        self.control_key_file = (Path(control_key_file) if control_key_file
+                                 else self.state_dir / "control.key")
+        self.signer: ControlSigner | None = None
+        self.tls = _tls_context(tls_cert, tls_key)
         self.challenges = (RateLimiter(challenge_rate, challenge_burst, clock=time.monotonic)
                            if challenge_rate > 0 else None)
         self.relay_map_file = relay_map_file
         self.key_expiry_s = key_expiry_s
+        if approval not in ("open", "required"):
+            raise ControlError(f"approval: {approval!r} is neither open nor required")
+        self.approval, self.ephemeral_grace_s = approval, ephemeral_grace_s
         self.keepalive_s, self.poll_s, self.flush_delay_s = keepalive_s, poll_s, flush_delay_s
         self.keep_changes = keep_changes
         self.store: Store | None = None
         self.world: World | None = None
         self.admin_key: str | None = None
-        self._db = StoreThread()
+        self.metrics = ControlMetrics(metrics_allow)
+        self._db: StoreThread = self.metrics.store_thread()
         self._kick = asyncio.Event()
         self._stopping = asyncio.Event()  # wakes the ticker's one-second sleep
         self._presence: dict[int, bool] = {}
@@ -128,27 +187,41 @@ class ControlServer:
     def url(self) -> str:
         """The base URL for clients; after :meth:`start`, with the port actually bound."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     # ---------------------------------------------------------- life cycle
     async def start(self) -> None:
         """Open the store, load the world from it, and serve; returns once listening."""
         loop = asyncio.get_running_loop()
-        self.store = store = await self._db(open_store, self.db, key_expiry_s=self.key_expiry_s)
+        self.store = store = await self._db(
+            open_store, self.db, key_expiry_s=self.key_expiry_s,
+            approval_required=self.approval == "required",
+            ephemeral_grace_s=self.ephemeral_grace_s)
         await self._db(self._bootstrap, store)
-        self.world = world = World(store.ula_prefix, clock=time.time)
+        await self._db(store.restart_presence, time.time())
+        self.world = world = World(store.ula_prefix, clock=time.time, domain=self.mesh_domain)
         await self._reload()
         app = web.Application(client_max_size=ADMIN_BODY_LIMIT, middlewares=[json_errors])
         NodeAPI(store, world, self._db, kick=self.kick, sync=self.sync,
                 presence=self._presence_changed, stopping=self._stop,
-                keepalive_s=self.keepalive_s, challenges=self.challenges).add_routes(app.router)
+                keepalive_s=self.keepalive_s, challenges=self.challenges,
+                signer=self.signer).add_routes(app.router)
         AdminAPI(store, world, self._db, kick=self.kick).add_routes(app.router)
+        self.metrics.install(app, store, world, self._db)
+        LockAPI(store, self._db, kick=self.kick).add_routes(app.router)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=4096)
+        # ``::`` is every address of both families, one socket each (IPv4 clients keep
+        # their native addresses for rate limits), on the port the first one got.
+        dual = self.host == "::"
+        site = web.TCPSite(self._runner, "0.0.0.0" if dual else self.host, self.port,
+                           backlog=4096, ssl_context=self.tls)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if dual:
+            await web.TCPSite(self._runner, "::", self.port, backlog=4096,
+                              ssl_context=self.tls).start()
         self._tasks = [asyncio.create_task(c) for c in (
             self._syncer(), self._ticker(store, world), self._presence_writer(store))]
         if isinstance(store, PostgresStore):
@@ -201,6 +274,8 @@ class ControlServer:
     def _bootstrap(self, store: Store) -> None:
         """Key the audit chain; ensure an admin API key exists and its file holds it (0600)."""
         store.use_audit_key(_audit_key(self.audit_key_file))
+        self.signer = load_control_key(self.control_key_file)
+        store.use_control_key(self.signer.public.fingerprint)
         path = self.api_key_file
         if path.exists():
             token = path.read_text().strip()
@@ -230,15 +305,15 @@ class ControlServer:
         assert self.store is not None and self.world is not None
         store = self.store
 
-        def snapshot() -> tuple[list[NodeRecord], int, str, str | None, int]:
+        def snapshot() -> tuple[list[NodeRecord], int, str, str | None, int, str]:
             seq = store.head_seq()
             version, text = store.get_policy()
             rm = store.get_relay_map()
-            return store.list_nodes(), version, text, rm, seq
+            return store.list_nodes(), version, text, rm, seq, store.lock_head()
 
-        nodes, version, text, rm, seq = await self._db(snapshot)
+        nodes, version, text, rm, seq, lock_head = await self._db(snapshot)
         relay_map = nm.relay_map_from_json(json.loads(rm)) if rm else nm.RelayMap()
-        self.world.load(nodes, version, text, relay_map, seq)
+        self.world.load(nodes, version, text, relay_map, seq, lock_head)
 
     def kick(self) -> None:
         """Something committed: make the syncer read the change feed."""
@@ -269,9 +344,10 @@ class ControlServer:
                     log.warning("change feed pruned past seq %d: reloading", self.world.seq)
                     await self._reload()
                     continue
-            for c in changes:
-                self.world.apply(c)
-            self.world.flush()
+            with self.metrics.fanout.time():
+                for c in changes:
+                    self.world.apply(c)
+                self.world.flush()
             if len(changes) < 5000:
                 return
 
@@ -288,6 +364,13 @@ class ControlServer:
             if due and await self._db(store.record_expiries, due) > 0:
                 self.kick()
             n += 1
+            # Ephemeral nodes go at most grace + 5 s after they went offline.
+            if n % 5 == 0:
+                await self._db(store.refresh_presence,
+                               [nid for nid, sub in world.subs.items() if sub.streams],
+                               time.time())
+                if len(await self._db(store.remove_ephemeral)) > 0:
+                    self.kick()
             if n % 60 == 0:
                 await self._db(store.prune_challenges)
             if n % 300 == 0:

@@ -29,13 +29,15 @@ from typing import Any
 import attrs
 
 from wgmesh import netmap as nm
+from wgmesh.control import routes as rt
 from wgmesh.control.errors import NotFound
 from wgmesh.control.policy import Policy, node_selectors, parse_policy
 from wgmesh.control.store.records import Change, NodeRecord
 
 __all__ = ["Subscriber", "World"]
 
-_HEAVY = ("name", "name_assigned", "node_key", "disco_key", "addr_index", "tags")
+_HEAVY = ("name", "name_assigned", "node_key", "disco_key", "addr_index", "tags",
+          "advertised_routes", "approved_routes")
 _J = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -62,6 +64,7 @@ class Subscriber:
     filter_dirty: bool = False
     relay_dirty: bool = False
     policy_dirty: bool = False
+    lock_dirty: bool = False
     filter_sent: str = ""
     #: A full map went out on this replica, so ``floor``..``seq`` can be resumed.
     synced: bool = False
@@ -78,7 +81,8 @@ class World:
 
     def __init__(self, ula_prefix: str, *, clock: Callable[[], float],
                  ring_entries: int = 128, ring_bytes: int = 256 * 1024,
-                 out_limit: int = 16 * 1024 * 1024, grace_s: float = 120.0) -> None:
+                 out_limit: int = 16 * 1024 * 1024, grace_s: float = 120.0,
+                 domain: str = "") -> None:
         self.ula_prefix = ula_prefix
         self.clock = clock
         self.ring_entries, self.ring_bytes, self.out_limit = ring_entries, ring_bytes, out_limit
@@ -91,8 +95,13 @@ class World:
         self.visible: dict[int, set[int]] = {}
         self.policy: Policy = parse_policy({"rules": []})
         self.relay_map = nm.RelayMap()
+        self.lock_head = ""  #: the stored mesh lock head (hex); nodes fetch the chain on news
+        self.domain = domain  #: the mesh DNS domain in every full map ("": nodes' default)
         self.subs: dict[int, Subscriber] = {}
         self.dirty: set[int] = set()
+        #: Live nodes with routes that carry traffic, and who is primary for each prefix.
+        self.routers: dict[int, tuple[str, ...]] = {}
+        self.primaries = rt.Primaries()
         self._expiries: list[tuple[float, int]] = []
         self._patch_cache: dict[tuple[int, frozenset[str]], tuple[int, str]] = {}
         self._peer_cache: dict[tuple[int, tuple[str, ...]], tuple[int, str]] = {}
@@ -101,20 +110,23 @@ class World:
 
     # ------------------------------------------------------------ loading
     def load(self, nodes: Iterable[NodeRecord], policy_version: int, policy_text: str,
-             relay_map: nm.RelayMap, seq: int) -> None:
+             relay_map: nm.RelayMap, seq: int, lock_head: str = "") -> None:
         """Start from a snapshot (server start, or after falling too far behind)."""
         self.seq = seq
+        self.lock_head = lock_head
         self.nodes = {n.id: n for n in nodes}
         self.version = dict.fromkeys(self.nodes, seq)
         self.policy = parse_policy(json.loads(policy_text), policy_version)
         self._cap_masks.clear()
         self.relay_map = relay_map
         now = self.clock()
-        self.live = {i for i, n in self.nodes.items() if n.live(now)}
+        self.live = {i for i, n in self.nodes.items() if n.active(now)}
         self.members = defaultdict(set)
         for i in self.live:
             self._join(self.nodes[i])
         self.visible = {i: self._compute_visible(i) for i in self.live}
+        self.routers = {i: r for i in self.live if (r := self._routes(self.nodes[i]))}
+        self._elect()
         self._expiries = [(n.key_expiry, i) for i, n in self.nodes.items()
                           if i in self.live and n.key_expiry > 0]
         heapq.heapify(self._expiries)
@@ -129,7 +141,10 @@ class World:
 
     # --------------------------------------------------------- selectors
     def _selectors(self, rec: NodeRecord) -> frozenset[str]:
-        return node_selectors(rec.name if rec.name_assigned else None, rec.tags)
+        base = node_selectors(rec.name if rec.name_assigned else None, rec.tags)
+        if not rec.advertised_routes:
+            return base
+        return base | rt.route_selectors(self._routes(rec), self.policy)
 
     def _join(self, rec: NodeRecord) -> None:
         for s in self._selectors(rec):
@@ -157,16 +172,23 @@ class World:
         if change.kind == "node":
             rec = NodeRecord.from_json(json.loads(change.data))
             self._node_changed(self.nodes.get(rec.id), rec)
+            self._router_changed(rec.id)
         elif change.kind == "node_removed":
             old = self.nodes.get(int(change.entity))
             if old is not None:
                 self._node_changed(old, None)
+                self._router_changed(old.id)
         elif change.kind == "policy":
             self._policy_changed(parse_policy(json.loads(change.data), int(change.entity)))
         elif change.kind == "relay_map":
             self.relay_map = nm.relay_map_from_json(json.loads(change.data))
             for sub in self.subs.values():
                 sub.relay_dirty = True
+                self.dirty.add(sub.node_id)
+        elif change.kind == "lock":
+            self.lock_head = change.entity
+            for sub in self.subs.values():
+                sub.lock_dirty = True
                 self.dirty.add(sub.node_id)
 
     def _mark(self, nid: int) -> Subscriber | None:
@@ -178,7 +200,7 @@ class World:
     def _node_changed(self, old: NodeRecord | None, new: NodeRecord | None) -> None:
         nid = (new or old).id  # type: ignore[union-attr]
         was_live = nid in self.live
-        is_live = new is not None and new.live(self.clock())
+        is_live = new is not None and new.active(self.clock())
         heavy = (old is None or new is None or was_live != is_live
                  or any(getattr(old, f) != getattr(new, f) for f in _HEAVY))
         self._cap_masks.pop(nid, None)
@@ -254,6 +276,11 @@ class World:
         old_caps = {r.caps and (r.src, r.dst_selectors, r.caps) for r in self.policy.rules}
         self.policy = policy
         self._cap_masks.clear()
+        # Route selectors and auto-approvals follow the policy: rejoin under the new one.
+        self.members = defaultdict(set)
+        for nid in self.live:
+            self._join(self.nodes[nid])
+        self.routers = {i: r for i in self.live if (r := self._routes(self.nodes[i]))}
         caps_changed = old_caps != {r.caps and (r.src, r.dst_selectors, r.caps)
                                     for r in policy.rules}
         for nid in self.live:
@@ -271,6 +298,38 @@ class World:
         for sub in self.subs.values():
             sub.policy_dirty = True
             self.dirty.add(sub.node_id)
+        self._elect()
+
+    # ------------------------------------------------------------- routes
+    def _routes(self, rec: NodeRecord) -> tuple[str, ...]:
+        """The node's routes that carry traffic: advertised and approved."""
+        if not rec.advertised_routes:
+            return ()
+        return rt.effective_routes(
+            rec.advertised_routes, rec.approved_routes,
+            node_selectors(rec.name if rec.name_assigned else None, rec.tags), self.policy)
+
+    def _router_changed(self, nid: int) -> None:
+        rec = self.nodes.get(nid)
+        routes = self._routes(rec) if rec is not None and nid in self.live else ()
+        if routes:
+            self.routers[nid] = routes
+        elif self.routers.pop(nid, None) is None:
+            return
+        self._elect()
+
+    def _elect(self) -> None:
+        """Re-elect primaries (routers are few); peers of a router whose carried routes
+        changed get it upserted."""
+        changed = self.primaries.elect({i: (r, self.nodes[i].online)
+                                        for i, r in self.routers.items()})
+        for nid in changed & self.live:
+            self.version[nid] = self.seq
+            for r in self.visible.get(nid, ()):
+                sub = self._mark(r)
+                if sub is not None:
+                    sub.upserts.add(nid)
+                    sub.removed.discard(nid)
 
     def due_expiries(self) -> list[int]:
         """Live nodes whose key expiry has passed.
@@ -300,7 +359,8 @@ class World:
         ver = self.version[pid]
         hit = self._peer_cache.get((pid, caps))
         if hit is None or hit[0] != ver:
-            hit = (ver, _J(nm.to_json(self.nodes[pid].peer(caps))))
+            routes = self.primaries.carried(pid, self.routers.get(pid, ()))
+            hit = (ver, _J(nm.to_json(self.nodes[pid].peer(caps, routes))))
             self._peer_cache[(pid, caps)] = hit
         return hit[1]
 
@@ -330,7 +390,9 @@ class World:
             return ()
         rec = self.nodes[nid]
         out = []
-        for rule, ports in self.policy.inbound(self._selectors(rec)):
+        own = (f"{rec.ipv4}/32", f"{rec.ipv6}/128")
+        for rule, dst, ports in rt.inbound(self.policy, self._selectors(rec), own,
+                                           self.routers.get(nid, ())):
             src: set[str] = set()
             for s in rule.src:
                 if s == "*":
@@ -340,8 +402,7 @@ class World:
                     n = self.nodes[m]
                     src |= {f"{n.ipv4}/32", f"{n.ipv6}/128"}
             if src:
-                out.append(nm.FilterRule(src=tuple(sorted(src)),
-                                         dst=(f"{rec.ipv4}/32", f"{rec.ipv6}/128"),
+                out.append(nm.FilterRule(src=tuple(sorted(src)), dst=dst,
                                          ports=ports, proto=rule.proto, caps=rule.caps))
         return tuple(out)
 
@@ -363,7 +424,9 @@ class World:
         yield (f'{{"type":"netmap","seq":{self.seq},"self":{_J(nm.to_json(rec.info()))},'
                f'"relay_map":{_J(nm.to_json(self.relay_map))},'
                f'"filter":{self._filter_json(nid)},"policy_version":{self.policy.version},'
-               '"peers":[').encode()
+               + (f'"lock_head":"{self.lock_head}",' if self.lock_head else "")
+               + (f'"domain":"{self.domain}",' if self.domain else "")
+               + '"peers":[').encode()
         ids = sorted(self.visible.get(nid, ()))
         sep = ""
         for i in range(0, len(ids), chunk_peers):
@@ -400,10 +463,13 @@ class World:
             parts.append(f'"relay_map":{_J(nm.to_json(self.relay_map))}')
         if sub.policy_dirty:
             parts.append(f'"policy_version":{self.policy.version}')
+        if sub.lock_dirty:
+            parts.append(f'"lock_head":"{self.lock_head}"')
         sub.upserts.clear()
         sub.removed.clear()
         sub.patches.clear()
         sub.self_dirty = sub.filter_dirty = sub.relay_dirty = sub.policy_dirty = False
+        sub.lock_dirty = False
         if not parts:
             return None
         return f'{{"type":"delta","seq":{self.seq},{",".join(parts)}}}\n'.encode()
@@ -432,6 +498,7 @@ class World:
         sub.removed.clear()
         sub.patches.clear()
         sub.self_dirty = sub.filter_dirty = sub.relay_dirty = sub.policy_dirty = False
+        sub.lock_dirty = False
         sub.floor = sub.seq = self.seq
         sub.synced = True
         sub.filter_sent = self._filter_json(nid)

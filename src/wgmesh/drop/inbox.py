@@ -16,6 +16,7 @@ import errno
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -63,32 +64,35 @@ class Inbox:
         """Where this exact offer (sender, name, size, digest) accumulates.
 
         Keyed by all four, so a changed file or another sender never resumes
-        onto the wrong bytes.
+        onto the wrong bytes; the name starts with the sender's tag, so what one
+        sender holds here can be counted (:meth:`sender_usage`).
         """
         key = hashlib.sha256(f"{sender}\0{name}\0{size}\0{sha256}".encode()).hexdigest()[:32]
-        return self.partial_dir / f"{key}.part"
+        return self.partial_dir / f"{_sender_tag(sender)}-{key}.part"
 
     def usage(self, exclude: Path | None = None) -> int:
         """Bytes held: completed files plus partials (except ``exclude``)."""
-        total = 0
-        for d in (self.dir, self.partial_dir):
-            with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
-                for e in it:
-                    if e.is_file(follow_symlinks=False) and Path(e.path) != exclude:
-                        total += e.stat(follow_symlinks=False).st_size
-        return total
+        return _bytes_in(self.dir, exclude) + _bytes_in(self.partial_dir, exclude)
+
+    def sender_usage(self, sender: str, exclude: Path | None = None) -> int:
+        """Bytes of partials from ``sender`` (except ``exclude``)."""
+        return _bytes_in(self.partial_dir, exclude, prefix=_sender_tag(sender) + "-")
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.dir)
         return st.f_bavail * st.f_frsize
 
-    def prune_partials(self, max_age: float, now: float | None = None) -> int:
-        """Delete partials untouched for ``max_age`` seconds; returns how many."""
+    def prune_partials(self, max_age: float, now: float | None = None,
+                       keep: Iterable[Path] = ()) -> int:
+        """Delete partials untouched for ``max_age`` seconds, except ``keep`` (being
+        written); returns how many."""
         now = time.time() if now is None else now
+        busy = {str(k) for k in keep}
         n = 0
         with contextlib.suppress(FileNotFoundError), os.scandir(self.partial_dir) as it:
             for e in it:
-                if e.is_file(follow_symlinks=False) and now - e.stat().st_mtime > max_age:
+                if (e.is_file(follow_symlinks=False) and e.path not in busy
+                        and now - e.stat(follow_symlinks=False).st_mtime > max_age):
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(e.path)
                         n += 1
@@ -127,7 +131,9 @@ class Inbox:
 
         Same file system: a hard link, then the inbox name goes. Across file
         systems: a copy under a hidden temporary name first, so ``dest`` never
-        shows a half-copied file either.
+        shows a half-copied file either. Nothing already in ``dest`` is followed
+        or replaced: links never replace, and the temporary file is made afresh
+        (``O_EXCL``) under a random name, so a symlink planted there is no way out.
         """
         dest = Path(dest)
         moved = []
@@ -137,8 +143,7 @@ class Inbox:
             except OSError as e:
                 if e.errno != errno.EXDEV:
                     raise
-                tmp = dest / f".{f.name}.wgmesh-tmp"
-                shutil.copyfile(f.path, tmp)
+                tmp = _copy_exclusive(f.path, dest)
                 try:
                     target = link_no_replace(tmp, dest, f.name)
                 finally:
@@ -146,6 +151,32 @@ class Inbox:
             f.path.unlink()
             moved.append(target)
         return moved
+
+
+def _sender_tag(sender: str) -> str:
+    return hashlib.sha256(sender.encode()).hexdigest()[:16]
+
+
+def _bytes_in(d: Path, exclude: Path | None, prefix: str = "") -> int:
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(d) as it:
+        for e in it:
+            if (e.name.startswith(prefix) and e.is_file(follow_symlinks=False)
+                    and Path(e.path) != exclude):
+                total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _copy_exclusive(src: Path, directory: Path) -> Path:
+    """Copy ``src`` to a new hidden file in ``directory`` (created, never opened)."""
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".wgmesh-tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
 
 
 def link_no_replace(src: Path, directory: Path, name: str) -> Path:

@@ -256,6 +256,12 @@ def admit(offer: Offer, have: int, *, free: int, quota: int | None = None,
 # ------------------------------------------------------------------ refusals
 
 
+def over_sender_quota(offer: Offer, quota: int, held: int) -> Refusal:
+    return Refusal(413, f"{offer.name} ({human_bytes(offer.size)}) exceeds the receiver's"
+                        f" per-sender quota for unfinished transfers ({human_bytes(quota)},"
+                        f" {human_bytes(held)} held)")
+
+
 def not_a_peer(ip: str) -> Refusal:
     return Refusal(403, f"{ip or 'this address'} is not a peer of this node's mesh")
 

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -27,7 +28,12 @@ import attrs
 from wgmesh.drop import protocol as p
 from wgmesh.drop.inbox import Inbox
 
-__all__ = ["PeerAPIServer"]
+__all__ = ["DEFAULT_QUOTA", "PeerAPIServer"]
+
+log = logging.getLogger(__name__)
+
+#: What an inbox may hold unless told otherwise: a peer can fill it, not the disk.
+DEFAULT_QUOTA = 8 << 30
 
 
 @attrs.define(eq=False)
@@ -37,6 +43,7 @@ class _Active:
     task: asyncio.Task[Any]
     done: asyncio.Event
     reserved: int
+    sender: str
 
 
 def _listen_socket(addr: str, port: int, interface: str | None,
@@ -66,16 +73,24 @@ class PeerAPIServer:
     ``addresses`` are the node's tunnel addresses; ``interface`` the WireGuard
     device they live on (strongly recommended: the listener is then bound to
     the device too); ``netns`` the namespace to listen in (``None``: ours).
-    ``quota`` caps what the inbox may hold in total (completed and partial),
-    ``reserve`` is disk space always left free. A transfer silent for
-    ``idle_timeout`` seconds is treated as interrupted (its bytes are kept).
+    ``quota`` caps what the inbox may hold in total (completed and partial;
+    default :data:`DEFAULT_QUOTA`). ``sender_quota`` bounds one sender's unfinished
+    transfers (partials and bytes in flight, default a quarter of the quota): a
+    single offer may use the whole quota, but a sender holding anything unfinished
+    may add only up to ``sender_quota``, so one peer's abandoned partials cannot
+    lock the others out. ``reserve`` is disk space always left free. A transfer
+    silent for ``idle_timeout`` seconds is treated as interrupted (its bytes are
+    kept); partials untouched for ``partial_max_age`` are pruned at start and
+    every ``prune_interval`` seconds after.
     """
 
     def __init__(self, inbox: Inbox | str | os.PathLike[str], addresses: Sequence[str], *,
                  identify: p.Identify, authorize: p.Authorize, port: int = p.DEFAULT_PORT,
                  interface: str | None = None, netns: str | None = None,
-                 quota: int | None = None, reserve: int = 64 << 20, fsync: bool = True,
-                 partial_max_age: float = 7 * 86400, idle_timeout: float = 60.0) -> None:
+                 quota: int | None = DEFAULT_QUOTA, sender_quota: int | None = None,
+                 reserve: int = 64 << 20, fsync: bool = True,
+                 partial_max_age: float = 7 * 86400, prune_interval: float = 3600.0,
+                 idle_timeout: float = 60.0) -> None:
         if not addresses:
             raise ValueError("the peer API needs at least one tunnel address")
         for a in addresses:
@@ -86,7 +101,12 @@ class PeerAPIServer:
         self.identify, self.authorize = identify, authorize
         self.port, self.interface, self.netns = port, interface, netns
         self.quota, self.reserve, self.fsync = quota, reserve, fsync
+        if sender_quota is None and quota is not None:
+            sender_quota = quota // 4
+        self.sender_quota = sender_quota
         self.partial_max_age, self.idle_timeout = partial_max_age, idle_timeout
+        self.prune_interval = prune_interval
+        self._pruner: asyncio.Task[None] | None = None
         self.counters: dict[str, int] = {"received": 0, "refused": 0, "interrupted": 0}
         self._active: dict[Path, _Active] = {}
         self._runner: Any = None
@@ -113,8 +133,24 @@ class PeerAPIServer:
             await runner.cleanup()
             raise
         self._runner = runner
+        self._pruner = asyncio.create_task(self._prune_forever())
+
+    async def _prune_forever(self) -> None:
+        """Abandoned partials go while the node runs, not only when it restarts."""
+        while True:
+            await asyncio.sleep(self.prune_interval)
+            try:
+                await asyncio.to_thread(self.inbox.prune_partials, self.partial_max_age,
+                                        keep=list(self._active))
+            except OSError as e:  # a passing disk error must not end pruning for good
+                log.warning("pruning %s: %s", self.inbox.partial_dir, e)
 
     async def close(self) -> None:
+        if self._pruner is not None:
+            self._pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pruner
+            self._pruner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -175,16 +211,23 @@ class PeerAPIServer:
                          "may_send": bool(self.authorize(who))}
         return await self._handle(request, fn)
 
-    def _admit(self, offer: p.Offer, partial: Path, have: int) -> int:
-        """Check quota and disk for the bytes still to come; returns them."""
+    def _admit(self, offer: p.Offer, partial: Path, have: int, sender: str) -> int:
+        """Check the sender's share, quota and disk for the bytes still to come; returns
+        them."""
+        if self.sender_quota is not None:
+            mine = (self.inbox.sender_usage(sender, exclude=partial)
+                    + self._reserved(exclude=partial, sender=sender))
+            if mine and mine + offer.size > self.sender_quota:
+                raise p.over_sender_quota(offer, self.sender_quota, mine)
         held = 0
         if self.quota is not None:
             held = self.inbox.usage(exclude=partial) + self._reserved(exclude=partial)
         free = self.inbox.free_bytes() - self._reserved(exclude=partial) - self.reserve
         return p.admit(offer, have, free=free, quota=self.quota, held=held)
 
-    def _reserved(self, exclude: Path) -> int:
-        return sum(a.reserved for path, a in self._active.items() if path != exclude)
+    def _reserved(self, exclude: Path, sender: str | None = None) -> int:
+        return sum(a.reserved for path, a in self._active.items()
+                   if path != exclude and sender in (None, a.sender))
 
     async def _offset(self, request: Any) -> Any:
         async def fn(req: Any) -> tuple[int, dict[str, Any]]:
@@ -193,7 +236,7 @@ class PeerAPIServer:
             partial = self.inbox.partial_path(who.node_key.b64(), offer.name, offer.size,
                                               offer.sha256)
             have = _size_or_zero(partial)
-            self._admit(offer, partial, have)
+            self._admit(offer, partial, have, who.node_key.b64())
             return 200, {"offset": have}
         return await self._handle(request, fn)
 
@@ -214,8 +257,10 @@ class PeerAPIServer:
         have = _size_or_zero(partial)
         if offer.offset > have:
             raise p.behind(offer, have)
-        remaining = self._admit(offer, partial, offer.offset)
-        me = _Active(asyncio.current_task(), asyncio.Event(), remaining)  # type: ignore[arg-type]
+        sender = who.node_key.b64()
+        remaining = self._admit(offer, partial, offer.offset, sender)
+        me = _Active(asyncio.current_task(), asyncio.Event(), remaining,  # type: ignore[arg-type]
+                     sender)
         self._active[partial] = me
         try:
             return await self._write(req, who, offer, partial)

@@ -21,10 +21,12 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from wgmesh.lab.network import TIME_SCALE, Host, Lab, LabError, Process
+from wgmesh.lab.tls import LabCA
 from wgmesh.node.localapi import call
 
 __all__ = ["MeshLab", "MeshNode"]
@@ -32,6 +34,23 @@ __all__ = ["MeshLab", "MeshNode"]
 CONTROL_PORT = 8420
 RELAY_PORT = 3340
 STUN_PORT = 3478
+
+
+def relay_map(hosts: Sequence[Host], ipv6: bool) -> dict[str, Any]:
+    """One region of ``hosts``. With ``ipv6`` each relay is listed twice, IPv4 URL then
+    IPv6 URL (``<name>-v6``; STUN at the URL's host, so each family's STUN too). A node
+    dials a region's URLs in order and moves the ones that failed last, so a single-stack
+    node settles on its family with no change to the relay map's schema, and interleaving
+    keeps every node on the same first relay it can reach."""
+    nodes = []
+    for h in hosts:
+        nodes.append({"name": h.name, "url": f"http://{h.ip}:{RELAY_PORT}",
+                      "stun_port": STUN_PORT})
+        if ipv6:
+            nodes.append({"name": f"{h.name}-v6", "url": f"http://[{h.ip6}]:{RELAY_PORT}",
+                          "stun_port": STUN_PORT})
+    return {"regions": [{"region_id": 1, "code": "lab", "name": "lab internet",
+                         "nodes": nodes}]}
 
 
 class MeshNode:
@@ -65,6 +84,11 @@ class MeshNode:
     def stop(self) -> None:
         self.proc.stop()
 
+    def restart(self) -> None:
+        """Start the agent again (same state dir, so the same node) once it has exited."""
+        self.proc.stop()
+        self.proc = self.mesh.lab.spawn(self.host, self.proc.argv)
+
     def __repr__(self) -> str:
         return f"<MeshNode {self.name} behind {self.kind} ({self.backend})>"
 
@@ -73,35 +97,48 @@ class MeshLab:
     """Control + ``relays`` meshed relays of one region on the lab's internet."""
 
     def __init__(self, lab: Lab, *, relays: int = 2, backend: str = "userspace",
-                 policy: dict[str, Any] | None = None) -> None:
+                 policy: dict[str, Any] | None = None, metrics_allow: str | None = None,
+                 control_args: Sequence[str] = (), ipv6: bool = False) -> None:
+        """``metrics_allow``: CIDRs that may read control's and the relays' ``/metrics``;
+        ``control_args``: more ``wgmesh control serve`` flags; ``ipv6``: control and the
+        relays also serve IPv6 (dual-stack), so IPv6-only nodes (``add_node(ipv4=False)``)
+        reach them: the relay map lists each relay once per family (see :func:`relay_map`)."""
         self.lab = lab
         self.backend = backend
         self.dir = Path(tempfile.mkdtemp(prefix=f"{lab.prefix}-mesh-"))
         self.nodes: dict[str, MeshNode] = {}
         self.control = lab.add_public_host("control")
-        self.control_url = f"http://{self.control.ip}:{CONTROL_PORT}"
+        # Nodes refuse plain http off loopback: control serves HTTPS under a per-lab CA.
+        self.ca = LabCA(self.dir / "tls")
+        self.control_ca = str(self.ca.path)
+        self.ipv6 = ipv6
+        cert, tls_key = self.ca.issue("control", self.control.ip,
+                                      *([self.control.ip6 or ""] if ipv6 else []))
+        self.control_url = f"https://{self.control.ip}:{CONTROL_PORT}"
+        self.control_url6 = f"https://[{self.control.ip6}]:{CONTROL_PORT}"
         self.relay_hosts = [lab.add_public_host(f"relay{i + 1}") for i in range(relays)]
-        relay_map = {"regions": [{"region_id": 1, "code": "lab", "name": "lab internet",
-                                  "nodes": [{"name": h.name,
-                                             "url": f"http://{h.ip}:{RELAY_PORT}",
-                                             "stun_port": STUN_PORT}
-                                            for h in self.relay_hosts]}]}
-        (self.dir / "relays.json").write_text(json.dumps(relay_map))
+        (self.dir / "relays.json").write_text(json.dumps(relay_map(self.relay_hosts, ipv6)))
+        listen = "[::]" if ipv6 else self.control.ip
         (self.dir / "mesh.key").write_text(secrets.token_hex(32))
         self.api_key_file = self.dir / "api.key"
         self.control_proc = lab.python(
             self.control, "-m", "wgmesh", "control", "serve",
-            "--listen", f"{self.control.ip}:{CONTROL_PORT}",
+            "--listen", f"{listen}:{CONTROL_PORT}",
             "--state-dir", str(self.dir / "control"), "--api-key-file", str(self.api_key_file),
-            "--relay-map", str(self.dir / "relays.json"))
+            "--tls-cert", str(cert), "--tls-key", str(tls_key),
+            "--relay-map", str(self.dir / "relays.json"),
+            *(["--metrics-allow", metrics_allow] if metrics_allow else []), *control_args)
         self.relay_procs = []
         for h in self.relay_hosts:
             others = [f"http://{o.ip}:{RELAY_PORT}" for o in self.relay_hosts if o is not h]
-            argv = ["-m", "wgmesh", "relay", "serve", "--listen", f"0.0.0.0:{RELAY_PORT}",
+            argv = ["-m", "wgmesh", "relay", "serve",
+                    "--listen", f"{'[::]' if ipv6 else '0.0.0.0'}:{RELAY_PORT}",
                     "--stun-port", str(STUN_PORT), "--key-file", str(self.dir / f"{h.name}.key"),
                     "--mesh-key-file", str(self.dir / "mesh.key")]
             if others:
                 argv += ["--mesh-peer", *others]
+            if metrics_allow:
+                argv += ["--metrics-allow", metrics_allow]
             self.relay_procs.append(lab.python(h, *argv))
         self.control_proc.wait_for_output("listening", timeout=60)
         for p in self.relay_procs:
@@ -114,6 +151,7 @@ class MeshLab:
         """Run ``wgmesh control ...`` against this lab's control service."""
         cp = self.lab.run(self.control, [sys.executable, "-m", "wgmesh", "control", *args,
                                          "--server", self.control_url,
+                                         "--control-ca", self.control_ca,
                                          "--api-key-file", str(self.api_key_file)])
         return cp.stdout
 
@@ -130,20 +168,33 @@ class MeshLab:
 
     def add_node(self, name: str, kind: str, *, backend: str | None = None,
                  tags: tuple[str, ...] = (), hairpin: bool = False,
-                 verbose: bool = False) -> MeshNode:
+                 verbose: bool = False, metrics_port: int | None = None,
+                 ipv6: bool = False, ipv4: bool = True, args: Sequence[str] = (),
+                 host: Host | None = None) -> MeshNode:
         """A host behind a NAT of ``kind`` (``symmetric+pcp``: with port mapping) running
-        ``wgmesh up``."""
+        ``wgmesh up`` (serving Prometheus metrics on its LAN address and ``metrics_port``);
+        ``ipv6``: the host also has global IPv6 behind its router's stateful firewall;
+        ``ipv4=False`` (with ``ipv6``, on a dual-stack mesh): IPv6 only, control over IPv6.
+        ``args``: more ``wgmesh up`` flags; ``host``: a host made already (else a new one)."""
+        if not ipv4 and not self.ipv6:
+            raise LabError("an IPv6-only node needs MeshLab(ipv6=True)")
         backend = backend or self.backend
-        host = self.lab.add_node_host(name, kind, hairpin=hairpin)
+        host = host or self.lab.add_node_host(name, kind, hairpin=hairpin, ipv6=ipv6,
+                                              ipv4=ipv4)
         key = self.authkey(tags=tags) if tags else (self._authkey or self.authkey())
         if not tags:
             self._authkey = key
         sock = f"/run/wgmesh/{self.lab.prefix}-{name}.sock"
-        argv = ["-m", "wgmesh", "up", "--control", self.control_url, "--authkey", key,
+        control = self.control_url if ipv4 else self.control_url6
+        argv = ["-m", "wgmesh", "up", "--control", control, "--authkey", key,
+                "--control-ca", self.control_ca,
                 "--state-dir", str(self.dir / "nodes" / name), "--hostname", name,
                 "--ifname", f"wg{name}"[:15], "--backend", backend, "--socket", sock]
         if verbose:
             argv.append("-v")
+        if metrics_port:
+            argv += ["--metrics-listen", f"{host.ip}:{metrics_port}"]
+        argv += args
         proc = self.lab.python(host, *argv, env={"WGMESH_DEBUG": "1"} if verbose else None)
         node = MeshNode(self, name, kind, host, backend, proc, sock)
         self.nodes[name] = node

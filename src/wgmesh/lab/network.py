@@ -14,6 +14,12 @@ Every wgmesh test and experiment runs on this. Topology::
   filtering apart. All are RFC 5737 / RFC 3849 documentation ranges, so
   nothing here can reach a real network.
 * LANs are 10.<n>.0.0/24 behind their router, inside namespaces the lab owns.
+  A router made with ``ipv6=True`` also routes a global 2001:db8:<1000+n>::/64
+  to its LAN, without NAT, behind a stateful ip6tables firewall (outbound
+  flows and their replies pass, new inbound ones are dropped), as most home
+  routers do. With ``ipv4=False`` as well the LAN is IPv6-only: its hosts keep
+  a LAN IPv4 address but have no IPv4 route off the LAN (the router forwards
+  no IPv4), as behind an IPv6-only access network.
 * A router may also offer port mapping (``portmap="upnp" | "natpmp" | "pcp"``,
   spelled ``symmetric+pcp`` etc. on the command line): the real miniupnpd, see
   :mod:`wgmesh.lab.portmapd`. Its files live in the lab's :attr:`Lab.state_dir`.
@@ -153,10 +159,17 @@ class NatRouter(Host):
     hosts: list[Host] = attrs.field(factory=list, repr=False)
     portmap: PortmapKind | None = None
     portmapd: MiniUpnpd | None = attrs.field(default=None, repr=False)
+    ipv6: bool = False
+    ipv4: bool = True
 
     @property
     def lan_prefix(self) -> str:
         return f"10.{self.index}.0"
+
+    @property
+    def lan_prefix6(self) -> str:
+        """The LAN's global IPv6 /64 (routed only when :attr:`ipv6`), e.g. ``2001:db8:1005::``."""
+        return f"2001:db8:{0x1000 + self.index:x}::"
 
     @property
     def spec(self) -> str:
@@ -411,12 +424,15 @@ class Lab:
             return host
 
     def add_nat(self, name: str, kind: NatKind | str = "eim", *, hairpin: bool = False,
-                portmap: PortmapKind | None = None) -> NatRouter:
+                portmap: PortmapKind | None = None, ipv6: bool = False,
+                ipv4: bool = True) -> NatRouter:
         """A NAT router of ``kind`` with an empty LAN. ``kind='none'`` is refused: use
         :meth:`add_public_host` (or :meth:`add_node_host`) for a host without NAT.
 
         ``portmap`` (or a ``kind`` spelled ``symmetric+pcp``) runs miniupnpd on the
         router, answering that one protocol (see :mod:`wgmesh.lab.portmapd`).
+        ``ipv6``: the LAN also gets global IPv6 behind a stateful firewall, no NAT;
+        ``ipv4=False`` (with ``ipv6``): the LAN reaches nothing over IPv4, IPv6 only.
         """
         kind, spelled = parse_nat_spec(kind)
         portmap = portmap or spelled
@@ -424,6 +440,9 @@ class Lab:
             raise LabError(f"unknown NAT kind {kind!r}; choose eim, symmetric or udp-blocked")
         if portmap is not None and (kind not in _MAPPABLE or portmap not in PORTMAP_KINDS):
             raise LabError(f"no port mapping {portmap!r} on a {kind} NAT")
+        if not ipv4 and (not ipv6 or portmap or hairpin):
+            raise LabError("an IPv6-only LAN (ipv4=False) needs ipv6, and has no IPv4 "
+                           "port mapping or hairpin")
         with self._lock:
             ns = self._ns(name)
             w = self._next_wan
@@ -441,8 +460,13 @@ class Lab:
             self._ip(ns, "link", "set", "lan0", "up")
             self._sysctl(ns, "net.ipv4.ip_forward=1")
             router = NatRouter(self, name, ns, wan, kind=kind, hairpin=hairpin, index=idx,
-                               portmap=portmap)
-            self._nat_rules(router)
+                               portmap=portmap, ipv6=ipv6, ipv4=ipv4)
+            if ipv4:
+                self._nat_rules(router)
+            else:  # nothing over IPv4 leaves the LAN
+                _sh(["ip", "netns", "exec", ns, "iptables", "-w", "-P", "FORWARD", "DROP"])
+            if ipv6:
+                self._route_v6(router, w)
             self.hosts[name] = router
             if portmap is not None:
                 router.portmapd = MiniUpnpd(router, portmap, self._stun_server(),
@@ -497,6 +521,22 @@ class Lab:
         for rule in rules:
             _sh([*ipt, *rule])
 
+    def _route_v6(self, r: NatRouter, w: int) -> None:
+        """Route the router's LAN /64 from the internet, and let only outbound-initiated
+        flows through (ESTABLISHED,RELATED back in; anything new from outside dropped)."""
+        wan6 = f"{PUBLIC_V6}1:{w:x}"
+        r.ip6 = wan6
+        self._ip(r.ns, "-6", "addr", "add", f"{wan6}/64", "dev", "eth0", "nodad")
+        self._ip(r.ns, "-6", "route", "add", "default", "via", f"{PUBLIC_V6}1")
+        self._ip(r.ns, "-6", "addr", "add", f"{r.lan_prefix6}1/64", "dev", "lan0", "nodad")
+        self._sysctl(r.ns, "net.ipv6.conf.all.forwarding=1")
+        self._ip(self.internet.ns, "-6", "route", "add", f"{r.lan_prefix6}/64", "via", wan6)
+        for rule in (["-P", "FORWARD", "DROP"],
+                     ["-A", "FORWARD", "-i", "lan0", "-o", "eth0", "-j", "ACCEPT"],
+                     ["-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate",
+                      "ESTABLISHED,RELATED", "-j", "ACCEPT"]):
+            _sh(["ip", "netns", "exec", r.ns, "ip6tables", "-w", *rule])
+
     def _hairpin_rule(self, r: NatRouter, host: Host) -> None:
         # With port preservation the external port equals the internal one, so the
         # first LAN host takes hairpinned traffic for every port; later hosts are
@@ -515,21 +555,53 @@ class Lab:
             self._ip(nat.ns, "link", "set", f"l{i}", "master", "lan0", "up")
             self._ip(ns, "addr", "add", f"{ip}/24", "dev", "eth0")
             self._ip(ns, "link", "set", "eth0", "up")
-            self._ip(ns, "route", "add", "default", "via", f"{nat.lan_prefix}.1")
-            host = Host(self, name, ns, ip, nat=nat)
+            if nat.ipv4:
+                self._ip(ns, "route", "add", "default", "via", f"{nat.lan_prefix}.1")
+            ip6 = None
+            if nat.ipv6:
+                ip6 = f"{nat.lan_prefix6}{i:x}"
+                self._ip(ns, "-6", "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
+                self._ip(ns, "-6", "route", "add", "default", "via", f"{nat.lan_prefix6}1")
+            host = Host(self, name, ns, ip, ip6, nat=nat)
             nat.hosts.append(host)
             self.hosts[name] = host
             if nat.hairpin:
                 self._hairpin_rule(nat, host)
             return host
 
-    def add_node_host(self, name: str, kind: NatKind | str, *, hairpin: bool = False) -> Host:
+    def add_node_host(self, name: str, kind: NatKind | str, *, hairpin: bool = False,
+                      ipv6: bool = False, ipv4: bool = True) -> Host:
         """A host behind a NAT of ``kind`` (its own router ``<name>-nat``), or public for 'none'.
 
-        ``kind`` may carry a port mapping: ``symmetric+pcp``."""
+        ``kind`` may carry a port mapping: ``symmetric+pcp``; ``ipv6``, ``ipv4``: see
+        :meth:`add_nat`."""
         if kind == "none":
             return self.add_public_host(name)
-        return self.add_host(name, self.add_nat(f"{name}-nat", kind, hairpin=hairpin))
+        return self.add_host(name, self.add_nat(f"{name}-nat", kind, hairpin=hairpin,
+                                                ipv6=ipv6, ipv4=ipv4))
+
+    def add_subnet_host(self, name: str, routers: Sequence[Host],
+                        prefix: str = "198.18.0") -> Host:
+        """A plain host at ``prefix.10`` on a new LAN ``prefix.0/24`` that ``routers`` join
+        at ``prefix.1``, ``.2``, ... (the default is in the benchmarking range, RFC 2544: the
+        lab's internet and NAT WANs use all three IPv4 documentation ranges):
+        the network behind a subnet router, or the internet beyond an exit node. Nothing
+        routes into it from elsewhere; its default route is the first router."""
+        with self._lock:
+            ns = self._ns(name)
+            self._ip(ns, "link", "add", "br0", "type", "bridge")
+            self._ip(ns, "addr", "add", f"{prefix}.10/24", "dev", "br0")
+            self._ip(ns, "link", "set", "br0", "up")
+            for i, r in enumerate(routers, 1):
+                port = f"sn{secrets.token_hex(3)}"
+                self._veth(r.ns, port, ns, f"r{i}")
+                self._ip(ns, "link", "set", f"r{i}", "master", "br0", "up")
+                self._ip(r.ns, "addr", "add", f"{prefix}.{i}/24", "dev", port)
+                self._ip(r.ns, "link", "set", port, "up")
+            self._ip(ns, "route", "add", "default", "via", f"{prefix}.1")
+            host = Host(self, name, ns, f"{prefix}.10")
+            self.hosts[name] = host
+            return host
 
     # ---- processes --------------------------------------------------------------------
     def run(self, host: Host, argv: Sequence[str], *, check: bool = True, timeout: float = 60,

@@ -136,6 +136,17 @@ async def _node(a: argparse.Namespace) -> None:
     dp = DataPlane(NoWireGuard(), port, relay, trav,  # type: ignore[arg-type]
                    on_path_changed=on_path, on_candidates_stale=on_stale)
     dp.start()
+    if a.portmap:
+        from wgmesh.node.portmapper import PortMapper
+
+        def on_mapped(ep: Addr | None) -> None:
+            """As the Node does: the mapping is a candidate, announced in a new round."""
+            cands.update(mapped=[ep] if ep else [])
+            _emit(event="portmap", t=time.monotonic() - t0, endpoint=ep)
+            dp.set_local(list(cands.addrs), trav.local.hard_nat)
+
+        mapper = PortMapper(a.port, on_change=on_mapped)
+        mapper.start()
     await restun()
     await relay.start()
     _emit(event="relay", t=time.monotonic() - t0, rtt=await relay.ping())
@@ -151,6 +162,8 @@ async def _node(a: argparse.Namespace) -> None:
               counters=dict(trav.peers[peer].counters) if peer in trav.peers else {})
         await dp.close()
         await relay.close()
+        if a.portmap:
+            await mapper.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--search-ports", type=int, default=256)
     ap.add_argument("--no-port-search", action="store_true")
+    ap.add_argument("--portmap", action="store_true",
+                    help="map the port on the gateway (PCP, NAT-PMP, UPnP-IGD), as a node does")
     ap.add_argument("--exit-after-direct", type=float, metavar="SECONDS",
                     help="stop this long after the path went direct (--directs times)")
     ap.add_argument("--directs", type=int, default=1)

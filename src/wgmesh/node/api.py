@@ -4,7 +4,7 @@
 and thread-safe, running an AsyncNode on a private loop thread so it works in
 scripts and inside Jupyter (where a loop already runs on the main thread)::
 
-    node = wgmesh.Node("http://control:8420", authkey="wgk_...", state_dir="/var/lib/wgmesh")
+    node = wgmesh.Node("https://control:8420", authkey="wgk_...", state_dir="/var/lib/wgmesh")
     node.up()
     print(node.status())
     node.ping("laptop")
@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,17 +38,24 @@ from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.loopthread import LoopThread
 from wgmesh.node.events import Event, EventBus
+from wgmesh.node.lifecycle import KeyExpiryWatch, self_state
+from wgmesh.node.meshlock import NodeLock
+from wgmesh.node.names import MeshNames
+from wgmesh.node.routes import FWMARK, Routing
 from wgmesh.node.state import StateDir
-from wgmesh.node.status import PeerStatus, PingResult, Status
+from wgmesh.node.status import PeerStatus, PingResult, Status, path_reason, tried_json
+from wgmesh.wireguard.backend import DEFAULT_MTU
 from wgmesh.wireguard.netns import enter as enter_netns
 
 if TYPE_CHECKING:
     from wgmesh.control.client import ControlClient
+    from wgmesh.control.envelope import ControlKey
     from wgmesh.drop.inbox import Inbox
     from wgmesh.drop.sender import SendResult
     from wgmesh.drop.server import PeerAPIServer
     from wgmesh.node.dataplane import DataPlane, PeerPathStatus
     from wgmesh.node.netcheck import NetcheckReport
+    from wgmesh.node.portmapper import PortMapper
     from wgmesh.relaynet.client import RelayClient
     from wgmesh.traversal import Candidates
     from wgmesh.wireguard.backend import Backend, PeerConfig
@@ -76,14 +83,36 @@ class AsyncNode:
                  state_dir: str | os.PathLike[str] = "/var/lib/wgmesh",
                  backend: str = "auto", hostname: str | None = None,
                  ifname: str = DEFAULT_IFNAME, listen_port: int = 0,
-                 events: EventBus | None = None) -> None:
+                 events: EventBus | None = None, control_key: str | None = None,
+                 control_ca: str | None = None, advertise_routes: Sequence[str] = (),
+                 accept_routes: bool = False, snat_subnet_routes: bool = True,
+                 advertise_exit_node: bool = False, exit_node: str | None = None,
+                 exit_node_allow_lan_access: bool = False, mtu: int = DEFAULT_MTU,
+                 dns: bool = True, dns_resolv_conf: str | os.PathLike[str] | None = None,
+                 dns_hosts_file: str | os.PathLike[str] | None = None) -> None:
+        from wgmesh.control.client import check_control_url
+
+        check_control_url(control_url)
         self.control_url = control_url
-        self.authkey = authkey
+        self.authkey, self._control_key = _control_trust(authkey, control_key)
+        self.control_ca = control_ca
+        #: The last thing from control that failed verification (None: nothing yet).
+        self.control_rejected: str | None = None
         self.state = StateDir(state_dir)
         self.backend_kind = backend
         self.hostname = hostname or socket.gethostname()
         self.ifname = ifname
         self.listen_port = listen_port
+        self.mtu = mtu
+        #: Subnet routes and exit node (wgmesh.node.routes).
+        self.routing = Routing(self.state.path, ifname, advertise_routes=advertise_routes,
+                               accept_routes=accept_routes, snat=snat_subnet_routes,
+                               advertise_exit_node=advertise_exit_node, exit_node=exit_node,
+                               allow_lan_access=exit_node_allow_lan_access)
+        #: Mesh DNS: responder on the tunnel address and system hooks (wgmesh.node.names).
+        self.names = MeshNames(self.state.path, ifname, resolv_conf=dns_resolv_conf,
+                               hosts_file=dns_hosts_file)
+        self.dns_enabled = dns
         self.events = events or EventBus()
         self.netmap: nm.Netmap | None = None
         self.identity: nm.NodeInfo | None = None
@@ -94,6 +123,7 @@ class AsyncNode:
         self.peer_api: PeerAPIServer | None = None
         self._filter_applied: tuple[nm.FilterRule, ...] | None = None
         self.candidates: Candidates | None = None
+        self.portmapper: PortMapper | None = None
         self.hard_nat = False
         self.last_netcheck: NetcheckReport | None = None
         self.control_online = False
@@ -104,6 +134,9 @@ class AsyncNode:
         self._tasks: list[asyncio.Task[Any]] = []
         self._up = False
         self._peer_keys: dict[int, Key] = {}
+        self.expiry_watch = KeyExpiryWatch(self._emit)
+        self.lock = NodeLock(self.state)  #: mesh lock: which peers may go into WireGuard
+        self._lock_task: asyncio.Task[None] | None = None
 
     # ---- life cycle ----------------------------------------------------------------
     async def __aenter__(self) -> AsyncNode:
@@ -122,16 +155,22 @@ class AsyncNode:
         if self._up:
             return await self.status()
         from wgmesh.control.client import ControlClient
+        from wgmesh.control.envelope import ControlTrustError
         from wgmesh.wireguard.select import open_backend
 
         # Choose the data plane first: "no root" or "no TUN" should not cost a registration.
         self.backend, self.backend_reason = open_backend(self.backend_kind, self.ifname)
         node_key, disco_key = self.state.node_key, self.state.disco_key
         token = self.state.load_secret("node.token")
-        self._control = ControlClient(self.control_url, node_token=token)
+        pinned = self._control_key or self.state.load_control_key(self.control_url)
+        self._control = ControlClient(self.control_url, node_token=token, node_key=node_key,
+                                      control_key=pinned, ca=self.control_ca)
         try:
             await self._register(node_key, disco_key, token)
             self.control_online = True
+            self._pin_control_key(pinned, had_token=token is not None)
+        except ControlTrustError:
+            raise  # a control service that cannot prove its key is not one to fall back from
         except WgmeshError as e:
             cached = self.state.load_netmap()
             if cached is None or token is None:
@@ -174,12 +213,7 @@ class AsyncNode:
         if token is None or ident is None or ident.get("control_url") != self.control_url:
             if not self.authkey:
                 raise WgmeshError("this node is not registered yet: pass an auth key")
-            reg = await asyncio.to_thread(control.register, node_key, disco_key.public,
-                                          self.hostname, self.authkey)
-            self.state.save_secret("node.token", reg.node_token)
-            self.identity = reg.node
-            self.state.save_identity({"control_url": self.control_url,
-                                      "node": nm.to_json(reg.node)})
+            await self._register_with(control, self.authkey)
         else:
             self.identity = nm.NodeInfo.from_json(ident["node"])
         # The first netmap message is the full map: take it before going on.
@@ -187,6 +221,25 @@ class AsyncNode:
         self.netmap = first
         self.identity = first.self_node
         self.state.save_netmap(first)
+
+    async def _register_with(self, control: ControlClient, authkey: str) -> nm.NodeInfo:
+        """Register this node's keys under ``authkey``; keep the new token and identity."""
+        reg = await asyncio.to_thread(control.register, self.state.node_key,
+                                      self.state.disco_key.public, self.hostname, authkey)
+        self.state.save_secret("node.token", reg.node_token)
+        self.identity = reg.node
+        self.state.save_identity({"control_url": self.control_url,
+                                  "node": nm.to_json(reg.node)})
+        return reg.node
+
+    async def reauthenticate(self, authkey: str | None = None) -> nm.NodeInfo:
+        """Renew this node's key lifetime (on ``key_expiring``, or once expired): register
+        again, same keys, with ``authkey`` (default: the one it came up with). The netmap
+        stream carries on; its next reconnect uses the new token."""
+        key = authkey or self.authkey
+        if self._control is None or not key:
+            raise WgmeshError("re-authenticating needs a node that is up and an auth key")
+        return await self._register_with(self._control, key)
 
     def _first_netmap(self) -> nm.Netmap:
         assert self._control is not None
@@ -214,7 +267,10 @@ class AsyncNode:
         self._apply_filter(self.netmap)
         await asyncio.to_thread(backend.up, InterfaceConfig(
             self.ifname, self.state.node_key, self.listen_port,
-            (f"{me.ipv4}/10", f"{me.ipv6}/48")))
+            (f"{me.ipv4}/10", f"{me.ipv6}/48"), mtu=self.mtu, fwmark=FWMARK))
+        self.routing.start(me)  # on this thread: it runs in the node's namespace
+        if self.dns_enabled:
+            await self.names.start(self.netmap)
         loop = asyncio.get_running_loop()
         port = backend.open_port(loop)
         # Ping the relay every 2 s and give up on it after 6 s of silence: a NAT that
@@ -227,14 +283,17 @@ class AsyncNode:
         self.dataplane = DataPlane(backend, port, relay, trav,
                                    on_path_changed=self._on_path_changed,
                                    on_candidates_stale=self._on_candidates_stale,
-                                   on_observed=self._on_observed)
+                                   on_observed=self._on_observed,
+                                   on_pin_failed=self._on_pin_failed)
         self.dataplane.start()
         self.candidates = Candidates(backend.listen_port)
+        self._start_portmapper(backend.listen_port)
         try:
             await relay.start(wait=5.0)
         except WgmeshError as e:
             log.warning("no relay reachable yet (%s); retrying in the background", e)
         self._tasks.append(loop.create_task(self._endpoint_loop()))
+        self._tasks.append(loop.create_task(self._publish(routes=self.routing.advertised)))
         await self._start_peer_api()
 
     async def _start_peer_api(self) -> None:
@@ -254,6 +313,7 @@ class AsyncNode:
         """Remove the interface (and its filter) and close streams; ``state_dir`` keeps the
         keys and the cached netmap, so the next :meth:`up` is the same node."""
         self._stop.set()
+        self.expiry_watch.close()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -265,6 +325,10 @@ class AsyncNode:
         if self.relay is not None:
             with contextlib.suppress(Exception):
                 await self.relay.close()
+        if self.portmapper is not None:
+            await self.portmapper.close()  # deletes the mapping on the router
+        await self.names.stop()
+        self.routing.stop()
         if self.backend is not None:
             await asyncio.to_thread(self.backend.down)
         if self._control is not None:
@@ -278,13 +342,38 @@ class AsyncNode:
         assert self.netmap is not None and self._control is not None
         client = self._control
         client.last_seq = self.netmap.seq
+
+        def post(fn: Callable[..., object], *args: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the node went down
+                loop.call_soon_threadsafe(fn, *args)
+
         try:
-            for netmap in client.follow(self._stop):
-                loop.call_soon_threadsafe(self._apply_netmap, netmap)
+            for netmap in client.follow(self._stop, on_rejected=lambda e: post(
+                    self._on_control_rejected, str(e))):
+                post(self._apply_netmap, netmap)
         except ControlAPIError as e:
             log.error("control rejected this node: %s", e)
-            loop.call_soon_threadsafe(self._emit, "state", {"control": "rejected",
-                                                            "error": str(e)})
+            post(self._emit, "state", {"control": "rejected", "error": str(e)})
+
+    def _pin_control_key(self, pinned: ControlKey | None, had_token: bool) -> None:
+        """Remember the control key the first verified answer came under, and say so."""
+        assert self._control is not None
+        key = self._control.control_key
+        if key is None or key == self.state.load_control_key(self.control_url):
+            return
+        if pinned is None:
+            why = ("this node registered before control keys existed; now pinning"
+                   if had_token else "pinned (trust on first use; pass --control-key to pin "
+                                     "it in advance)")
+            log.warning("control key %s: %s", key, why)
+            self._emit("state", {"control": "pinned", "control_key": str(key)})
+        self.state.save_control_key(self.control_url, key)
+
+    def _on_control_rejected(self, error: str) -> None:
+        """A map or delta failed verification: it was refused, the last good map stays."""
+        log.error("refused a netmap message from control: %s", error)
+        self.control_rejected = error
+        self._emit("control_rejected", {"error": error})
 
     def _apply_netmap(self, netmap: nm.Netmap, live: bool = True) -> None:
         """Fold a new netmap into the backend and traversal: only the peers that changed."""
@@ -295,12 +384,15 @@ class AsyncNode:
             return
         old = self.netmap if self.netmap is not None and self._peer_keys else None
         self.netmap = netmap
+        self.expiry_watch.update(netmap.self_node.key_expiry)
         self.control_online = self.control_online or live
         with contextlib.suppress(OSError):
             self.state.save_netmap(netmap)
         now = time.time()
+        if self.lock.needs_sync(netmap.lock_head):
+            self._sync_lock(netmap.lock_head)
         visible = {pid: p for pid, p in netmap.peers.items()
-                   if not (0 < p.key_expiry <= now)}
+                   if not (0 < p.key_expiry <= now) and self.lock.allows(p.node_key)}
         try:
             # The rules first: a new peer never gets in ahead of the filter that covers it.
             self._apply_filter(netmap)
@@ -311,8 +403,10 @@ class AsyncNode:
                       e)
             visible = {pid: p for pid, p in visible.items()
                        if self._peer_keys.get(pid) == p.node_key}
-        desired = [PeerConfig(p.node_key, p.allowed_ips or (f"{p.ipv4}/32", f"{p.ipv6}/128"),
-                              None, backend.keepalive)
+        exit_id = self.routing.exit_peer(netmap)
+        exit_id = exit_id if exit_id in visible else None
+        desired = [PeerConfig(p.node_key, self.routing.allowed_ips(p, exit_id), None,
+                              backend.keepalive)
                    for p in visible.values()]
         # Relayed peers keep the endpoint the data plane gave them.
         try:
@@ -320,6 +414,12 @@ class AsyncNode:
         except WgmeshError as e:
             log.error("configuring peers failed: %s", e)
             return
+        try:
+            self.routing.sync_exit(exit_id, self.control_url, netmap.relay_map)
+        except WgmeshError as e:
+            log.error("routing through the exit node failed: %s", e)
+        with contextlib.suppress(OSError):  # a hosts file we cannot write: names still serve
+            self.names.update(netmap)
         for pid in set(self._peer_keys) - set(visible):
             key = self._peer_keys.pop(pid)
             dataplane.remove_peer(key)
@@ -339,6 +439,36 @@ class AsyncNode:
                 self._emit("peer_added", {"name": p.name, "key": p.node_key.b64(),
                                           "ipv4": p.ipv4})
         self._emit("netmap", {"seq": netmap.seq, "peers": len(visible)})
+
+    def _sync_lock(self, advertised: str) -> None:
+        """Control advertises a new lock head: fetch and verify it off the loop, then
+        re-apply the netmap under the new state. One fetch at a time."""
+        if self._lock_task is None or self._lock_task.done():
+            self._lock_task = asyncio.get_running_loop().create_task(
+                self._lock_sync(advertised))
+            self._tasks = [t for t in self._tasks if not t.done()]
+            self._tasks.append(self._lock_task)
+
+    async def _lock_sync(self, advertised: str) -> None:
+        from wgmesh.lock import LockError
+
+        assert self._control is not None
+        before = self.lock.head
+        try:
+            await asyncio.to_thread(self.lock.sync, advertised, self._control.lock_chain)
+        except LockError as e:
+            log.error("mesh lock: refused control's lock chain (head %s), keeping head %s: %s",
+                      advertised[:16], self.lock.head[:16], e)
+            self._emit("lock_rejected", {"error": str(e), "seq": e.seq,
+                                         "advertised": advertised, "head": self.lock.head})
+        except WgmeshError as e:
+            log.warning("mesh lock: fetching updates failed (%s); retrying on the next map", e)
+            return
+        if self.lock.head != before:
+            self._emit("lock_updated", {"head": self.lock.head})
+        self._lock_task = None  # a head advertised meanwhile is fetched by the re-apply
+        if self.netmap is not None:
+            self._apply_netmap(self.netmap)
 
     @staticmethod
     def _keep_endpoints(backend: Backend, desired: list[PeerConfig]) -> list[PeerConfig]:
@@ -392,7 +522,10 @@ class AsyncNode:
 
         if self.dataplane is None or self.netmap is None:
             raise WgmeshError("the node is not up")
-        return await self.dataplane.netcheck(servers_from_relay_map(self.netmap.relay_map))
+        report = await self.dataplane.netcheck(servers_from_relay_map(self.netmap.relay_map))
+        if self.portmapper is None:
+            return report
+        return attrs.evolve(report, portmap=self.portmapper.report())
 
     async def _refresh_endpoints(self) -> None:
         report = await self.netcheck()
@@ -405,7 +538,7 @@ class AsyncNode:
         changed = self.candidates.update(lan=lan, reflexive=reflexive,
                                          hard_nat=report.hard_nat,
                                          local_port=self.backend.listen_port)
-        self.dataplane.set_local(list(self.candidates.addrs), report.hard_nat)
+        self.dataplane.set_local(list(self.candidates.addrs), report.hard_nat, udp=report.udp)
         if changed is not None:
             await self._publish(endpoints=list(changed))
 
@@ -415,6 +548,37 @@ class AsyncNode:
             await asyncio.to_thread(self._control.update, **kw)
         except WgmeshError as e:
             log.warning("publishing to control failed: %s", e)
+
+    def _start_portmapper(self, port: int) -> None:
+        """Ask the gateway for a mapping of the WireGuard port itself (the kernel's port on
+        the kernel backend); the state file lets the next start delete a mapping that a
+        ``kill -9`` left behind."""
+        from wgmesh.node.portmapper import PortMapper
+
+        self.portmapper = PortMapper(port, state_file=self.state.path / "portmap.json",
+                                     on_change=self._on_mapped)
+        self.portmapper.start()
+
+    def _on_mapped(self, endpoint: tuple[str, int] | None) -> None:
+        """A mapping came, moved or went: a candidate like a STUN one, published at once."""
+        if self.candidates is None or self.dataplane is None or self._stop.is_set():
+            return  # going down: the mapping is being deleted, nothing to tell
+        changed = self.candidates.update(mapped=[endpoint] if endpoint else [])
+        self.dataplane.set_local(list(self.candidates.addrs), self.hard_nat)
+        if changed is not None:
+            asyncio.get_running_loop().create_task(self._publish(endpoints=list(changed)))
+
+    def _via_portmap(self, peer: nm.Peer, endpoint: tuple[str, int] | None) -> bool:
+        """A direct path that a port mapping opened: it goes to a mapping the peer published,
+        or we hold one and the path is one the peer never published (its pings came in,
+        through our mapping), or our NAT is hard (nothing else could let them in)."""
+        if endpoint is None:
+            return False
+        published = {(e.ip, e.port): e.kind for e in peer.endpoints}
+        if published.get(endpoint) == "portmap":
+            return True
+        held = self.portmapper is not None and self.portmapper.endpoint is not None
+        return held and (self.hard_nat or endpoint not in published)
 
     def _on_candidates_stale(self, reason: str) -> None:
         self._refresh.set()
@@ -431,6 +595,11 @@ class AsyncNode:
             "peer": peer.name if peer else key.short(), "key": key.b64(), "path": st.path,
             "endpoint": f"{st.endpoint[0]}:{st.endpoint[1]}" if st.endpoint else None,
             "rtt_ms": None if st.rtt is None else round(st.rtt * 1000, 2), "reason": st.reason})
+
+    def _on_pin_failed(self, key: Key, mode: str, reason: str) -> None:
+        peer = self._peer_by_key(key)
+        self._emit("pin_failed", {"peer": peer.name if peer else key.short(),
+                                  "key": key.b64(), "pin": mode, "reason": reason})
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
         self.events.emit(Event(name, data, time.time()))
@@ -461,7 +630,10 @@ class AsyncNode:
             for p in sorted(self.netmap.peers.values(), key=lambda p: p.name):
                 st = stats.get(p.node_key)
                 path = self.dataplane.paths.get(p.node_key) if self.dataplane else None
-                relay_region = p.home_relay or (self.relay.home_region if self.relay else None)
+                info = self.dataplane.trav.path(p.node_key) if self.dataplane else None
+                pin = self.dataplane.pins.get(p.node_key) if self.dataplane else None
+                relay_region = (pin if isinstance(pin, int) else p.home_relay
+                                or (self.relay.home_region if self.relay else None))
                 peers.append(PeerStatus(
                     name=p.name, ipv4=p.ipv4, ipv6=p.ipv6, key=p.node_key.b64(),
                     online=p.online,
@@ -471,7 +643,13 @@ class AsyncNode:
                     relay_region=relay_region,
                     rtt_ms=None if not path or path.rtt is None else round(path.rtt * 1e3, 2),
                     last_handshake=st.last_handshake if st else None,
-                    rx_bytes=st.rx_bytes if st else 0, tx_bytes=st.tx_bytes if st else 0))
+                    rx_bytes=st.rx_bytes if st else 0, tx_bytes=st.tx_bytes if st else 0,
+                    lock=self.lock.label(p.node_key),
+                    via_portmap=bool(path and path.path == "direct"
+                                     and self._via_portmap(p, path.endpoint)),
+                    reason=path_reason(info, p.online), candidates=tried_json(info),
+                    pinned=pin))
+        state, state_reason = self_state(me, time.time())
         return Status(
             name=me.name if me else self.hostname, ipv4=me.ipv4 if me else None,
             ipv6=me.ipv6 if me else None,
@@ -481,7 +659,43 @@ class AsyncNode:
             listen_port=self.backend.listen_port if self.backend else None,
             home_relay=self.relay.home_region if self.relay else None,
             endpoints=[str(e) for e in self.candidates.endpoints] if self.candidates else [],
-            control_online=self.control_online, peers=peers)
+            control_online=self.control_online, peers=peers, lock=self.lock.summary(),
+            control_rejected=self.control_rejected, state=state, state_reason=state_reason,
+            mtu=self.mtu if self.backend else None, routes=self._routes_status())
+
+    def resolve_name(self, name: str) -> list[str]:
+        """The tunnel addresses of mesh name ``name`` (``peer`` or ``peer.DOMAIN``), from
+        the netmap, without the system resolver; [] if there is no such node."""
+        return self.names.resolve(self.netmap, name)
+
+    def set_exit_node(self, name: str | None) -> None:
+        """Send this node's internet traffic through peer ``name`` (an exit node), or back
+        to the underlay with ``None``; control, relays and peer endpoints stay direct."""
+        self.routing.exit_node = name
+        if self.netmap is not None:
+            self._apply_netmap(self.netmap, live=False)
+
+    def _routes_status(self) -> dict[str, Any]:
+        r = self.routing
+        exit_peer = self.netmap.peers.get(r.exit_id) if self.netmap and r.exit_id else None
+        return {"advertised": r.advertised, "accept_routes": r.accept_routes,
+                "exit_node": r.exit_node, "exit_active": exit_peer.name if exit_peer else None}
+
+    async def pin(self, peer: str, mode: str | int) -> None:
+        """Pin ``peer``'s path to ``"direct"``, ``"relay"`` or a relay region id (for
+        experiments); a ``direct`` pin that cannot be had emits ``pin_failed``."""
+        if self.dataplane is None:
+            raise WgmeshError("the node is not up")
+        if mode not in ("direct", "relay") and not (isinstance(mode, int)
+                                                    and not isinstance(mode, bool)):
+            raise WgmeshError(f"pin {mode!r}: direct, relay or a relay region id")
+        self.dataplane.pin(self.resolve(peer).node_key, mode)
+
+    async def unpin(self, peer: str) -> None:
+        """Let traversal choose ``peer``'s path again."""
+        if self.dataplane is None:
+            raise WgmeshError("the node is not up")
+        self.dataplane.pin(self.resolve(peer).node_key, None)
 
     async def ping(self, peer: str, *, count: int = 1, timeout: float = 5.0) -> PingResult:
         """An ICMP echo through the tunnel to ``peer``; reports the path it took."""
@@ -515,7 +729,8 @@ class AsyncNode:
     def on(self, name: str, callback: Callable[[Event], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for each event ``name`` (``"*"``: all); returns a
         function that unsubscribes. Events: ``peer_added``, ``peer_removed``,
-        ``peer_path_changed``, ``netmap``, ``state``."""
+        ``peer_path_changed``, ``netmap``, ``state``, ``lock_updated``, ``lock_rejected``,
+        ``key_expiring``, ``pin_failed``."""
         return self.events.on(name, callback)
 
 
@@ -529,7 +744,19 @@ class Node:
     def __init__(self, control_url: str, *, authkey: str | None = None,
                  state_dir: str | os.PathLike[str] = "/var/lib/wgmesh", backend: str = "auto",
                  netns: str | None = None, hostname: str | None = None,
-                 ifname: str = DEFAULT_IFNAME, listen_port: int = 0) -> None:
+                 ifname: str = DEFAULT_IFNAME, listen_port: int = 0,
+                 control_key: str | None = None, control_ca: str | None = None,
+                 advertise_routes: Sequence[str] = (), accept_routes: bool = False,
+                 snat_subnet_routes: bool = True, advertise_exit_node: bool = False,
+                 exit_node: str | None = None, exit_node_allow_lan_access: bool = False,
+                 mtu: int = DEFAULT_MTU, dns: bool = True,
+                 dns_resolv_conf: str | os.PathLike[str] | None = None,
+                 dns_hosts_file: str | os.PathLike[str] | None = None) -> None:
+        from wgmesh.control.client import check_control_url
+
+        # A refused URL or control key fails here, before there is a loop thread to leak.
+        check_control_url(control_url)
+        _control_trust(authkey, control_key)
         self._loop = LoopThread(f"wgmesh-node-{hostname or ''}")
         self.events = EventBus()
         if netns is not None:
@@ -541,7 +768,14 @@ class Node:
                                   f"{e.strerror}") from None
         self._node = AsyncNode(control_url, authkey=authkey, state_dir=state_dir,
                                backend=backend, hostname=hostname, ifname=ifname,
-                               listen_port=listen_port, events=self.events)
+                               listen_port=listen_port, events=self.events,
+                               control_key=control_key, control_ca=control_ca,
+                               advertise_routes=advertise_routes, accept_routes=accept_routes,
+                               snat_subnet_routes=snat_subnet_routes,
+                               advertise_exit_node=advertise_exit_node, exit_node=exit_node,
+                               exit_node_allow_lan_access=exit_node_allow_lan_access, mtu=mtu,
+                               dns=dns, dns_resolv_conf=dns_resolv_conf,
+                               dns_hosts_file=dns_hosts_file)
         self.netns = netns
         self.state_dir = Path(state_dir)
 
@@ -565,6 +799,15 @@ class Node:
         """This node and its peers: paths, latency, handshakes, traffic."""
         return self._loop.call(self._node.status(), 30)
 
+    def resolve(self, name: str) -> list[str]:
+        """Tunnel addresses of mesh name ``name`` (``peer`` or ``peer.DOMAIN``) from the
+        netmap; no system resolver involved (scripts, notebooks)."""
+        return self._node.resolve_name(name)
+
+    def set_exit_node(self, name: str | None) -> None:
+        """Route this node's internet traffic through exit node ``name`` (None: stop)."""
+        self._loop.call(_in_loop(self._node.set_exit_node, name), 30)
+
     def ping(self, peer: str, *, count: int = 1, timeout: float = 5.0) -> PingResult:
         """An ICMP echo through the tunnel to ``peer`` (name, tunnel address or key), with
         the path it took; ``rtt_ms`` is None when no reply came in ``timeout``."""
@@ -574,6 +817,19 @@ class Node:
     def netcheck(self) -> NetcheckReport:
         """UDP, reflexive addresses, hard NAT, relay latency, hairpin, from the WG port."""
         return self._loop.call(self._node.netcheck(), 30)
+
+    def pin(self, peer: str, mode: str | int) -> None:
+        """Pin ``peer``'s path: ``"direct"``, ``"relay"`` or a relay region id."""
+        self._loop.call(self._node.pin(peer, mode), 30)
+
+    def unpin(self, peer: str) -> None:
+        """Let traversal choose ``peer``'s path again."""
+        self._loop.call(self._node.unpin(peer), 30)
+
+    def reauthenticate(self, authkey: str | None = None) -> nm.NodeInfo:
+        """Renew the node's key lifetime with an auth key (see
+        :meth:`AsyncNode.reauthenticate`)."""
+        return self._loop.call(self._node.reauthenticate(authkey), 60)
 
     def send_file(self, peer: str, path: str | os.PathLike[str],
                   progress: Callable[[int, int], None] | None = None) -> SendResult:
@@ -620,6 +876,22 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node {self._node.hostname} {'up' if self._node._up else 'down'}>"
+
+
+def _control_trust(authkey: str | None, control_key: str | None
+                   ) -> tuple[str | None, ControlKey | None]:
+    """The auth key to send and the control key to pin: ``control_key``, else the one the
+    auth key string carries (``wgk_...#ctrlkey:...``), else None (trust on first use)."""
+    from wgmesh.control.envelope import ControlKey, split_authkey
+
+    embedded = None
+    if authkey is not None:
+        authkey, embedded = split_authkey(authkey)
+    pinned = ControlKey.parse(control_key) if control_key else None
+    if pinned is not None and embedded is not None and pinned != embedded:
+        raise WgmeshError(f"--control-key {pinned} contradicts the control key in the auth "
+                          f"key ({embedded})")
+    return authkey, pinned or embedded
 
 
 async def _in_loop(fn: Callable[..., Any], *args: Any) -> Any:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import attrs
 
 from wgmesh import disco, stun, traversal
+from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key
 from wgmesh.node.netcheck import NetcheckProbe, NetcheckReport, StunServer, local_addresses
 from wgmesh.relaynet.client import RelayClient
@@ -52,7 +53,8 @@ class DataPlane:
     def __init__(self, backend: Backend, port: Port, relay: RelayClient, trav: Traversal, *,
                  on_path_changed: Callable[[Key, PeerPathStatus], None] | None = None,
                  on_candidates_stale: Callable[[str], None] | None = None,
-                 on_observed: Callable[[Addr], None] | None = None) -> None:
+                 on_observed: Callable[[Addr], None] | None = None,
+                 on_pin_failed: Callable[[Key, str, str], None] | None = None) -> None:
         self.backend = backend
         self.port = port
         self.relay = relay
@@ -65,6 +67,10 @@ class DataPlane:
         self._on_path_changed = on_path_changed
         self._on_candidates_stale = on_candidates_stale
         self._on_observed = on_observed
+        self._on_pin_failed = on_pin_failed
+        #: The user's pins: "direct", "relay" or a relay region id; and peers' home regions.
+        self.pins: dict[Key, str | int] = {}
+        self._homes: dict[Key, int | None] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.counters: dict[str, int] = {"relay_wg_in": 0, "relay_wg_out": 0,
@@ -102,19 +108,45 @@ class DataPlane:
     # ---- peers ---------------------------------------------------------------------
     def upsert_peer(self, node_key: Key, disco_key: Key, endpoints: list[Addr],
                     home_region: int | None) -> None:
-        self.relay.set_peer_region(node_key, home_region or None)
+        self._homes[node_key] = home_region or None
+        pin = self.pins.get(node_key)
+        self.relay.set_peer_region(node_key, pin if isinstance(pin, int) else home_region or None)
+        new = node_key not in self.trav.peers
         if node_key not in self.paths:
             self.paths[node_key] = PeerPathStatus(changed_at=time.monotonic())
         self._do(self.trav.upsert_peer(node_key, disco_key, endpoints, time.monotonic()))
+        if new and pin is not None:
+            self._do(self.trav.pin(node_key, "relay" if isinstance(pin, int) else pin,
+                                   time.monotonic()))
+
+    def pin(self, node_key: Key, mode: str | int | None) -> None:
+        """Pin a peer to ``direct``, ``relay`` or a relay region id; ``None`` unpins.
+
+        A region forces the relay path through that region's relay (it must be in
+        the relay map). A ``direct`` pin that a probing round cannot honour
+        reports through ``on_pin_failed``; the relay keeps the peer reachable meanwhile.
+        """
+        if isinstance(mode, int) and mode not in self.relay.regions:
+            raise WgmeshError(f"no relay region {mode} in the relay map "
+                              f"(regions: {', '.join(map(str, sorted(self.relay.regions)))})")
+        if mode is None:
+            self.pins.pop(node_key, None)
+        else:
+            self.pins[node_key] = mode
+        self.relay.set_peer_region(node_key, mode if isinstance(mode, int)
+                                   else self._homes.get(node_key))
+        self._do(self.trav.pin(node_key, "relay" if isinstance(mode, int) else mode,
+                               time.monotonic()))
 
     def remove_peer(self, node_key: Key) -> None:
         self._do(self.trav.remove_peer(node_key))
+        self._homes.pop(node_key, None)
         self.paths.pop(node_key, None)
         self._relay_ingress.pop(node_key, None)
         self.relay.set_peer_region(node_key, None)
 
-    def set_local(self, candidates: list[Addr], hard_nat: bool) -> None:
-        self._do(self.trav.set_local(candidates, time.monotonic(), hard_nat=hard_nat))
+    def set_local(self, candidates: list[Addr], hard_nat: bool, udp: bool | None = None) -> None:
+        self._do(self.trav.set_local(candidates, time.monotonic(), hard_nat=hard_nat, udp=udp))
 
     def network_changed(self) -> None:
         self._do(self.trav.network_changed(time.monotonic()))
@@ -234,6 +266,10 @@ class DataPlane:
                 self._on_observed(a.addr)
         elif isinstance(a, traversal.RefreshCandidates) and self._on_candidates_stale:
             self._on_candidates_stale(a.reason)
+        elif isinstance(a, traversal.PinFailed):
+            log.warning("peer %s: pinned %s, but %s", a.key.short(), a.mode, a.reason)
+            if self._on_pin_failed:
+                self._on_pin_failed(a.key, a.mode, a.reason)
 
     def _open_ports(self, key: Key, socks: tuple[int, ...]) -> None:
         loop = asyncio.get_running_loop()

@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EVENT_NAMES", "Event", "EventBus"]
 
-EVENT_NAMES = ("peer_added", "peer_removed", "peer_path_changed", "netmap", "state")
+EVENT_NAMES = ("peer_added", "peer_removed", "peer_path_changed", "netmap", "state",
+               "key_expiring", "pin_failed", "lock_updated", "lock_rejected",
+               "control_rejected")
 
 
 @attrs.frozen

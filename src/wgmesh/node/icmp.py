@@ -25,6 +25,9 @@ def echo(ip: str, *, timeout: float = 5.0, count: int = 1) -> float | None:
     ident = os.getpid() & 0xFFFF
     best: float | None = None
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+        # poll, not select: an agent with many hard-NAT search ports has fds past 1023.
+        poller = select.poll()
+        poller.register(s, select.POLLIN)
         for seq in range(1, count + 1):
             payload = struct.pack("!d", time.monotonic()) + b"wgmesh-ping"
             hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
@@ -33,8 +36,7 @@ def echo(ip: str, *, timeout: float = 5.0, count: int = 1) -> float | None:
             s.sendto(pkt, (ip, 0))
             deadline = sent + timeout
             while (left := deadline - time.monotonic()) > 0:
-                r, _, _ = select.select([s], [], [], left)
-                if not r:
+                if not poller.poll(left * 1000):
                     break
                 data, addr = s.recvfrom(2048)
                 ihl = (data[0] & 0x0F) * 4

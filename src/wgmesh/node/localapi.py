@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import struct
@@ -20,6 +21,8 @@ from typing import Any
 from wgmesh.errors import WgmeshError
 
 __all__ = ["DEFAULT_SOCKET", "Handler", "LocalAPIError", "LocalAPIServer", "call"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/wgmesh/wgmesh.sock"
 MAX_REQUEST = 64 * 1024
@@ -83,10 +86,23 @@ class LocalAPIServer:
             if handler is None:
                 await _reply(writer, {"error": f"unknown method {req['method']!r}"})
                 return
+            params = req.get("params") or {}
+            if not isinstance(params, dict):
+                await _reply(writer, {"error": "bad request: params must be an object"})
+                return
             try:
-                result = await handler(req.get("params") or {})
+                result = await handler(params)
             except WgmeshError as e:
                 await _reply(writer, {"error": str(e)})
+            except KeyError as e:
+                await _reply(writer, {"error": f"{req['method']}: missing parameter {e}"})
+            except (TypeError, ValueError) as e:
+                await _reply(writer, {"error": f"{req['method']}: bad parameter: {e}"})
+            except Exception as e:
+                # Whatever went wrong, the caller gets an answer rather than a closed socket.
+                log.exception("local API method %s failed", req["method"])
+                await _reply(writer, {"error": f"{req['method']} failed: "
+                                               f"{type(e).__name__}: {e}"})
             else:
                 await _reply(writer, {"result": result})
         except (ConnectionError, OSError):

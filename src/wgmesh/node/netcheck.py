@@ -30,7 +30,7 @@ import fcntl
 import ipaddress
 import json
 import secrets
-import select
+import selectors
 import socket
 import struct
 import subprocess
@@ -84,6 +84,9 @@ class NetcheckReport:
     seen_by: dict[str, str | None]
     nat_type: str | None = None  # classic RFC 3489 test, when asked for
     local_addresses: tuple[str, ...] = ()
+    #: Gateway port mapping (:meth:`wgmesh.node.portmapper.PortMapper.report`): the
+    #: mapping held and, per protocol, ``ok``, the ``external`` address or the ``error``.
+    portmap: dict[str, Any] | None = None
 
     @property
     def hard_nat(self) -> bool:
@@ -107,7 +110,8 @@ class NetcheckReport:
             mapping_varies_by_dest=d["mapping_varies_by_dest"], hairpin=d["hairpin"],
             region_latency={int(k): v for k, v in d["region_latency"].items()},
             preferred_region=d["preferred_region"], seen_by=d["seen_by"],
-            nat_type=d["nat_type"], local_addresses=tuple(d["local_addresses"]))
+            nat_type=d["nat_type"], local_addresses=tuple(d["local_addresses"]),
+            portmap=d.get("portmap"))
 
 
 def format_addr(a: Addr) -> str:
@@ -267,14 +271,18 @@ def netcheck(servers: Sequence[StunServer], *, sock: socket.socket | None = None
             with contextlib.suppress(OSError):  # unreachable: that server just fails
                 s.sendto(data, dst)
 
+    # a selector, not select(): an agent with many hard-NAT search ports has fds past 1023
+    sel = selectors.DefaultSelector()
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
     try:
         send(probe.start())
         deadline = time.monotonic() + timeout
         while not probe.done and (now := time.monotonic()) < deadline:
             nd = probe.next_deadline
             wait = max(0.0, min(deadline, nd if nd is not None else deadline) - now)
-            ready, _, _ = select.select(socks, [], [], wait)
-            for s in ready:
+            for key, _ in sel.select(wait):
+                s = key.fileobj  # type: ignore[assignment]
                 try:
                     data, src = s.recvfrom(2048)
                 except OSError:
@@ -282,6 +290,7 @@ def netcheck(servers: Sequence[StunServer], *, sock: socket.socket | None = None
                 send(probe.receive(data, (src[0], src[1]), time.monotonic()))
             send(probe.on_timeout(time.monotonic()))
     finally:
+        sel.close()
         for s in own:
             s.close()
     nat_type = classic_nat_type(classic, timeout=classic_timeout) if classic else None

@@ -123,7 +123,9 @@ class _Channel(asyncio.DatagramProtocol):
     def __init__(self, gateway: str) -> None:
         self.gateway = gateway
         self.client_ip = ""
-        self._inbox: collections.deque[bytes | OSError] = collections.deque(maxlen=_INBOX)
+        #: (datagram, came to the announcement group) or a socket error
+        self._inbox: collections.deque[tuple[bytes, bool] | OSError] = collections.deque(
+            maxlen=_INBOX)
         self._waiter: asyncio.Future[None] | None = None
         self._transports: list[asyncio.BaseTransport] = []
         self._request: asyncio.DatagramTransport | None = None
@@ -142,7 +144,7 @@ class _Channel(asyncio.DatagramProtocol):
             except OSError as e:  # another listener without SO_REUSEADDR: go without
                 log.info("port mapping: no gateway announcements (%s)", e)
             else:
-                await loop.create_datagram_endpoint(lambda: ch, sock=sock)
+                await loop.create_datagram_endpoint(lambda: _Announcements(ch), sock=sock)
         return ch
 
     def _announce_socket(self) -> socket.socket:
@@ -162,8 +164,11 @@ class _Channel(asyncio.DatagramProtocol):
         self._transports.append(transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.put(data, addr, announced=False)
+
+    def put(self, data: bytes, addr: tuple[Any, ...], *, announced: bool) -> None:
         if addr[0] == self.gateway:
-            self._inbox.append(data)
+            self._inbox.append((data, announced))
             self._wake()
 
     def error_received(self, exc: Exception) -> None:
@@ -184,7 +189,7 @@ class _Channel(asyncio.DatagramProtocol):
             for d in datagrams:
                 self._request.sendto(d)
 
-    async def get(self, timeout: float) -> bytes | OSError | None:
+    async def get(self, timeout: float) -> tuple[bytes, bool] | OSError | None:
         """The next datagram or socket error; None after ``timeout`` or an interrupt."""
         if not self._inbox and timeout > 0:
             self._waiter = asyncio.get_running_loop().create_future()
@@ -197,6 +202,19 @@ class _Channel(asyncio.DatagramProtocol):
         for t in self._transports:
             t.close()
         self._transports.clear()
+
+
+class _Announcements(asyncio.DatagramProtocol):
+    """The multicast group's datagrams into the channel, marked as announcements."""
+
+    def __init__(self, channel: _Channel) -> None:
+        self.channel = channel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.channel.connection_made(transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.channel.put(data, addr, announced=True)
 
 
 class _Igd:
@@ -427,7 +445,7 @@ class PortMapper:
             if isinstance(got, OSError):
                 return got
             if got is not None:
-                ch.send(lease.receive(got, now))
+                ch.send(lease.receive(got[0], now, announcement=got[1]))
             if (due := lease.next_deadline) is not None and now >= due:
                 ch.send(lease.on_timeout(now))  # also under a flood of datagrams
             if events := lease.events():

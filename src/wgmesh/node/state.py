@@ -1,4 +1,4 @@
-"""A node's state directory: its keys (0600), identity, and last netmap.
+"""A node's state directory: its keys (0600), identity, pinned control key, and last netmap.
 
 The private keys are made here on first use and never leave this directory.
 The cached netmap lets a restarted node configure its peers while the control
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from wgmesh import netmap as nm
+from wgmesh.control.envelope import ControlKey
+from wgmesh.errors import WgmeshError
 from wgmesh.keys import PrivateKey, load_or_create_private_key
 
 __all__ = ["StateDir"]
@@ -69,6 +71,20 @@ class StateDir:
 
     def save_identity(self, identity: dict[str, Any]) -> None:
         _atomic_write(self.path / "identity.json", json.dumps(identity, indent=1))
+
+    def load_control_key(self, control_url: str) -> ControlKey | None:
+        """The control key pinned for ``control_url`` (None: none yet, e.g. a state dir
+        from before control keys, or one that belonged to another control service)."""
+        try:
+            d = json.loads((self.path / "control.json").read_text())
+            return ControlKey.parse(d["key"]) if d.get("url") == control_url else None
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError,
+                WgmeshError):
+            return None
+
+    def save_control_key(self, control_url: str, key: ControlKey) -> None:
+        _atomic_write(self.path / "control.json",
+                      json.dumps({"url": control_url, "key": str(key)}))
 
     def load_netmap(self) -> nm.Netmap | None:
         """The last netmap, or None if absent or unreadable (never half-applied)."""

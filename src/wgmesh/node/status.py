@@ -12,8 +12,9 @@ from typing import Any
 import attrs
 
 from wgmesh.display import html_table, text_table
+from wgmesh.traversal import REASON_OFFLINE, PathInfo, PathState
 
-__all__ = ["PeerStatus", "PingResult", "Status"]
+__all__ = ["PeerStatus", "PingResult", "Status", "path_reason", "tried_json"]
 
 
 def _ago(ts: float | None) -> str | None:
@@ -22,8 +23,31 @@ def _ago(ts: float | None) -> str | None:
     return f"{max(0, time.time() - ts):.0f}s ago"
 
 
+def path_reason(info: PathInfo | None, online: bool) -> str:
+    """Why a peer's path is what it is; control's word that the peer is offline wins
+    over the path machine's own guess while it is relayed."""
+    if info is not None and info.state is PathState.DIRECT:
+        return info.reason
+    if not online:
+        return REASON_OFFLINE
+    return info.reason if info is not None else "not configured yet"
+
+
+def tried_json(info: PathInfo | None) -> list[dict[str, Any]]:
+    """The candidates traversal probed for a peer, JSON-ready."""
+    if info is None:
+        return []
+    return [{"endpoint": f"[{c.addr[0]}]:{c.addr[1]}" if ":" in c.addr[0]
+             else f"{c.addr[0]}:{c.addr[1]}", "socket": c.sock, "sources": list(c.sources),
+             "rtt_ms": None if c.rtt is None else round(c.rtt * 1e3, 2), "result": c.result}
+            for c in info.tried]
+
+
 @attrs.frozen
 class PeerStatus:
+    """One peer as ``status`` shows it; ``reason``, ``candidates`` and ``pinned`` explain
+    the path (``wgmesh status --explain PEER``)."""
+
     name: str
     ipv4: str
     ipv6: str
@@ -36,11 +60,22 @@ class PeerStatus:
     last_handshake: float | None
     rx_bytes: int
     tx_bytes: int
+    #: Mesh lock: None (not locked), "signed", "needs signature" or "revoked"; only a
+    #: signed peer is in WireGuard.
+    lock: str | None = None
+    #: Direct thanks to a gateway port mapping (the peer's or ours).
+    via_portmap: bool = False
+    #: Why the path is what it is, the candidates probed, and the user's pin.
+    reason: str = ""
+    candidates: list[dict[str, Any]] = attrs.field(factory=list)
+    pinned: str | int | None = None
 
     @property
     def via(self) -> str:
+        if self.lock not in (None, "signed"):
+            return f"left out: {self.lock}"
         if self.path == "direct" and self.endpoint:
-            return f"direct {self.endpoint}"
+            return f"direct {self.endpoint}" + (" (port mapping)" if self.via_portmap else "")
         return f"relay region {self.relay_region}" if self.relay_region else "relay"
 
     def row(self) -> dict[str, Any]:
@@ -48,6 +83,25 @@ class PeerStatus:
                 "latency": None if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms",
                 "handshake": _ago(self.last_handshake), "rx": self.rx_bytes,
                 "tx": self.tx_bytes}
+
+    def explain(self) -> str:
+        """The story of this peer's path, for a person."""
+        lines = [f"{self.name} ({self.ipv4}): {self.via}, because: {self.reason or 'unknown'}"]
+        if self.pinned is not None:
+            lines.append(f"  pinned to {self.pinned} (wgmesh unpin {self.name} lets "
+                         f"traversal choose)")
+        if not self.online:
+            lines.append("  control says the peer is offline")
+        if not self.candidates:
+            lines.append("  no candidate addresses known for it yet")
+        else:
+            lines.append("  candidates tried:")
+            lines += [f"    {c['endpoint']:<28} {c['result']:<10} "
+                      f"{'' if c['rtt_ms'] is None else str(c['rtt_ms']) + ' ms':<10} "
+                      f"from {','.join(c['sources'])}"
+                      f"{'' if not c['socket'] else ' (search socket)'}"
+                      for c in self.candidates]
+        return "\n".join(lines)
 
 
 PEER_COLUMNS = ["peer", "address", "path", "latency", "handshake", "rx", "tx"]
@@ -66,6 +120,17 @@ class Status:
     endpoints: list[str]
     control_online: bool
     peers: list[PeerStatus]
+    #: Mesh lock (None: not locked): lock_id, head, trusted_keys, rejected.
+    lock: dict[str, Any] | None = None
+    #: The last netmap message from control that failed verification (and was refused).
+    control_rejected: str | None = None
+    #: running, pending (awaiting approval) or expired; ``state_reason`` says more.
+    state: str = "running"
+    state_reason: str = ""
+    #: The interface MTU.
+    mtu: int | None = None
+    #: Subnet routes and exit node: advertised, accept_routes, exit_node, exit_active.
+    routes: dict[str, Any] | None = None
 
     def peer(self, name_or_ip: str) -> PeerStatus | None:
         return next((p for p in self.peers if name_or_ip in (p.name, p.ipv4, p.ipv6)), None)
@@ -77,6 +142,8 @@ class Status:
         head = (f"{self.name} {self.ipv4} ({self.backend}, port {self.listen_port}, "
                 f"home relay {self.home_relay}, control "
                 f"{'online' if self.control_online else 'offline'})")
+        if self.state != "running":
+            head += f"\n{self.state}: {self.state_reason}"
         return head + "\n" + text_table([p.row() for p in self.peers], PEER_COLUMNS)
 
     def _repr_html_(self) -> str:

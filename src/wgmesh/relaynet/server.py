@@ -1,7 +1,9 @@
 """RelayServer: forwards frames between nodes by public key; also a STUN server.
 
 One asyncio process serves, on one TCP port, the relay upgrade (``/relay``),
-``GET /metrics`` (JSON counters) and ``GET /health``; on UDP (3478 by default)
+``GET /metrics`` (JSON counters; Prometheus/OpenMetrics text to a client whose
+``Accept`` asks for it, as Prometheus' does: :mod:`~wgmesh.relaynet.metrics`)
+and ``GET /health``; on UDP (3478 by default)
 it answers STUN Binding (:class:`~wgmesh.relaynet.stunserver.StunResponder`).
 
 Forwarding a SEND costs a dict lookup and one frame build: the destination's
@@ -57,6 +59,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from prometheus_client.registry import CollectorRegistry
+
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import KEY_LEN, Key, PrivateKey
 from wgmesh.loopthread import LoopThread
@@ -82,8 +86,10 @@ from wgmesh.relay import (
 )
 from wgmesh.relaynet.connection import OnPeer, RelayConnection
 from wgmesh.relaynet.mesh import RegionMesh
+from wgmesh.relaynet.metrics import RelayCollector, exposition, wants_prometheus
 from wgmesh.relaynet.stream import QUEUE_BYTES, FrameStream, QueueBudget
 from wgmesh.relaynet.stunserver import StunResponder
+from wgmesh.urls import check_credential_url
 
 __all__ = ["RelayServer"]
 
@@ -193,6 +199,7 @@ class RelayServer:
                  mesh_key: bytes | None = None, mesh_peers: Sequence[str] = (),
                  mesh_ssl: _ssl.SSLContext | None = None,
                  control_url: str | None = None, relay_credential: str | None = None,
+                 control_ssl: _ssl.SSLContext | None = None,
                  allow_refresh: float = 10.0,
                  rate_limit_bps: float | None = None, queue_frames: int = 256,
                  queue_bytes: int = QUEUE_BYTES, queue_budget: int = 256 * 1024 * 1024,
@@ -206,6 +213,8 @@ class RelayServer:
             raise WgmeshError("mesh peers need a mesh key")
         if control_url and not relay_credential:
             raise WgmeshError("an allow-list from control needs a relay credential")
+        if control_url:
+            check_credential_url(control_url, "control")  # the relay credential is a bearer token
         self.private_key = private_key or PrivateKey.generate()
         self.public_key = self.private_key.public
         self.host = host
@@ -217,6 +226,7 @@ class RelayServer:
         self.mesh_ssl = mesh_ssl
         self.control_url = control_url.rstrip("/") if control_url else None
         self._credential = relay_credential
+        self._control_ssl = control_ssl  # a private CA for https:// control (None: system CAs)
         self.allow_refresh = allow_refresh
         self.allowed: frozenset[bytes] | None = None
         self.rate_limit_bytes = (rate_limit_bps or 0) / 8
@@ -252,11 +262,14 @@ class RelayServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._thread: LoopThread | None = None
         self._started = time.monotonic()
+        self.registry = CollectorRegistry(auto_describe=False)  # per server: many per process
+        self.registry.register(RelayCollector(self))
 
     # ---- life cycle ------------------------------------------------------------------
     async def start(self, host: str | None = None, port: int | None = None, *,
                     ssl: _ssl.SSLContext | None = None, stun_port: int | None = None) -> None:
-        """Listen on ``host:port`` (0: any free port; then see :attr:`port`).
+        """Listen on ``host:port`` (0: any free port; then see :attr:`port`); ``::``: every
+        address of both families (STUN then answers both on one dual-stack socket).
 
         ``stun_port``: UDP port for STUN (``None``: no STUN; 0: any free port).
         Arguments left out (``None``) are the constructor's.
@@ -266,7 +279,12 @@ class RelayServer:
         ssl = self.ssl if ssl is None else ssl
         stun_port = self._stun_listen if stun_port is None else stun_port
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Client(self), host, port, ssl=ssl,
+        hosts: str | list[str] = host
+        if host == "::":  # every address of both families, one socket each: native sources
+            if not port:
+                raise WgmeshError("listening on [::] (both families) needs a fixed port")
+            hosts = ["0.0.0.0", "::"]
+        self._server = await loop.create_server(lambda: _Client(self), hosts, port, ssl=ssl,
                                                 reuse_address=True, backlog=1024)
         self.port = self._server.sockets[0].getsockname()[1]
         if stun_port is not None:
@@ -374,6 +392,10 @@ class RelayServer:
             "drops": dict(self.drops),
         }
 
+    def deepest_queue(self) -> int:
+        """Bytes queued for the slowest connected node (a gauge; O(clients) per scrape)."""
+        return max((c.queued_bytes for c in self._clients.values()), default=0)
+
     # ---- HTTP ------------------------------------------------------------------------
     def _http(self, c: _Client, head: bytes) -> bool:
         self.counters["http_requests"] += 1
@@ -396,6 +418,8 @@ class RelayServer:
             if not self._metrics_allowed(c):
                 self.drops["metrics_forbidden"] += 1
                 self._respond(c, 403, "metrics are not served to this address")
+            elif wants_prometheus(headers.get(b"accept", b"").decode("latin-1")):
+                self._respond(c, 200, *exposition(self, headers[b"accept"].decode("latin-1")))
             else:
                 self._respond(c, 200, json.dumps(self.metrics()), "application/json")
             return False
@@ -630,7 +654,8 @@ class RelayServer:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             while True:
                 try:
-                    async with http.get(url, headers=headers) as r:
+                    async with http.get(url, headers=headers,
+                                        ssl=self._control_ssl or True) as r:
                         r.raise_for_status()
                         doc = await r.json()
                     self.set_allowed(Key(k) for k in doc["node_keys"])

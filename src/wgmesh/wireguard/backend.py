@@ -36,6 +36,7 @@ __all__ = [
     "PeerStats",
     "Port",
     "diff_peers",
+    "routes_for",
 ]
 
 DEFAULT_MTU = 1420
@@ -116,6 +117,22 @@ def diff_peers(current: Mapping[Key, PeerConfig], desired: Sequence[PeerConfig])
     update = tuple(p for k, p in want.items() if k in current and current[k] != p)
     remove = tuple(k for k in current if k not in want)
     return PeerDiff(add, update, remove)
+
+
+def routes_for(peers: Iterable[PeerConfig], addresses: Iterable[IPInterface]) -> set[IPNetwork]:
+    """Prefixes that need a route via the interface: allowed IPs not already inside an
+    interface address's connected prefix (subnet routes). Default routes (``/0``) are left out: sending
+    everything into the tunnel needs policy routing on the fwmark, the caller's choice."""
+    connected = [a.network for a in addresses]
+    need: set[IPNetwork] = set()
+    for p in peers:
+        for net in p.allowed_ips:
+            if net.prefixlen == 0:
+                continue
+            if any(c.version == net.version and net.subnet_of(c) for c in connected):  # type: ignore[arg-type]
+                continue
+            need.add(net)
+    return need
 
 
 class Port(Protocol):

@@ -40,7 +40,7 @@ def serve(ifname: str, *, foreground: bool = False,
 
     Without ``foreground`` the calling process returns once the detached one is serving
     (0) or has failed (1). ``on_serving()`` runs once serving in the foreground. Raises
-    :class:`~wgmesh.wireguard.backend.BackendError`, ``UapiError`` or :class:`OSError`
+    :class:`~wgmesh.wireguard.backend.BackendError` or :class:`OSError`
     when the device cannot start (in a detached child, its stderr is still the caller's).
     """
     if not foreground:
@@ -49,7 +49,7 @@ def serve(ifname: str, *, foreground: bool = False,
             return rc
     from wgmesh.wireguard.userspace import UserspaceBackend
 
-    dev = UserspaceBackend(ifname)
+    dev = UserspaceBackend(ifname, uapi=True)  # UAPI is what this daemon is for
     dev.start()
     ready = os.environ.pop("WGMESH_USERSPACE_READY_FD", None)
     if ready is not None:

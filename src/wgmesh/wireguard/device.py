@@ -132,6 +132,12 @@ class Device:
         self.on_other: Callable[[bytes, tuple[str, int]], object] | None = None
         # Hook: the node's ACL (wgmesh.wireguard.filter.PacketFilter), None = accept all.
         self.packet_filter: PacketFilter | None = None
+        # Multi-address hosts: the I/O layer sets ``arrived_at`` to our address (packed)
+        # that the datagram in hand was sent to; authenticated packets record it per
+        # endpoint in ``sources``, and sends to that endpoint leave from it (the kernel
+        # module's endpoint source cache), so a NAT or firewall sees one 4-tuple.
+        self.arrived_at: bytes | None = None
+        self.sources: dict[tuple[str, int], bytes] = {}
         self._load_window = (float("-inf"), 0)
         self._load_until = float("-inf")
         self._last_gc = float("-inf")
@@ -167,6 +173,7 @@ class Device:
     def remove_peer(self, public: bytes) -> None:
         peer = self.peers.pop(public, None)
         if peer is not None:
+            self._forget_source(peer)
             self._wipe(peer)
             self.allowed.remove_value(peer)
 
@@ -184,7 +191,15 @@ class Device:
             peer.t_persistent = None
 
     def set_endpoint(self, peer: Peer, endpoint: tuple[str, int] | None) -> None:
+        """A configured endpoint starts without a source: the routing table picks one."""
+        self._forget_source(peer)
         peer.endpoint = endpoint
+        if endpoint is not None:
+            self.sources.pop(endpoint, None)
+
+    def _forget_source(self, peer: Peer) -> None:
+        if peer.endpoint is not None:
+            self.sources.pop(peer.endpoint, None)
 
     def set_relay(self, peer: Peer, send: Callable[[bytes], object] | None) -> None:
         """Relay hook: route ``peer``'s packets to ``send(bytes)``; None returns to UDP."""
@@ -568,9 +583,15 @@ class Device:
         peer.t_zero_keys = None
 
     def _roam(self, peer: Peer, src: tuple[str, int] | RelaySource) -> None:
-        """Authenticated packets move the endpoint to where they came from (roaming)."""
-        if peer.endpoint != src and not isinstance(src, RelaySource):
+        """Authenticated packets move the endpoint to where they came from (roaming), and
+        our address they reached becomes the source for that endpoint."""
+        if isinstance(src, RelaySource):
+            return
+        if peer.endpoint != src:
+            self._forget_source(peer)
             peer.endpoint = (src[0], src[1])
+        if self.arrived_at is not None:
+            self.sources[src] = self.arrived_at
 
     # ---- timers ----------------------------------------------------------------------
     def next_deadline(self) -> float | None:

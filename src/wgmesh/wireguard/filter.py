@@ -33,11 +33,44 @@ MAX_DECISIONS = 16384
 Flow = tuple[int, bytes, int, bytes, int]  # proto, src, sport, dst, dport
 
 
+# IPv6 extension headers a flow can hide behind: hop-by-hop, routing, fragment,
+# destination options, AH. The walk is bounded so a chain of them costs O(1).
+HOPOPT, ROUTING, FRAGMENT, DSTOPTS, AH = 0, 43, 44, 60, 51
+_EXTENSIONS = frozenset((HOPOPT, ROUTING, FRAGMENT, DSTOPTS, AH))
+MAX_EXTENSIONS = 8
+
+
+def _skip_ipv6_extensions(pkt: bytes | memoryview) -> tuple[int, int, bool] | None:
+    """(upper protocol, its offset, is a non-first fragment) of an IPv6 packet.
+
+    None when the chain is truncated or longer than :data:`MAX_EXTENSIONS`: a packet
+    whose real protocol cannot be found is malformed, never judged by a header's type.
+    """
+    proto, off, seen = pkt[6], 40, 0
+    while proto in _EXTENSIONS:
+        if seen == MAX_EXTENSIONS or len(pkt) < off + 8:
+            return None
+        seen += 1
+        nxt = pkt[off]
+        if proto == FRAGMENT:
+            if ((pkt[off + 2] << 8) | pkt[off + 3]) & 0xFFF8:  # fragment offset != 0
+                return nxt, off + 8, True
+            size = 8
+        elif proto == AH:
+            size = (pkt[off + 1] + 2) * 4
+        else:
+            size = (pkt[off + 1] + 1) * 8
+        if len(pkt) < off + size:
+            return None
+        proto, off = nxt, off + size
+    return proto, off, False
+
+
 def parse_flow(pkt: bytes | memoryview) -> Flow | None:
     """(proto, src, sport, dst, dport) of an IP packet; ICMP echo id stands in for ports.
 
-    None for anything too short to be IP. Non-first IPv4 fragments carry no ports
-    and get port -1.
+    None for anything too short to be IP. IPv6 extension headers are walked to the
+    real protocol. Non-first fragments carry no ports and get port -1.
     """
     if len(pkt) < 20:
         return None
@@ -50,9 +83,13 @@ def parse_flow(pkt: bytes | memoryview) -> Flow | None:
             return proto, src, -1, dst, -1
         off = ihl
     elif v == 6 and len(pkt) >= 40:
-        proto = pkt[6]
         src, dst = bytes(pkt[8:24]), bytes(pkt[24:40])
-        off = 40
+        walked = _skip_ipv6_extensions(pkt)
+        if walked is None:
+            return None
+        proto, off, later_fragment = walked
+        if later_fragment:
+            return proto, src, -1, dst, -1
     else:
         return None
     if proto in (TCP, UDP) and len(pkt) >= off + 4:
@@ -148,11 +185,9 @@ def _table(ifname: str) -> str:
 
 
 def nft_ruleset(ifname: str, rules: Sequence[FilterRule]) -> str:
-    """An nftables table that enforces ``rules`` on packets arriving from ``ifname``."""
-    table = _table(ifname)
-    lines = [f"table inet {table} {{", "  chain input {",
-             "    type filter hook input priority filter; policy accept;",
-             f'    iifname "{ifname}" ct state established,related accept']
+    """An nftables table that enforces ``rules`` on packets arriving from ``ifname``: for
+    this host (``input``) and, on a subnet router, for the networks behind it (``forward``)."""
+    body = [f'    iifname "{ifname}" ct state established,related accept']
     for r in rules:
         ports = ", ".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in r.ports)
         protos = ["tcp", "udp"] if r.proto == "any" else [r.proto]
@@ -162,15 +197,20 @@ def nft_ruleset(ifname: str, rules: Sequence[FilterRule]) -> str:
                 continue
             match = f'    iifname "{ifname}" {fam} saddr {src} {fam} daddr {dst}'
             if r.ports == ((0, 65535),) and r.proto == "any":
-                lines.append(f"{match} accept")
+                body.append(f"{match} accept")
                 continue
             for proto in protos:
                 if proto == "icmp":
                     icmp = "icmp" if v == 4 else "icmpv6"
-                    lines.append(f"{match} meta l4proto {icmp} accept")
+                    body.append(f"{match} meta l4proto {icmp} accept")
                 else:
-                    lines.append(f"{match} {proto} dport {{ {ports} }} accept")
-    lines += [f'    iifname "{ifname}" drop', "  }", "}"]
+                    body.append(f"{match} {proto} dport {{ {ports} }} accept")
+    body.append(f'    iifname "{ifname}" drop')
+    lines = [f"table inet {_table(ifname)} {{"]
+    for hook in ("input", "forward"):
+        lines += [f"  chain {hook} {{",
+                  f"    type filter hook {hook} priority filter; policy accept;", *body, "  }"]
+    lines.append("}")
     return "\n".join(lines) + "\n"
 
 

@@ -58,6 +58,7 @@ from wgmesh.wireguard.backend import (
     PeerDiff,
     PeerStats,
     diff_peers,
+    routes_for,
 )
 from wgmesh.wireguard.netns import netns_path, socket_in
 from wgmesh.wireguard.nftables import NftFilter
@@ -234,24 +235,6 @@ def set_device_message(ifindex: int, device_attrs: list[list[Any]],
     if peers:
         msg["attrs"].append(["WGDEVICE_A_PEERS", peers])
     return msg
-
-
-def routes_for(peers: Iterable[PeerConfig],
-               addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface]
-               ) -> set[IPNetwork]:
-    """Prefixes that need a route via the interface: allowed IPs not already inside an
-    interface address's connected prefix. Default routes (``/0``) are left out: sending
-    everything into the tunnel needs policy routing on the fwmark, the caller's choice."""
-    connected = [a.network for a in addresses]
-    need: set[IPNetwork] = set()
-    for p in peers:
-        for net in p.allowed_ips:
-            if net.prefixlen == 0:
-                continue
-            if any(c.version == net.version and net.subnet_of(c) for c in connected):  # type: ignore[arg-type]
-                continue
-            need.add(net)
-    return need
 
 
 # ---- pure: device dump -> typed info ------------------------------------------------------

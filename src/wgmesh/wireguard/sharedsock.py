@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
-import select
+import selectors
 import socket
 import struct
 import time
@@ -315,7 +315,11 @@ class SharedSocket:
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._socks:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select(list(self._socks.values()), [], [], left)
+            # a selector, not select(): fds past 1023 are common in a busy agent
+            with selectors.DefaultSelector() as sel:
+                for sock in self._socks.values():
+                    sel.register(sock, selectors.EVENT_READ)
+                ready = {key.fileobj for key, _ in sel.select(left)}
             for family, sock in list(self._socks.items()):
                 if sock in ready:
                     got = self._read(family)

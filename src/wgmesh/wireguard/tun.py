@@ -61,6 +61,7 @@ class Tun:
             raise BackendError(f"TUNSETIFF {name}: {e.strerror}") from e
         self.name = name
         self.vnet = vnet
+        self.routes: set[ipaddress.IPv4Network | ipaddress.IPv6Network] = set()
         self._set_txqueuelen(TX_QUEUE_LEN)
 
     def _set_txqueuelen(self, qlen: int) -> None:
@@ -76,6 +77,15 @@ class Tun:
         for a in addresses:
             _ip("addr", "replace", str(a), "dev", self.name)
         _ip("link", "set", "dev", self.name, "up")
+
+    def sync_routes(self, want: set[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        """Route exactly ``want`` (subnet routes of peers) into this interface; they go
+        with the interface when it closes, so a crash leaves none behind."""
+        for net in sorted(want - self.routes, key=str):
+            _ip("route", "replace", str(net), "dev", self.name)
+        for net in sorted(self.routes - want, key=str):
+            _ip("route", "del", str(net), "dev", self.name)
+        self.routes = set(want)
 
     def close(self) -> None:
         if self.fd >= 0:

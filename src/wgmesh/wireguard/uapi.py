@@ -15,6 +15,7 @@ import ipaddress
 import os
 import socket
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -194,6 +195,20 @@ def format_get(private_key: bytes | None, listen_port: int, fwmark: int,
     return "".join(line + "\n" for line in out)
 
 
+def _describe_holder(conn: socket.socket) -> str:
+    """Who listens at the other end of ``conn``: its pid, and whether it is in another
+    network namespace (the usual way two daemons come to want one socket path)."""
+    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                              struct.calcsize("3i")))[0]
+    try:
+        theirs, ours = os.stat(f"/proc/{pid}/ns/net"), os.stat("/proc/thread-self/ns/net")
+    except OSError:
+        return f"pid {pid}"
+    if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+        return f"pid {pid}"
+    return f"pid {pid}, in another network namespace"
+
+
 class UapiServer:
     """Serves the UAPI socket from a thread; each request calls ``get()`` or ``set(DeviceSet)``.
 
@@ -211,17 +226,35 @@ class UapiServer:
             try:
                 probe.connect(str(self.path))
             except OSError:
+                probe.close()
                 self.path.unlink()  # stale socket of a dead daemon
             else:
-                probe.close()
-                raise UapiError(f"{self.path}: another daemon serves {name}", errno.EADDRINUSE)
+                with probe:
+                    holder = _describe_holder(probe)
+                raise UapiError(f"{self.path}: another daemon ({holder}) serves {name}; the"
+                                f" UAPI sockets of all network namespaces share {SOCKET_DIR},"
+                                " so give this interface another name", errno.EADDRINUSE)
+        # Bound and listening under a private name first, then linked into place: the
+        # path never exists without a listener (`wg` would fall back to netlink).
+        tmp = SOCKET_DIR / f".{name}.{os.getpid()}.{threading.get_ident()}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o077)
         try:
-            self.sock.bind(str(self.path))
+            self.sock.bind(str(tmp))
         finally:
             os.umask(old)
-        self.sock.listen(16)
+        try:
+            self.sock.listen(16)
+            os.link(tmp, self.path)  # never replaces: a daemon that just won the race keeps it
+        except FileExistsError:
+            self.sock.close()
+            raise UapiError(f"{self.path}: another daemon serves {name}",
+                            errno.EADDRINUSE) from None
+        except BaseException:
+            self.sock.close()
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
         self._thread = threading.Thread(target=self._serve, name=f"uapi-{name}", daemon=True)
         self._thread.start()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
@@ -35,7 +36,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from wgmesh.keys import Key
 from wgmesh.netmap import FilterRule
@@ -43,10 +44,12 @@ from wgmesh.wireguard.backend import (
     Addr,
     BackendError,
     InterfaceConfig,
+    IPInterface,
     PeerConfig,
     PeerDiff,
     PeerStats,
     diff_peers,
+    routes_for,
 )
 from wgmesh.wireguard.device import Destination, Device, RelaySource
 from wgmesh.wireguard.filter import PacketFilter
@@ -63,6 +66,8 @@ if TYPE_CHECKING:
 
 __all__ = ["UserspaceBackend", "UserspacePort"]
 
+log = logging.getLogger("wgmesh.userspace")
+
 BATCH = 64
 TICK = 0.1  # seconds between timer passes at most
 SO_MARK = 36
@@ -71,19 +76,26 @@ SOCKET_BUFFER = 4 << 20
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
-_CMSG_SPACE = socket.CMSG_SPACE(4)
+IP_PKTINFO = 8  # Linux; the socket module lacks it
+# Room for UDP_GRO's segment size and the larger of in_pktinfo / in6_pktinfo.
+_CMSG_SPACE = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(20)
 _ZERO_KEY = bytes(32)
 
 
 class UserspaceBackend:
-    """A WireGuard interface implemented in this process (see the module docstring)."""
+    """A WireGuard interface implemented in this process (see the module docstring).
+
+    ``uapi``: serve the UAPI socket (True), not at all (False), or only if no device
+    of the same name in another network namespace holds its path ("if-free", what a
+    node needs: it drives the device directly).
+    """
 
     kind = "userspace"
     #: Disco heartbeats keep paths and NAT mappings alive; the device needs no keepalive.
     keepalive = 0
 
-    def __init__(self, name: str, *, timing: Timing | None = None, uapi: bool = True,
-                 gro: bool = True) -> None:
+    def __init__(self, name: str, *, timing: Timing | None = None,
+                 uapi: bool | Literal["if-free"] = "if-free", gro: bool = True) -> None:
         self.name = name
         self.device = Device(timing=timing or timing_from_env())
         self.on_other: Callable[[bytes, tuple[str, int]], object] | None = None
@@ -103,6 +115,7 @@ class UserspaceBackend:
         self._stopped = threading.Event()
         self._closed = False
         self._desired: dict[Key, PeerConfig] = {}
+        self._addresses: tuple[IPInterface, ...] = ()
         self.io_errors = 0
         self._gso = True
         self._inbuf = bytearray(1 << 16)
@@ -129,16 +142,28 @@ class UserspaceBackend:
                                             daemon=True)
             self._thread.start()
             if self._serve_uapi:
-                self._uapi = UapiServer(self.name, self.uapi_get, self.uapi_set)
+                self._start_uapi()
         except BaseException:
             self.down()
             raise
+
+    def _start_uapi(self) -> None:
+        """Serve UAPI; a socket path taken by a device of the same name in another
+        namespace (the directory is shared) stops the device only if UAPI is required."""
+        try:
+            self._uapi = UapiServer(self.name, self.uapi_get, self.uapi_set)
+        except UapiError as e:
+            if e.errno != errno.EADDRINUSE or self._serve_uapi is True:
+                raise BackendError(str(e)) from None
+            log.warning("%s: serving no UAPI (`wg` will not see this device): %s",
+                        self.name, e)
 
     def up(self, config: InterfaceConfig) -> None:
         self.device.mtu = config.mtu
         self.start()
         assert self._tun is not None
         self._tun.configure(config.mtu, config.addresses)
+        self._addresses = config.addresses
         with self._lock:
             self.device.set_private_key(config.private_key.raw())
             if config.listen_port:
@@ -196,6 +221,8 @@ class UserspaceBackend:
                 self._apply_peer(pc, now)
                 self._desired[pc.public_key] = pc
             self._flush()
+            if self._tun is not None and diff:
+                self._tun.sync_routes(routes_for(self._desired.values(), self._addresses))
         self._wake()
         return diff
 
@@ -359,8 +386,13 @@ class UserspaceBackend:
                         s.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
                 with contextlib.suppress(OSError):  # coalesced receive, where the kernel can
                     s.setsockopt(SOL_UDP, UDP_GRO, 1)
+            # Which of our addresses each datagram reached, so replies leave from it.
+            v4.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            if v6 is not None:
+                v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             self._port = chosen
             self._set_fwmark(self._fwmark)
+            self.device.sources.clear()  # new sockets: routing picks sources afresh (kernel)
             self._gen += 1
         self._wake()
 
@@ -375,9 +407,32 @@ class UserspaceBackend:
             self.io_errors += 1
             return
         try:
-            s.sendto(data, addr)
+            self._sendmsg(s, data, [], addr)
         except OSError:  # unreachable, buffer full: UDP is lossy, WireGuard retries
             self.io_errors += 1
+
+    def _sendmsg(self, s: socket.socket, data: bytes | memoryview,
+                 anc: list[tuple[int, int, bytes]], addr: tuple[str, int]) -> None:
+        """``sendmsg`` from the address ``addr`` last reached us at, if we know it.
+
+        If that address is gone (EADDRNOTAVAIL, EINVAL) it is forgotten and the routing
+        table picks the source, as the kernel module does.
+        """
+        src = self.device.sources.get(addr)
+        if src is None:
+            s.sendmsg([data], anc, 0, addr)
+            return
+        if len(src) == 4:
+            info = (socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=i4s4x", 0, src))
+        else:
+            info = (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, struct.pack("=16si", src, 0))
+        try:
+            s.sendmsg([data], [*anc, info], 0, addr)
+        except OSError as e:
+            if e.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL):
+                raise
+            self.device.sources.pop(addr, None)
+            s.sendmsg([data], anc, 0, addr)
 
     # ---- the data thread -------------------------------------------------------------
     def _wake(self) -> None:
@@ -503,8 +558,8 @@ class UserspaceBackend:
                 self.io_errors += 1
                 return
             try:
-                s.sendmsg([omv[:used]], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))], 0,
-                           dest)
+                self._sendmsg(s, omv[:used], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))],
+                              dest)
                 return
             except BlockingIOError:
                 self.io_errors += 1
@@ -534,9 +589,15 @@ class UserspaceBackend:
                 break
             src = (addr[0], addr[1])
             seg = nbytes
+            dev.arrived_at = None
             for level, kind, data in anc:
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                     seg = struct.unpack_from("=i", data)[0] or nbytes
+                elif level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
+                    dev.arrived_at = bytes(data[8:12])  # ipi_addr: the header's destination
+                elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and \
+                        len(data) >= 16:
+                    dev.arrived_at = bytes(data[:16])
             for off in range(0, nbytes, seg):
                 d = rmv[off:min(off + seg, nbytes)]
                 if message_type(d) != MSG_TRANSPORT:

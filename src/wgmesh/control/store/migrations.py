@@ -48,4 +48,21 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     # entries chained by HMAC under the key kept outside the database.
     (4, ["ALTER TABLE nodes ADD COLUMN name_assigned INTEGER NOT NULL DEFAULT 0",
          "ALTER TABLE audit ADD COLUMN keyed INTEGER NOT NULL DEFAULT 0"]),
+    # The mesh lock chain (wgmesh.lock), hex-encoded. UNIQUE(parent): no two updates
+    # extend the same one, so the database itself cannot hold a fork.
+    (5, ["""CREATE TABLE lock_updates (
+            seq INTEGER PRIMARY KEY, hash TEXT NOT NULL UNIQUE, parent TEXT NOT NULL UNIQUE,
+            data TEXT NOT NULL, created_at {real} NOT NULL)"""]),
+    # Node life cycle: ephemeral nodes (removed a grace period after they go
+    # offline), approval (a pending node sees no one and no one sees it), and
+    # who created an auth key (the policy's tag owners are checked against it).
+    (6, ["ALTER TABLE nodes ADD COLUMN ephemeral INTEGER NOT NULL DEFAULT 0",
+         "ALTER TABLE nodes ADD COLUMN approved INTEGER NOT NULL DEFAULT 1",
+         "ALTER TABLE auth_keys ADD COLUMN ephemeral INTEGER NOT NULL DEFAULT 0",
+         "ALTER TABLE auth_keys ADD COLUMN preapproved INTEGER NOT NULL DEFAULT 0",
+         "ALTER TABLE auth_keys ADD COLUMN created_by TEXT NOT NULL DEFAULT ''"]),
+    # Subnet routes: what a node advertises (its own report) and what an admin approved
+    # (JSON lists of CIDRs; see wgmesh.control.routes).
+    (7, ["ALTER TABLE nodes ADD COLUMN advertised_routes TEXT NOT NULL DEFAULT '[]'",
+         "ALTER TABLE nodes ADD COLUMN approved_routes TEXT NOT NULL DEFAULT '[]'"]),
 ]

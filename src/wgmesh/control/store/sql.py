@@ -25,15 +25,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from wgmesh import lock
 from wgmesh.control import addressing, credentials
 from wgmesh.control.audit import GENESIS, KEYED_ACTION, AuditEntry, entry_hash, key_id
 from wgmesh.control.errors import (
     BadRequest,
     Conflict,
     ControlError,
+    Forbidden,
     NotFound,
     TooManyRequests,
     Unauthorized,
+    Unprocessable,
 )
 from wgmesh.control.policy import DEFAULT_POLICY, NODE_NAME_RE, parse_policy
 from wgmesh.control.store.migrations import MIGRATIONS
@@ -81,11 +84,17 @@ class Store(ABC):
     """
 
     ula_prefix: str
+    #: A replica renews the ``last_seen`` of its streaming nodes every 5 s; a node
+    #: marked online without a renewal for this long has no replica holding its stream.
+    presence_lease_s = 15.0
 
     def __init__(self, key_expiry_s: float = 180 * 86400,
-                 max_challenges: int = MAX_CHALLENGES) -> None:
+                 max_challenges: int = MAX_CHALLENGES, *, approval_required: bool = False,
+                 ephemeral_grace_s: float = 60.0) -> None:
         self.key_expiry_s = key_expiry_s
         self.max_challenges = max_challenges
+        self.approval_required = approval_required
+        self.ephemeral_grace_s = ephemeral_grace_s
         self.audit_key: bytes | None = None
         self._audit_key_id: str | None = None
 
@@ -152,6 +161,18 @@ class Store(ABC):
                 self._audit(tx, "system", KEYED_ACTION, "audit",
                             {"key_id": kid, "unkeyed_before": ((last and last[0]) or 0) + 1})
 
+    def use_control_key(self, fingerprint: str) -> None:
+        """Record the control key's fingerprint on first use (an older database upgrades
+        so, in place); refuse another key: replicas share one control key file."""
+        with self._tx() as tx:
+            row = tx.row("SELECT value FROM meta WHERE key = 'control_key'")
+            if row is None:
+                tx.run("INSERT INTO meta VALUES ('control_key', ?)", fingerprint)
+            elif row[0] != fingerprint:
+                raise ControlError(f"the control key (fingerprint {fingerprint}) is not this "
+                                   f"database's control key ({row[0]}): replicas must share "
+                                   f"one control key file (--control-key-file)")
+
     # -- helpers inside a transaction
     def _node(self, r: Sequence[Any]) -> NodeRecord:
         return NodeRecord.from_row(r, self.ula_prefix)
@@ -204,6 +225,16 @@ class Store(ABC):
         if rec is None:
             raise NotFound(f"no node {ref!r}")
         return rec
+
+    def _check_tag_owners(self, tx: Tx, tags: Sequence[str], *actors: str) -> None:
+        """:class:`Forbidden` unless ``actors`` may give out every tag (policy ``tagOwners``)."""
+        if not tags:
+            return
+        r = tx.row("SELECT text FROM policies ORDER BY version DESC LIMIT 1")
+        policy = parse_policy(json.loads(r[0]))  # type: ignore[index]
+        for t in sorted(set(tags)):
+            if not policy.may_assign(t, *actors):
+                raise Forbidden(f"{t} is not owned by {' or '.join(actors)} (policy tagOwners)")
 
     def _unique_name(self, tx: Tx, base: str) -> str:
         prefix = addressing.name_prefix(base)
@@ -258,6 +289,10 @@ class Store(ABC):
                     raise Conflict("node_key already belongs to another node")
                 target = old
             key = self._use_auth_key(tx, req.auth_key, now) if req.auth_key else None
+            if key is not None:
+                # The policy may have changed since the key was made: its creator
+                # must still own the tags it hands out.
+                self._check_tag_owners(tx, key.tags, key.created_by, f"authkey:{key.id}")
             if key is None and not (req.rotate_from and target and target.live(now)):
                 raise Unauthorized("an auth key is required (rotating a live node's key "
                                    "needs only the old key's proof)")
@@ -276,24 +311,29 @@ class Store(ABC):
                 r = tx.row(
                     "INSERT INTO nodes (name, node_key, disco_key, addr_index, tags, created_at, "
                     "key_expiry, endpoints, home_relay, online, last_seen, hostinfo, "
-                    "auth_key_id, token_id, token_hash) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, '[]', 0, 0, 0, ?, ?, ?, ?) RETURNING id",
+                    "auth_key_id, token_id, token_hash, ephemeral, approved) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, '[]', 0, 0, 0, ?, ?, ?, ?, ?, ?) RETURNING id",
                     name, req.node_key.b64(), req.disco_key.b64(), index,
                     json.dumps(list(key.tags) if key else []), now, expiry, hostinfo,
-                    key.id if key else "", tid, thash)
+                    key.id if key else "", tid, thash, int(bool(key and key.ephemeral)),
+                    int(not self.approval_required or bool(key and key.preapproved)))
                 node_id, action = r[0], "node.register"  # type: ignore[index]
             else:
                 node_id = target.id
                 tags = list(key.tags) if key and key.tags else list(target.tags)
+                # A pending node that comes back with a pre-approved key is approved:
+                # an admin approved whoever holds that key.
+                approved = target.approved or bool(key and key.preapproved)
                 tx.run("UPDATE nodes SET node_key = ?, disco_key = ?, tags = ?, key_expiry = ?, "
-                       "hostinfo = ?, token_id = ?, token_hash = ? WHERE id = ?",
+                       "hostinfo = ?, token_id = ?, token_hash = ?, approved = ? WHERE id = ?",
                        req.node_key.b64(), req.disco_key.b64(), json.dumps(tags), expiry,
-                       hostinfo, tid, thash, node_id)
+                       hostinfo, tid, thash, int(approved), node_id)
                 action = "node.rotate_key" if req.rotate_from else "node.reregister"
             rec = self._node_changed(tx, node_id)
             self._audit(tx, actor, action, f"node:{node_id}",
                         {"name": rec.name, "node_key": rec.node_key.b64(),
-                         "rotated_from": rotate or None, "ipv4": rec.ipv4})
+                         "rotated_from": rotate or None, "ipv4": rec.ipv4,
+                         "approved": rec.approved, "ephemeral": rec.ephemeral})
         return rec, token
 
     def _use_auth_key(self, tx: Tx, token: str, now: float) -> AuthKeyRecord:
@@ -324,13 +364,17 @@ class Store(ABC):
 
     def update_node(self, node_id: int, *, endpoints: Sequence[Endpoint] | None = None,
                     home_relay: int | None = None,
-                    hostinfo: dict[str, Any] | None = None) -> NodeRecord:
-        """The node's own reports: no audit entry (they are not security events)."""
+                    hostinfo: dict[str, Any] | None = None,
+                    routes: Sequence[str] | None = None) -> NodeRecord:
+        """The node's own reports: no audit entry (they are not security events; advertised
+        ``routes`` carry no traffic until approved)."""
         sets, params = [], []
         for col, val in (("endpoints",
                           None if endpoints is None else json.dumps(endpoints_json(endpoints))),
                          ("home_relay", home_relay),
-                         ("hostinfo", None if hostinfo is None else json.dumps(hostinfo))):
+                         ("hostinfo", None if hostinfo is None else json.dumps(hostinfo)),
+                         ("advertised_routes",
+                          None if routes is None else json.dumps(sorted(set(routes))))):
             if val is not None:
                 sets.append(f"{col} = ?")
                 params.append(val)
@@ -351,6 +395,24 @@ class Store(ABC):
                           int(on), now, nid) == 1:
                     self._node_changed(tx, nid)
 
+    def refresh_presence(self, node_ids: Sequence[int], now: float) -> None:
+        """Renew the presence lease of nodes streaming to this replica (``last_seen``).
+
+        No change is logged: only the ephemeral sweep reads it, straight from the database.
+        """
+        with self._tx() as tx:
+            for i in range(0, len(node_ids), 500):
+                chunk = node_ids[i:i + 500]
+                tx.run(f"UPDATE nodes SET last_seen = ? WHERE id IN ({', '.join('?' * len(chunk))})",
+                       now, *chunk)
+
+    def restart_presence(self, now: float) -> None:
+        """On a replica's start: a node marked online whose lease no replica renews lost its
+        stream while no control ran; it counts as offline from now, not from before."""
+        with self._tx() as tx:
+            tx.run("UPDATE nodes SET last_seen = ? WHERE online = 1 AND last_seen < ?",
+                   now, now - self.presence_lease_s)
+
     def list_nodes(self) -> list[NodeRecord]:
         with self._read() as tx:
             return [self._node(r) for r in tx.rows(f"SELECT {NODE_COLUMNS} FROM nodes ORDER BY id")]
@@ -370,13 +432,52 @@ class Store(ABC):
         With a registration under an auth key, the only way a key lifetime grows.
         """
         expiry_s = self.key_expiry_s if expiry_s is None else expiry_s
-        expiry = time.time() + expiry_s if expiry_s else 0.0
+        return self.set_node_expiry(ref, time.time() + expiry_s if expiry_s else 0.0, actor,
+                                    "node.extend")
+
+    def set_node_expiry(self, ref: str, expiry: float, actor: str,
+                        action: str = "node.set_expiry") -> NodeRecord:
+        """Set a node's key expiry to the time ``expiry`` (0: never expires)."""
         with self._tx() as tx:
             rec = self._resolve(tx, ref)
             tx.run("UPDATE nodes SET key_expiry = ? WHERE id = ?", expiry, rec.id)
-            self._audit(tx, actor, "node.extend", f"node:{rec.id}",
+            self._audit(tx, actor, action, f"node:{rec.id}",
                         {"name": rec.name, "old": rec.key_expiry, "new": expiry})
             return self._node_changed(tx, rec.id)
+
+    def approve_node(self, ref: str, actor: str) -> NodeRecord:
+        """Let a pending node into the mesh (``approval=required``)."""
+        with self._tx() as tx:
+            rec = self._resolve(tx, ref)
+            if rec.approved:
+                return rec
+            tx.run("UPDATE nodes SET approved = 1 WHERE id = ?", rec.id)
+            self._audit(tx, actor, "node.approve", f"node:{rec.id}", {"name": rec.name})
+            return self._node_changed(tx, rec.id)
+
+    def remove_ephemeral(self) -> list[int]:
+        """Delete ephemeral nodes offline for longer than the grace period; their ids.
+
+        Offline means no stream on any replica: the presence writer keeps
+        ``online`` and ``last_seen``, and each replica renews ``last_seen`` of its
+        streams (:meth:`refresh_presence`), so a node marked online whose lease
+        lapsed lost its replica. One that never connected counts from its
+        registration. Deleting the row frees its address and name.
+        """
+        now = time.time()
+        cutoff = now - self.ephemeral_grace_s
+        stale = now - max(self.ephemeral_grace_s, self.presence_lease_s)
+        with self._tx() as tx:
+            gone = [self._node(r) for r in tx.rows(
+                f"SELECT {NODE_COLUMNS} FROM nodes WHERE ephemeral = 1 AND created_at < ? "
+                "AND (online = 0 AND last_seen < ? OR last_seen < ?)", cutoff, cutoff, stale)]
+            for rec in gone:
+                tx.run("DELETE FROM nodes WHERE id = ?", rec.id)
+                self._change(tx, "node_removed", str(rec.id), "{}")
+                self._audit(tx, "system", "node.ephemeral_removed", f"node:{rec.id}",
+                            {"name": rec.name, "node_key": rec.node_key.b64(),
+                             "ipv4": rec.ipv4, "last_seen": rec.last_seen})
+        return [r.id for r in gone]
 
     def record_expiries(self, node_ids: Sequence[int]) -> int:
         """Announce keys whose expiry time passed (audit + change); how many were new."""
@@ -428,23 +529,43 @@ class Store(ABC):
     def set_tags(self, ref: str, tags: Sequence[str], actor: str) -> NodeRecord:
         with self._tx() as tx:
             rec = self._resolve(tx, ref)
+            self._check_tag_owners(tx, sorted(set(tags) - set(rec.tags)), actor)
             tx.run("UPDATE nodes SET tags = ? WHERE id = ?", json.dumps(sorted(set(tags))),
                    rec.id)
             self._audit(tx, actor, "node.tag", f"node:{rec.id}",
                         {"old": list(rec.tags), "new": sorted(set(tags))})
             return self._node_changed(tx, rec.id)
 
+    def approve_routes(self, ref: str, routes: Sequence[str], approve: bool,
+                       actor: str) -> NodeRecord:
+        """Approve (or reject: withdraw the approval of) ``routes`` of a node, audited."""
+        with self._tx() as tx:
+            rec = self._resolve(tx, ref)
+            old = set(rec.approved_routes)
+            new = sorted(old | set(routes) if approve else old - set(routes))
+            tx.run("UPDATE nodes SET approved_routes = ? WHERE id = ?", json.dumps(new), rec.id)
+            self._audit(tx, actor, "routes.approve" if approve else "routes.reject",
+                        f"node:{rec.id}", {"name": rec.name, "routes": sorted(set(routes)),
+                                           "approved": new})
+            return self._node_changed(tx, rec.id)
+
     # -- auth keys and API keys
     def create_auth_key(self, *, reusable: bool, tags: Sequence[str], expires_at: float,
-                        description: str, actor: str) -> tuple[AuthKeyRecord, str]:
+                        description: str, actor: str, ephemeral: bool = False,
+                        preapproved: bool = False) -> tuple[AuthKeyRecord, str]:
+        """A new auth key; :class:`Forbidden` if ``actor`` does not own one of ``tags``."""
         kid, token, h = credentials.mint(credentials.AUTH_KEY)
         with self._tx() as tx:
-            tx.run("INSERT INTO auth_keys VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?)", kid, h,
+            self._check_tag_owners(tx, tags, actor)
+            tx.run("INSERT INTO auth_keys (id, secret_hash, reusable, tags, created_at, "
+                   "expires_at, uses, revoked, description, ephemeral, preapproved, created_by) "
+                   "VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?)", kid, h,
                    int(reusable), json.dumps(sorted(set(tags))), time.time(), expires_at,
-                   description)
+                   description, int(ephemeral), int(preapproved), actor)
             self._audit(tx, actor, "authkey.create", f"authkey:{kid}",
                         {"reusable": reusable, "tags": sorted(set(tags)),
-                         "expires_at": expires_at})
+                         "expires_at": expires_at, "ephemeral": ephemeral,
+                         "preapproved": preapproved})
             r = tx.row(f"SELECT {AUTHKEY_COLUMNS} FROM auth_keys WHERE id = ?", kid)
         return AuthKeyRecord.from_row(r), token  # type: ignore[arg-type]
 
@@ -539,6 +660,52 @@ class Store(ABC):
             self._change(tx, "relay_map", "", text)
             self._audit(tx, actor, "relay_map.set", "relay_map", {})
 
+    # -- mesh lock: stored and ordered here, trusted only by nodes (wgmesh.lock)
+    def lock_chain(self, since: bytes | None = None) -> tuple[str, str, list[bytes]]:
+        """``(lock id, head, updates)``: the ids in hex ("" while unlocked) and the encoded
+        updates after ``since`` (a head hash), or all of them if it is unknown."""
+        with self._read() as tx:
+            rows = tx.rows("SELECT hash, data FROM lock_updates ORDER BY seq")
+        if not rows:
+            return "", "", []
+        hashes = [r[0] for r in rows]
+        start = hashes.index(since.hex()) + 1 if since and since.hex() in hashes else 0
+        return hashes[0], hashes[-1], [bytes.fromhex(r[1]) for r in rows[start:]]
+
+    def lock_append(self, raw: bytes, actor: str) -> lock.LockState:
+        """Append an update that extends the head and verifies with the stored chain.
+
+        :class:`Conflict` if it names another parent (the admin rebuilds it on the new
+        head); :class:`Unprocessable` if the chain with it does not verify. The signature
+        is the authority here; control checks it only to refuse junk early.
+        """
+        try:
+            update = lock.decode_update(raw)
+        except lock.LockError as e:
+            raise Unprocessable(str(e)) from None
+        with self._tx() as tx:
+            rows = tx.rows("SELECT hash, data FROM lock_updates ORDER BY seq")
+            if rows and update.parent.hex() != rows[-1][0]:
+                raise Conflict(f"the update's parent is not the lock head {rows[-1][0]}")
+            try:
+                state = lock.verify([*(lock.decode_update(bytes.fromhex(r[1])) for r in rows),
+                                     update])
+            except lock.LockError as e:
+                raise Unprocessable(str(e)) from None
+            tx.run("INSERT INTO lock_updates VALUES (?, ?, ?, ?, ?)", len(rows) + 1,
+                   update.hash.hex(), update.parent.hex(), raw.hex(), time.time())
+            self._change(tx, "lock", update.hash.hex(), "{}")
+            self._audit(tx, actor, f"lock.{update.kind.label}", f"lock:{len(rows)}",
+                        {"update": update.describe(), "signer": str(update.signer),
+                         "head": update.hash.hex()})
+        return state
+
+    def lock_head(self) -> str:
+        """The last stored update's hash (hex), or "" while the mesh is not locked."""
+        with self._read() as tx:
+            r = tx.row("SELECT hash FROM lock_updates ORDER BY seq DESC LIMIT 1")
+        return "" if r is None else str(r[0])
+
     # -- change feed and audit
     def changes_since(self, seq: int, limit: int = 5000) -> list[Change]:
         with self._read() as tx:
@@ -564,6 +731,12 @@ class Store(ABC):
               detail: dict[str, Any] | None = None) -> None:
         with self._tx() as tx:
             self._audit(tx, actor, action, target, detail)
+
+    def audit_count(self) -> int:
+        """Entries in the audit chain (sequence numbers run 1..N without gaps)."""
+        with self._read() as tx:
+            r = tx.row("SELECT COALESCE(MAX(seq), 0) FROM audit")
+        return int(r[0]) if r else 0
 
     def audit_entries(self, after: int = 0, limit: int | None = None) -> Iterator[AuditEntry]:
         batch = 1000 if limit is None else min(limit, 1000)
