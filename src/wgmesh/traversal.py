@@ -47,8 +47,15 @@ is hard (:data:`~wgmesh.disco.FLAG_HARD_NAT`), not after a failed round; a users
 ``search_ports`` extra sockets (``OpenPorts``) and pings us from each, and we
 send up to ``search_probes`` pings to random ports of its public address, rate
 limited, within ``search_duration``: the birthday paradox gives ~98% for
-256 x 1024. A single-port hard side (kernel) gets a linear scan upwards from
-its published port instead. Both sides hard: no search, stay relayed.
+256 x 1024. The easy side only asks once it knows its own public IPv4 (the
+hard side aims its mappings there), and a hard side whose ports are open aims
+them at every public address of the peer it learns later, so the order in
+which the two sides come up does not matter. A miss is declared
+``ping_timeout`` after the last probe and the search is retried after
+``search_retry`` seconds, doubling up to ``reprobe_interval``: each try is an
+independent draw, so two tries miss ~0.03% of the time. A single-port hard
+side (kernel) gets a linear scan upwards from its published port instead.
+Both sides hard: no search, stay relayed.
 """
 
 from __future__ import annotations
@@ -136,6 +143,10 @@ class TraversalConfig:
     reprobe_interval: float = 60.0
     cmm_min_interval: float = 2.0
     hysteresis: float = 0.2
+    #: RTTs below this count as this: a single ping's RTT under a few ms is scheduling
+    #: noise, so between fast paths the structural preferences below decide (a loaded
+    #: host once picked a router's hairpin over the LAN on one noisy sample).
+    rtt_floor: float = 0.010
     lan_factor: float = 0.5
     v6_factor: float = 0.9
     extra_socket_factor: float = 1.2
@@ -157,6 +168,8 @@ class TraversalConfig:
     search_duration: float = 20.0
     search_delay: float = 0.5
     search_rate: float = 200.0  # probes per second (~20 kB/s, at most search_probes)
+    #: After a miss the next try waits this long, doubling per miss up to reprobe_interval.
+    search_retry: float = 2.0
     max_candidates: int = 128
 
     @classmethod
@@ -505,7 +518,10 @@ class PeerPath:
         self._last_reassert = float("-inf")
         self._ingress = True
         self._search: _Search | None = None
+        self._search_misses = 0
+        self._search_not_before = float("-inf")
         self._open_socks: tuple[int, ...] = ()
+        self._aimed: set[Addr] = set()
         self._close_socks_at: float | None = None
         self._rounds_done = 0
         #: The user's pin: "direct", "relay" or None.
@@ -557,7 +573,7 @@ class PeerPath:
         return last + self.cfg.heartbeat_interval
 
     def _score(self, c: _Cand) -> float:
-        s = c.rtt if c.rtt is not None else float("inf")
+        s = max(c.rtt, self.cfg.rtt_floor) if c.rtt is not None else float("inf")
         if is_lan(c.addr[0]):
             s *= self.cfg.lan_factor
         if ":" in c.addr[0]:
@@ -619,7 +635,7 @@ class PeerPath:
     def set_endpoints(self, addrs: Iterable[Addr], now: float) -> list[_Out]:
         """The peer's endpoints from the netmap; new ones start a round."""
         if self._replace_source("netmap", addrs):
-            return self._start_round(now, "netmap")
+            return self._aim_search_ports(now) + self._start_round(now, "netmap")
         return []
 
     # ---- pings --------------------------------------------------------------------
@@ -722,6 +738,7 @@ class PeerPath:
         if search and self._search is not None:
             self.counters["search_hit"] += 1
             self._search = None
+            self._search_misses = 0
         return out + self._select(now)
 
     def on_call_me_maybe(self, cmm: disco.CallMeMaybe, now: float) -> list[_Out]:
@@ -729,8 +746,8 @@ class PeerPath:
         self._replace_source("cmm", cmm.endpoints)
         # A hard peer: no round can reach it, so start the port search now, not after one.
         out: list[_Out] = self._maybe_search(now)
-        if cmm.flags & FLAG_PORT_SEARCH:
-            out += self._open_search_ports(now)
+        out += self._open_search_ports(now) if cmm.flags & FLAG_PORT_SEARCH \
+            else self._aim_search_ports(now)
         if not cmm.flags & FLAG_REPLY and now - self._last_cmm_reply >= self.cfg.cmm_min_interval:
             # Our last call-me-maybe may have been lost (e.g. sent before the peer
             # reached the relay): answer, marked so the answer is never answered.
@@ -857,11 +874,12 @@ class PeerPath:
     def _maybe_search(self, now: float) -> list[_Out]:
         if not (self.cfg.port_search and self.state is PathState.RELAY
                 and self._search is None and not self.local.hard_nat
-                and self.peer_flags & FLAG_HARD_NAT):
+                and self.peer_flags & FLAG_HARD_NAT and now >= self._search_not_before):
             return []
         targets = self._peer_public_v4()
-        if not targets:
-            return []
+        if not targets or not any(":" not in ip and not is_lan(ip)
+                                  for ip, _ in self.local.candidates):
+            return []  # the hard side could not aim its mappings at us yet
         self.counters["search_started"] += 1
         ip, base = targets[0]
         n = self.cfg.search_probes
@@ -885,6 +903,11 @@ class PeerPath:
         if now >= s.end_at or s.sent >= self.cfg.search_probes:
             self._search = None
             self.counters["search_miss"] += 1
+            retry = min(self.cfg.reprobe_interval,
+                        self.cfg.search_retry * 2 ** self._search_misses)
+            self._search_misses += 1
+            self._search_not_before = now + retry
+            self._next_round = min(self._next_round, now + retry)
             return []
         budget = min(self.cfg.search_probes, int((now - s.start_at) * self.cfg.search_rate) + 1)
         out: list[_Out] = []
@@ -894,7 +917,8 @@ class PeerPath:
             if s.sent >= budget:
                 break
         self.counters["search_probes"] += len(out)
-        s.next_at = now + _TICK if s.sent < self.cfg.search_probes else s.end_at
+        s.next_at = now + _TICK if s.sent < self.cfg.search_probes \
+            else min(s.end_at, now + self.cfg.ping_timeout)  # the last pongs' grace
         return out
 
     def _open_search_ports(self, now: float) -> list[_Out]:
@@ -906,11 +930,19 @@ class PeerPath:
             self._open_socks = self.local.alloc_socks(self.cfg.search_ports)
             out.append(OpenPorts(self.key, self._open_socks))
         self._close_socks_at = now + self.cfg.search_duration + self.cfg.round_duration
-        targets = self._peer_public_v4()
-        out += [self._search_ping(addr, sock, now) for sock in self._open_socks
-                for addr in targets]
+        self._aimed = set()
         self.counters["search_ports_opened"] += 1
-        return out
+        return out + self._aim_search_ports(now)
+
+    def _aim_search_ports(self, now: float) -> list[_Out]:
+        """Hard side: ping from every open search socket to each public address of the
+        peer not yet aimed at (it may publish its address after asking us to open)."""
+        if not self._open_socks or self._close_socks_at is None:
+            return []
+        targets = [a for a in self._peer_public_v4() if a not in self._aimed]
+        self._aimed.update(targets)
+        return [self._search_ping(addr, sock, now) for sock in self._open_socks
+                for addr in targets]
 
     def _search_ping(self, addr: Addr, sock: int, now: float) -> DiscoOut:
         """A probe that becomes a candidate only if it is answered (no state per miss)."""

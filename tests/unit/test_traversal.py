@@ -121,6 +121,17 @@ def test_an_advertised_path_beats_a_learnt_one_of_similar_latency() -> None:
     assert SetEndpoint(PEER, LAN4, 0, False) in answer(p, out, LAN4, 0.5012)
 
 
+def test_a_noisy_sample_below_the_rtt_floor_does_not_beat_the_lan() -> None:
+    """On a loaded host one LAN pong took 9 ms and the hairpin's 0.2 ms: both are under
+    the floor (scheduling noise), so the advertised LAN path still wins."""
+    router = ("10.1.0.1", 30000)
+    p = make(endpoints=(LAN4,))
+    out = p.on_ping(router, 0, b"h" * 12, 0.1)
+    assert SetEndpoint(PEER, router, 0, False) in answer(p, out, router, 0.1002)
+    out = p.tick(0.5)
+    assert SetEndpoint(PEER, LAN4, 0, False) in answer(p, out, LAN4, 0.509)
+
+
 def test_hysteresis_switches_only_for_a_clearly_better_path() -> None:
     other = ("198.51.100.8", 41641)
     p = make(endpoints=(PUB4, other))

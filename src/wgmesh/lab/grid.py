@@ -11,7 +11,9 @@ relays) and we measure, through their local APIs and real tunnel pings:
   (every mapping forgotten; a port-mapping router reboots, losing its mapping table
   too), tunnel pings answer again within ``recover_budget``;
   ``path_after_flush`` is the path they took once the direct path (if there was
-  one) is back, or the path of the last answered ping when the budget ran out.
+  one) is back, or the path of the last answered ping when the budget ran out;
+* ``reason``: why the pair's path is what it is, as ``a`` explains it (its
+  ``status`` reason) when the direct budget ended, so a relayed pair says why.
 
 The grid measures and reports; the tests assert what each NAT pair should give.
 """
@@ -33,7 +35,7 @@ from wgmesh.lab.network import NAT_KINDS, TIME_SCALE, Lab, parse_nat_spec
 __all__ = ["GridResult", "expected_path", "grid_pairs", "measure_pair", "run_grid"]
 
 COLUMNS = ["a", "b", "backend", "connected", "path", "t_first_packet_s", "t_direct_s",
-           "recovered_after_flush", "path_after_flush"]
+           "recovered_after_flush", "path_after_flush", "reason"]
 
 
 @attrs.frozen
@@ -47,6 +49,7 @@ class GridResult:
     t_direct_s: float | None
     recovered_after_flush: bool | None
     path_after_flush: str | None = None
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -139,9 +142,11 @@ def measure_pair(mesh: MeshLab, index: int, ka: str, kb: str, *,
                 break
             time.sleep(0.1)
         path = "direct" if direct is not None else "relay"
+        reason = (a.peer(nb) or {}).get("reason")
         recovered, path_after = _flush_and_recover(a, b, nb, path, recover_budget)
         return GridResult(ka, kb, backend, True, path, round(first, 3),
-                          None if direct is None else round(direct, 3), recovered, path_after)
+                          None if direct is None else round(direct, 3), recovered, path_after,
+                          reason)
     finally:
         for n in (a, b):
             n.stop()
