@@ -497,8 +497,8 @@ def test_port_search_works_whichever_side_learns_its_address_last() -> None:
         b.do(b.t.upsert_peer(a.key, a.t.disco_public, [a.internal], sim.now))
 
         def netcheck_done(a: SimNode = a, b: SimNode = b) -> None:
-            a.do(a.t.set_local(a.publish(), sim.now))
-            b.do(b.t.upsert_peer(a.key, a.t.disco_public, a.publish(), sim.now))
+            a.do(a.t.set_local(a.publish(), a.sim.now))
+            b.do(b.t.upsert_peer(a.key, a.t.disco_public, a.publish(), a.sim.now))
 
         sim.at(3.0, netcheck_done)
         assert sim.run_until(both_direct(a, b), 20) is not None, seed
