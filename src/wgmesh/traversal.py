@@ -141,6 +141,10 @@ class TraversalConfig:
     trust_timeout: float = 6.5
     ping_timeout: float = 3.5
     reprobe_interval: float = 60.0
+    #: The best path's ping unanswered this long makes it suspect: probe every candidate
+    #: at once and take one that answers without the hysteresis. A NAT mapping that
+    #: vanished (router reboot) shows here seconds before the path counts as dead.
+    suspect_after: float = 1.0
     cmm_min_interval: float = 2.0
     hysteresis: float = 0.2
     #: RTTs below this count as this: a single ping's RTT under a few ms is scheduling
@@ -520,6 +524,7 @@ class PeerPath:
         self._search: _Search | None = None
         self._search_misses = 0
         self._search_not_before = float("-inf")
+        self._suspect_probed: float | None = None
         self._open_socks: tuple[int, ...] = ()
         self._aimed: set[Addr] = set()
         self._close_socks_at: float | None = None
@@ -600,6 +605,8 @@ class PeerPath:
             dead = best.dead_at(self.cfg)
             if dead is not None:
                 t.append(dead)
+            if (sus := self._suspect_at(best)) is not None:
+                t.append(sus)
             due = self._heartbeat_due(best)
             if self._active(due):
                 t.append(due)
@@ -773,7 +780,9 @@ class PeerPath:
             return []
         if cur is not None:
             dead = cur.dead_at(self.cfg)
-            if (dead is None or now < dead) and \
+            suspect = cur.unanswered_since is not None and \
+                now - cur.unanswered_since >= self.cfg.suspect_after
+            if (dead is None or now < dead) and not suspect and \
                     self._score(cand) >= self._score(cur) * (1 - self.cfg.hysteresis):
                 return []
         return self._commit(cand, now, "better" if cur else "pong")
@@ -983,6 +992,11 @@ class PeerPath:
             dead = best.dead_at(self.cfg)
             if dead is not None and now >= dead:
                 return out + self._path_lost(best, now)
+            sus = self._suspect_at(best)
+            if sus is not None and now >= sus:
+                self._suspect_probed = best.unanswered_since
+                self.counters["suspect"] += 1
+                out += self._start_round(now, "suspect")
             if self._pending_deadline is not None and now >= self._pending_deadline:
                 if self._hs_elsewhere:  # WireGuard works; the peer just had not switched
                     self.counters["handshake_via_relay"] += 1
@@ -993,6 +1007,14 @@ class PeerPath:
             if self._active(now) and now >= self._heartbeat_due(best):
                 out.append(self._ping(best, now))
         return out
+
+    def _suspect_at(self, best: _Cand) -> float | None:
+        """When the best path's unanswered ping makes it suspect (None: not pending, or
+        this unanswered spell was already probed)."""
+        since = best.unanswered_since
+        if since is None or since == self._suspect_probed or self.pinned == "relay":
+            return None
+        return since + self.cfg.suspect_after
 
     def _path_lost(self, best: _Cand, now: float) -> list[_Out]:
         best.rtts.clear()

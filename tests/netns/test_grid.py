@@ -21,12 +21,14 @@ def test_full_userspace_grid() -> None:
     rows = json.loads(cp.stdout)
     assert {(r["a"], r["b"]) for r in rows} == set(grid_pairs())
     for r in rows:
+        row = json.dumps(r)  # the whole row in a failure message, with its reason
         assert set(r) >= {"a", "b", "backend", "connected", "path", "t_first_packet_s",
-                          "t_direct_s", "recovered_after_flush"}
+                          "t_direct_s", "recovered_after_flush", "reason"}, row
         assert r["backend"] == "userspace"
-        assert r["connected"], r
+        assert r["connected"], row
         want = expected_path(r["a"], r["b"])
-        assert r["path"] == want, r
-        assert r["recovered_after_flush"], r
+        assert r["path"] == want, row
+        assert r["recovered_after_flush"], row
         assert r["t_first_packet_s"] is not None
-        assert (r["t_direct_s"] is None) == (want == "relay"), r
+        assert (r["t_direct_s"] is None) == (want == "relay"), row
+        assert (r["reason"] == "direct") == (want == "direct"), row

@@ -420,6 +420,27 @@ def test_path_loss_falls_back_to_relay_then_recovers_after_restun() -> None:
     assert t_back is not None and t_back - t_flush <= 10.0
 
 
+def test_nat_reboot_behind_one_side_recovers_direct_without_waiting_for_death() -> None:
+    """A public node and one behind a symmetric NAT; the router reboots (every mapping
+    forgotten). The NATed side's next heartbeat arrives from a new port; the public side's
+    own heartbeat goes unanswered, which makes its path suspect: it probes every candidate
+    and moves to the new port in about a heartbeat plus ``suspect_after``, instead of
+    the 6.5 s until the old path counts as dead (then relay) it took before."""
+    for seed in range(5):
+        sim = Sim(seed=40 + seed)
+        a, b = sim.add("a", "none"), sim.add("b", "symmetric")
+        sim.connect(a, b)
+        assert sim.run_until(both_direct(a, b), 5) is not None
+        old = a.endpoints[b.key].endpoint
+        b.nat.flush()
+        t_flush = sim.now
+        t_back = sim.run_until(lambda: a.path(b) == "direct"
+                               and a.endpoints[b.key].endpoint != old, t_flush + 10)
+        assert t_back is not None, seed
+        # at most a heartbeat (3 s) + suspect_after (1 s) + a few round trips
+        assert t_back - t_flush <= 4.5, (seed, t_back - t_flush)
+
+
 def test_port_search_punches_through_one_symmetric_nat() -> None:
     sim = Sim(seed=3)
     a, b = sim.add("a", "eim"), sim.add("b", "symmetric")
