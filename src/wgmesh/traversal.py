@@ -14,12 +14,16 @@ A peer's life (Tailscale's shape, with its timings):
   A ping from an address we did not know is answered and pinged back (that is
   how a path through a NAT is found even when its mapping was never published).
 * The first pong **commits** a direct path (``SetEndpoint``). Among working
-  paths the lowest latency wins, LAN and IPv6 scaled down so they are preferred,
-  and a path is only replaced by one ``hysteresis`` better, so it does not flap.
+  paths the lowest latency wins, LAN and IPv6 scaled down so they are preferred
+  (RTTs under ``rtt_floor`` count as equal: below that a sample is noise), and a
+  path is only replaced by one ``hysteresis`` better, so it does not flap.
 * While the peer is active, **heartbeat** pings keep the path (and the NAT
-  mapping) alive every ``heartbeat_interval``; when pongs stop for
-  ``trust_timeout`` the peer goes back to the relay, asks for fresh candidates
-  (``RefreshCandidates``: re-STUN) and starts a new round at once.
+  mapping) alive every ``heartbeat_interval``. A heartbeat unanswered for
+  ``suspect_after`` makes the path suspect: a round probes every candidate and
+  one that answers replaces it without the hysteresis (a rebooted NAT shows up
+  there). When pongs stop for ``trust_timeout`` the peer goes back to the relay,
+  asks for fresh candidates (``RefreshCandidates``: re-STUN) and starts a new
+  round at once.
 * Every ``reprobe_interval`` a new round looks for a better path, **forever**,
   relayed or not.
 
