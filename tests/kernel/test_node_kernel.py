@@ -4,8 +4,9 @@ emulated VM's budget: every agent start costs tens of seconds under TCG.
 1. eim x eim goes direct, trusted only after a WireGuard handshake; eim x udp-blocked stays
    relayed through the loopback bridge; the ACL is an nftables table on the interface; a file
    crosses the relayed tunnel.
-2. Port mapping (issue 17): behind a symmetric NAT whose router answers PCP, the node maps the
-   kernel WireGuard port itself and a peer behind a plain symmetric NAT goes direct to it.
+2. Port mapping (issue 17): behind symmetric NATs whose routers answer PCP, NAT-PMP or
+   UPnP-IGD, each node maps the kernel WireGuard port itself and a peer behind a plain
+   symmetric NAT goes direct to it.
    The userspace twin (every protocol, reboot, clean-up): tests/netns/test_portmap_paths.py.
 3. Mesh lock (issue 13): once the mesh is locked, a node written straight into a compromised
    control's database never reaches a kernel WireGuard device (``wg show``) while the signed
@@ -34,7 +35,7 @@ from wgmesh.lab.network import Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 #: Estimated seconds in the emulated VM (tests/support/vmtier.py balances its VMs by it).
-VM_COST_S = 900
+VM_COST_S = 1000
 
 
 def wg_peers(node: MeshNode) -> set[str]:
@@ -52,7 +53,7 @@ def test_kernel_nodes_paths_filter_file_portmap_and_lock(lab: Lab, tmp_path: Pat
     a = mesh.add_node("a", "eim")
     b = mesh.add_node("b", "eim", tags=("tag:web",))
     c = mesh.add_node("c", "udp-blocked")
-    p = mesh.add_node("p", "symmetric+pcp")
+    mapped = [mesh.add_node(f"p{m}", f"symmetric+{m}") for m in ("pcp", "natpmp", "upnp")]
     s = mesh.add_node("s", "symmetric")
     mesh.wait_connected(300)
     assert a.status()["backend"] == "kernel"
@@ -82,17 +83,20 @@ def test_kernel_nodes_paths_filter_file_portmap_and_lock(lab: Lab, tmp_path: Pat
     got = c.call("file_list")
     assert any(f["sha256"] == hashlib.sha256(data).hexdigest() for f in got)
 
-    # 2. port mapping: the router maps the kernel's own WireGuard port; s goes direct to it
-    assert p.host.nat is not None and p.host.nat.portmapd is not None
-    port = p.status()["listen_port"]
-    wait_for(lambda: [(m[0], m[3]) for m in p.host.nat.portmapd.mappings()  # type: ignore
-                      ] == [("udp", port)], 120, "the WireGuard port mapped on the router")
-    wait_for(lambda: (pp := s.peer("p")) and pp["path"] == "direct", 180, "s direct to p")
-    r = wait_for(lambda: (r := s.ping("p", timeout=3))["rtt_ms"] and r["path"] == "direct"
-                 and r, 60)
-    assert r["endpoint"].startswith(p.host.nat.ip + ":")
-    pp = s.peer("p")
-    assert pp is not None and pp["via_portmap"] and pp["last_handshake"]
+    # 2. port mapping: each router maps the kernel's own WireGuard port; s goes direct to it
+    for p in mapped:
+        assert p.host.nat is not None and p.host.nat.portmapd is not None
+        port = p.status()["listen_port"]
+        wait_for(lambda p=p, port=port: [(m[0], m[3]) for m in p.host.nat.portmapd.mappings()
+                                         ] == [("udp", port)],  # type: ignore[union-attr]
+                 120, f"{p.name}: the WireGuard port mapped on the router")
+        wait_for(lambda p=p: (pp := s.peer(p.name)) and pp["path"] == "direct", 180,
+                 f"s direct to {p.name}")
+        r = wait_for(lambda p=p: (r := s.ping(p.name, timeout=3))["rtt_ms"]
+                     and r["path"] == "direct" and r, 60)
+        assert r["endpoint"].startswith(p.host.nat.ip + ":")
+        pp = s.peer(p.name)
+        assert pp is not None and pp["via_portmap"] and pp["last_handshake"], pp
 
     # 3. mesh lock: sign every real node, then a rogue row in control's database
     admin_key = keygen(mesh, tmp_path / "admin.lock")
