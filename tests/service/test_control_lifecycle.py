@@ -119,11 +119,10 @@ def test_approval_required_keeps_new_nodes_pending(db: str, tmp_path: Path,
             fp.close()
 
 
+@pytest.mark.parametrize("db", ["postgres"], indirect=True)  # replicas share PostgreSQL
 def test_a_replica_starting_leaves_nodes_streaming_to_another_alone(db: str,
                                                                      tmp_path: Path) -> None:
     """The other replica renews their presence lease, so neither start nor sweep removes them."""
-    if not db.startswith("postgresql"):
-        pytest.skip("replicas share a PostgreSQL database")
     with _server(db, tmp_path, ephemeral_grace_s=1.0) as a:
         admin = ControlClient(a.url, api_key=a.admin_key)
         ck, _, k = register(a.url, admin.create_auth_key(ephemeral=True)["key"], "k")
