@@ -1,10 +1,14 @@
 """The ``kernel`` tier: every kernel-marked test runs inside ONE virtme-ng VM.
 
 The host kernel has no WireGuard module, so on the host each selected
-``kernel`` test is replaced by a stand-in item. The first stand-in boots one VM
-(Debian's linux-image-amd64 under qemu, ``--disable-kvm``) that sees the host
-filesystem, runs ``pytest`` on all of them with this checkout and venv, and
-writes a JSON result per test into a shared directory. Each stand-in then
+``kernel`` test is replaced by a stand-in item, ordered after the host tiers. The
+first stand-in boots the VMs (Debian's linux-image-amd64 under qemu,
+``--disable-kvm``), which see the host filesystem, run ``pytest`` on their share
+of the kernel tests with this checkout and venv, and write a JSON result per test
+into a shared directory. They boot only then, not alongside the host tiers:
+booted early at nice 19 they starved while host tests ran, and the guest clock
+runs on regardless, so in-VM timeouts fired (two kernel tests failed that way in
+one full run); unniced, they would eat the host lab tests' timing budgets. Each stand-in then
 reports its own test's outcome, so the host run shows per-test pass/fail, the
 VM's counts are printed, and a VM that fails to boot fails every kernel test.
 
@@ -36,9 +40,10 @@ IN_VM = os.environ.get("WGMESH_IN_VM") == "1"
 # The kernel tier's hard limit; its budget is half of it, so a slower day stays green.
 #: Per VM. The kernel tier must finish in half of it (the summary says when it does not).
 VM_TIMEOUT = float(os.environ.get("WGMESH_VM_TIMEOUT", "3000"))
-#: Kernel test modules are shared out over this many VMs, booted together: much of a kernel
-#: test is waiting (WireGuard's unscalable rekey timers, handshakes, agents starting under
-#: emulation), so two VMs overlap one's waits with the other's work.
+#: Kernel test modules are shared out over this many VMs, booted together after the host
+#: tiers: much of a kernel test is waiting (WireGuard's unscalable rekey timers,
+#: handshakes, agents starting under emulation), so two VMs overlap one's waits with the
+#: other's work.
 VM_SHARDS = max(1, int(os.environ.get("WGMESH_VM_SHARDS", "2")))
 #: A module's estimated seconds in the VM (its ``VM_COST_S``, else this), for balancing.
 DEFAULT_VM_COST_S = 60.0
@@ -123,9 +128,7 @@ class VMRunner:
             f"{' '.join(shlex.quote(n) for n in self.nodeids)} > {shlex.quote(str(out))} 2>&1\n"
             f"echo $? > {shlex.quote(str(rw / 'rc'))}\n")
         vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
-        # niced: the host tiers' lab tests have timing budgets, the VMs only generous
-        # timeouts, so the VMs take what CPU the host tests leave and all of it after them.
-        argv = ["nice", "-n", "19", vng, "--disable-kvm", "-r", vmlinuz, "--memory", "4G",
+        argv = [vng, "--disable-kvm", "-r", vmlinuz, "--memory", "4G",
                 "--cpus", "2", "--rwdir", str(rw), "--exec", f"sh {script}"]
         if os.environ.get("WGMESH_VM_KVM") == "1":
             argv.remove("--disable-kvm")
@@ -175,7 +178,7 @@ class VMRunner:
         shutil.rmtree(rw, ignore_errors=True)
 
     def start_background(self) -> None:
-        """Boot the VM now, on a thread: the host tiers run while the kernel tier does."""
+        """Boot the VM now, on a thread, so the other VMs boot alongside it."""
         self._thread = threading.Thread(target=self._run_safely, name="wgmesh-vm", daemon=True)
         self._thread.start()
 
@@ -186,8 +189,9 @@ class VMRunner:
             self.error = f"the VM runner crashed: {e!r}"
 
     def result(self, nodeid: str) -> dict[str, Any]:
-        if self._thread is None:
-            self.start_background()
+        for runner in _runners:  # the first stand-in boots every VM (the host tiers are done)
+            if runner._thread is None:
+                runner.start_background()
         assert self._thread is not None
         self._thread.join()
         if self.error is not None:
@@ -247,11 +251,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                                           target=item.nodeid)
             stand_in.own_markers.extend(item.own_markers)
             stand_ins.append(stand_in)
-    # The VMs boot now and work while the host tiers run; their results are read last.
+    # last: the VMs boot when the first stand-in runs, once the host tiers are done
     items[:] = [i for i in items if i not in kernel_items] + stand_ins
-    if not config.option.collectonly:
-        for runner in runners:
-            runner.start_background()
 
 
 def _shards(items: list[pytest.Item], n: int) -> list[list[pytest.Item]]:
