@@ -434,7 +434,7 @@ def test_nat_reboot_behind_one_side_recovers_direct_without_waiting_for_death() 
         old = a.endpoints[b.key].endpoint
         b.nat.flush()
         t_flush = sim.now
-        t_back = sim.run_until(lambda: a.path(b) == "direct"
+        t_back = sim.run_until(lambda a=a, b=b, old=old: a.path(b) == "direct"
                                and a.endpoints[b.key].endpoint != old, t_flush + 10)
         assert t_back is not None, seed
         # at most a heartbeat (3 s) + suspect_after (1 s) + a few round trips
