@@ -100,27 +100,26 @@ def test_cores_do_no_io_and_read_no_clock(core: str) -> None:
     assert not bad, f"{core} must stay sans-I/O (time comes in as an argument): {bad}"
 
 
+def loaded(mod: str, heavy: tuple[str, ...]) -> list[str]:
+    """Which of ``heavy`` importing ``mod`` loads, in a fresh interpreter."""
+    code = f"import sys, {mod}\nprint(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.split()
+
+
 @pytest.mark.parametrize("core", CORES)
 def test_cores_pull_in_no_drivers(core: str) -> None:
     """Importing a core in a fresh interpreter loads no asyncio, sockets, node or lab."""
-    code = (f"import sys, {core}\n"
-            "heavy = ('asyncio', 'socket', 'subprocess', 'aiohttp', 'pyroute2', 'requests',\n"
-            "         'wgmesh.node', 'wgmesh.lab', 'wgmesh.cli', 'wgmesh.relaynet')\n"
-            "print(' '.join(m for m in heavy if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.split()
+    out = loaded(core, ("asyncio", "socket", "subprocess", "aiohttp", "pyroute2", "requests",
+                        "wgmesh.node", "wgmesh.lab", "wgmesh.cli", "wgmesh.relaynet"))
     assert out == [], f"import {core} loads {out}"
 
 
-def test_import_wgmesh_and_stun_stay_light() -> None:
-    for mod in ("wgmesh", "wgmesh.stun"):
-        code = (f"import sys, {mod}\n"
-                "heavy = ('nacl', 'asyncio', 'aiohttp', 'pyroute2', 'wgmesh.node', 'wgmesh.lab',"
-                " 'wgmesh.relaynet', 'wgmesh.control')\n"
-                "print(' '.join(m for m in heavy if m in sys.modules))")
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True).stdout.split()
-        assert out == [], f"import {mod} loads {out}"
+@pytest.mark.parametrize("mod", ["wgmesh", "wgmesh.stun"])
+def test_import_wgmesh_and_stun_stay_light(mod: str) -> None:
+    out = loaded(mod, ("nacl", "asyncio", "aiohttp", "pyroute2", "wgmesh.node", "wgmesh.lab",
+                       "wgmesh.relaynet", "wgmesh.control"))
+    assert out == [], f"import {mod} loads {out}"
 
 
 def test_product_never_imports_lab_or_cli() -> None:
