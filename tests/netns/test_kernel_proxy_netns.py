@@ -68,9 +68,7 @@ def test_bridge_over_the_real_relay(lab: Lab) -> None:
     """The same bridge wired to wgmesh's RelayServer/RelayClient (on loopback): the
     bridge's ``send`` is ``RelayClient.send_nowait``, the client's ``on_packet`` is
     ``RelayBridge.deliver``."""
-    import asyncio
-    import threading
-
+    from wgmesh.loopthread import LoopThread
     from wgmesh.relaynet.client import RelayClient
     from wgmesh.relaynet.server import RelayServer
     from wgmesh.wireguard.proxy import RelayBridge
@@ -78,12 +76,11 @@ def test_bridge_over_the_real_relay(lab: Lab) -> None:
     a, b = lab.add_public_host("a"), lab.add_public_host("b")
     pa, pb = PrivateKey.generate(), PrivateKey.generate()
     wg_a, wg_b = _wg_ports(a, b)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+    thread = LoopThread("proxy-relay")
+    loop = thread.loop
 
     def run(coro):  # type: ignore[no-untyped-def]
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+        return thread.call(coro, 30)
 
     bridges: dict[str, RelayBridge] = {}
 
@@ -121,9 +118,6 @@ def test_bridge_over_the_real_relay(lab: Lab) -> None:
             await ca.close()
             await cb.close()
             await srv.close()
-        run(shut())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+        thread.stop_with(shut(), 30)
         wg_a.close()
         wg_b.close()

@@ -471,11 +471,8 @@ class RelayClientThread:
             await c.start(wait=timeout)
             return c
 
-        try:
-            self.client = self._thread.call(boot(), timeout + 5)
-        except BaseException:
-            self._thread.stop()  # cancels whatever the client had started
-            raise
+        # a failed start stops the loop, which cancels whatever the client had started
+        self.client = self._thread.start_with(boot(), timeout + 5)
         return self
 
     def send(self, dst: Key, data: bytes) -> None:
@@ -497,11 +494,10 @@ class RelayClientThread:
         self._thread.loop.call_soon_threadsafe(fn, *args)
 
     def close(self) -> None:
-        try:
-            if self.client is not None:
-                self._thread.call(self.client.close(), 10)
-        finally:
+        if self.client is None:
             self._thread.stop()
+        else:
+            self._thread.stop_with(self.client.close(), 10)
 
     def __enter__(self) -> RelayClientThread:
         return self.start()

@@ -328,21 +328,14 @@ class RelayServer:
     def __enter__(self) -> RelayServer:
         """Start on a :class:`~wgmesh.loopthread.LoopThread` of its own; stop on exit."""
         thread = LoopThread("wgmesh-relay-server")
-        try:
-            thread.call(self.start(), timeout=30)
-        except BaseException:
-            thread.stop()
-            raise
+        thread.start_with(self.start(), timeout=30)
         self._thread = thread
         return self
 
     def __exit__(self, *exc: object) -> None:
         thread, self._thread = self._thread, None
         if thread is not None:
-            try:
-                thread.call(self.close(), timeout=30)
-            finally:
-                thread.stop()
+            thread.stop_with(self.close(), timeout=30)
 
     async def _dial_mesh(self, url: str, on_peer: OnPeer) -> RelayConnection:
         return await RelayConnection.open(
