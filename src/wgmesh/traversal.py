@@ -124,6 +124,11 @@ def is_lan(ip: str) -> bool:
     return any(addr in n for n in _LAN_NETS if n.version == addr.version)
 
 
+def _public_v4(ip: str) -> bool:
+    """An IPv4 address a peer elsewhere can aim at (the port search works on these)."""
+    return ":" not in ip and not is_lan(ip)
+
+
 def norm(addr: tuple[str, int]) -> Addr:
     """One spelling per address: IPv4-mapped IPv6 becomes IPv4, no scope, compressed."""
     ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
@@ -413,6 +418,11 @@ class _Cand:
 
     def fresh(self, now: float, cfg: TraversalConfig) -> bool:
         return self.last_pong is not None and now - self.last_pong <= cfg.trust_timeout
+
+    def suspect_at(self, cfg: TraversalConfig) -> float | None:
+        """When a ping left unanswered makes this path suspect (None: none outstanding)."""
+        return None if self.unanswered_since is None \
+            else self.unanswered_since + cfg.suspect_after
 
     def dead_at(self, cfg: TraversalConfig) -> float | None:
         """When unanswered pings make this path dead (None: no ping outstanding)."""
@@ -784,9 +794,8 @@ class PeerPath:
             return []
         if cur is not None:
             dead = cur.dead_at(self.cfg)
-            suspect = cur.unanswered_since is not None and \
-                now - cur.unanswered_since >= self.cfg.suspect_after
-            if (dead is None or now < dead) and not suspect and \
+            suspect = cur.suspect_at(self.cfg)
+            if (dead is None or now < dead) and (suspect is None or now < suspect) and \
                     self._score(cand) >= self._score(cur) * (1 - self.cfg.hysteresis):
                 return []
         return self._commit(cand, now, "better" if cur else "pong")
@@ -881,8 +890,7 @@ class PeerPath:
     # ---- port search --------------------------------------------------------------
     def _peer_public_v4(self) -> list[Addr]:
         return [c.addr for c in self._cands.values()
-                if c.sock == 0 and c.sources & {"netmap", "cmm"}
-                and ":" not in c.addr[0] and not is_lan(c.addr[0])]
+                if c.sock == 0 and c.sources & {"netmap", "cmm"} and _public_v4(c.addr[0])]
 
     def _maybe_search(self, now: float) -> list[_Out]:
         if not (self.cfg.port_search and self.state is PathState.RELAY
@@ -890,8 +898,7 @@ class PeerPath:
                 and self.peer_flags & FLAG_HARD_NAT and now >= self._search_not_before):
             return []
         targets = self._peer_public_v4()
-        if not targets or not any(":" not in ip and not is_lan(ip)
-                                  for ip, _ in self.local.candidates):
+        if not targets or not any(_public_v4(ip) for ip, _ in self.local.candidates):
             return []  # the hard side could not aim its mappings at us yet
         self.counters["search_started"] += 1
         ip, base = targets[0]
@@ -1015,10 +1022,9 @@ class PeerPath:
     def _suspect_at(self, best: _Cand) -> float | None:
         """When the best path's unanswered ping makes it suspect (None: not pending, or
         this unanswered spell was already probed)."""
-        since = best.unanswered_since
-        if since is None or since == self._suspect_probed or self.pinned == "relay":
+        if best.unanswered_since == self._suspect_probed or self.pinned == "relay":
             return None
-        return since + self.cfg.suspect_after
+        return best.suspect_at(self.cfg)
 
     def _path_lost(self, best: _Cand, now: float) -> list[_Out]:
         best.rtts.clear()
