@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from wgmesh.display import html_table, text_table
+from wgmesh.node.netcheck import format_addr
 from wgmesh.traversal import REASON_OFFLINE, PathInfo, PathState
 
 __all__ = ["PeerStatus", "PingResult", "Status", "path_reason", "tried_json"]
@@ -37,8 +38,7 @@ def tried_json(info: PathInfo | None) -> list[dict[str, Any]]:
     """The candidates traversal probed for a peer, JSON-ready."""
     if info is None:
         return []
-    return [{"endpoint": f"[{c.addr[0]}]:{c.addr[1]}" if ":" in c.addr[0]
-             else f"{c.addr[0]}:{c.addr[1]}", "socket": c.sock, "sources": list(c.sources),
+    return [{"endpoint": format_addr(c.addr), "socket": c.sock, "sources": list(c.sources),
              "rtt_ms": None if c.rtt is None else round(c.rtt * 1e3, 2), "result": c.result}
             for c in info.tried]
 
