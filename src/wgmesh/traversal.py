@@ -697,9 +697,10 @@ class PeerPath:
                                                and c.last_pong >= self._round_start)]
 
     def kick(self, now: float, why: str = "kick") -> list[_Out]:
-        """Start a round now: our candidates or the network changed."""
+        """Start a round now: our candidates or the network changed. Against a hard peer
+        the port search starts too: our public address may have just become known."""
         self._last_cmm = float("-inf")
-        return self._start_round(now, why)
+        return self._start_round(now, why) + self._maybe_search(now)
 
     def pin(self, mode: str | None, now: float) -> list[_Out]:
         """Hold the path on ``relay``, or insist on ``direct`` (a round that ends on the
