@@ -7,21 +7,23 @@ second during the "scraped" runs and idle during the others:
 
 * ``relay_ratio``: relay throughput scraped / not scraped, the pump of
   ``relay_throughput.py`` (source -> ``wgmesh relay serve`` -> sink, 1400-byte
-  packets) in a lab; the scraper runs on the relay's host (``/metrics`` answers
-  this host only by default);
+  packets) in a lab, as one long run cut into ``--window``-second windows that
+  are scraped or not in ABBA pairs (the sink counts bytes per window); the
+  scraper runs on the relay's host (``/metrics`` answers this host only by
+  default);
 * ``control_ratio``: control fan-out p99 not scraped / scraped (so >= 0.97 means
   at most 3% slower), ``--nodes`` netmap streams against ``wgmesh control
   serve`` (SQLite) as in ``control_scale.py``, ``--changes`` changes per run.
 
-Rounds run in ABBA order and each ratio is the median of per-round ratios
-(``_bench``); goal: both >= 0.97. On a loaded machine the round ratios spread
-far wider than 3%, so the run also times one scrape (median of 20, back to
+Windows (relay) and runs (control) alternate in ABBA order and each ratio is
+the median of per-pair ratios (``_bench``); goal: both >= 0.97. On a loaded
+machine the pair ratios spread far wider than 3%, so the run also times one scrape (median of 20, back to
 back): ``control_scrape_ms`` with the ``--nodes`` streams open and
 ``relay_scrape_ms_with_idle_clients`` with ``--idle`` clients connected. At one
 scrape a second, a scrape of x ms takes at most x/1000 of the server's core,
 whatever the load. Prints one JSON line. Usage: ``sudo .venv/bin/python
-benchmarks/metrics_cost.py [--rounds 4] [--seconds 5] [--nodes 1000] [--changes 5]
-[--idle 1000] [--part relay|control|both]`` (the relay part needs root).
+benchmarks/metrics_cost.py [--relay-pairs 20] [--window 2] [--rounds 4] [--nodes 1000]
+[--changes 5] [--idle 1000] [--part relay|control|both]`` (the relay part needs root).
 """
 
 from __future__ import annotations
@@ -53,14 +55,33 @@ PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,"
                      "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
 
 
-def scrape(url: str, times: int | None = None, interval: float = 1.0) -> None:
-    """Role: GET ``url`` as Prometheus does, once per ``interval``, until killed; or
+def scraped_window(k: int) -> bool:
+    """Whether window ``k`` of the relay run is scraped: pairs of windows in ABBA order
+    (scraped, plain), (plain, scraped), ... so neither side always comes first."""
+    pair, pos = divmod(k, 2)
+    return (pos == 0) == (pair % 2 == 0)
+
+
+def scrape(url: str, times: int | None = None,
+           windows: tuple[float, float, int] | None = None) -> None:
+    """Role: GET ``url`` as Prometheus does, once a second until killed; or once a second
+    in the scraped ``windows`` (start on the shared monotonic clock, length, count); or
     ``times`` times back to back, then print the median time of one scrape and its size."""
     req = urllib.request.Request(url, headers={"Accept": PROMETHEUS_ACCEPT})
+    if windows:
+        start, length, count = windows
+        due = [start + k * length + i for k in range(count) if scraped_window(k)
+               for i in range(int(length))]
+    else:
+        due = []
     print("scraping", flush=True)
     took: list[float] = []
     size = 0
     while times is None or len(took) < times:
+        if windows and not due:
+            return
+        if due:
+            time.sleep(max(0.0, due.pop(0) - time.monotonic()))
         t0 = time.monotonic()
         with urllib.request.urlopen(req, timeout=5) as r:
             body = r.read()
@@ -68,8 +89,8 @@ def scrape(url: str, times: int | None = None, interval: float = 1.0) -> None:
             raise SystemExit(f"{url}: not Prometheus text")
         took.append(time.monotonic() - t0)
         size = len(body)
-        if times is None:
-            time.sleep(max(0.0, interval - took.pop()))
+        if times is None and not windows:
+            time.sleep(max(0.0, 1.0 - took.pop()))
     print(json.dumps({"scrape_ms": round(statistics.median(took) * 1e3, 2), "bytes": size}))
 
 
@@ -95,28 +116,40 @@ def scraped(spawn: Callable[[list[str]], Any], url: str, on: bool) -> Iterator[N
 
 
 def relay_part(a: argparse.Namespace) -> dict[str, Any]:
+    """One long relay pump, scraped once a second in alternate windows (ABBA pairs): the
+    same processes on the same cores on both sides of every ratio, which separate runs
+    cannot promise on two shared cores (their round ratios spread +-15 %)."""
     from wgmesh.lab import Lab
 
+    count = 2 * a.relay_pairs
     with Lab() as lab:
         (relay, src, dst), _, url = relay_lab(lab)
-
-        def pump(with_metrics: bool) -> float:
-            with scraped(lambda argv: lab.spawn(relay, argv), f"{url}/metrics", with_metrics):
-                sink = lab.python(dst, RELAY_BENCH, "relay-sink", url)
-                ready = sink.wait_for_output('"ready"', timeout=60).splitlines()[0]
-                lab.python(src, RELAY_BENCH, "relay-source", url, json.loads(ready)["keys"][0],
-                           "--seconds", str(a.seconds)).wait(a.seconds + 60)
-                sink.wait(60)
-            return float(json.loads(sink.stdout.strip().splitlines()[-1])["mbps"])
-
-        on, off = run_abba(a.rounds, lambda: pump(True), lambda: pump(False))
+        start = time.monotonic() + 5  # both pump ends are connected and running by then
+        windows = f"{start},{a.window},{count}"
+        sink = lab.python(dst, RELAY_BENCH, "relay-sink", url, "--windows", windows)
+        ready = sink.wait_for_output('"ready"', timeout=60).splitlines()[0]
+        scraper = lab.spawn(relay, [sys.executable, __file__, "scrape", f"{url}/metrics",
+                                    "--windows", windows])
+        scraper.wait_for_output("scraping", timeout=30)
+        lab.python(src, RELAY_BENCH, "relay-source", url, json.loads(ready)["keys"][0],
+                   "--seconds", str(start + count * a.window + 0.5 - time.monotonic())
+                   ).wait(count * a.window + 60)
+        sink.wait(60)
+        scraper.wait(30)
+        got = json.loads(sink.stdout.strip().splitlines()[-1])["window_bytes"]
+        mbps = [b * 8 / a.window / 1e6 for b in got]
+        on = [x for k, x in enumerate(mbps) if scraped_window(k)]
+        off = [x for k, x in enumerate(mbps) if not scraped_window(k)]
         idle = lab.python(src, RELAY_BENCH, "idle", url, "--n", str(a.idle))
         idle.wait_for_output('"connected"', timeout=300)
         cost = scrape_once(lambda argv: lab.run(relay, argv).stdout, f"{url}/metrics")
         idle.stop()
     return {"relay_scrape_ms_with_idle_clients": cost["scrape_ms"], "idle_clients": a.idle,
-            "relay_scrape_bytes": cost["bytes"], "relay_scraped_mbps_runs": [round(x, 1) for x in on],
-            "relay_plain_mbps_runs": [round(x, 1) for x in off],
+            "relay_scrape_bytes": cost["bytes"], "relay_window_s": a.window,
+            "relay_scraped_mbps_median": round(statistics.median(on), 1),
+            "relay_plain_mbps_median": round(statistics.median(off), 1),
+            "relay_scraped_mbps_windows": [round(x, 1) for x in on],
+            "relay_plain_mbps_windows": [round(x, 1) for x in off],
             **round_ratios(on, off, "relay_ratio")}
 
 
@@ -194,8 +227,10 @@ def control_part(a: argparse.Namespace, state: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds (each: one run a side)")
-    ap.add_argument("--seconds", type=float, default=5.0, help="relay pump per run")
+    ap.add_argument("--rounds", type=int, default=4, help="control: ABBA rounds (each: one run a side)")
+    ap.add_argument("--relay-pairs", type=int, default=20,
+                    help="relay: pairs of windows (one scraped, one not), ABBA")
+    ap.add_argument("--window", type=float, default=2.0, help="relay: seconds per window")
     ap.add_argument("--nodes", type=int, default=1000, help="control streams")
     ap.add_argument("--changes", type=int, default=5, help="control changes per run")
     ap.add_argument("--idle", type=int, default=1000,
@@ -207,7 +242,7 @@ def main() -> None:
     out: dict[str, Any] = {"bench": "metrics_cost", "rounds": a.rounds, "goal": 0.97,
                            "scrape_interval_s": 1.0}
     if a.part in ("relay", "both"):
-        out.update(relay_part(a), seconds=a.seconds)
+        out.update(relay_part(a))
     if a.part in ("control", "both"):
         with tempfile.TemporaryDirectory(prefix="wgm-metricsbench-") as tmp:
             out.update(control_part(a, Path(tmp)))
@@ -216,6 +251,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "scrape":
-        scrape(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+        if sys.argv[3:4] == ["--windows"]:
+            w = sys.argv[4].split(",")
+            scrape(sys.argv[2], windows=(float(w[0]), float(w[1]), int(w[2])))
+        else:
+            scrape(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
     else:
         main()

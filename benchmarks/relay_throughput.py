@@ -98,11 +98,17 @@ class DirectPeer(RelayConnection):
 
 
 class Counts:
-    """What a sink received; one ``on_recv`` for every connection of the sink."""
+    """What a sink received; one ``on_recv`` for every connection of the sink.
 
-    def __init__(self) -> None:
+    With ``windows`` (start on the monotonic clock, which every lab namespace
+    shares; window length; count) the bytes are also summed per time window, so
+    a caller can compare windows of one run (``metrics_cost.py``)."""
+
+    def __init__(self, windows: tuple[float, float, int] | None = None) -> None:
         self.packets = self.bytes = 0
         self.first = self.last = 0.0
+        self.windows = windows
+        self.window_bytes = [0] * (windows[2] if windows else 0)
 
     def on_recv(self, src: Key, data: bytes) -> None:
         now = time.monotonic()
@@ -111,19 +117,25 @@ class Counts:
         self.packets += 1
         self.bytes += len(data)
         self.last = now
+        if self.windows:
+            k = int((now - self.windows[0]) // self.windows[1])
+            if 0 <= k < self.windows[2]:
+                self.window_bytes[k] += len(data)
 
     async def report_when_quiet(self, quiet: float) -> None:
         while not self.packets or time.monotonic() - self.last < quiet:
             await asyncio.sleep(0.1)
         dt = max(self.last - self.first, 1e-9)
         emit(packets=self.packets, bytes=self.bytes, seconds=dt,
-             mbps=self.bytes * 8 / dt / 1e6, pps=self.packets / dt)
+             mbps=self.bytes * 8 / dt / 1e6, pps=self.packets / dt,
+             **({"window_bytes": self.window_bytes} if self.windows else {}))
 
 
-async def sink(kind: str, where: str, n: int, quiet: float, ca: str | None) -> None:
+async def sink(kind: str, where: str, n: int, quiet: float, ca: str | None,
+               windows: tuple[float, float, int] | None = None) -> None:
     """``n`` receiving keys: relay clients of ``where`` (a URL), or one direct listener
     on ``where`` (an address) taking any number of connections."""
-    counts = Counts()
+    counts = Counts(windows)
     keys = [PrivateKey.generate() for _ in range(n)]
     conns: list[RelayConnection] = []
     server: asyncio.Server | None = None
@@ -186,11 +198,14 @@ def role(argv: list[str]) -> None:
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--ca")
+    ap.add_argument("--windows", help="START,SECONDS,COUNT: also count bytes per window")
     a = ap.parse_args(argv)
     _raise_nofile()
     kind, _, what = a.role.partition("-")
     if what == "sink":
-        asyncio.run(sink(kind, a.args[0], a.n, 1.0, a.ca))
+        w = a.windows.split(",") if a.windows else None
+        asyncio.run(sink(kind, a.args[0], a.n, 1.0, a.ca,
+                         (float(w[0]), float(w[1]), int(w[2])) if w else None))
     elif what == "source":
         asyncio.run(source(kind, a.args[0], a.args[1].split(","), a.seconds, a.ca))
     else:

@@ -154,6 +154,7 @@ def main() -> None:
         "ratio": round(med(direct) / med(ref), 1) if direct and ref else None,
         "eim_symmetric_direct": f"{len(hard_t)}/{len(hard)}",
         "t_direct_eim_symmetric_s": round(med(hard_t), 2) if hard_t else None,
+        "t_direct_eim_symmetric_runs_s": [round(t, 2) for t in hard_t],
         "nat_reboot_recovered": f"{len(rec)}/{len(reboot)}",
         "t_recover_s": round(med(rec), 2) if rec else None,
         "pairs": [_pair_summary("eim:eim", easy), _pair_summary("eim:symmetric", hard),
