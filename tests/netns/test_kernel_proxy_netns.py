@@ -64,6 +64,33 @@ def test_bridge_relays_both_ways_from_the_peer_endpoint(lab: Lab) -> None:
         wg_b.close()
 
 
+def test_a_burst_from_the_relay_reaches_the_kernel_port_whole_and_in_order(lab: Lab) -> None:
+    """A burst delivered in one loop iteration leaves as UDP GSO runs: the kernel port
+    still receives one datagram per packet, each intact, in order, from the endpoint it
+    has for the peer; a shorter packet ends a run, a longer one starts the next."""
+    a, b = lab.add_public_host("a"), lab.add_public_host("b")
+    ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
+    wg_a, wg_b = _wg_ports(a, b)
+    sizes = [1440] * 70 + [148] + [1440] * 3 + [32, 1440, 96, 96]
+    sent = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    try:
+        with BridgePair(a.ns, 51820, ka, b.ns, 51821, kb, b.ip) as pair:
+            ep_b_at_a = pair.a.add(kb)
+
+            def burst() -> None:
+                for p in sent:
+                    pair.a.deliver(kb, p)
+            pair.on_loop(burst)
+            got = [wg_a.recvfrom(2048) for _ in sent]
+            assert [d for d, _ in got] == sent
+            assert {src for _, src in got} == {ep_b_at_a}
+            assert pair.a.counters(kb).from_relay == len(sent)
+            assert pair.a.counters(kb).dropped == 0
+    finally:
+        wg_a.close()
+        wg_b.close()
+
+
 def test_bridge_over_the_real_relay(lab: Lab) -> None:
     """The same bridge wired to wgmesh's RelayServer/RelayClient (on loopback): the
     bridge's ``send`` is ``RelayClient.send_nowait``, the client's ``on_packet`` is

@@ -15,9 +15,14 @@ import struct
 from collections.abc import Callable
 
 __all__ = [
+    "GSO_MAX_BYTES",
+    "GSO_MAX_SEGMENTS",
     "GSO_NONE",
     "GSO_TCPV4",
     "GSO_TCPV6",
+    "SOL_UDP",
+    "UDP_GRO",
+    "UDP_SEGMENT",
     "VNET_HDR",
     "VNET_HDR_LEN",
     "ZERO_HDR",
@@ -35,6 +40,11 @@ _FIN, _SYN, _RST, _PSH, _URG, _ECE, _CWR = 0x01, 0x02, 0x04, 0x08, 0x20, 0x40, 0
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 ZERO_HDR = bytes(VNET_HDR_LEN)  # GSO_NONE, checksum already complete
+# UDP segmentation offload (Linux >= 4.18): one sendmsg carries up to 64 datagrams of one
+# size (the last may be shorter); UDP_GRO is its receive side.
+SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
 
 
 def _sum(data: bytes | bytearray | memoryview) -> int:

@@ -54,7 +54,16 @@ from wgmesh.wireguard.backend import (
 from wgmesh.wireguard.device import Destination, Device, RelaySource
 from wgmesh.wireguard.filter import PacketFilter
 from wgmesh.wireguard.noise import MSG_TRANSPORT, message_type
-from wgmesh.wireguard.offload import VNET_HDR_LEN, ZERO_HDR, Coalescer
+from wgmesh.wireguard.offload import (
+    GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
+    VNET_HDR_LEN,
+    ZERO_HDR,
+    Coalescer,
+)
 from wgmesh.wireguard.timers import Timing, timing_from_env
 from wgmesh.wireguard.tun import Tun
 from wgmesh.wireguard.uapi import DeviceSet, PeerStatus, UapiError, UapiServer, format_get
@@ -73,9 +82,6 @@ TICK = 0.1  # seconds between timer passes at most
 SO_MARK = 36
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOCKET_BUFFER = 4 << 20
-SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
-GSO_MAX_SEGMENTS = 64
-GSO_MAX_BYTES = 65000
 IP_PKTINFO = 8  # Linux; the socket module lacks it
 # Room for UDP_GRO's segment size and the larger of in_pktinfo / in6_pktinfo.
 _CMSG_SPACE = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(20)
