@@ -28,10 +28,10 @@ WG_OVERHEAD = 32
 #: The smallest tunnel MTU probed or set: IPv6 needs 1280 on the interface.
 MIN_MTU = 1280
 #: Tunnel MTUs left by common underlay MTUs over IPv4 (60 bytes of IP, UDP and
-#: WireGuard) and IPv6 (80): 1340 (a 1400 link), 1360 (1420), 1380 (1440 or IPv6
-#: 1460), 1392 (1452), 1400 (1460), 1420 (IPv6 1500, the default), 1432 (PPPoE 1492),
-#: 1440 (IPv4 1500). Only rungs up to the configured MTU are probed.
-LADDER = (MIN_MTU, 1340, 1360, 1380, 1392, 1400, 1420, 1432, 1440)
+#: WireGuard) and IPv6 (80): 1320 (IPv6 1400), 1340 (a 1400 link), 1360 (1420), 1380
+#: (1440 or IPv6 1460), 1392 (1452), 1400 (1460), 1420 (IPv6 1500, the default), 1432
+#: (PPPoE 1492), 1440 (IPv4 1500). Only rungs up to the configured MTU are probed.
+LADDER = (MIN_MTU, 1320, 1340, 1360, 1380, 1392, 1400, 1420, 1432, 1440)
 
 
 def probe_mtus(ceiling: int) -> tuple[int, ...]:

@@ -324,6 +324,14 @@ class LocalInfo:
     udp: bool = True
     #: The interface MTU the user set: path MTU probes go no higher.
     mtu: int = 1420
+    #: Prefixes our own routing sends into the tunnel (peers' addresses, accepted subnet
+    #: routes): a candidate inside one would carry WireGuard inside WireGuard (a router's
+    #: LAN address, once we route its LAN through it), so none is ever made.
+    tunneled: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def in_tunnel(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        return any(addr in n for n in self.tunneled if n.version == addr.version)
     _next_sock: int = 1
 
     def alloc_socks(self, n: int) -> tuple[int, ...]:
@@ -654,6 +662,9 @@ class PeerPath:
         k = (sock, addr)
         c = self._cands.get(k)
         if c is None:
+            if self.local.in_tunnel(addr[0]):
+                self.counters["drop_tunneled_candidate"] += 1
+                return None
             if len(self._cands) >= self.cfg.max_candidates:
                 self.counters["drop_too_many_candidates"] += 1
                 return None
@@ -1089,6 +1100,12 @@ class PeerPath:
         return [*out, RefreshCandidates(f"path to {self.key.short()} lost"),
                 *self.kick(now, "lost")]
 
+    def drop_tunneled(self) -> None:
+        """Forget candidates that our routing now sends into the tunnel (not the path in
+        use: that one answered over the underlay, so it is not inside)."""
+        for k in [k for k in self._cands if k != self.best and self.local.in_tunnel(k[1][0])]:
+            del self._cands[k]
+
     def close(self) -> list[_Out]:
         """The peer is gone: release its extra sockets."""
         return self._close_ports(None)
@@ -1173,6 +1190,13 @@ class Traversal:
         if not changed:
             return []
         return [a for p in self.peers.values() for a in self._wire(p, p.kick(now, "local"))]
+
+    def set_tunneled(self, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                     ) -> None:
+        """The prefixes our routing sends into the tunnel (see :attr:`LocalInfo.tunneled`)."""
+        self.local.tunneled = tuple(n for n in nets if n.prefixlen)
+        for p in self.peers.values():
+            p.drop_tunneled()
 
     def network_changed(self, now: float) -> list[Action]:
         """Interfaces or routes changed: re-STUN and re-probe everyone."""
