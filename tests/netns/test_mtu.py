@@ -27,10 +27,11 @@ TUNNEL_MTU = {4: LINK - 60, 6: LINK - 80}
 
 
 def _frag_creates(lab: Lab, host: Host) -> int:
-    """Outer IPv4 packets this namespace cut into fragments (its own, or bridged ones)."""
-    lines = [ln.split() for ln in lab.run(host, ["cat", "/proc/net/snmp"]).stdout.splitlines()
-             if ln.startswith("Ip:")]
-    return int(dict(zip(lines[0], lines[1], strict=True))["FragCreates"])
+    """Fragments this namespace cut (its own packets, or bridged ones), IPv4 and IPv6."""
+    snmp = lab.run(host, ["cat", "/proc/net/snmp", "/proc/net/snmp6"]).stdout.splitlines()
+    v4 = [ln.split() for ln in snmp if ln.startswith("Ip:")]
+    v6 = dict(ln.split() for ln in snmp if ln.startswith("Ip6FragCreates"))
+    return int(dict(zip(v4[0], v4[1], strict=True))["FragCreates"]) + int(v6["Ip6FragCreates"])
 
 
 def _measured(node: MeshNode, peer: str) -> bool:
