@@ -568,7 +568,9 @@ class PeerPath:
         #: The user's pin: "direct", "relay" or None.
         self.pinned: str | None = None
         self.mtu_direct = pmtu.PathMtu(interval=cfg.mtu_interval, timeout=cfg.mtu_timeout)
-        self.mtu_relay = pmtu.PathMtu(interval=cfg.mtu_interval, timeout=cfg.mtu_timeout)
+        # The relay is a TCP stream: a probe is carried or refused whole, never lost alone.
+        self.mtu_relay = pmtu.PathMtu(interval=cfg.mtu_interval, timeout=cfg.mtu_timeout,
+                                      copies=1)
         self.mtu_relay.next_round = now + cfg.round_duration  # after the first round
         self._mtu_path: CandKey | None = None  # the direct path mtu_direct measures
 
