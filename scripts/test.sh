@@ -8,7 +8,7 @@ PY=.venv/bin/python
 .venv/bin/ruff check src tests benchmarks examples
 .venv/bin/mypy
 # the sans-I/O protocol cores are typed strictly
-.venv/bin/mypy --strict --follow-imports=silent src/wgmesh/netmap.py src/wgmesh/traversal.py \
+.venv/bin/mypy --strict --follow-imports=silent src/wgmesh/netmap.py src/wgmesh/traversal.py src/wgmesh/pmtu.py \
     src/wgmesh/relay.py src/wgmesh/stun.py src/wgmesh/disco.py src/wgmesh/wireguard/noise.py \
     src/wgmesh/wireguard/session.py src/wgmesh/wireguard/filter.py src/wgmesh/control/world.py \
     src/wgmesh/control/policy.py src/wgmesh/control/envelope.py src/wgmesh/control/routes.py \

@@ -12,6 +12,15 @@ never exposes a WireGuard session. Wire format (one UDP datagram)::
     MAGIC (7) | sender disco public key (32) | nonce (24) | box (16 + plaintext)
     plaintext = type (1) | version (1) | sender timestamp ms (8, big-endian) | body
 
+Path MTU probes (:mod:`wgmesh.pmtu`) are pings with zero padding after the body;
+the pong to a padded ping appends the length of the datagram the ping arrived in
+(2 bytes), which confirms the size got through whole. A pong is never padded, so
+it is always smaller than the ping it answers (:data:`PONG_LEN` < :data:`PING_LEN`):
+padding buys a sender no amplification. The format stays compatible: unpadded
+pings and their pongs are byte for byte what they were, and an old node drops a
+padded ping as malformed, so probing it just finds nothing. A pong through the
+relay saw no address and says :data:`NO_ADDR`.
+
 ``MAGIC`` is ``b"wgm"`` + the UTF-8 speech balloon. Its first byte (0x77) is not
 a WireGuard message type (1..4 followed by three zero bytes) and has the top
 bits 01, so it is never STUN either (STUN needs 00 there and the magic cookie
@@ -50,6 +59,10 @@ __all__ = [
     "BPF_WORD",
     "MAGIC",
     "MAX_ENDPOINTS",
+    "MAX_PADDING",
+    "NO_ADDR",
+    "PING_LEN",
+    "PONG_LEN",
     "REPLAY_WINDOW",
     "Addr",
     "CallMeMaybe",
@@ -80,6 +93,14 @@ MAX_NONCES_PER_SENDER = 2048
 _MAX_BOXES = 4096
 
 T_PING, T_PONG, T_CALL_ME_MAYBE = 1, 2, 3
+_SIZE = struct.Struct("!H")
+#: Datagram lengths of an unpadded ping and of any pong (with its size field).
+PING_LEN = HEADER_LEN + MAC_LEN + _PLAIN_HDR.size + TXID_LEN + KEY_LEN
+PONG_LEN = HEADER_LEN + MAC_LEN + _PLAIN_HDR.size + TXID_LEN + _ADDR_LEN + _SIZE.size
+#: Probes stop at a 9000-byte jumbo datagram; a bigger "ping" is malformed.
+MAX_PADDING = 9000 - PING_LEN
+#: The source a pong through the relay reports: none was seen.
+NO_ADDR: Addr = ("::", 0)
 
 #: CallMeMaybe flags. The sender's NAT maps each destination to a new port.
 FLAG_HARD_NAT = 0x01
@@ -108,12 +129,16 @@ def sender_of(data: bytes) -> Key | None:
 class Ping:
     txid: bytes
     node_key: Key  # the sender's WireGuard key: the receiver checks it matches the disco key
+    #: Zero bytes after the body: a path MTU probe of ``PING_LEN + padding`` bytes.
+    padding: int = 0
 
 
 @attrs.frozen
 class Pong:
     txid: bytes
-    src: Addr  # where the ping came from, as the pinged node saw it
+    src: Addr  # where the ping came from, as the pinged node saw it (NO_ADDR: relay)
+    #: The length of the padded ping's datagram, as it arrived (0: an unpadded ping's pong).
+    size: int = 0
 
 
 @attrs.frozen
@@ -141,20 +166,32 @@ def _unpack_addr(raw: bytes) -> Addr | None:
 
 def _encode_body(msg: Message) -> tuple[int, bytes]:
     if isinstance(msg, Ping):
-        return T_PING, msg.txid + msg.node_key.raw
+        if not 0 <= msg.padding <= MAX_PADDING:
+            raise ValueError(f"padding 0..{MAX_PADDING}")
+        return T_PING, msg.txid + msg.node_key.raw + bytes(msg.padding)
     if isinstance(msg, Pong):
-        return T_PONG, msg.txid + _pack_addr(msg.src)
+        if not msg.size:
+            return T_PONG, msg.txid + _pack_addr(msg.src)
+        if not PING_LEN < msg.size <= PING_LEN + MAX_PADDING:
+            raise ValueError("a pong's size is a padded ping's length")
+        return T_PONG, msg.txid + _pack_addr(msg.src) + _SIZE.pack(msg.size)
     if len(msg.endpoints) > MAX_ENDPOINTS:
         raise ValueError(f"at most {MAX_ENDPOINTS} endpoints")
     return T_CALL_ME_MAYBE, bytes([msg.flags]) + b"".join(_pack_addr(a) for a in msg.endpoints)
 
 
 def _decode_body(mtype: int, body: bytes) -> Message | None:
-    if mtype == T_PING and len(body) == TXID_LEN + KEY_LEN:
-        return Ping(body[:TXID_LEN], Key.from_raw(body[TXID_LEN:]))
+    if mtype == T_PING and TXID_LEN + KEY_LEN <= len(body) <= TXID_LEN + KEY_LEN + MAX_PADDING:
+        return Ping(body[:TXID_LEN], Key.from_raw(body[TXID_LEN:TXID_LEN + KEY_LEN]),
+                    len(body) - TXID_LEN - KEY_LEN)
     if mtype == T_PONG and len(body) == TXID_LEN + _ADDR_LEN:
         src = _unpack_addr(body[TXID_LEN:])
         return None if src is None else Pong(body[:TXID_LEN], src)
+    if mtype == T_PONG and len(body) == TXID_LEN + _ADDR_LEN + _SIZE.size:
+        (size,) = _SIZE.unpack_from(body, TXID_LEN + _ADDR_LEN)
+        src = _unpack_addr(body[TXID_LEN:TXID_LEN + _ADDR_LEN]) or NO_ADDR
+        return Pong(body[:TXID_LEN], src, size) if PING_LEN < size <= PING_LEN + MAX_PADDING \
+            else None
     if mtype == T_CALL_ME_MAYBE and len(body) % _ADDR_LEN == 1:
         addrs = [_unpack_addr(body[i:i + _ADDR_LEN]) for i in range(1, len(body), _ADDR_LEN)]
         if len(addrs) > MAX_ENDPOINTS or None in addrs:

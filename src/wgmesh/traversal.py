@@ -74,7 +74,7 @@ from typing import Literal
 
 import attrs
 
-from wgmesh import disco
+from wgmesh import disco, pmtu
 from wgmesh.disco import FLAG_HARD_NAT, FLAG_MANY_PORTS, FLAG_PORT_SEARCH, FLAG_REPLY, Addr
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.netmap import Endpoint
@@ -184,6 +184,10 @@ class TraversalConfig:
     #: After a miss the next try waits this long, doubling per miss up to reprobe_interval.
     search_retry: float = 2.0
     max_candidates: int = 128
+    #: Path MTU rounds (:mod:`wgmesh.pmtu`): how often each path is measured again, and
+    #: how long a round waits for its pongs. A new direct path is measured at once.
+    mtu_interval: float = 300.0
+    mtu_timeout: float = 2.0
 
     @classmethod
     def kernel(cls, **kw: object) -> TraversalConfig:
@@ -318,6 +322,16 @@ class LocalInfo:
     hard_nat: bool = False
     #: False when netcheck got no UDP answer at all (then only the relay works).
     udp: bool = True
+    #: The interface MTU the user set: path MTU probes go no higher.
+    mtu: int = 1420
+    #: Prefixes our own routing sends into the tunnel (peers' addresses, accepted subnet
+    #: routes): a candidate inside one would carry WireGuard inside WireGuard (a router's
+    #: LAN address, once we route its LAN through it), so none is ever made.
+    tunneled: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def in_tunnel(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        return any(addr in n for n in self.tunneled if n.version == addr.version)
     _next_sock: int = 1
 
     def alloc_socks(self, n: int) -> tuple[int, ...]:
@@ -466,6 +480,14 @@ class PathInfo:
     reason: str = ""
     tried: tuple[TriedCandidate, ...] = ()
     pinned: str | None = None
+    #: Measured path MTUs (tunnel bytes; None: not known) of the direct path and the relay.
+    mtu_direct: int | None = None
+    mtu_relay: int | None = None
+
+    @property
+    def mtu(self) -> int | None:
+        """The MTU of the path in use now."""
+        return self.mtu_direct if self.state is PathState.DIRECT else self.mtu_relay
 
 
 REASON_DIRECT = "direct"
@@ -545,6 +567,12 @@ class PeerPath:
         self._rounds_done = 0
         #: The user's pin: "direct", "relay" or None.
         self.pinned: str | None = None
+        self.mtu_direct = pmtu.PathMtu(interval=cfg.mtu_interval, timeout=cfg.mtu_timeout)
+        # The relay is a TCP stream: a probe is carried or refused whole, never lost alone.
+        self.mtu_relay = pmtu.PathMtu(interval=cfg.mtu_interval, timeout=cfg.mtu_timeout,
+                                      copies=1)
+        self.mtu_relay.next_round = now + cfg.round_duration  # after the first round
+        self._mtu_path: CandKey | None = None  # the direct path mtu_direct measures
 
     # ---- queries ------------------------------------------------------------------
     def info(self) -> PathInfo:
@@ -555,7 +583,9 @@ class PeerPath:
             "no answer" if k.last_ping is not None else "not tried")
             for k in self._cands.values())
         return PathInfo(self.state, c.addr if c else None, c.sock if c else 0,
-                        c.rtt if c else None, self.since, self.reason(), tried, self.pinned)
+                        c.rtt if c else None, self.since, self.reason(), tried, self.pinned,
+                        self.mtu_direct.mtu if self._mtu_path == self.best else None,
+                        self.mtu_relay.mtu)
 
     def reason(self) -> str:
         """Why the path is what it is, from what this side knows (see ``REASON_*``)."""
@@ -614,6 +644,9 @@ class PeerPath:
             t.append(self._close_socks_at)
         if self._pending_deadline is not None:
             t.append(self._pending_deadline)
+        t.append(self.mtu_relay.next_wakeup())
+        if self.state is PathState.DIRECT:
+            t.append(self.mtu_direct.next_wakeup() if self._mtu_path == self.best else 0.0)
         best = self._cands.get(self.best) if self.best else None
         if best is not None:
             dead = best.dead_at(self.cfg)
@@ -631,6 +664,9 @@ class PeerPath:
         k = (sock, addr)
         c = self._cands.get(k)
         if c is None:
+            if self.local.in_tunnel(addr[0]):
+                self.counters["drop_tunneled_candidate"] += 1
+                return None
             if len(self._cands) >= self.cfg.max_candidates:
                 self.counters["drop_too_many_candidates"] += 1
                 return None
@@ -721,15 +757,42 @@ class PeerPath:
     def on_traffic(self, now: float) -> None:
         self._last_active = now
 
+    # ---- path MTU -----------------------------------------------------------------
+    def _mtu_probes(self, now: float) -> list[_Out]:
+        """A round of padded pings on each path that is due: the relay always, the direct
+        path while it is the one in use (a new endpoint is a new path, measured at once)."""
+        out: list[_Out] = []
+        self.mtu_relay.tick(now)
+        if self.mtu_relay.due(now):
+            out += [RelayOut(disco.Ping(txid, self.local.node_key, pad))
+                    for txid, pad in self.mtu_relay.start(now, self.local.mtu, self.new_txid)]
+        c = self._cands.get(self.best) if self.best else None
+        if self.state is not PathState.DIRECT or c is None:
+            return out
+        if self._mtu_path != self.best:
+            self._mtu_path = self.best
+            self.mtu_direct.reset()
+        self.mtu_direct.tick(now)
+        if self.mtu_direct.due(now):
+            out += [DiscoOut(c.addr, c.sock, disco.Ping(txid, self.local.node_key, pad))
+                    for txid, pad in self.mtu_direct.start(now, self.local.mtu, self.new_txid)]
+        return out
+
+    def on_relay_pong(self, pong: disco.Pong) -> None:
+        if not self.mtu_relay.on_pong(pong.txid, pong.size):
+            self.counters["drop_stray_relay_pong"] += 1
+
     # ---- disco input --------------------------------------------------------------
-    def on_ping(self, src: Addr, sock: int, txid: bytes, now: float) -> list[_Out]:
+    def on_ping(self, src: Addr, sock: int, txid: bytes, now: float, size: int = 0
+                ) -> list[_Out]:
+        """``size``: a padded ping's datagram length, which the pong confirms."""
         if self.pinned == "relay":
             # No pong: the peer must not find a direct path either, or it would stop
             # taking our packets from the relay (relay ingress off on a direct path).
             self.counters["ping_ignored_pinned"] += 1
             return []
         src = norm(src)
-        out: list[_Out] = [DiscoOut(src, sock, disco.Pong(txid, src))]
+        out: list[_Out] = [DiscoOut(src, sock, disco.Pong(txid, src, size))]
         c = self._cand(src, sock, "peer")
         # Their ping means their NAT is open to us now, so our earlier ping was likely
         # dropped: ping back at once (throttled, in case they ping in a burst).
@@ -741,6 +804,8 @@ class PeerPath:
 
     def on_pong(self, src: Addr, sock: int, pong: disco.Pong, now: float) -> list[_Out]:
         src = norm(src)
+        if self.mtu_direct.on_pong(pong.txid, pong.size):
+            return []
         p = self._pending.get(pong.txid)
         if p is None:
             self.counters["drop_stray_pong"] += 1
@@ -1018,7 +1083,7 @@ class PeerPath:
                 return out + self._to_relay(now, "no-handshake") + self._select(now)
             if self._active(now) and now >= self._heartbeat_due(best):
                 out.append(self._ping(best, now))
-        return out
+        return out + self._mtu_probes(now)
 
     def _suspect_at(self, best: _Cand) -> float | None:
         """When the best path's unanswered ping makes it suspect (None: not pending, or
@@ -1036,6 +1101,12 @@ class PeerPath:
             return out + alt
         return [*out, RefreshCandidates(f"path to {self.key.short()} lost"),
                 *self.kick(now, "lost")]
+
+    def drop_tunneled(self) -> None:
+        """Forget candidates that our routing now sends into the tunnel (not the path in
+        use: that one answered over the underlay, so it is not inside)."""
+        for k in [k for k in self._cands if k != self.best and self.local.in_tunnel(k[1][0])]:
+            del self._cands[k]
 
     def close(self) -> list[_Out]:
         """The peer is gone: release its extra sockets."""
@@ -1122,6 +1193,13 @@ class Traversal:
             return []
         return [a for p in self.peers.values() for a in self._wire(p, p.kick(now, "local"))]
 
+    def set_tunneled(self, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+                     ) -> None:
+        """The prefixes our routing sends into the tunnel (see :attr:`LocalInfo.tunneled`)."""
+        self.local.tunneled = tuple(n for n in nets if n.prefixlen)
+        for p in self.peers.values():
+            p.drop_tunneled()
+
     def network_changed(self, now: float) -> list[Action]:
         """Interfaces or routes changed: re-STUN and re-probe everyone."""
         out: list[Action] = [RefreshCandidates("network changed")]
@@ -1151,7 +1229,8 @@ class Traversal:
             if msg.node_key != node:
                 self.counters["drop_node_key_mismatch"] += 1
                 return []
-            return self._wire(peer, peer.on_ping(src, sock, msg.txid, now))
+            return self._wire(peer, peer.on_ping(src, sock, msg.txid, now,
+                                                 len(data) if msg.padding else 0))
         if isinstance(msg, disco.Pong):
             return self._wire(peer, peer.on_pong(src, sock, msg, now))
         return self._wire(peer, peer.on_call_me_maybe(msg, now))
@@ -1167,10 +1246,16 @@ class Traversal:
         if self._by_disco.get(sender) != src_node or src_node not in self.peers:
             self.counters["drop_relay_sender_mismatch"] += 1
             return []
+        peer = self.peers[src_node]
+        if isinstance(msg, disco.Ping) and msg.padding and msg.node_key == src_node:
+            # A relay path MTU probe: the answer goes back the same way.
+            return self._wire(peer, [RelayOut(disco.Pong(msg.txid, disco.NO_ADDR, len(data)))])
+        if isinstance(msg, disco.Pong):
+            peer.on_relay_pong(msg)
+            return []
         if not isinstance(msg, disco.CallMeMaybe):
             self.counters["drop_relay_not_cmm"] += 1
             return []
-        peer = self.peers[src_node]
         return self._wire(peer, peer.on_call_me_maybe(msg, now))
 
     def on_wg_stats(self, node_key: Key, now: float, endpoint: Addr | _Relay | None,

@@ -21,8 +21,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 PKG = SRC / "wgmesh"
 
 #: sans-I/O cores: bytes, events and a clock in; bytes and actions out.
-CORES = ["wgmesh.netmap", "wgmesh.traversal", "wgmesh.relay", "wgmesh.stun", "wgmesh.disco",
-         "wgmesh.wireguard.noise", "wgmesh.wireguard.session", "wgmesh.wireguard.filter",
+CORES = ["wgmesh.netmap", "wgmesh.traversal", "wgmesh.pmtu", "wgmesh.relay", "wgmesh.stun",
+         "wgmesh.disco", "wgmesh.wireguard.noise", "wgmesh.wireguard.session", "wgmesh.wireguard.filter",
          "wgmesh.control.world", "wgmesh.control.policy", "wgmesh.drop.protocol", "wgmesh.lock",
          "wgmesh.portmap", "wgmesh.control.envelope", "wgmesh.control.routes"]
 IO_MODULES = {"asyncio", "socket", "subprocess", "threading", "selectors", "select"}
@@ -31,8 +31,8 @@ CLOCK_READS = {("time", "time"), ("time", "monotonic"), ("time", "perf_counter")
                ("datetime", "utcnow"), ("date", "today")}
 #: The product: none of it may import the lab or the CLI.
 PRODUCT = ("wgmesh.node", "wgmesh.control", "wgmesh.relaynet", "wgmesh.wireguard",
-           "wgmesh.drop", "wgmesh.relay", "wgmesh.netmap", "wgmesh.traversal", "wgmesh.stun",
-           "wgmesh.disco", "wgmesh.keys", "wgmesh.errors", "wgmesh.display", "wgmesh.lock",
+           "wgmesh.drop", "wgmesh.relay", "wgmesh.netmap", "wgmesh.traversal", "wgmesh.pmtu",
+           "wgmesh.stun", "wgmesh.disco", "wgmesh.keys", "wgmesh.errors", "wgmesh.display", "wgmesh.lock",
            "wgmesh.portmap", "wgmesh.urls",
            "wgmesh.loopthread")
 

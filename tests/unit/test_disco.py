@@ -39,9 +39,13 @@ ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).filter(lambda ip: ip.ipv4_mapped is None).map(str)
 addrs = st.tuples(st.one_of(ipv4, ipv6), st.integers(1, 65535))
 txids = st.binary(min_size=12, max_size=12)
+keys = st.binary(min_size=32, max_size=32).map(Key.from_raw)
+paddings = st.one_of(st.integers(0, 1600), st.just(disco.MAX_PADDING))
+sizes = st.integers(disco.PING_LEN + 1, disco.PING_LEN + disco.MAX_PADDING)
 messages = st.one_of(
-    st.builds(Ping, txids, st.binary(min_size=32, max_size=32).map(Key.from_raw)),
+    st.builds(Ping, txids, keys, paddings),
     st.builds(Pong, txids, addrs),
+    st.builds(Pong, txids, st.one_of(addrs, st.just(disco.NO_ADDR)), sizes),
     st.builds(CallMeMaybe, st.lists(addrs, max_size=disco.MAX_ENDPOINTS).map(tuple),
               st.integers(0, 255)),
 )
@@ -54,6 +58,50 @@ def test_round_trip(msg: disco.Message) -> None:
     wire = a.seal(B.public, msg)
     assert is_disco(wire)
     assert b.open(wire) == (A.public, msg)
+
+
+@given(txids, keys, paddings, addrs)
+@settings(max_examples=150, deadline=None)
+def test_a_pong_is_never_larger_than_the_ping_it_answers(txid: bytes, key: Key, padding: int,
+                                                          src: disco.Addr) -> None:
+    """Padding buys no amplification: the answer to any ping, padded or not, is smaller,
+    and it reports the padded ping's length as it arrived."""
+    a, b = pair()
+    ping = a.seal(B.public, Ping(txid, key, padding))
+    assert len(ping) == disco.PING_LEN + padding
+    got = b.open(ping)
+    assert got is not None and got[1] == Ping(txid, key, padding)
+    pong = b.seal(A.public, Pong(txid, src, len(ping) if padding else 0))
+    assert len(pong) < len(ping)
+    assert a.open(pong) == (B.public, Pong(txid, src, len(ping) if padding else 0))
+
+
+def test_unpadded_ping_and_its_pong_keep_the_old_wire_format() -> None:
+    """An old node reads only exact lengths: an unpadded ping's body is txid + node key
+    (44 bytes), a plain pong's txid + address (30): nothing was appended to either."""
+    a, _ = pair()
+    assert len(a.seal(B.public, Ping(new_txid(), A.public))) == disco.PING_LEN
+    plain_pong = a.seal(B.public, Pong(new_txid(), ("192.0.2.1", 9)))
+    assert len(plain_pong) == disco.PONG_LEN - 2
+    overhead = disco.HEADER_LEN + disco.MAC_LEN + 10
+    assert (disco.PING_LEN - overhead, len(plain_pong) - overhead) == (44, 30)
+
+
+def test_padding_and_sizes_out_of_range_are_refused() -> None:
+    a, b = pair()
+    for bad in (Ping(new_txid(), A.public, disco.MAX_PADDING + 1), Ping(new_txid(), A.public, -1),
+                Pong(new_txid(), ("192.0.2.1", 9), disco.PING_LEN),
+                Pong(new_txid(), ("192.0.2.1", 9), 70000)):
+        with pytest.raises(ValueError):
+            a.seal(B.public, bad)
+    box = a._box(B.public)
+    for plain in (struct.pack("!BBQ", 1, 0, 0) + bytes(44 + disco.MAX_PADDING + 1),
+                  struct.pack("!BBQ", 2, 0, 0) + bytes(30) + struct.pack("!H", 10),
+                  struct.pack("!BBQ", 2, 0, 0) + bytes(31)):
+        nonce = os.urandom(disco.NONCE_LEN)
+        assert b.open(MAGIC + A.public.raw + nonce + box.encrypt(plain, nonce).ciphertext) \
+            is None
+    assert b.counters["drop_malformed"] == 3
 
 
 def test_ipv4_mapped_addresses_come_back_as_ipv4() -> None:
@@ -194,8 +242,10 @@ def test_fuzz_open_never_raises(data: bytes) -> None:
     assert b.open(MAGIC + data) is None
 
 
-@given(st.binary(min_size=0, max_size=200), st.integers(0, 255))
-@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(min_size=0, max_size=200),
+                 st.binary(min_size=40, max_size=50).map(lambda b: b + bytes(1400))),
+       st.one_of(st.integers(0, 255), st.sampled_from([1, 2])))
+@settings(max_examples=300, deadline=None)
 def test_fuzz_authenticated_garbage_never_raises(body: bytes, mtype: int) -> None:
     """Even a peer holding a valid key cannot crash the parser."""
     a, b = pair()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 
@@ -52,8 +53,9 @@ def make(cfg: TraversalConfig | None = None, endpoints=(PUB4,)) -> PeerPath:
 
 
 def pings(out: list) -> dict[tuple[int, tuple[str, int]], bytes]:
+    """Path pings (not the padded path MTU probes) by socket and address."""
     return {(o.sock, o.addr): o.msg.txid for o in out
-            if isinstance(o, DiscoOut) and isinstance(o.msg, disco.Ping)}
+            if isinstance(o, DiscoOut) and isinstance(o.msg, disco.Ping) and not o.msg.padding}
 
 
 def answer(p: PeerPath, out: list, addr: tuple[str, int], at: float, sock: int = 0) -> list:
@@ -193,7 +195,8 @@ def test_reprobe_every_minute_forever() -> None:
     while t < 3600:
         t = p.next_wakeup()
         out = p.tick(t)
-        rounds += any(isinstance(o, RelayOut) for o in out)
+        rounds += any(isinstance(o, RelayOut) and isinstance(o.msg, disco.CallMeMaybe)
+                      for o in out)
     assert 59 <= rounds <= 61
 
 
@@ -454,3 +457,22 @@ def test_fuzzed_event_sequences_keep_the_invariants(kernel: bool, events: list) 
         if wake <= now:  # something is due: ticking it must move the timers on
             p.tick(now)
             assert p.next_wakeup() > now
+
+
+def test_addresses_our_routing_sends_into_the_tunnel_are_never_candidates() -> None:
+    """A router's LAN address, once we route its LAN through it, or a peer's tunnel address:
+    probing it would put disco (and then WireGuard) inside WireGuard."""
+    a, b, _ka, kb = nodes()
+    a.upsert_peer(kb.public, b.disco_public, [PUB4, ("198.18.0.1", 41641)], 0.0)
+    assert {addr for _s, addr, _r in a.peers[kb.public].candidates()} == {
+        PUB4, ("198.18.0.1", 41641)}
+    a.set_tunneled([ipaddress.ip_network("198.18.0.0/24"), ipaddress.ip_network("100.64.0.2/32"),
+                    ipaddress.ip_network("0.0.0.0/0")])  # an exit node's /0 is not "inside"
+    assert [addr for _s, addr, _r in a.peers[kb.public].candidates()] == [PUB4]
+    p = a.peers[kb.public]
+    out = p.on_call_me_maybe(disco.CallMeMaybe((("198.18.0.1", 41641), PUB6)), 1.0)
+    out += p.on_ping(("100.64.0.2", 41641), 0, new_txid(), 1.0)
+    assert {addr for _s, addr, _r in p.candidates()} == {PUB4, PUB6}
+    assert p.counters["drop_tunneled_candidate"] == 2
+    assert ("198.18.0.1", 41641) not in {o.addr for o in out if isinstance(o, DiscoOut)
+                                         and not isinstance(o.msg, disco.Pong)}

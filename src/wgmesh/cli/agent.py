@@ -90,9 +90,12 @@ def _status(a: argparse.Namespace) -> int:
     if st.get("state", "running") != "running":
         print(f"{st['state']}: {st['state_reason']}")
     routes = st.get("routes") or {}
-    if st.get("mtu") not in (None, DEFAULT_MTU) or routes.get("advertised") \
-            or routes.get("accept_routes") or routes.get("exit_node"):
-        print(f"mtu {st.get('mtu')}  advertising {','.join(routes.get('advertised', [])) or '-'}"
+    mtu = st.get("mtu")
+    if st.get("interface_mtu") not in (None, mtu):
+        mtu = f"{st['interface_mtu']} (asked {mtu}, lowered to the narrowest path)"
+    if st.get("mtu") not in (None, DEFAULT_MTU) or mtu != st.get("mtu") \
+            or routes.get("advertised") or routes.get("accept_routes") or routes.get("exit_node"):
+        print(f"mtu {mtu}  advertising {','.join(routes.get('advertised', [])) or '-'}"
               f"  accept routes {'yes' if routes.get('accept_routes') else 'no'}  exit node "
               f"{routes.get('exit_active') or routes.get('exit_node') or '-'}")
     if st.get("control_rejected"):

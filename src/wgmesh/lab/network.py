@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -602,6 +603,18 @@ class Lab:
             host = Host(self, name, ns, f"{prefix}.10")
             self.hosts[name] = host
             return host
+
+    def set_link_mtu(self, host: Host, mtu: int) -> None:
+        """Narrow ``host``'s uplink (its ``eth0`` and the port it plugs into: the internet
+        bridge, or its NAT router's LAN) to ``mtu``, as a tunnel or PPPoE link on the way
+        would. A datagram with DF that does not fit is dropped; one without DF is
+        fragmented by the host (or, towards the host, by the bridge)."""
+        upstream = host.nat.ns if host.nat is not None else self.internet.ns
+        eth0 = json.loads(_sh(["ip", "-n", host.ns, "-j", "link", "show", "eth0"]).stdout)[0]
+        links = json.loads(_sh(["ip", "-n", upstream, "-j", "link", "show"]).stdout)
+        port = next(link["ifname"] for link in links if link["ifindex"] == eth0["link_index"])
+        self._ip(host.ns, "link", "set", "eth0", "mtu", str(mtu))
+        self._ip(upstream, "link", "set", port, "mtu", str(mtu))
 
     # ---- processes --------------------------------------------------------------------
     def run(self, host: Host, argv: Sequence[str], *, check: bool = True, timeout: float = 60,

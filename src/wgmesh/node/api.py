@@ -43,7 +43,14 @@ from wgmesh.node.meshlock import NodeLock
 from wgmesh.node.names import MeshNames
 from wgmesh.node.routes import FWMARK, Routing
 from wgmesh.node.state import StateDir
-from wgmesh.node.status import PeerStatus, PingResult, Status, path_reason, tried_json
+from wgmesh.node.status import (
+    PeerStatus,
+    PingResult,
+    Status,
+    path_mtu_json,
+    path_reason,
+    tried_json,
+)
 from wgmesh.wireguard.backend import DEFAULT_MTU
 from wgmesh.wireguard.netns import enter as enter_netns
 
@@ -284,7 +291,7 @@ class AsyncNode:
                                    on_path_changed=self._on_path_changed,
                                    on_candidates_stale=self._on_candidates_stale,
                                    on_observed=self._on_observed,
-                                   on_pin_failed=self._on_pin_failed)
+                                   on_pin_failed=self._on_pin_failed, mtu=self.mtu)
         self.dataplane.start()
         self.candidates = Candidates(backend.listen_port)
         self._start_portmapper(backend.listen_port)
@@ -408,6 +415,7 @@ class AsyncNode:
         desired = [PeerConfig(p.node_key, self.routing.allowed_ips(p, exit_id), None,
                               backend.keepalive)
                    for p in visible.values()]
+        dataplane.set_tunneled([n for d in desired for n in d.allowed_ips])
         # Relayed peers keep the endpoint the data plane gave them.
         try:
             backend.set_peers(self._keep_endpoints(backend, desired))
@@ -648,7 +656,7 @@ class AsyncNode:
                     via_portmap=bool(path and path.path == "direct"
                                      and self._via_portmap(p, path.endpoint)),
                     reason=path_reason(info, p.online), candidates=tried_json(info),
-                    pinned=pin))
+                    pinned=pin, path_mtu=path_mtu_json(info)))
         state, state_reason = self_state(me, time.time())
         return Status(
             name=me.name if me else self.hostname, ipv4=me.ipv4 if me else None,
@@ -661,7 +669,8 @@ class AsyncNode:
             endpoints=[str(e) for e in self.candidates.endpoints] if self.candidates else [],
             control_online=self.control_online, peers=peers, lock=self.lock.summary(),
             control_rejected=self.control_rejected, state=state, state_reason=state_reason,
-            mtu=self.mtu if self.backend else None, routes=self._routes_status())
+            mtu=self.mtu if self.backend else None, routes=self._routes_status(),
+            interface_mtu=self.dataplane.interface_mtu if self.dataplane else None)
 
     def resolve_name(self, name: str) -> list[str]:
         """The tunnel addresses of mesh name ``name`` (``peer`` or ``peer.DOMAIN``), from

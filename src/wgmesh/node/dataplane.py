@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import time
@@ -21,7 +22,7 @@ from collections.abc import Callable
 
 import attrs
 
-from wgmesh import disco, stun, traversal
+from wgmesh import disco, pmtu, stun, traversal
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key
 from wgmesh.node.netcheck import NetcheckProbe, NetcheckReport, StunServer, local_addresses
@@ -54,12 +55,17 @@ class DataPlane:
                  on_path_changed: Callable[[Key, PeerPathStatus], None] | None = None,
                  on_candidates_stale: Callable[[str], None] | None = None,
                  on_observed: Callable[[Addr], None] | None = None,
-                 on_pin_failed: Callable[[Key, str, str], None] | None = None) -> None:
+                 on_pin_failed: Callable[[Key, str, str], None] | None = None,
+                 mtu: int | None = None) -> None:
         self.backend = backend
         self.port = port
         self.relay = relay
         self.trav = trav
         self.paths: dict[Key, PeerPathStatus] = {}
+        #: The user's MTU (the ceiling), and the interface's now (lowered to fit the
+        #: narrowest measured path in use).
+        self.mtu = self.interface_mtu = mtu or trav.local.mtu
+        trav.local.mtu = self.mtu
         self._relay_ingress: dict[Key, bool] = {}
         self._probes: list[NetcheckProbe] = []  # running
         self._extra: dict[int, socket.socket] = {}
@@ -148,6 +154,10 @@ class DataPlane:
     def set_local(self, candidates: list[Addr], hard_nat: bool, udp: bool | None = None) -> None:
         self._do(self.trav.set_local(candidates, time.monotonic(), hard_nat=hard_nat, udp=udp))
 
+    def set_tunneled(self, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        """What our routing sends into the tunnel: never a candidate for a direct path."""
+        self.trav.set_tunneled(nets)
+
     def network_changed(self) -> None:
         self._do(self.trav.network_changed(time.monotonic()))
 
@@ -214,6 +224,26 @@ class DataPlane:
             ep = self.port.seen_endpoint(st.endpoint, self.paths[key].path)
             self._do(self.trav.on_wg_stats(key, now, ep, st.last_handshake, st.rx_bytes,
                                            st.tx_bytes))
+        self._sync_mtu()
+
+    def _sync_mtu(self) -> None:
+        """Set the interface MTU to what every peer's current path carries (paths not
+        measured yet, or whose peer cannot answer probes, count as the ceiling), never
+        above the user's MTU nor below IPv6's 1280. Packets bigger than a path are then
+        never made, so nothing depends on fragments or ICMP getting through."""
+        known = [i.mtu for k in self.paths
+                 if (i := self.trav.path(k)) is not None and i.mtu is not None]
+        want = min(self.mtu, max(pmtu.MIN_MTU, min(known, default=self.mtu)))
+        if want == self.interface_mtu:
+            return
+        try:
+            self.backend.set_mtu(want)
+        except Exception as e:  # a vanished interface must not kill the loop
+            log.warning("setting the interface MTU to %d failed: %s", want, e)
+            return
+        log.info("interface MTU %d -> %d (narrowest path in use; ceiling %d)",
+                 self.interface_mtu, want, self.mtu)
+        self.interface_mtu = want
 
     # ---- actions -------------------------------------------------------------------
     def _do(self, actions: list[traversal.Action]) -> None:

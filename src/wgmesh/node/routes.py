@@ -11,7 +11,11 @@
   --state-dir``) after ``kill -9``. So the host ends up exactly as it was.
 * :func:`enable_router`: a node advertising routes forwards (``ip_forward``) and, by
   default, masquerades what it forwards from the tunnel (``--snat-subnet-routes``), so
-  the hosts behind it need no route back to the mesh.
+  the hosts behind it need no route back to the mesh. It also clamps the MSS of TCP
+  SYNs it forwards into the tunnel to the interface MTU (which follows the narrowest
+  measured path, :mod:`wgmesh.pmtu`): hosts behind it know nothing of the tunnel and
+  would otherwise send segments that only fit after fragmentation, or an ICMP that a
+  firewall may eat.
 * :func:`route_via_exit`: wg-quick's recipe for a default route through the tunnel.
   Table ``EXIT_TABLE`` holds the default routes via the interface; rules send everything
   not carrying ``FWMARK`` there, after ``suppress_prefixlength 0`` lets the main table's
@@ -156,6 +160,12 @@ def enable_router(journal: Journal, ifname: str, routes: Sequence[str],
         journal.sysctl("net.ipv4.ip_forward", "1")
     if v6:
         journal.sysctl("net.ipv6.conf.all.forwarding", "1")
+    mss = f"wgmesh_mss_{ifname.replace('-', '_')}"
+    journal.nft_table("inet", mss, "\n".join([
+        f"table inet {mss} {{", "  chain forward {",
+        "    type filter hook forward priority mangle; policy accept;",
+        f'    oifname "{ifname}" tcp flags syn tcp option maxseg size set rt mtu',
+        "  }", "}"]) + "\n")
     if not snat:
         return
     table = f"wgmesh_nat_{ifname.replace('-', '_')}"

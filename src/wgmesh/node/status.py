@@ -15,7 +15,7 @@ from wgmesh.display import html_table, text_table
 from wgmesh.node.netcheck import format_addr
 from wgmesh.traversal import REASON_OFFLINE, PathInfo, PathState
 
-__all__ = ["PeerStatus", "PingResult", "Status", "path_reason", "tried_json"]
+__all__ = ["PeerStatus", "PingResult", "Status", "path_mtu_json", "path_reason", "tried_json"]
 
 
 def _ago(ts: float | None) -> str | None:
@@ -41,6 +41,13 @@ def tried_json(info: PathInfo | None) -> list[dict[str, Any]]:
     return [{"endpoint": format_addr(c.addr), "socket": c.sock, "sources": list(c.sources),
              "rtt_ms": None if c.rtt is None else round(c.rtt * 1e3, 2), "result": c.result}
             for c in info.tried]
+
+
+def path_mtu_json(info: PathInfo | None) -> dict[str, int | None]:
+    """The measured MTU of the direct path (None when there is none or it is not
+    measured yet) and of the relay path."""
+    return {"direct": info.mtu_direct if info else None,
+            "relay": info.mtu_relay if info else None}
 
 
 @attrs.frozen
@@ -69,6 +76,13 @@ class PeerStatus:
     reason: str = ""
     candidates: list[dict[str, Any]] = attrs.field(factory=list)
     pinned: str | int | None = None
+    #: Path MTU (tunnel bytes) found by padded disco pings: {"direct": ..., "relay": ...}.
+    path_mtu: dict[str, int | None] = attrs.field(factory=dict)
+
+    @property
+    def mtu(self) -> int | None:
+        """The measured MTU of the path in use."""
+        return self.path_mtu.get("direct" if self.path == "direct" else "relay")
 
     @property
     def via(self) -> str:
@@ -81,7 +95,7 @@ class PeerStatus:
     def row(self) -> dict[str, Any]:
         return {"peer": self.name, "address": self.ipv4, "path": self.via,
                 "latency": None if self.rtt_ms is None else f"{self.rtt_ms:.1f} ms",
-                "handshake": _ago(self.last_handshake), "rx": self.rx_bytes,
+                "mtu": self.mtu, "handshake": _ago(self.last_handshake), "rx": self.rx_bytes,
                 "tx": self.tx_bytes}
 
     def explain(self) -> str:
@@ -104,7 +118,7 @@ class PeerStatus:
         return "\n".join(lines)
 
 
-PEER_COLUMNS = ["peer", "address", "path", "latency", "handshake", "rx", "tx"]
+PEER_COLUMNS = ["peer", "address", "path", "latency", "mtu", "handshake", "rx", "tx"]
 
 
 @attrs.frozen
@@ -127,10 +141,12 @@ class Status:
     #: running, pending (awaiting approval) or expired; ``state_reason`` says more.
     state: str = "running"
     state_reason: str = ""
-    #: The interface MTU.
+    #: The interface MTU the user asked for (``--mtu``): the ceiling.
     mtu: int | None = None
     #: Subnet routes and exit node: advertised, accept_routes, exit_node, exit_active.
     routes: dict[str, Any] | None = None
+    #: The interface MTU now: lowered below ``mtu`` to the narrowest measured path in use.
+    interface_mtu: int | None = None
 
     def peer(self, name_or_ip: str) -> PeerStatus | None:
         return next((p for p in self.peers if name_or_ip in (p.name, p.ipv4, p.ipv6)), None)

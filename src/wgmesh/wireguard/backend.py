@@ -195,6 +195,9 @@ class Backend(Protocol):
     def up(self, config: InterfaceConfig) -> None:
         """Create (or adopt) the interface, set key, port, addresses, MTU, and bring it up."""
 
+    def set_mtu(self, mtu: int) -> None:
+        """Change the running interface's MTU (a peer's path turned out narrower)."""
+
     def down(self) -> None:
         """Destroy the interface, remove its filter and release every resource."""
 

@@ -450,6 +450,9 @@ class KernelBackend:
         self._routes = self._installed_routes()
         self._sync_routes()
 
+    def set_mtu(self, mtu: int) -> None:
+        self._call(lambda: self._ipr.link("set", index=self._ifindex, mtu=mtu))
+
     def down(self) -> None:
         """Delete the interface (its routes and addresses go with it), then its filter."""
         def _down() -> None:

@@ -73,10 +73,13 @@ class Tun:
     def configure(self, mtu: int, addresses: Iterable[ipaddress.IPv4Interface
                                                      | ipaddress.IPv6Interface] = ()) -> None:
         """Set MTU and addresses, and bring the link up."""
-        _ip("link", "set", "dev", self.name, "mtu", str(mtu))
+        self.set_mtu(mtu)
         for a in addresses:
             _ip("addr", "replace", str(a), "dev", self.name)
         _ip("link", "set", "dev", self.name, "up")
+
+    def set_mtu(self, mtu: int) -> None:
+        _ip("link", "set", "dev", self.name, "mtu", str(mtu))
 
     def sync_routes(self, want: set[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
         """Route exactly ``want`` (subnet routes of peers) into this interface; they go

@@ -83,6 +83,9 @@ SO_MARK = 36
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SOCKET_BUFFER = 4 << 20
 IP_PKTINFO = 8  # Linux; the socket module lacks it
+#: Linux: (level, option, DF always) per family, for disco's path MTU probes.
+_PMTUDISC_DO = {socket.AF_INET: (socket.IPPROTO_IP, 10, 2),
+                socket.AF_INET6: (socket.IPPROTO_IPV6, 23, 2)}
 # Room for UDP_GRO's segment size and the larger of in_pktinfo / in6_pktinfo.
 _CMSG_SPACE = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(20)
 _ZERO_KEY = bytes(32)
@@ -123,6 +126,7 @@ class UserspaceBackend:
         self._desired: dict[Key, PeerConfig] = {}
         self._addresses: tuple[IPInterface, ...] = ()
         self.io_errors = 0
+        self.gso_too_big = 0  # GSO batches sent one by one: segments over the path MTU
         self._gso = True
         self._inbuf = bytearray(1 << 16)
         self._inmv = memoryview(self._inbuf)[:65535]
@@ -277,7 +281,8 @@ class UserspaceBackend:
         """Dropped packets by reason (bad MAC, replay, unknown index, cookie replies sent,
         ...), plus socket/TUN errors: hostile input shows up here, never as exceptions."""
         with self._lock:
-            return {**self.device.drops, "io_errors": self.io_errors}
+            return {**self.device.drops, "io_errors": self.io_errors,
+                    "gso_too_big": self.gso_too_big}
 
     # ---- hooks for NAT traversal and the relay -------------------------------------
     def _other(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -288,8 +293,33 @@ class UserspaceBackend:
             cb(data, addr)
 
     def send_other(self, data: bytes, addr: tuple[str, int]) -> None:
-        """Send a non-WireGuard datagram (STUN, disco) from the WireGuard port."""
-        self._sendto(data, (str(addr[0]), int(addr[1])))
+        """Send a non-WireGuard datagram (STUN, disco) from the WireGuard port.
+
+        With DF and no local fragmentation (``IP_PMTUDISC_DO``): a path MTU probe
+        (:mod:`wgmesh.pmtu`) too large for a link on the way must die, not arrive in
+        pieces. WireGuard's own packets keep the socket's default (fragment rather than
+        drop), so the option is set only around this send."""
+        family = socket.AF_INET6 if ":" in str(addr[0]) else socket.AF_INET
+        s = self._socks.get(family)
+        level, opt, do = _PMTUDISC_DO[family]
+        try:
+            before = s.getsockopt(level, opt) if s is not None else None
+            if s is not None:
+                s.setsockopt(level, opt, do)
+        except OSError:
+            before = None
+        try:
+            self._sendto(data, (str(addr[0]), int(addr[1])))
+        finally:
+            if s is not None and before is not None:
+                with contextlib.suppress(OSError):
+                    s.setsockopt(level, opt, before)
+
+    def set_mtu(self, mtu: int) -> None:
+        with self._lock:
+            self.device.mtu = mtu
+        if self._tun is not None:
+            self._tun.set_mtu(mtu)
 
     def set_peer_relay(self, key: Key, send_fn: Callable[[bytes], object] | None) -> None:
         """Send ``key``'s WireGuard packets to ``send_fn(bytes)``; None returns to UDP."""
@@ -571,10 +601,17 @@ class UserspaceBackend:
                 self.io_errors += 1
                 return
             except OSError as e:
-                if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                if e.errno == errno.EMSGSIZE:
+                    # Segments larger than the path (our own link is narrower than the
+                    # interface MTU allows for): one by one, the kernel fragments them.
+                    # Dropping the batch would black-hole every bulk flow.
+                    self.gso_too_big += 1
+                elif e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT,
+                                     errno.EOPNOTSUPP):
                     self.io_errors += 1
                     return
-                self._gso = False  # no UDP GSO here: send one by one from now on
+                else:
+                    self._gso = False  # no UDP GSO here: send one by one from now on
         for off in range(0, used, seg):
             self._sendto(omv[off:min(off + seg, used)], dest)
 
