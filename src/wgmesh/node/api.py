@@ -661,7 +661,8 @@ class AsyncNode:
             endpoints=[str(e) for e in self.candidates.endpoints] if self.candidates else [],
             control_online=self.control_online, peers=peers, lock=self.lock.summary(),
             control_rejected=self.control_rejected, state=state, state_reason=state_reason,
-            mtu=self.mtu if self.backend else None, routes=self._routes_status())
+            mtu=self.mtu if self.backend else None, routes=self._routes_status(),
+            dns=self.names.status())
 
     def resolve_name(self, name: str) -> list[str]:
         """The tunnel addresses of mesh name ``name`` (``peer`` or ``peer.DOMAIN``), from

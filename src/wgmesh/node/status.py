@@ -131,6 +131,9 @@ class Status:
     mtu: int | None = None
     #: Subnet routes and exit node: advertised, accept_routes, exit_node, exit_active.
     routes: dict[str, Any] | None = None
+    #: Mesh DNS (None: not served): the domain and the system hook (resolved,
+    #: resolv.conf or none).
+    dns: dict[str, str] | None = None
 
     def peer(self, name_or_ip: str) -> PeerStatus | None:
         return next((p for p in self.peers if name_or_ip in (p.name, p.ipv4, p.ipv6)), None)
