@@ -22,7 +22,7 @@ apt-get install -y -qq --no-install-recommends \
     coturn iperf3 tcpdump bind9-dnsutils miniupnpd miniupnpc \
     postgresql prometheus openssl sqlite3 dbus-daemon dbus-system-bus-common \
     python3-venv python3-dev gcc >/dev/null
-sh scripts/fetch-resolved.sh
+sh "$(dirname "$0")/fetch-resolved.sh"
 # coturn, postgresql, miniupnpd and prometheus must not run as system services; tests start
 # their own.
 systemctl disable --now coturn postgresql miniupnpd prometheus >/dev/null 2>&1 || true

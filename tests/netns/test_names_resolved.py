@@ -87,6 +87,8 @@ def test_a_crashed_hook_on_a_lasting_interface_is_reverted(lab: Lab, tmp_path: P
 
 def test_split_dns_through_resolved_and_out_again_on_down_and_after_kill(
         lab: Lab, tmp_path: Path) -> None:
+    """The agent (``wgmesh up``, userspace) on a host where resolved runs, as issue 15
+    asks: hook "resolved" in status, mesh names by split DNS, the rest as before."""
     need("dig")
     upstream = _upstream(lab)
     mesh = MeshLab(lab, relays=1, control_args=["--mesh-domain", DOMAIN])
@@ -124,6 +126,8 @@ def test_split_dns_through_resolved_and_out_again_on_down_and_after_kill(
         wait_for(lambda: resolved.link("dns", ifname) == [a_ip], 40, "hooked in again")
         os.kill(a.proc.pid, signal.SIGKILL)
         a.proc.wait(10)
+        # the userspace interface died with the agent, and resolved forgot it with it
+        wait_for(lambda: a_ip not in resolved.everywhere("dns"), 10, "resolved to drop wga")
         a.restart()
         a.proc.wait_for_output("wgmesh up:", timeout=40)
         wait_for(lambda: _getent(lab, host, f"b.{DOMAIN}") == [b_ip], 20, "b after the crash")
@@ -133,7 +137,6 @@ def test_split_dns_through_resolved_and_out_again_on_down_and_after_kill(
         a.proc.wait(30)
         out_of_resolved()
         mesh.close()
-
 
 
 def test_resolved_on_the_host_but_not_answering_costs_the_hook_not_the_node(
@@ -160,6 +163,7 @@ def test_resolved_on_the_host_but_not_answering_costs_the_hook_not_the_node(
         assert "not hooked into systemd-resolved" in names.stderr
         assert f"nameserver {ME}" in resolv.read_text()
         names.stop()
+        assert resolv.read_text() == "nameserver 192.0.2.53\n"
         resolved.daemon.stop()
         assert (resolved.root / "run/systemd/resolve/io.systemd.Resolve").exists()
         names = serve()
