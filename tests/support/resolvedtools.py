@@ -112,32 +112,36 @@ def private_resolved(lab: Lab, host: Host, upstream: str, workdir: Path) -> Iter
     (workdir / "resolved.conf").write_text(f"[Resolve]\nDNS={upstream}\nFallbackDNS=\n")
     (workdir / "bus.conf").write_text(
         _BUS_CONF.format(policy=ROOT / "usr/share/dbus-1/system.d"))
-    holder = lab.spawn(host, ["unshare", "--mount", "--propagation", "private",
-                              "sh", "-c", _SETUP, "setup", str(workdir)])
+    started: list[Process] = []  # closed newest first, whatever happens
     try:
+        holder = lab.spawn(host, ["unshare", "--mount", "--propagation", "private",
+                                  "sh", "-c", _SETUP, "setup", str(workdir)])
+        started.append(holder)
         holder.wait_for_output("ready")
         host.mount_ns = f"/proc/{holder.pid}/ns/mnt"
         inside = Path(f"/proc/{holder.pid}/root")
         bus = lab.spawn(host, ["dbus-daemon", f"--config-file={workdir / 'bus.conf'}",
                                "--nofork", "--nopidfile"])
+        started.append(bus)
         wait_for(lambda: (inside / "run/dbus/system_bus_socket").exists(), 10,
                  lambda: f"the private system bus: {bus.stderr}")
         daemon = lab.spawn(host, ["env", "-u", "NOTIFY_SOCKET", str(BIN / "systemd-resolved")],
                            env={"SYSTEMD_LOG_LEVEL": "debug"})
+        started.append(daemon)
         resolved = Resolved(lab, host, bus, daemon, inside)
-        wait_for(lambda: daemon.poll() is None and resolved.ctl("status").returncode == 0, 15,
-                 lambda: f"systemd-resolved on D-Bus: {daemon.stderr[-3000:]}")
-        try:
-            with pytest.MonkeyPatch.context() as mp:  # resolvectl, for what starts from here
-                mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-                yield resolved
-        finally:
-            for p in (daemon, bus):
-                p.close()
+
+        def on_the_bus() -> bool:
+            assert daemon.poll() is None, f"systemd-resolved exited: {daemon.stderr[-3000:]}"
+            return resolved.ctl("status").returncode == 0
+
+        wait_for(on_the_bus, 15, lambda: f"systemd-resolved on D-Bus: {daemon.stderr[-3000:]}")
+        with pytest.MonkeyPatch.context() as mp:  # resolvectl, for what starts from here
+            mp.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+            yield resolved
     finally:
         host.mount_ns = None
-        holder.close()
-
+        for p in reversed(started):
+            p.close()
 
 async def _names(state_dir: str, ifname: str, resolv_conf: str | None = None) -> None:
     import attrs
