@@ -99,6 +99,8 @@ def test_split_dns_through_resolved_and_out_again_on_down_and_after_kill(
         mesh.wait_connected()
         a_ip, b_ip, ifname = a.ipv4, b.ipv4, "wga"
         assert a.status()["dns"] == {"domain": DOMAIN, "hook": "resolved"}
+        status = lab.run(host, [sys.executable, "-m", "wgmesh", "status", "--socket", a.socket])
+        assert f"mesh DNS {DOMAIN}  system hook resolved" in status.stdout.splitlines()
         assert (resolved.link("dns", ifname), resolved.link("domain", ifname)) == (
             [a_ip], [f"~{DOMAIN}"])
         # split DNS: resolved asks the mesh link for the mesh domain only
