@@ -98,6 +98,8 @@ def _status(a: argparse.Namespace) -> int:
         print(f"mtu {mtu}  advertising {','.join(routes.get('advertised', [])) or '-'}"
               f"  accept routes {'yes' if routes.get('accept_routes') else 'no'}  exit node "
               f"{routes.get('exit_active') or routes.get('exit_node') or '-'}")
+    if st.get("dns"):
+        print(f"mesh DNS {st['dns']['domain']}  system hook {st['dns']['hook']}")
     if st.get("control_rejected"):
         print(f"refused from control (kept the last good netmap): {st['control_rejected']}")
     rows = [PeerStatus(**p).row() for p in st["peers"]]

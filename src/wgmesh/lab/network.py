@@ -135,10 +135,19 @@ class Host:
     ip6: str | None = None
     alt_ip: str | None = None  # second public address (servers), for filtering probes
     nat: NatRouter | None = attrs.field(default=None, repr=False)
+    #: A mount namespace (``/proc/PID/ns/mnt``) that every command run or spawned here
+    #: enters after the network namespace, e.g. one with a private systemd-resolved and
+    #: D-Bus (tests/support/resolvedtools.py); None: the host's mounts.
+    mount_ns: str | None = attrs.field(default=None, repr=False)
 
     @property
     def public(self) -> bool:
         return self.nat is None
+
+    def exec_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` as run in this host's namespaces."""
+        mount = ["nsenter", f"--mount={self.mount_ns}", "--"] if self.mount_ns else []
+        return ["ip", "netns", "exec", self.ns, *mount, *argv]
 
     def run(self, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
         return self.lab.run(self, argv, **kw)  # type: ignore[arg-type]
@@ -202,7 +211,7 @@ class Process:
         self._err = tempfile.TemporaryFile()  # noqa: SIM115
         full_env = {**os.environ, **(env or {})}
         self.popen = subprocess.Popen(
-            ["ip", "netns", "exec", host.ns, *argv], stdout=self._out, stderr=self._err,
+            host.exec_argv(argv), stdout=self._out, stderr=self._err,
             stdin=subprocess.DEVNULL, env=full_env, cwd=cwd, start_new_session=True)
 
     @property
@@ -622,7 +631,7 @@ class Lab:
         """Run ``argv`` in ``host``'s namespace to completion; output captured.
 
         ``timeout`` is scaled by :data:`TIME_SCALE`."""
-        return _sh(["ip", "netns", "exec", host.ns, *argv], check=check,
+        return _sh(host.exec_argv(argv), check=check,
                    timeout=timeout * TIME_SCALE, input=input)
 
     def spawn(self, host: Host, argv: Sequence[str], *, env: dict[str, str] | None = None,

@@ -670,7 +670,8 @@ class AsyncNode:
             control_online=self.control_online, peers=peers, lock=self.lock.summary(),
             control_rejected=self.control_rejected, state=state, state_reason=state_reason,
             mtu=self.mtu if self.backend else None, routes=self._routes_status(),
-            interface_mtu=self.dataplane.interface_mtu if self.dataplane else None)
+            interface_mtu=self.dataplane.interface_mtu if self.dataplane else None,
+            dns=self.names.status())
 
     def resolve_name(self, name: str) -> list[str]:
         """The tunnel addresses of mesh name ``name`` (``peer`` or ``peer.DOMAIN``), from

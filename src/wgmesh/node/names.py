@@ -7,9 +7,10 @@ rest to the resolvers the host had before.
 
 It then tells the system, in this order of preference:
 
-* systemd-resolved, where it runs (its varlink socket exists and ``resolvectl`` is
+* systemd-resolved, where it runs (its varlink socket answers and ``resolvectl`` is
   installed): split DNS, only ``~DOMAIN`` goes to the responder on this interface;
-  ``resolvectl revert`` undoes it (and resolved forgets it with the interface);
+  ``resolvectl revert`` undoes it (and resolved forgets it with the interface); if
+  resolved refuses, the next choice applies;
 * else, opt-in, ``resolv_conf``: the file is rewritten to ask the responder first
   (with the domain searched); its original content is kept in the journal;
 * and, opt-in, ``hosts_file``: a managed block of ``ADDRESS NAME.DOMAIN NAME`` lines,
@@ -26,10 +27,12 @@ import logging
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wgmesh import netmap as nm
+from wgmesh.errors import WgmeshError
 from wgmesh.node.routes import Journal
 
 if TYPE_CHECKING:
@@ -46,9 +49,18 @@ _BLOCK_RE = re.compile(rf"^{re.escape(_BEGIN)}\n.*?^{re.escape(_END)}\n?", re.M 
 _RESOLVED_SOCKET = "/run/systemd/resolve/io.systemd.Resolve"
 
 
-def resolved_running() -> bool:
-    """Is systemd-resolved running here (and ``resolvectl`` there to configure it)?"""
-    return os.path.exists(_RESOLVED_SOCKET) and shutil.which("resolvectl") is not None
+def resolved_running(socket_path: str = _RESOLVED_SOCKET) -> bool:
+    """Is systemd-resolved running here (and ``resolvectl`` there to configure it)? Its
+    varlink socket must accept a connection: resolved leaves the file behind when it
+    stops, so a host where it ran once would otherwise count as hooked in."""
+    if shutil.which("resolvectl") is None:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(socket_path)
+        except OSError:
+            return False
+    return True
 
 
 def nameservers(text: str) -> list[tuple[str, int]]:
@@ -99,6 +111,7 @@ class MeshNames:
         from wgmesh.node.dns import DnsResponder
 
         self.journal.undo()
+        self.hook = "none"
         self.domain = netmap.domain or DEFAULT_DOMAIN
         me = netmap.self_node
         conf = self.resolv_conf or self.system_resolv_conf
@@ -111,11 +124,7 @@ class MeshNames:
             log.warning("mesh DNS not served on %s:%d: %s", me.ipv4, self.port, e)
             return
         self.responder = responder
-        if resolved_running():
-            self.journal.command(["resolvectl", "dns", self.ifname, me.ipv4],
-                                 ["resolvectl", "revert", self.ifname])
-            self.journal.command(["resolvectl", "domain", self.ifname, f"~{self.domain}"],
-                                 ["resolvectl", "revert", self.ifname])
+        if resolved_running() and self._hook_resolved(me.ipv4):
             self.hook = "resolved"
         elif self.resolv_conf is not None:
             old = self.resolv_conf.read_text() if self.resolv_conf.exists() else ""
@@ -129,6 +138,20 @@ class MeshNames:
                 f"search {' '.join([self.domain, *search])}", *keep]) + "\n")
             self.hook = "resolv.conf"
         self._write_hosts(netmap)
+
+    def _hook_resolved(self, address: str) -> bool:
+        """Split DNS through resolved. Refused (no D-Bus, no permission, resolved gone
+        since we looked), it costs the hook, not the node: what was set is reverted."""
+        revert = ["resolvectl", "revert", self.ifname]
+        try:
+            self.journal.command(["resolvectl", "dns", self.ifname, address], revert)
+            self.journal.command(["resolvectl", "domain", self.ifname, f"~{self.domain}"],
+                                 revert)
+        except WgmeshError as e:
+            log.warning("mesh names not hooked into systemd-resolved: %s", e)
+            self.journal.undo()
+            return False
+        return True
 
     def update(self, netmap: nm.Netmap) -> None:
         """A new netmap: answer from it, and rewrite the hosts block if names changed."""
@@ -146,8 +169,13 @@ class MeshNames:
         if new != old:
             self.journal.replace_file(self.hosts_file, new)
 
+    def status(self) -> dict[str, str] | None:
+        """The domain served and the system hook, for ``status``; None when not serving."""
+        return None if self.responder is None else {"domain": self.domain, "hook": self.hook}
+
     async def stop(self) -> None:
         if self.responder is not None:
             await self.responder.close()
         self.responder = None
+        self.hook = "none"
         self.journal.undo()

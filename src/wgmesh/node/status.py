@@ -147,6 +147,9 @@ class Status:
     routes: dict[str, Any] | None = None
     #: The interface MTU now: lowered below ``mtu`` to the narrowest measured path in use.
     interface_mtu: int | None = None
+    #: Mesh DNS (None: not served): the domain and the system hook (resolved,
+    #: resolv.conf or none).
+    dns: dict[str, str] | None = None
 
     def peer(self, name_or_ip: str) -> PeerStatus | None:
         return next((p for p in self.peers if name_or_ip in (p.name, p.ipv4, p.ipv6)), None)
