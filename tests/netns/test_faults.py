@@ -2,7 +2,7 @@
 
 - ``kill -9`` of the control service: tunnels keep carrying traffic while it is down,
   and the agents resume their streams when it returns (the store side, mid-write, is
-  ``tests/service/test_faults.py``);
+  ``tests/service/test_control_faults.py``);
 - ``kill -9`` of a relay: relayed peers move to the region's other relay, direct peers
   never leave their direct path;
 - roaming: a node's LAN address changes under the running agent; the path comes back,
