@@ -108,7 +108,7 @@ def test_roaming_node_gets_its_direct_path_back(lab: Lab) -> None:
         return bool(pa and pa["path"] == "direct" and pa["endpoint"] != before
                     and _path(b, "a") == "direct")
 
-    wait_for(direct_on_the_new_mapping, 25,
+    wait_for(direct_on_the_new_mapping, 30,
              lambda: f"direct again: a sees {a.peer('b')}, b sees {b.peer('a')}")
     assert _pings(a, "b") and _pings(b, "a")
     assert b.status()["control_online"]
