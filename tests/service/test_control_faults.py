@@ -194,6 +194,8 @@ def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path: Path) -> None
     """SQLite on a 16 MiB tmpfs that is then filled: every write is refused with a 507 that
     says why (no 500, no traceback in the log), reads still work; once space is freed what
     was committed is intact and the service takes writes again."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the tmpfs is mounted in a private mount namespace")
     state = tmp_path / "state"
     with control(state, tmpfs="16M") as c:
         ak = c.admin.create_auth_key(reusable=True)["key"]
