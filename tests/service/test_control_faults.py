@@ -204,7 +204,10 @@ def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path: Path) -> None
         stream_client, _, streaming = register(c.url, ak, "streamer")
         stream = stream_client.stream()
         next(stream)  # a node streaming throughout: presence writes hit the full disk too
+        late_client, _, late = register(c.url, ak, "late")
         _fill(c.fs / "filler")
+        late_stream = late_client.stream()  # comes online while nothing can be written
+        next(late_stream)
         refused = []
         for attempt in (lambda: register(c.url, ak, "during"),
                         lambda: c.admin.set_policy(_policy(2)),
@@ -228,7 +231,7 @@ def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path: Path) -> None
         register(c.url, ak, "after")
         assert c.admin.set_policy(_policy(3)) == 3
         nodes = {n["name"]: n for n in c.admin.nodes()}
-        assert set(nodes) == {"before", "streamer", "after"}
+        assert set(nodes) == {"before", "streamer", "late", "after"}
         assert c.admin.get_policy() == {"version": 3, "policy": _policy(3)}
         assert (nodes["before"]["id"], nodes["before"]["ipv4"]) == (first.id, first.ipv4)
         assert c.admin.audit_verify()["ok"]
@@ -238,7 +241,12 @@ def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path: Path) -> None
         wait_for(lambda: next(n["last_seen"] for n in c.admin.nodes()
                               if n["id"] == streaming.id) > freed_seen, 15,
                  "the streaming node's presence renewed after the disk was freed", interval=0.5)
+        # The presence report that met the full disk is written once there is room.
+        wait_for(lambda: next(n["online"] for n in c.admin.nodes() if n["id"] == late.id), 10,
+                 "the node that came online during the full disk to be marked online",
+                 interval=0.5)
         stream.close()
+        late_stream.close()
         log = c.stderr
         assert "Traceback" not in log, log[-3000:]
         assert "out of disk space" in log

@@ -362,7 +362,7 @@ class ControlServer:
             n += 1
             try:
                 await self._tick(store, world, n)
-            except ControlError as e:  # a full disk: one line a second, and keep ticking
+            except ControlError as e:  # a full disk: one line per failed round, keep ticking
                 log.error("control housekeeping failed: %s", e.message)
             except Exception:
                 log.exception("control housekeeping failed; retrying")
