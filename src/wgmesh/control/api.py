@@ -178,6 +178,8 @@ async def json_errors(request: web.Request,
     try:
         return await handler(request)
     except ControlError as e:
+        if e.status >= 500:  # the service's trouble (a full disk), not the caller's: one line
+            log.error("%s %s refused: %s", request.method, request.path, e.message)
         headers = ({"Retry-After": str(math.ceil(e.retry_after_s))}
                    if isinstance(e, TooManyRequests) else None)
         return web.json_response(e.body(), status=e.status, headers=headers)

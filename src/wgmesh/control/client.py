@@ -249,22 +249,28 @@ class ControlClient:
                 raise WgmeshError(f"netmap stream broke: {e}") from None
 
     def follow(self, stop: threading.Event | None = None, backoff: Backoff | None = None,
-               on_rejected: Callable[[ControlTrustError], object] | None = None
-               ) -> Iterator[nm.Netmap]:
+               on_rejected: Callable[[ControlTrustError], object] | None = None,
+               on_link: Callable[[bool], object] | None = None) -> Iterator[nm.Netmap]:
         """The current netmap after every change, forever (or until ``stop`` is set).
 
         Reconnects on any network failure; a 401 (node deleted, token replaced)
         ends the iteration with :class:`ControlAPIError`. A line that fails
         verification is refused (the last good map stays current), reported to
-        ``on_rejected``, and the stream reconnects.
+        ``on_rejected``, and the stream reconnects. ``on_link(True)`` is called when a
+        stream connection delivers its first line (a resumed stream may bring no map),
+        ``on_link(False)`` when one ends or a connection attempt fails.
         """
         stop = stop or threading.Event()
         backoff = backoff or Backoff()
         current: nm.Netmap | None = None
         while not stop.is_set():
+            linked = False
             try:
                 for msg in self.stream(None if current is None else current.seq):
                     backoff.reset()
+                    if not linked and on_link is not None:
+                        on_link(True)
+                    linked = True
                     if isinstance(msg, nm.Netmap):
                         current = msg
                     elif isinstance(msg, nm.NetmapDelta) and current is not None:
@@ -282,6 +288,8 @@ class ControlClient:
                     on_rejected(e)
             except (WgmeshError, nm.NetmapFormatError):
                 pass
+            if on_link is not None and not stop.is_set():
+                on_link(False)
             stop.wait(backoff.next_delay())
 
     # ----------------------------------------------------------- admin side

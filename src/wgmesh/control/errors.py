@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 from wgmesh.errors import WgmeshError
 
 __all__ = ["BadRequest", "Conflict", "ControlAPIError", "ControlError", "Forbidden",
-           "NotFound", "TooLarge", "TooManyRequests", "Unauthorized", "Unprocessable"]
+           "NotFound", "StorageFull", "TooLarge", "TooManyRequests", "Unauthorized",
+           "Unprocessable"]
 
 
 class ControlError(WgmeshError):
@@ -69,6 +70,15 @@ class TooManyRequests(ControlError):
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class StorageFull(ControlError):
+    """The database's disk is full: the transaction was rolled back, nothing changed."""
+
+    status, code = 507, "insufficient_storage"
+
+    def __init__(self) -> None:
+        super().__init__("the control database is out of disk space; nothing was changed")
 
 
 class ControlAPIError(WgmeshError):

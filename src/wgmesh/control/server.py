@@ -359,22 +359,30 @@ class ControlServer:
                 await asyncio.wait_for(self._stopping.wait(), 1.0)
             if self._stop.is_set():
                 return
-            world.gc()
-            due = world.due_expiries()
-            if due and await self._db(store.record_expiries, due) > 0:
-                self.kick()
             n += 1
-            # Ephemeral nodes go at most grace + 5 s after they went offline.
-            if n % 5 == 0:
-                await self._db(store.refresh_presence,
-                               [nid for nid, sub in world.subs.items() if sub.streams],
-                               time.time())
-                if len(await self._db(store.remove_ephemeral)) > 0:
-                    self.kick()
-            if n % 60 == 0:
-                await self._db(store.prune_challenges)
-            if n % 300 == 0:
-                await self._db(store.prune_changes, self.keep_changes)
+            try:
+                await self._tick(store, world, n)
+            except ControlError as e:  # a full disk: one line per failed round, keep ticking
+                log.error("control housekeeping failed: %s", e.message)
+            except Exception:
+                log.exception("control housekeeping failed; retrying")
+
+    async def _tick(self, store: Store, world: World, n: int) -> None:
+        world.gc()
+        due = world.due_expiries()
+        if due and await self._db(store.record_expiries, due) > 0:
+            self.kick()
+        # Ephemeral nodes go at most grace + 5 s after they went offline.
+        if n % 5 == 0:
+            await self._db(store.refresh_presence,
+                           [nid for nid, sub in world.subs.items() if sub.streams],
+                           time.time())
+            if len(await self._db(store.remove_ephemeral)) > 0:
+                self.kick()
+        if n % 60 == 0:
+            await self._db(store.prune_challenges)
+        if n % 300 == 0:
+            await self._db(store.prune_changes, self.keep_changes)
 
     def _presence_changed(self, nid: int, online: bool) -> None:
         """Queue an online/offline report; the presence writer commits them in batches."""
@@ -392,6 +400,11 @@ class ControlServer:
             batch, self._presence = self._presence, {}
             try:
                 await self._db(store.set_presence, batch, time.time())
-            except Exception:
-                log.exception("presence update failed")
+            except Exception as e:
+                # Kept for the next try (newer reports win): a full disk loses no presence.
+                self._presence = {**batch, **self._presence}
+                if isinstance(e, ControlError):
+                    log.error("presence update failed: %s", e.message)
+                else:
+                    log.exception("presence update failed")
             self.kick()

@@ -147,6 +147,12 @@ class MeshLab:
             self.set_policy(policy)
         self._authkey: str | None = None
 
+    def restart_control(self) -> None:
+        """Start control again (same state, database, port and keys) once it has exited."""
+        self.control_proc.stop()
+        self.control_proc = self.lab.spawn(self.control, self.control_proc.argv)
+        self.control_proc.wait_for_output("listening", timeout=60)
+
     def admin(self, *args: str) -> str:
         """Run ``wgmesh control ...`` against this lab's control service."""
         cp = self.lab.run(self.control, [sys.executable, "-m", "wgmesh", "control", *args,

@@ -267,6 +267,12 @@ class Process:
         rc = self.popen.wait()
         return rc
 
+    def kill(self) -> int:
+        """SIGKILL the process group at once, as a crash would (no clean-up), and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        return self.popen.wait()
+
     def close(self) -> None:
         self.stop()
         self._out.close()
@@ -578,6 +584,20 @@ class Lab:
             if nat.hairpin:
                 self._hairpin_rule(nat, host)
             return host
+
+    def renumber(self, host: Host, i: int) -> str:
+        """Give a LAN host the IPv4 address ``<LAN prefix>.i`` in place of its own, as a new
+        DHCP lease or a roam to another access point of the LAN would: the old address is
+        gone, the default route goes back through the router. Returns the new address."""
+        if host.nat is None or not host.nat.ipv4:
+            raise LabError(f"{host.name} is not on an IPv4 LAN")
+        ip = f"{host.nat.lan_prefix}.{i}"
+        with self._lock:
+            self._ip(host.ns, "-4", "addr", "flush", "dev", "eth0")
+            self._ip(host.ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+            self._ip(host.ns, "route", "add", "default", "via", f"{host.nat.lan_prefix}.1")
+        host.ip = ip
+        return ip
 
     def add_node_host(self, name: str, kind: NatKind | str, *, hairpin: bool = False,
                       ipv6: bool = False, ipv4: bool = True) -> Host:

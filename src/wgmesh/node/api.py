@@ -72,6 +72,11 @@ log = logging.getLogger("wgmesh.node.api")
 __all__ = ["AsyncNode", "Node"]
 
 DEFAULT_IFNAME = "wgmesh0"
+#: Own endpoints are measured again this often, and on demand.
+ENDPOINT_REFRESH_S = 30.0
+#: How often the host's addresses are compared with the last seen (a cheap ioctl): a roam
+#: is noticed within this, not at the next refresh.
+ADDRESS_POLL_S = 1.0
 
 
 _TUNNEL_NETS = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("fc00::/7"))
@@ -355,8 +360,9 @@ class AsyncNode:
                 loop.call_soon_threadsafe(fn, *args)
 
         try:
-            for netmap in client.follow(self._stop, on_rejected=lambda e: post(
-                    self._on_control_rejected, str(e))):
+            for netmap in client.follow(
+                    self._stop, on_rejected=lambda e: post(self._on_control_rejected, str(e)),
+                    on_link=lambda up: post(self._on_control_link, up)):
                 post(self._apply_netmap, netmap)
         except ControlAPIError as e:
             log.error("control rejected this node: %s", e)
@@ -375,6 +381,12 @@ class AsyncNode:
             log.warning("control key %s: %s", key, why)
             self._emit("state", {"control": "pinned", "control_key": str(key)})
         self.state.save_control_key(self.control_url, key)
+
+    def _on_control_link(self, up: bool) -> None:
+        """The netmap stream came up or went down: status, metrics and events say so."""
+        if up != self.control_online:
+            self.control_online = up
+            self._emit("state", {"control": "online" if up else "offline"})
 
     def _on_control_rejected(self, error: str) -> None:
         """A map or delta failed verification: it was refused, the last good map stays."""
@@ -513,15 +525,28 @@ class AsyncNode:
 
     # ---- endpoints -----------------------------------------------------------------
     async def _endpoint_loop(self) -> None:
-        """STUN from the WireGuard port, publish what changed; again every 30 s and on demand."""
+        """STUN from the WireGuard port, publish what changed; again every 30 s, on demand,
+        and as soon as this host's addresses change (a roam: the NAT mapping is new)."""
+        from wgmesh.node.netcheck import local_addresses
+
+        loop = asyncio.get_running_loop()
+        addrs = local_addresses()
         while True:
             try:
                 await self._refresh_endpoints()
             except Exception:
                 log.exception("endpoint refresh failed")
             self._refresh.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._refresh.wait(), 30)
+            due = loop.time() + ENDPOINT_REFRESH_S
+            while not self._refresh.is_set() and loop.time() < due:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._refresh.wait(),
+                                           min(ADDRESS_POLL_S, due - loop.time()))
+                if (now := local_addresses()) != addrs and self.dataplane is not None:
+                    log.info("this host's addresses changed (%s): probing again",
+                             ", ".join(sorted(set(now) - set(addrs))) or "some went away")
+                    addrs = now
+                    self.dataplane.network_changed()  # re-STUN, and re-probe every peer
 
     async def netcheck(self) -> NetcheckReport:
         """UDP, reflexive addresses, hard NAT, relay latencies, hairpin: measured from the

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from wgmesh.control.errors import StorageFull
 from wgmesh.control.store.sql import Store, Tx
 
 __all__ = ["SQLiteStore"]
@@ -48,13 +49,28 @@ class SQLiteStore(Store):
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Tx]:
-        self.conn.execute("BEGIN IMMEDIATE")
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``; a full disk is :class:`StorageFull`.
+
+        SQLite may or may not have rolled back by itself after an I/O error (a failed
+        ``COMMIT`` leaves the transaction open), so roll back whatever is still open:
+        the next transaction must not start inside this one."""
         try:
-            yield _SQLiteTx(self.conn)
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SQLiteTx(self.conn)
+            except BaseException:
+                self._rollback()
+                raise
+            self.conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            self._rollback()
+            if e.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+                raise StorageFull() from None
             raise
-        self.conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     def close(self) -> None:
         self.conn.close()

@@ -1,0 +1,254 @@
+"""Control-service faults (issue 14, Faults): ``kill -9`` mid-write and a full disk.
+
+The control service runs as a real ``wgmesh control serve`` process so it can be killed
+with SIGKILL, on SQLite and on PostgreSQL; the disk-full case puts its state directory on
+a small tmpfs mounted in a private mount namespace (``unshare -m``), which disappears
+with the process. The mesh side of the same fault (tunnels carry traffic while control is
+down, streams resume) is ``tests/netns/test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from polling import wait_for
+from test_control import register
+
+from wgmesh import netmap as nm
+from wgmesh.cli.main import main as cli_main
+from wgmesh.control import ControlAPIError, ControlClient
+from wgmesh.errors import WgmeshError
+
+pytestmark = pytest.mark.service
+
+
+class ControlProcess:
+    """``wgmesh control serve`` on 127.0.0.1 as a child process a test may SIGKILL.
+
+    ``tmpfs``: a size (``1M``); the state directory is then a tmpfs of that size mounted
+    in the process's own mount namespace, reachable from the test as :attr:`fs`.
+    """
+
+    def __init__(self, state: Path, db: str | None = None, tmpfs: str | None = None) -> None:
+        self.state = state
+        serve = [sys.executable, "-m", "wgmesh", "control", "serve", "--listen", "127.0.0.1:0",
+                 "--state-dir", str(state), "--challenge-rate", "0", "--keepalive", "0.3",
+                 *(["--db", db] if db else [])]
+        if tmpfs:
+            state.mkdir(parents=True, exist_ok=True)
+            mount = shlex.join(["mount", "-t", "tmpfs", "-o", f"size={tmpfs}", "tmpfs",
+                                str(state)])
+            serve = ["unshare", "-m", "sh", "-c", f"{mount} && exec {shlex.join(serve)}"]
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115
+        self.proc = subprocess.Popen(serve, stdout=self._out, stderr=self._err,
+                                     stdin=subprocess.DEVNULL)
+        line = wait_for(self._listening, 30, lambda: f"control to listen: {self.stderr}")
+        self.url = line.split("listening on ")[1].split(",")[0]
+        self.fs = Path(f"/proc/{self.proc.pid}/root{state}") if tmpfs else state
+        self.admin = ControlClient(self.url, api_key=(self.fs / "admin.key").read_text().strip())
+
+    def _listening(self) -> str | None:
+        assert self.proc.poll() is None, f"control exited: {self.stderr}"
+        self._out.seek(0)
+        return next((ln for ln in self._out.read().decode().splitlines()
+                     if "listening on" in ln), None)
+
+    @property
+    def stderr(self) -> str:
+        self._err.seek(0)
+        return self._err.read().decode(errors="replace")
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        assert self.proc.wait(10) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._out.close()
+        self._err.close()
+
+
+@contextlib.contextmanager
+def control(state: Path, db: str | None = None, tmpfs: str | None = None
+            ) -> Iterator[ControlProcess]:
+    c = ControlProcess(state, db, tmpfs)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _policy(i: int) -> dict[str, Any]:
+    """Policy number ``i``: each one different, so the stored text names which it is."""
+    return {"tags": [f"tag:v{i}"], "rules": [{"src": [f"tag:v{i}"], "dst": ["*:*"]}]}
+
+
+def test_kill_9_mid_registration_and_policy_change_loses_nothing_committed(
+        db: str, tmp_path: Path) -> None:
+    """SIGKILL while ~16 registrations and a policy change are in flight: after a restart
+    every answered registration is there with its address, the policy is a whole one no
+    older than the last answered, the audit chain verifies, and writes work again."""
+    db_arg = None if db.endswith(".db") else db  # SQLite: the default <state>/control.db
+    state = tmp_path / "state"
+    answered: dict[int, tuple[str, str, str]] = {}  # node id -> (key, ipv4, ipv6)
+    policies: list[tuple[int, int]] = []  # (policy number, version it got)
+    cut: list[BaseException] = []  # requests the kill cut off (their outcome is unknown)
+    stop = threading.Event()
+    with control(state, db_arg) as c:
+        ak = c.admin.create_auth_key(reusable=True)["key"]
+
+        def one(i: int) -> None:
+            if stop.is_set():
+                return
+            try:
+                _, key, node = register(c.url, ak, f"storm{i}")
+            except WgmeshError as e:  # refused or cut off: its outcome is unknown
+                cut.append(e)
+            else:
+                answered[node.id] = (str(key.public), node.ipv4, node.ipv6)
+
+        def change_policy() -> None:
+            with contextlib.suppress(WgmeshError):
+                for i in range(1, 10_000):
+                    if stop.is_set():
+                        return
+                    policies.append((i, c.admin.set_policy(_policy(i))))
+
+        with ThreadPoolExecutor(16) as pool:
+            pool.submit(change_policy)
+            for i in range(2000):
+                pool.submit(one, i)
+            wait_for(lambda: len(answered) >= 60 and len(policies) >= 3, 60,
+                     lambda: f"60 registrations and 3 policies ({len(answered)}, "
+                             f"{len(policies)})")
+            c.kill9()
+            stop.set()
+    assert answered and policies and cut  # the kill did land mid-registration
+    with control(state, db_arg) as c:
+        nodes = {n["id"]: n for n in c.admin.nodes()}
+        for nid, (key, v4, v6) in answered.items():
+            assert nid in nodes, f"answered registration of node {nid} lost"
+            assert (nodes[nid]["node_key"], nodes[nid]["ipv4"], nodes[nid]["ipv6"]) == (
+                key, v4, v6)
+        # No half-written node: each has both addresses, none shared, and its audit entry.
+        for field in ("ipv4", "ipv6", "name"):
+            values = [n[field] for n in nodes.values()]
+            assert all(values) and len(set(values)) == len(values), field
+        audit = c.admin.audit(limit=10_000)
+        registered = {e["target"] for e in audit if e["action"] == "node.register"}
+        assert registered == {f"node:{nid}" for nid in nodes}
+        last_number, last_version = policies[-1]
+        pol = c.admin.get_policy()
+        assert pol["version"] >= last_version
+        # The answered policy or the one in flight, whole (it parses and is one we sent).
+        assert pol["policy"] in (_policy(last_number), _policy(last_number + 1)), pol
+        assert c.admin.audit_verify()["ok"]
+        # The service takes writes again.
+        assert c.admin.set_policy(_policy(0)) == pol["version"] + 1
+        _, _, again = register(c.url, ak, "after")
+        assert again.id not in answered and again.ipv4 not in {a[1] for a in answered.values()}
+        assert c.admin.audit_verify()["ok"]
+    audit_db = db_arg or str(state / "control.db")
+    assert cli_main(["control", "audit", "verify", "--db", audit_db,
+                     "--audit-key-file", str(state / "audit.key")]) == 0
+    if db_arg is None:
+        with sqlite3.connect(audit_db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def _fill(path: Path) -> None:
+    """Write ``path`` until the file system is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 65536)
+    except OSError as e:
+        assert e.errno == 28, e  # ENOSPC
+    try:  # the last few blocks
+        while True:
+            os.write(fd, b"\0" * 512)
+    except OSError as e:
+        assert e.errno == 28, e
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path: Path) -> None:
+    """SQLite on a 16 MiB tmpfs that is then filled: every write is refused with a 507 that
+    says why (no 500, no traceback in the log), reads still work; once space is freed what
+    was committed is intact and the service takes writes again."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the tmpfs is mounted in a private mount namespace")
+    state = tmp_path / "state"
+    with control(state, tmpfs="16M") as c:
+        ak = c.admin.create_auth_key(reusable=True)["key"]
+        _, _, first = register(c.url, ak, "before")
+        c.admin.set_policy(_policy(1))
+        stream_client, _, streaming = register(c.url, ak, "streamer")
+        stream = stream_client.stream()
+        next(stream)  # a node streaming throughout: presence writes hit the full disk too
+        late_client, _, late = register(c.url, ak, "late")
+        _fill(c.fs / "filler")
+        late_stream = late_client.stream()  # comes online while nothing can be written
+        next(late_stream)
+        refused = []
+        for attempt in (lambda: register(c.url, ak, "during"),
+                        lambda: c.admin.set_policy(_policy(2)),
+                        lambda: c.admin.create_auth_key(reusable=True),
+                        lambda: c.admin.tag_node(first.id, ["tag:v1"]),
+                        c.admin.nodes):  # an admin read is audited first: refused too
+            with pytest.raises(ControlAPIError) as err:
+                attempt()
+            refused.append(err.value)
+        for e in refused:
+            assert (e.status, e.code) == (507, "insufficient_storage"), e
+            assert "disk" in e.message
+        # What needs no write goes on: the node's stream (keepalives), the health check.
+        assert isinstance(next(stream), nm.Keepalive)
+        assert requests.get(c.url + "/v1/health", timeout=5).json()["ok"]
+        # Housekeeping renews the streaming node's presence every 5 s: let it hit the disk.
+        wait_for(lambda: "housekeeping failed" in c.stderr or "Traceback" in c.stderr, 10,
+                 "a background write to meet the full disk", interval=0.2)
+        (c.fs / "filler").unlink()
+        # Freed: committed state intact, audit chain whole, writes work again.
+        register(c.url, ak, "after")
+        assert c.admin.set_policy(_policy(3)) == 3
+        nodes = {n["name"]: n for n in c.admin.nodes()}
+        assert set(nodes) == {"before", "streamer", "late", "after"}
+        assert c.admin.get_policy() == {"version": 3, "policy": _policy(3)}
+        assert (nodes["before"]["id"], nodes["before"]["ipv4"]) == (first.id, first.ipv4)
+        assert c.admin.audit_verify()["ok"]
+        # The background writers outlived the full disk: presence of the streaming node is
+        # renewed again (every 5 s) after space came back.
+        freed_seen = nodes["streamer"]["last_seen"]
+        wait_for(lambda: next(n["last_seen"] for n in c.admin.nodes()
+                              if n["id"] == streaming.id) > freed_seen, 15,
+                 "the streaming node's presence renewed after the disk was freed", interval=0.5)
+        # The presence report that met the full disk is written once there is room.
+        wait_for(lambda: next(n["online"] for n in c.admin.nodes() if n["id"] == late.id), 10,
+                 "the node that came online during the full disk to be marked online",
+                 interval=0.5)
+        stream.close()
+        late_stream.close()
+        log = c.stderr
+        assert "Traceback" not in log, log[-3000:]
+        assert "out of disk space" in log
+        with sqlite3.connect(c.fs / "control.db") as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
