@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import time
 from collections.abc import Generator, Iterator
@@ -117,14 +116,6 @@ def lab() -> Iterator[Lab]:
         pytest.skip("netns tier needs root")
     with Lab() as lb:
         yield lb
-
-
-def need(tool: str) -> str:
-    """The path of a system tool, or skip naming the package that provides it."""
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} not installed (scripts/setup-debian.sh installs it)")
-    return path
 
 
 @pytest.fixture

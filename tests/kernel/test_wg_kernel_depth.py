@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import wgsides as wi
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.keys import PrivateKey
 from wgmesh.lab.network import Lab
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import wgsides as wi
+from systools import need
 
-from conftest import need
 from wgmesh.lab.network import Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.lab.network import Host, Lab, Process
 
 pytestmark = pytest.mark.netns

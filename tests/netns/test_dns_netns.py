@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from dnstools import BIG_TXT, DOMAIN, NETMAP, ULA, WWW_IP
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.lab.network import Host, Lab
 
 pytestmark = pytest.mark.netns

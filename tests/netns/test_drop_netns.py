@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 from droptools import LoopServer, raw_put
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.drop.protocol import DEFAULT_PORT, DropRefused, netmap_authorize, netmap_identify
 from wgmesh.drop.sender import file_digest, send_file
 from wgmesh.keys import Key

@@ -23,8 +23,8 @@ from urllib.parse import quote
 import pytest
 import requests
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.control.server import ControlServer
 from wgmesh.lab.mesh import CONTROL_PORT, RELAY_PORT, MeshLab
 from wgmesh.lab.network import Host, Lab

@@ -13,8 +13,8 @@ import pytest
 from flows import SERVER, connect, transfer
 from polling import wait_for
 from routetools import LAN, POLICY
+from systools import need
 
-from conftest import need
 from wgmesh.lab.mesh import MeshLab, MeshNode
 from wgmesh.lab.network import Host, Lab
 

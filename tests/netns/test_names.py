@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.lab.mesh import MeshLab
 from wgmesh.lab.network import Host, Lab
 from wgmesh.node.names import resolved_running

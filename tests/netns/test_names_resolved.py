@@ -15,8 +15,8 @@ import pytest
 from dnstools import DOMAIN, NETMAP, WWW_IP
 from polling import wait_for
 from resolvedtools import Resolved, private_resolved
+from systools import need
 
-from conftest import need
 from wgmesh.lab.mesh import MeshLab
 from wgmesh.lab.network import Host, Lab, Process
 

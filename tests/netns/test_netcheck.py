@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from systools import need
 
-from conftest import need
 from wgmesh import stun
 from wgmesh.cli.netcheck import format_report
 from wgmesh.lab.network import Host, Lab

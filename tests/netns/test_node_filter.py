@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from flows import SERVER, connect
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.lab.mesh import MeshLab
 from wgmesh.lab.network import Lab
 from wgmesh.netmap import FilterRule

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from flows import transfer
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.keys import PrivateKey
 from wgmesh.lab.network import Host, Lab, Process
 

@@ -12,8 +12,8 @@ import pytest
 from flows import SERVER, connect
 from polling import wait_for
 from routetools import FAR, LAN, POLICY, host_dump, reaches, routes
+from systools import need
 
-from conftest import need
 from wgmesh.lab.mesh import MeshLab, MeshNode
 from wgmesh.lab.network import Lab
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.lab.network import Host, Lab
 
 pytestmark = pytest.mark.netns

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from polling import wait_for
+from systools import need
 from wgsides import PORT, WG_GO_ENV, transfer, two_sides
 
-from conftest import need
 from wgmesh.keys import PrivateKey
 from wgmesh.lab.network import Lab
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import flows
 from polling import wait_for
+from systools import need
 
-from conftest import need
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Host, Lab, Process
 
