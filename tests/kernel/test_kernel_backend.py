@@ -1,7 +1,8 @@
 """Kernel tier: the netlink backend against the real WireGuard module (in the VM).
 
 One test walks the whole life cycle, because every VM second is dear: create
-with a kernel-picked port, IPv4+IPv6 addresses and a subnet route, handshake and
+with a kernel-picked port, IPv4+IPv6 addresses and a subnet route, an MTU change,
+handshake and
 ping both families, bulk peer diffs in single netlink messages cross-checked by
 the stock ``wg`` tool, adoption of a live interface, fwmark, stats, key hygiene.
 """
@@ -51,7 +52,9 @@ def test_kernel_backend_lifecycle(lab: Lab, caplog: pytest.LogCaptureFixture) ->
         # 10.99.0.0/24 is outside every interface prefix: it gets a route, the rest don't
         assert {str(n) for n in wa.routes} == {"10.99.0.0/24"}
         assert "10.99.0.0/24 dev wg0 proto 119" in lab.run(a, ["ip", "route"]).stdout
-        assert "1420" in lab.run(a, ["ip", "link", "show", "wg0"]).stdout
+        assert "mtu 1420 " in lab.run(a, ["ip", "link", "show", "wg0"]).stdout
+        wa.set_mtu(1340)  # what the data plane does when a measured path is narrower
+        assert "mtu 1340 " in lab.run(a, ["ip", "link", "show", "wg0"]).stdout
 
         assert wa.stats()[kb.public].last_handshake is None
         lab.run(a, ["ping", "-c", "1", "-W", "10", "100.64.0.2"])
