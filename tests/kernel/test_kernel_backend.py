@@ -2,9 +2,9 @@
 
 One test walks the whole life cycle, because every VM second is dear: create
 with a kernel-picked port, IPv4+IPv6 addresses and a subnet route, an MTU change,
-handshake and
-ping both families, bulk peer diffs in single netlink messages cross-checked by
-the stock ``wg`` tool, adoption of a live interface, fwmark, stats, key hygiene.
+handshake and ping both families, bulk peer diffs in single netlink messages
+cross-checked by the stock ``wg`` tool, adoption of a live interface, fwmark,
+stats, key hygiene.
 """
 
 from __future__ import annotations
