@@ -238,6 +238,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             conf.write_text("nameserver 198.18.0.10\n")
             return ["--dns-resolv-conf", str(conf)]
 
+        print(f"lab {lab.prefix}: setting up", file=sys.stderr, flush=True)
         started = time.monotonic()
         pair = router_pair(lab, backend=args.backend, router_args=router_args,
                            timeout=40 * TIME_SCALE)
