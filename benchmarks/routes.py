@@ -23,7 +23,7 @@ setup of the failover test). Three parts:
 
 Prints ONE JSON line (``_bench``): every run listed, ``load_start``/``load_end``.
 
-    sudo .venv/bin/python benchmarks/routes.py [--seconds 5] [--rounds 4] [--failovers 5]
+    sudo .venv/bin/python benchmarks/routes.py [--seconds 5] [--rounds 6] [--failovers 5]
     sudo .venv/bin/python benchmarks/routes.py --backend kernel   # in a virtme-ng VM
 
 The host kernel has no WireGuard, so ``--backend kernel`` boots one VM (as
@@ -274,7 +274,7 @@ def main() -> int:
     ap.add_argument("--parts", help="comma-separated: throughput,failover,dns,uplink (default: all "
                     "on userspace, throughput on kernel)")
     ap.add_argument("--seconds", type=float, default=5.0, help="iperf3 time per run")
-    ap.add_argument("--rounds", type=int, default=4, help="routed/to-router rounds, ABBA")
+    ap.add_argument("--rounds", type=int, default=6, help="routed/to-router rounds, ABBA")
     ap.add_argument("--failovers", type=int, default=5, help="router failover runs")
     ap.add_argument("--uplink-cap", type=float, default=30.0,
                     help="seconds to wait for a failover after the primary's uplink is cut")
