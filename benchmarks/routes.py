@@ -2,17 +2,18 @@
 
 One lab: routers R and R2 on the LAN 198.18.0.0/24 with a plain host H that runs no
 wgmesh, and client C that accepts routes (``tests/support/routetools.router_pair``, the
-setup of the failover test). Three parts:
+setup of the failover test). Four parts, run in this order:
 
+* ``failover`` (cold): right after setup, kill -9 the primary router and time until a
+  ping C sent *after the router was gone* is answered by H through the other router
+  (``routetools.fail_over``: C pings every 50 ms); C has sent nothing through the
+  standby yet. The killed router rejoins (``routetools.rejoin``); the other stays
+  primary (no flap).
 * ``throughput``: iperf3 TCP from C to H through the primary router, against iperf3 TCP
   from C to that router's own tunnel address: the same tunnel between the same two
   agents, without the router's forwarding, SNAT, filter and LAN hop. Rounds run the two
   in ABBA order; ``ratio`` = median of per-round ratios routed / to-the-router (target
   >= 0.9).
-* ``failover``: kill -9 the primary router and time until a ping C sent *after* the kill
-  is answered by H through the other router (``routetools.fail_over``: C pings every
-  50 ms). The killed router rejoins; the other stays primary (no flap), so the next run
-  kills that one. Control's stream keepalive is 2 s here (the default is 15 s).
 * ``dns``: the agent's own responder on R's tunnel address (``wgmesh.node.names``),
   A queries for a mesh name, built and checked with dnspython: ``dns_capacity`` is a
   closed loop on R with one query in flight from each of 32 loopback sources (trusted, as
@@ -20,6 +21,13 @@ setup of the failover test). Three parts:
   not bind), ``dns_tunnel`` paced queries from C through the tunnel (one source: kept
   under that limit), ``dns_forwarded`` the capacity loop for a name forwarded to R's
   previous resolver (a stub on H, ``tests/support/dnstools.py``; never a real server).
+* ``failover`` (warm): ``--failovers`` more kills, each of the current primary, once the
+  router killed before is back and C has reached it through the tunnel.
+* ``uplink``: the primary's uplink taken down (the host lost, its agent alive but
+  unreachable, so nothing closes its control stream): seconds until pings resume, or
+  null if not within ``--uplink-cap``.
+
+Control's stream keepalive is 2 s here (the default is 15 s).
 
 Prints ONE JSON line (``_bench``): every run listed, ``load_start``/``load_end``.
 
@@ -251,7 +259,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             lab.python(pair.plain, str(SUPPORT / "dnstools.py"), "upstream",
                        pair.plain.ip).wait_for_output("ready", timeout=30)
             result.update(dns_part(pair, args.dns_seconds))
-        if "failover" in parts:
+        if "failover" in parts and args.failovers:
             result.update(failover(pair, args.failovers))
         if "uplink" in parts:  # last: the router stays cut off
             result.update(uplink_failover(pair, args.uplink_cap))
