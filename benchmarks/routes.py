@@ -165,7 +165,7 @@ def throughput(pair: Any, seconds: float, rounds: int) -> dict[str, Any]:
             "routed_runs": [round(x, 1) for x in routed],
             "to_router_runs": [round(x, 1) for x in direct],
             "rounds": rounds, "seconds": seconds, "order": "ABBA, routed first",
-            "tunnel_path": peer.get("path")}
+            "tunnel_path": peer.get("path"), "tunnel_endpoint": peer.get("endpoint")}
 
 
 def failover(pair: Any, runs: int) -> dict[str, Any]:
