@@ -13,10 +13,18 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from wgmesh.lab.network import Host, Lab
 
 T = TypeVar("T")
 P99_MIN_SAMPLES = 100  # fewer samples than this and "p99" would just be the maximum
@@ -88,3 +96,63 @@ def proc_rss_mb(pid: int) -> float:
     """Resident memory of process ``pid`` in MB."""
     m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
     return round(int(m.group(1)) / 1024, 1) if m else float("nan")
+
+
+def iperf_mbps(lab: Lab, client: Host, server: Host, ip: str, seconds: float) -> float:
+    """Mbit/s that ``server`` (listening on ``ip``) received in one iperf3 TCP run from
+    ``client``."""
+    srv = lab.spawn(server, ["iperf3", "-s", "-1", "--forceflush", "-B", ip])
+    try:
+        srv.wait_for_output("Server listening", timeout=60)
+        out = lab.run(client, ["iperf3", "-c", ip, "-t", str(seconds), "-J"],
+                      timeout=seconds + 60).stdout
+    finally:
+        srv.stop()
+    return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e6
+
+
+def run_in_vm(script: str, args: Sequence[str], report: Report, name: str,
+              timeout: float = 1200) -> int:
+    """Boot one virtme-ng VM (the kernel test tier's kernel, no KVM) and run ``script
+    args`` inside it with this checkout; print its JSON line with the host's load (the
+    VM's own as ``vm_load_start``/``vm_load_end``). The host kernel has no WireGuard."""
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "tests" / "support"))
+    from vmtier import find_kernel
+
+    kernel = find_kernel()
+    vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
+    if kernel is None or not Path(vng).exists():
+        report.emit({"benchmark": name, "error": "need vng and a /boot kernel with the "
+                     "wireguard module"})
+        return 1
+    rw = Path(tempfile.mkdtemp(prefix="wgmesh-bench-"))
+    print(f"booting the VM; progress in {rw / 'err'}", file=sys.stderr, flush=True)
+    try:
+        out = rw / "result.json"
+        script_sh = rw / "run.sh"
+        bindir = shlex.quote(str(Path(sys.executable).parent))
+        script_sh.write_text(
+            "modprobe wireguard; modprobe tun\n"
+            f"cd {shlex.quote(str(root))}\n"
+            f"export WGMESH_IN_VM=1 WGMESH_TIME_SCALE=6 PYTHONDONTWRITEBYTECODE=1 "
+            f"PYTHONPATH={shlex.quote(str(root / 'src'))} PATH={bindir}:$PATH\n"
+            f"{shlex.quote(sys.executable)} {shlex.quote(script)} "
+            f"{' '.join(shlex.quote(a) for a in args)} > {out} 2> {rw / 'err'}\n")
+        argv = [vng, "--disable-kvm", "-r", kernel[0], "--memory", "4G", "--cpus", "2",
+                "--rwdir", str(rw), "--exec", f"sh {script_sh}"]
+        env = {**os.environ, "PATH": f"{Path(vng).parent}:{os.environ.get('PATH', '')}"}
+        subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, cwd=rw, env=env,
+                       timeout=timeout)
+        lines = out.read_text().strip().splitlines() if out.exists() else []
+        if not lines:
+            err = (rw / "err").read_text()[-2000:] if (rw / "err").exists() else "no output"
+            report.emit({"benchmark": name, "error": err})
+            return 1
+        result = json.loads(lines[-1])
+        result["vm_load_start"], result["vm_load_end"] = (result.pop("load_start"),
+                                                          result.pop("load_end"))
+        report.emit(result)
+        return 0
+    finally:
+        shutil.rmtree(rw, ignore_errors=True)

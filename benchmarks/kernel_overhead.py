@@ -30,18 +30,13 @@ The host kernel has no WireGuard, so run on the host it boots one virtme-ng VM
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from _bench import Report, round_ratios, run_abba
+from _bench import Report, iperf_mbps, round_ratios, run_abba, run_in_vm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "support"))  # bridgetools, vmtier: as the tests use
@@ -54,18 +49,6 @@ def note(what: str) -> None:
     """Progress on stderr (inside the VM it lands in a file the host can watch)."""
     print(f"[{time.monotonic() - _T0:6.1f}s] {what}", file=sys.stderr, flush=True)
 PORT_A, PORT_B = 51820, 51821
-
-
-def iperf(lab, a, b, seconds: float, ip: str = B_IP) -> float:  # type: ignore[no-untyped-def]
-    """Mbit/s received by b (at ``ip``, its tunnel address) from a."""
-    srv = lab.spawn(b, ["iperf3", "-s", "-1", "--forceflush", "-B", ip])
-    try:
-        srv.wait_for_output("Server listening", timeout=60)
-        out = lab.run(a, ["iperf3", "-c", ip, "-t", str(seconds), "-J"],
-                      timeout=seconds + 60).stdout
-    finally:
-        srv.stop()
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
 
 
 def by_hand(lab, a, b, ka, kb) -> None:  # type: ignore[no-untyped-def]
@@ -118,7 +101,7 @@ def measure(seconds: float, rounds: int) -> dict[str, object]:
                 wa, wb = with_wgmesh(a, b, ka, kb)
             try:
                 lab.run(a, ["ping", "-c", "1", "-W", "10", B_IP])
-                mbps = iperf(lab, a, b, seconds)
+                mbps = iperf_mbps(lab, a, b, B_IP, seconds)
             finally:
                 if how == "hand":
                     teardown(lab, a, b)
@@ -134,7 +117,7 @@ def measure(seconds: float, rounds: int) -> dict[str, object]:
             wa, wb = with_wgmesh(a, b, ka, kb, eps)
             try:
                 lab.run(a, ["ping", "-c", "1", "-W", "10", B_IP])
-                relay.append(iperf(lab, a, b, seconds))
+                relay.append(iperf_mbps(lab, a, b, B_IP, seconds))
                 note(f"relay bridge: {relay[-1]:.0f} Mbit/s")
                 relayed = pair.a.counters(kb.public).to_relay
             finally:
@@ -150,47 +133,6 @@ def measure(seconds: float, rounds: int) -> dict[str, object]:
             else "this kernel"}
 
 
-def in_vm(args: argparse.Namespace, report: Report) -> int:
-    """Boot one VM and run this script inside it; print its JSON line with the host's load."""
-    from vmtier import find_kernel
-
-    kernel = find_kernel()
-    vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
-    if kernel is None or not Path(vng).exists():
-        report.emit({"benchmark": "kernel_overhead", "error": "need vng and a /boot "
-                     "kernel with the wireguard module"})
-        return 1
-    rw = Path(tempfile.mkdtemp(prefix="wgmesh-bench-"))
-    note(f"booting the VM; progress in {rw / 'err'}")
-    try:
-        out = rw / "result.json"
-        script = rw / "run.sh"
-        script.write_text(
-            "modprobe wireguard; modprobe tun\n"
-            f"cd {shlex.quote(str(ROOT))}\n"
-            f"export WGMESH_IN_VM=1 PYTHONDONTWRITEBYTECODE=1 "
-            f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
-            f"{shlex.quote(sys.executable)} {shlex.quote(__file__)} --inside "
-            f"--seconds {args.seconds} --rounds {args.rounds} > {out} 2> {rw / 'err'}\n")
-        argv = [vng, "--disable-kvm", "-r", kernel[0], "--memory", "2G", "--cpus", "2",
-                "--rwdir", str(rw), "--exec", f"sh {script}"]
-        env = {**os.environ, "PATH": f"{Path(vng).parent}:{os.environ.get('PATH', '')}"}
-        subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, cwd=rw, env=env,
-                       timeout=1200)
-        lines = out.read_text().strip().splitlines() if out.exists() else []
-        if not lines:
-            err = (rw / "err").read_text()[-2000:] if (rw / "err").exists() else "no output"
-            report.emit({"benchmark": "kernel_overhead", "error": err})
-            return 1
-        result = json.loads(lines[-1])
-        result["vm_load_start"], result["vm_load_end"] = (result.pop("load_start"),
-                                                          result.pop("load_end"))
-        report.emit(result)
-        return 0
-    finally:
-        shutil.rmtree(rw, ignore_errors=True)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="iperf3 time per run")
@@ -202,7 +144,8 @@ def main() -> int:
     from wgmesh.wireguard.backend import kernel_wireguard_available
 
     if not args.inside and not kernel_wireguard_available()[0]:
-        return in_vm(args, report)
+        return run_in_vm(__file__, ["--inside", "--seconds", str(args.seconds),
+                                    "--rounds", str(args.rounds)], report, "kernel_overhead")
     started = time.monotonic()
     result = measure(args.seconds, args.rounds)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
