@@ -90,6 +90,21 @@ def test_router_failover_is_bounded(lab: Lab) -> None:
     pair.mesh.close()
 
 
+def test_router_whose_host_is_lost_fails_over(lab: Lab) -> None:
+    """The primary router's host loses its uplink (no FIN, no RST reaches control): its
+    netmap stream is aborted once a keepalive stays unacknowledged (TCP_USER_TIMEOUT, 5 s
+    with the lab's 2 s keepalive), so it goes offline and R2 carries the prefix. Before,
+    control kept the lost router primary for minutes (no failover within 30 s)."""
+    pair = router_pair(lab)
+    first, took = fail_over(pair, 40, uplink=True)
+    after = primaries(pair.mesh)
+    assert after[({"r", "r2"} - {first.name}).pop()] == [LAN]
+    print(f"router failover (uplink of the primary lost): {took:.2f} s to the first "
+          "answered ping")
+    assert took < 20  # keepalive 2 s + unacked timeout 5 s + presence and delta; generous
+    pair.mesh.close()
+
+
 def test_exit_node_and_host_restored_after_down_and_kill(lab: Lab) -> None:
     """C sends its internet traffic through exit node E to a host only E's uplink reaches;
     control and relays stay on the underlay; ``down`` and ``kill -9`` + ``wgmesh down

@@ -16,6 +16,7 @@ import binascii
 import contextlib
 import json
 import secrets
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -178,6 +179,7 @@ class NodeAPI:
                                            "Cache-Control": "no-store"})
         try:
             await resp.prepare(request)
+            self._abort_when_unacked(request)
             if sealer is not None:
                 await resp.write(session)
             for chunk in lines:
@@ -206,6 +208,17 @@ class NodeAPI:
             if sub is not None and sub.streams == 0 and not self.stopping.is_set():
                 self.presence(nid, False)
         return resp
+
+    def _abort_when_unacked(self, request: web.Request) -> None:
+        """A node whose host vanished (uplink lost, powered off) sends no FIN or RST, and
+        writes to it succeed into the send buffer for the ~15 minutes TCP retransmits. So
+        its stream is aborted once a write stays unacknowledged for two keepalive periods
+        (at least 5 s): it goes offline, and a subnet route fails over to another router."""
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                int(max(5.0, 2 * self.keepalive_s) * 1000))
 
     async def update(self, request: web.Request) -> web.Response:
         """The node's own report: endpoints, home relay, host info, advertised routes."""
