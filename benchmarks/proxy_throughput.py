@@ -7,22 +7,25 @@ bridge costs against the relay client alone (issue 18: at least 0.8 of it). The 
 kernel has no WireGuard, so wireguard-go stands in for the kernel module at both ends:
 measured in the TCG VM, every figure would be Python slowed ~10x by emulation.
 
-A lab with three public hosts, one ``wgmesh relay serve`` on ``relay``:
+A lab with three public hosts, one ``wgmesh relay serve`` on ``relay``, and on ``a`` and
+``b`` a bridge process each (``RelayClient`` + ``RelayBridge``, wired as the agent wires
+them), each the other's peer. Two measurements, both in ABBA rounds with the ratio the
+median of per-round ratios:
 
-* ``bridge``: wireguard-go on ``a`` and ``b``, each peer's endpoint the loopback endpoint
-  of a bridge process (``RelayClient`` + ``RelayBridge``, as the agent wires them); an
-  iperf3 UDP flood (1372-byte payloads: 1440-byte WireGuard packets) from ``a`` to ``b``
-  through the tunnel; the figure is the WireGuard packets per second the far bridge
-  injected into wireguard-go (its ``from_relay`` counter over the flood).
-* ``client``, the reference: the same two hosts, a pump sending 1440-byte packets with
-  ``RelayClient.send_nowait`` as fast as the loop allows, counted by a ``RelayClient``
-  sink: what the relay client alone carries.
-
-Both sides saturate the path and count what arrives; rounds run in ABBA order and
-``ratio`` = bridge / client is the median of per-round ratios. The bridge side also
-runs wireguard-go and iperf3 on the same two cores, which the reference does not: that
-is part of what the bridge costs in practice, and it is stated in ``reference``. One TCP
-iperf3 run through the bridge is reported too (``bridge_tcp_mbps``).
+1. ``ratio`` (the issue's figure): the bridge against the relay client alone.
+   ``bridge``: plain UDP sockets stand in for the kernel ports: a sender on ``a`` blasts
+   1440-byte datagrams (a WireGuard packet carrying 1372 bytes of payload) at the
+   bridge's loopback endpoint, a counter on ``b``'s kernel port counts what the far bridge
+   injected. ``client``, the reference: a pump of 1440-byte packets through
+   ``RelayClient.send_nowait`` to a ``RelayClient`` sink via the same relay. Both
+   saturate the path and count what arrives, per second.
+2. ``wg_bridge_of_direct_ratio``: wireguard-go standing in for the kernel module at both
+   ends (the issue's stand-in), an iperf3 UDP flood (1372-byte payloads) through the
+   tunnel with the peers' endpoints on the bridges, against the same flood with direct
+   endpoints: what the bridge costs the stand-in, whose own ceiling (Debian's
+   wireguard-go v0.0.20220316 and iperf3 on the same two cores) sits far below the relay
+   client's. ``wg_bridge_of_client`` divides the bridged flood by part 1's client runs;
+   one TCP iperf3 through the bridges is ``wg_bridge_tcp_mbps``.
 
     sudo .venv/bin/python benchmarks/proxy_throughput.py [--seconds 5] [--rounds 4]
 """
@@ -31,26 +34,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import os
 import signal
+import socket
 import statistics
+import struct
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import attrs
+from typing import TYPE_CHECKING
 
 from _bench import Report, round_ratios, run_abba
 from relay_throughput import relay_lab
 from userspace_throughput import PORT, iperf, start
 from wgmesh.keys import Key, PrivateKey
 
-PACKET = 1440  # a WireGuard transport packet carrying iperf3's 1372-byte UDP payload
-REFERENCE = ("RelayClient alone: a pump of 1440-byte packets through send_nowait to a "
-             "RelayClient sink via the same relay; the bridge side also runs wireguard-go "
-             "and iperf3 on the same two cores")
+if TYPE_CHECKING:
+    from wgmesh.lab.network import Process
+
+UDP_PORT = 51900  # the UDP stand-in's "kernel port"
+UDP_PAYLOAD = 1372  # iperf3's datagrams: 1400-byte IP packets fit the 1420 tunnel MTU
+PACKET = 1440  # the WireGuard transport packet that carries one
+REFERENCE = ("ratio: RelayClient alone, a pump of 1440-byte packets through send_nowait "
+             "to a RelayClient sink via the same relay, against the bridges fed and drained "
+             "by plain UDP sockets on the kernel ports; wg_bridge_of_direct_ratio: "
+             "wireguard-go peers flooded through the bridges against direct endpoints")
 
 
 def emit(**kw: object) -> None:
@@ -60,7 +70,7 @@ def emit(**kw: object) -> None:
 # ---- roles (run inside lab hosts) --------------------------------------------------------
 async def bridge(url: str, keyfile: str, wg_port: int, peer: str) -> None:
     """RelayClient + RelayBridge for one peer, as the kernel agent wires them; prints the
-    peer's loopback endpoint, then its counters when told to stop (SIGTERM)."""
+    peer's loopback endpoint and runs until SIGTERM."""
     from wgmesh.relaynet.client import RelayClient
     from wgmesh.wireguard.proxy import RelayBridge
 
@@ -74,8 +84,6 @@ async def bridge(url: str, keyfile: str, wg_port: int, peer: str) -> None:
     host, port = br.add(Key(peer))
     emit(ready=True, endpoint=f"{host}:{port}")
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGUSR1, lambda: emit(**attrs.asdict(br.counters(Key(peer))),
-                                                         t=time.monotonic()))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
     br.close()
@@ -115,14 +123,55 @@ async def pump_source(url: str, dst: str, seconds: float) -> None:
         await asyncio.sleep(0.5)
 
 
+def udp_blast(port: int, dst: str, seconds: float) -> None:
+    """The UDP stand-in's sender: 1440-byte datagrams from 127.0.0.1:``port`` (where the
+    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send."""
+    from wgmesh.wireguard.offload import SOL_UDP, UDP_SEGMENT
+
+    host, _, p = dst.rpartition(":")
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", port))
+    s.connect((host, int(p)))
+    burst, gso = bytes(PACKET * 44), [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", PACKET))]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
+            s.sendmsg([burst], gso)
+
+
+def udp_count(port: int) -> None:
+    """The UDP stand-in's receiver on the kernel port: datagrams per second from the first
+    to the last (UDP GRO on, so the bridge's GSO runs arrive in one read each)."""
+    from wgmesh.wireguard.offload import SOL_UDP, UDP_GRO
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(SOL_UDP, UDP_GRO, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind(("0.0.0.0", port))
+    emit(ready=True)
+    buf = bytearray(1 << 16)
+    packets = -(-s.recv_into(buf) // PACKET)
+    first = last = time.monotonic()
+    s.settimeout(1.0)
+    with contextlib.suppress(TimeoutError):
+        while True:
+            packets += -(-s.recv_into(buf) // PACKET)
+            last = time.monotonic()
+    emit(pps=packets / max(last - first, 1e-9), packets=packets)
+
+
 def role(argv: list[str]) -> None:
     r, *args = argv
     if r == "bridge":
         asyncio.run(bridge(args[0], args[1], int(args[2]), args[3]))
     elif r == "pump-sink":
         asyncio.run(pump_sink(args[0]))
-    else:
+    elif r == "pump-source":
         asyncio.run(pump_source(args[0], args[1], float(args[2])))
+    elif r == "udp-blast":
+        udp_blast(int(args[0]), args[1], float(args[2]))
+    else:
+        udp_count(int(args[0]))
 
 
 # ---- orchestration -----------------------------------------------------------------------
@@ -139,39 +188,20 @@ def main() -> None:
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="wgm-proxybench-") as d:
         tmp = Path(d)
         (_, ha, hb), _, url = relay_lab(lab)
-        ia, ib = f"{lab.prefix}a", f"{lab.prefix}b"
-        ka, kb = PrivateKey.generate(), PrivateKey.generate()
-        start(lab, ha, ia, "wireguard-go", ka, "10.90.0.1", tmp)
-        start(lab, hb, ib, "wireguard-go", kb, "10.90.0.2", tmp)
-        bridges = []
-        for host, ifname, mine, peer, addr in ((ha, ia, ka, kb, "10.90.0.2"),
-                                               (hb, ib, kb, ka, "10.90.0.1")):
-            mine.save(tmp / f"{ifname}.relaykey")
-            p = lab.python(host, me, "bridge", url, str(tmp / f"{ifname}.relaykey"),
-                           str(PORT), peer.public.b64())
-            ep = json.loads(p.wait_for_output('"ready"', timeout=60).splitlines()[0])["endpoint"]
-            lab.run(host, ["wg", "set", ifname, "peer", peer.public.b64(), "allowed-ips",
-                           f"{addr}/32", "endpoint", ep])
-            bridges.append(p)
-        lab.run(ha, ["ping", "-c", "2", "-W", "5", "10.90.0.2"])
 
-        def injected() -> tuple[int, float]:
-            """The far bridge's from_relay counter, and when it was read."""
-            before = len(bridges[1].stdout.splitlines())
-            os.kill(bridges[1].pid, signal.SIGUSR1)
-            deadline = time.monotonic() + 10
-            while len(bridges[1].stdout.splitlines()) <= before:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"bridge did not report: {bridges[1].stderr[-500:]}")
-                time.sleep(0.01)
-            c = json.loads(bridges[1].stdout.splitlines()[-1])
-            return int(c["from_relay"]), float(c["t"])
-
-        def via_bridge() -> float:
-            n0, t0 = injected()
-            iperf(lab, ha, hb, ia, "10.90.0.2", a.seconds, udp=True)
-            n1, t1 = injected()
-            return (n1 - n0) / a.seconds if t1 > t0 else 0.0
+        def bridge_pair(port: int) -> tuple[list[Process], list[str]]:
+            """A bridge process on each host for a kernel port ``port``, each the other's
+            peer: the processes and each one's loopback endpoint for its peer."""
+            keys = [PrivateKey.generate() for _ in range(2)]
+            procs, eps = [], []
+            for i, host in enumerate((ha, hb)):
+                keys[i].save(tmp / f"{port}{i}.key")
+                p = lab.python(host, me, "bridge", url, str(tmp / f"{port}{i}.key"),
+                               str(port), keys[1 - i].public.b64())
+                line = p.wait_for_output('"ready"', timeout=60).splitlines()[0]
+                procs.append(p)
+                eps.append(json.loads(line)["endpoint"])
+            return procs, eps
 
         def client_alone() -> float:
             sink = lab.python(hb, me, "pump-sink", url)
@@ -180,20 +210,66 @@ def main() -> None:
             sink.wait(60)
             return float(json.loads(sink.stdout.strip().splitlines()[-1])["pps"])
 
-        br, ref = run_abba(a.rounds, via_bridge, client_alone)
-        tcp = iperf(lab, ha, hb, ia, "10.90.0.2", a.seconds, udp=False)["mbps"]
-        for p in bridges:
+        # 1. The bridge itself: plain UDP sockets on the kernel ports, against the client.
+        udp_bridges, udp_eps = bridge_pair(UDP_PORT)
+
+        def via_bridge_udp() -> float:
+            count = lab.python(hb, me, "udp-count", str(UDP_PORT))
+            count.wait_for_output('"ready"', timeout=60)
+            lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
+                       str(a.seconds)).wait(a.seconds + 60)
+            count.wait(60)
+            return float(json.loads(count.stdout.strip().splitlines()[-1])["pps"])
+
+        br, ref = run_abba(a.rounds, via_bridge_udp, client_alone)
+        for p in udp_bridges:
             p.stop()
+
+        # 2. wireguard-go standing in for the kernel: through the bridge vs direct.
+        ia, ib = f"{lab.prefix}a", f"{lab.prefix}b"
+        ka, kb = PrivateKey.generate(), PrivateKey.generate()
+        start(lab, ha, ia, "wireguard-go", ka, "10.90.0.1", tmp)
+        start(lab, hb, ib, "wireguard-go", kb, "10.90.0.2", tmp)
+        wg_bridges, wg_eps = bridge_pair(PORT)
+
+        def endpoints(eps: tuple[str, str]) -> None:
+            lab.run(ha, ["wg", "set", ia, "peer", kb.public.b64(), "allowed-ips",
+                         "10.90.0.2/32", "endpoint", eps[0]])
+            lab.run(hb, ["wg", "set", ib, "peer", ka.public.b64(), "allowed-ips",
+                         "10.90.0.1/32", "endpoint", eps[1]])
+
+        def flood(eps: tuple[str, str]) -> float:
+            """iperf3 UDP flood a -> b; datagrams per second that arrived."""
+            endpoints(eps)
+            got = iperf(lab, ha, hb, ia, "10.90.0.2", a.seconds, udp=True)["mbps"]
+            return got * 1e6 / 8 / UDP_PAYLOAD
+
+        via_wg = (wg_eps[0], wg_eps[1])
+        direct = (f"{hb.ip}:{PORT}", f"{ha.ip}:{PORT}")
+        endpoints(via_wg)
+        lab.run(ha, ["ping", "-c", "2", "-W", "5", "10.90.0.2"])
+        wg_br, wg_direct = run_abba(a.rounds, lambda: flood(via_wg), lambda: flood(direct))
+        endpoints(via_wg)
+        tcp = iperf(lab, ha, hb, ia, "10.90.0.2", a.seconds, udp=False)["mbps"]
+        for p in wg_bridges:
+            p.stop()
+    med = statistics.median
     report.emit({"bench": "proxy_throughput", "rounds": a.rounds, "seconds": a.seconds,
                  "packet_bytes": PACKET, "reference": REFERENCE, "goal": 0.8,
                  "bridge_pps_runs": [round(x) for x in br],
                  "client_pps_runs": [round(x) for x in ref],
-                 "bridge_mbps_median": round(statistics.median(br) * PACKET * 8 / 1e6, 1),
-                 "bridge_tcp_mbps": tcp, **round_ratios(br, ref)})
+                 "bridge_mbps_median": round(med(br) * PACKET * 8 / 1e6, 1),
+                 **round_ratios(br, ref),
+                 "wg_bridge_pps_runs": [round(x) for x in wg_br],
+                 "wg_direct_pps_runs": [round(x) for x in wg_direct],
+                 **round_ratios(wg_br, wg_direct, "wg_bridge_of_direct_ratio"),
+                 "wg_bridge_of_client": round(med(wg_br) / med(ref), 3),
+                 "wg_bridge_tcp_mbps": tcp})
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("bridge", "pump-sink", "pump-source"):
+    if len(sys.argv) > 1 and sys.argv[1] in ("bridge", "pump-sink", "pump-source",
+                                              "udp-blast", "udp-count"):
         role(sys.argv[1:])
     else:
         main()
