@@ -73,6 +73,20 @@ Upstream = tuple[str, int]
 
 # ------------------------------------------------------------------------- core
 
+#: Addresses whose parsed forms are kept: a node rebuilds its table on every netmap change,
+#: and parsing each peer's addresses again made that most of a change's cost at 500 peers.
+_PARSED = 1 << 16
+
+
+@functools.lru_cache(maxsize=_PARSED)
+def _reverse_name(ip: str) -> dns.name.Name:
+    return dns.reversename.from_address(ip)
+
+
+@functools.lru_cache(maxsize=_PARSED)
+def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(ip)
+
 
 @attrs.frozen
 class NameTable:
@@ -95,9 +109,8 @@ class NameTable:
         for node in nodes:
             ips = tuple(ip for ip in (node.ipv4, node.ipv6) if ip)
             addresses.setdefault(node.name.lower(), ips)
-        reverse = {dns.reversename.from_address(ip): label
-                   for label, ips in addresses.items() for ip in ips}
-        members = frozenset(ipaddress.ip_address(ip) for ips in addresses.values() for ip in ips)
+        reverse = {_reverse_name(ip): label for label, ips in addresses.items() for ip in ips}
+        members = frozenset(_address(ip) for ips in addresses.values() for ip in ips)
         return cls(origin, addresses, reverse, members)
 
     @property
