@@ -6,6 +6,7 @@ import os
 import struct
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,7 +49,7 @@ messages = st.one_of(
 
 
 @given(messages)
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 def test_round_trip(msg: disco.Message) -> None:
     a, b = pair()
     wire = a.seal(B.public, msg)
@@ -187,7 +188,7 @@ def test_too_many_endpoints_is_refused_at_seal() -> None:
 
 
 @given(st.binary(max_size=300))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_fuzz_open_never_raises(data: bytes) -> None:
     _, b = pair()
     assert b.open(data) is None
@@ -195,7 +196,7 @@ def test_fuzz_open_never_raises(data: bytes) -> None:
 
 
 @given(st.binary(min_size=0, max_size=200), st.integers(0, 255))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_fuzz_authenticated_garbage_never_raises(body: bytes, mtype: int) -> None:
     """Even a peer holding a valid key cannot crash the parser."""
     a, b = pair()

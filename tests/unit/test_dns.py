@@ -10,6 +10,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from budget import examples
 from dnstools import DOMAIN, NETMAP, RENAMED, ULA, hostile_datagrams
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -141,13 +142,13 @@ def _check_no_escape(wire: bytes) -> None:
             decision.reply(None)
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(st.binary(max_size=600))
 def test_fuzz_arbitrary_bytes_never_raise(wire: bytes) -> None:
     _check_no_escape(wire)
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(st.integers(0, 2**32 - 1))
 def test_fuzz_mutated_queries_never_raise(seed: int) -> None:
     for wire in hostile_datagrams(20, seed):
