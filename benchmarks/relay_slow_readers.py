@@ -9,10 +9,13 @@ rest are idle. A flooder host sends 1400-byte packets round-robin at ``--flood-p
 ``relay_throughput.py`` (src -> relay -> dst, as fast as it goes) is measured
 meanwhile. Rounds run ABBA: flood to the slow readers (A), flood to the same number
 of normal readers (B), so both sides put the same load on the relay and only the
-readers differ. ``ratio`` is the median of per-round pump throughput A / B (1.0: the
-slow readers cost the others nothing). The JSON also has the relay's drops by reason,
-its queued bytes during a slow round (the backlogs' cap at work), its RSS, and how
-many of the crowd were still connected at the end.
+readers differ: ``same_load_ratio`` is the median of per-round pump throughput A / B
+(1.0: the slow readers cost the others nothing beyond the load itself). ``ratio`` is
+the same with B a quiet relay (the crowd connected, nobody flooded): what the pump keeps
+of its throughput while the slow readers are flooded, the flood's own cost included.
+The JSON also has the relay's drops by reason, its queued bytes during a slow round
+(the backlogs' cap at work), its RSS, how many clients were still connected at the end
+(the crowd: ``--clients``) and how often the relay cut a never-reader (it came back).
 
     sudo .venv/bin/python benchmarks/relay_slow_readers.py [--rounds 4] [--seconds 5]
 
@@ -28,6 +31,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from _bench import Report, proc_rss_mb, round_ratios, run_abba
@@ -145,32 +149,46 @@ def main() -> None:
         queued: list[int] = []
 
         def pump_during_flood(group: str) -> dict[str, Any]:
-            flooder = lab.python(flood_host, __file__, "flood", url, ",".join(groups[group]),
-                                 "--pps", str(a.flood_pps))
-            flooder.wait_for_output('"flooding"', timeout=60)
-            time.sleep(1.0)  # the slow readers' backlogs fill up to their cap
+            """A pump run while ``group`` (slow, normal, or none: quiet) is flooded."""
+            flooder = None
+            if group != "quiet":
+                flooder = lab.python(flood_host, __file__, "flood", url,
+                                     ",".join(groups[group]), "--pps", str(a.flood_pps))
+                flooder.wait_for_output('"flooding"', timeout=60)
+                time.sleep(1.0)  # the slow readers' backlogs fill up to their cap
             run = run_pump(lab, src, dst, "relay", url, a.seconds)
             if group == "slow":
                 queued.append(int(metrics()["queued_bytes"]))
-            flooder.stop()
+            if flooder is not None:
+                flooder.stop()
             return run
 
-        slow, normal = run_abba(a.rounds, lambda: pump_during_flood("slow"),
-                                lambda: pump_during_flood("normal"))
+        def side(group: str) -> Callable[[], dict[str, Any]]:
+            return lambda: pump_during_flood(group)
+
+        slow, quiet = run_abba(a.rounds, side("slow"), side("quiet"))
+        slow2, normal = run_abba(a.rounds, side("slow"), side("normal"))
         m = metrics()
+
+        def mbps(runs: list[dict[str, Any]]) -> list[float]:
+            return [round(r["mbps"], 1) for r in runs]
+
         out = {"bench": "relay_slow_readers", "clients": a.clients, "slow_readers": a.slow,
                "flood_pps": a.flood_pps, "rounds": a.rounds, "seconds": a.seconds,
-               "reference": "the same flood sent to as many normal readers (ABBA rounds)",
-               **round_ratios([r["mbps"] for r in slow], [r["mbps"] for r in normal]),
-               "slow_mbps": round(statistics.median(r["mbps"] for r in slow), 1),
-               "normal_mbps": round(statistics.median(r["mbps"] for r in normal), 1),
-               "slow_mbps_runs": [round(r["mbps"], 1) for r in slow],
-               "normal_mbps_runs": [round(r["mbps"], 1) for r in normal],
+               "reference": "ratio: the pump with no flood (the crowd connected, nobody sent "
+                            "to); same_load_ratio: the same flood sent to as many normal "
+                            "readers; both in ABBA rounds",
+               **round_ratios(mbps(slow), mbps(quiet)),
+               **round_ratios(mbps(slow2), mbps(normal), "same_load_ratio"),
+               "slow_mbps_runs": mbps(slow + slow2), "quiet_mbps_runs": mbps(quiet),
+               "normal_mbps_runs": mbps(normal),
+               "slow_mbps": round(statistics.median(mbps(slow + slow2)), 1),
+               "quiet_mbps": round(statistics.median(mbps(quiet)), 1),
+               "normal_mbps": round(statistics.median(mbps(normal)), 1),
                "slow_delivered": round(statistics.median(r["packets"] / r["sent"]
-                                                         for r in slow), 3),
+                                                         for r in slow + slow2), 3),
                "queued_bytes_slow_rounds": queued, "relay_drops": m["drops"],
-               "relay_rss_mb": proc_rss_mb(srv.pid),
-               "relay_clients_at_end": m["clients"],
+               "relay_rss_mb": proc_rss_mb(srv.pid), "relay_clients_at_end": m["clients"],
                "slow_reader_reconnects": _reconnects(crowd_proc.stdout)}
     report.emit(out)
 

@@ -1,94 +1,18 @@
-"""A node with 500 peers (issue 14, Load): a netmap change is applied as a diff.
-
-A real ``wgmesh up`` (userspace backend) gets a real 500-peer netmap from control
-(500 nodes seeded into its store, as ``benchmarks/node_scale.py`` does) plus one real
-peer it has a WireGuard session with. Then one peer's endpoints change, one peer is
-deleted and one registers. After each change the backend (read with ``wg show dump``
-over UAPI, not through the agent) holds exactly the netmap's peers, the agent reports a
-diff of one peer (or none, for an endpoint: traversal takes it), and the real peer's
-session was never torn down: a wholesale reconfiguration would drop its handshake and
-reset its counters. The benchmark has the timings."""
+"""A node with 500 peers on the userspace backend: a netmap change is applied as a diff
+(issue 14, Load; the check is ``tests/support/nodescale.py``, its kernel twin
+``tests/kernel/test_node_scale_kernel.py``)."""
 
 from __future__ import annotations
 
-import secrets
-from typing import Any
-
 import pytest
-from polling import wait_for
+from nodescale import check_a_change_is_applied_as_a_diff
 
 from conftest import need
-from wgmesh.keys import PrivateKey
-from wgmesh.lab.mesh import MeshLab, MeshNode
 from wgmesh.lab.network import Lab
 
 pytestmark = pytest.mark.netns
 
-SEEDED = 500
-
-
-def _wg_peers(node: MeshNode, ifname: str) -> dict[str, tuple[int, int, int]]:
-    """The backend's own view: peer key -> (latest handshake, rx, tx)."""
-    lines = node.host.run(["wg", "show", ifname, "dump"]).stdout.splitlines()[1:]
-    return {f[0]: (int(f[4]), int(f[5]), int(f[6])) for f in (ln.split("\t") for ln in lines)}
-
-
-def _netmap_events(node: MeshNode) -> list[dict[str, Any]]:
-    return [e["data"] for e in node.call("events", {"name": "netmap"})]
-
 
 def test_a_change_in_a_500_peer_netmap_is_applied_as_a_diff(lab: Lab) -> None:
     need("wg")
-    mesh = MeshLab(lab, relays=0)
-    # Names of their own: the UAPI socket path is shared with other labs on this host.
-    tag = secrets.token_hex(2)
-    a = mesh.add_node(f"big{tag}", "none")
-    b = mesh.add_node(f"pal{tag}", "none")
-    ifname = f"wg{a.name}"
-    mesh.wait_connected()
-    wait_for(lambda: a.ping(b.name)["rtt_ms"] is not None, 30, "a ping through the tunnel to b")
-    b_key = a.peer(b.name)["key"]  # type: ignore[index]
-    session = _wg_peers(a, ifname)[b_key]
-    assert session[0] > 0, "a has a WireGuard session with b before the changes"
-
-    mesh.seed_nodes(SEEDED)
-
-    def settled(want: int) -> dict[str, tuple[int, int, int]] | None:
-        """The backend's peers once they are the netmap's ``want`` peers."""
-        in_netmap = {p["key"] for p in a.status()["peers"]}
-        in_backend = _wg_peers(a, ifname)
-        return in_backend if len(in_netmap) == want and set(in_backend) == in_netmap else None
-
-    wait_for(lambda: settled(SEEDED + 1), 90, f"{SEEDED + 1} peers in netmap and backend")
-
-    def change(do: Any, want: int, **kw: Any) -> dict[str, Any]:
-        """Make one change through control; the netmap event it caused, once the backend
-        holds the new netmap's peers."""
-        seq = _netmap_events(a)[-1]["seq"]
-        mesh.control_call(do, **kw)
-        ev = wait_for(lambda: next((e for e in _netmap_events(a) if e["seq"] > seq), None),
-                      30, "the change's netmap on a")
-        wait_for(lambda: settled(want), 30, f"{want} peers in netmap and backend")
-        return ev
-
-    tokens = mesh.seed_nodes(2, prefix="more")  # two more, one of them to change
-    wait_for(lambda: settled(SEEDED + 3), 60, "the two more in netmap and backend")
-
-    ev = change(lambda c: c.update(endpoints=["198.51.100.7:4242"]), SEEDED + 3,
-                node_token=tokens[0])
-    assert (ev["added"], ev["updated"], ev["removed"]) == (0, 0, 0)
-    wait_for(lambda: "198.51.100.7:4242" in str(a.peer("more0")), 30,
-             "the new endpoint among the peer's candidates")
-
-    ev = change(lambda c: c.delete_node("name:more1"), SEEDED + 2)
-    assert (ev["added"], ev["updated"], ev["removed"]) == (0, 0, 1)
-
-    authkey = mesh.authkey()
-    ev = change(lambda c: c.register(PrivateKey.generate(), PrivateKey.generate().public,
-                                     "newcomer", auth_key=authkey), SEEDED + 3)
-    assert (ev["added"], ev["updated"], ev["removed"]) == (1, 0, 0)
-
-    after = _wg_peers(a, ifname)[b_key]
-    assert after[0] == session[0], "b's handshake was redone: its peer was reconfigured"
-    assert after[1] >= session[1] and after[2] >= session[2], "b's counters were reset"
-    assert a.ping(b.name)["rtt_ms"] is not None
+    check_a_change_is_applied_as_a_diff(lab, "userspace")

@@ -169,6 +169,12 @@ def test_update_swaps_the_table_renamed_and_removed_nodes_stop_resolving() -> No
     assert responder.resolve("peer") == [] and responder.resolve("db") == []
     assert responder.resolve("peer-renamed") == ["100.64.0.2", f"{ULA}2"]
     assert ask(f"peer.{DOMAIN}", table=responder.table).rcode() == dns.rcode.NXDOMAIN
+    # The new table reuses the old one's parsed addresses and keeps only its own: what it
+    # holds is bounded by the netmap, however many nodes come and go.
+    old, new = responder.table, NameTable.from_netmap(NETMAP, DOMAIN, responder.table)
+    assert new.parsed["100.64.0.2"] is old.parsed["100.64.0.2"]
+    assert "100.64.0.3" not in old.parsed and "100.64.0.3" in new.parsed
+    assert ask("3.0.64.100.in-addr.arpa", "PTR", table=new).rcode() == dns.rcode.NOERROR
 
 
 def test_a_responder_never_forwards_to_itself() -> None:
