@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -223,8 +224,14 @@ def test_a_thousand_clients_with_slow_readers_keep_the_others_served(tmp_path: P
     flood (generous: ``benchmarks/relay_slow_readers.py`` has the figure), and 100 idle
     clients each get the packet sent to them meanwhile. The backlogs stay within their
     caps and no normal reader is cut."""
-    with relay_process(tmp_path) as (_pid, port):
-        asyncio.run(asyncio.wait_for(crowd_with_slow_readers(port), 300))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2 * CROWD:  # the crowd's sockets, here
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * CROWD), hard))
+    try:
+        with relay_process(tmp_path) as (_pid, port):
+            asyncio.run(asyncio.wait_for(crowd_with_slow_readers(port), 300))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 async def crowd_with_slow_readers(port: int) -> None:

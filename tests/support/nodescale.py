@@ -53,7 +53,7 @@ def check_a_change_is_applied_as_a_diff(lab: Lab, backend: str) -> None:
 
     def settled(want: int) -> dict[str, tuple[int, int, int]] | None:
         """The backend's peers once they are the netmap's ``want`` peers."""
-        in_netmap = {p["key"] for p in a.status()["peers"]}
+        in_netmap = {p["key"] for p in a.call("status", timeout=30 * TIME_SCALE)["peers"]}
         in_backend = _wg_peers(a, ifname)
         return in_backend if len(in_netmap) == want and set(in_backend) == in_netmap else None
 
