@@ -10,7 +10,7 @@ from wgmesh.lab.network import Lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 #: Estimated seconds in the emulated VM (tests/support/vmtier.py balances its VMs by it).
-VM_COST_S = 200
+VM_COST_S = 400
 
 
 def test_a_change_in_a_500_peer_netmap_is_applied_as_a_diff_kernel(lab: Lab) -> None:

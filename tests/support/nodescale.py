@@ -97,7 +97,10 @@ def check_a_change_is_applied_as_a_diff(lab: Lab, backend: str) -> None:
                                        "newcomer", auth_key=authkey), SEEDED + 3) == (1, 0, 0)
 
     after = _wg_peers(a, ifname)[b_key]
-    assert after[0] == session[0], "b's handshake was redone: its peer was reconfigured"
+    # A peer removed and added again starts from zero counters and no handshake; a rekey
+    # (WireGuard's own, every 2 minutes while traffic flows: the VM run takes longer)
+    # keeps the counters.
+    assert after[0] >= session[0], "b's handshake went back: its peer was reconfigured"
     assert after[1] >= session[1] and after[2] >= session[2], "b's counters were reset"
     wait_for(lambda: a.ping(b.name)["rtt_ms"] is not None, 30 * TIME_SCALE,
              "a ping through the tunnel to b, after the changes")
