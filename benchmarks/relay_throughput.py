@@ -231,6 +231,27 @@ def relay_lab(lab: Lab) -> tuple[tuple[Host, Host, Host], Process, str]:
     return (relay, src, dst), srv, f"http://{relay.ip}:{PORT}"
 
 
+def _last(p: Process) -> dict[str, Any]:
+    line: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return line
+
+
+def run_pump(lab: Lab, src: Host, dst: Host, kind: str, where: str, seconds: float,
+             n: int = 1, *tls: str) -> dict[str, Any]:
+    """One pump run, ``src`` -> ``dst`` through the relay at ``where`` (``kind`` relay) or
+    straight to ``dst`` (``kind`` direct) to ``n`` receiving keys: the sink's counts
+    (``packets``, ``mbps``, ``pps``, ...) and the source's ``sent``."""
+    sink = lab.python(dst, __file__, f"{kind}-sink", where, "--n", str(n), *tls)
+    keys = json.loads(sink.wait_for_output('"ready"', timeout=60).splitlines()[0])["keys"]
+    source = lab.python(src, __file__, f"{kind}-source", where, ",".join(keys),
+                        "--seconds", str(seconds), *tls)
+    deadline = time.monotonic() + seconds + 60
+    while sink.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    source.wait(30)
+    return {**_last(sink), **_last(source)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -263,20 +284,8 @@ def main() -> None:
         idle_clients = metrics()["clients"]
         idle.stop()
 
-        def last(p: Any) -> dict[str, Any]:
-            line: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
-            return line
-
         def pump(kind: str, where: str, n: int = 1, *tls: str) -> dict[str, Any]:
-            sink = lab.python(dst, me, f"{kind}-sink", where, "--n", str(n), *tls)
-            keys = json.loads(sink.wait_for_output('"ready"', timeout=60).splitlines()[0])["keys"]
-            source = lab.python(src, me, f"{kind}-source", where, ",".join(keys),
-                                "--seconds", str(a.seconds), *tls)
-            deadline = time.monotonic() + a.seconds + 60
-            while sink.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            source.wait(30)
-            return {**last(sink), **last(source)}
+            return run_pump(lab, src, dst, kind, where, a.seconds, n, *tls)
 
         def iperf3() -> float:
             server = lab.spawn(dst, ["iperf3", "-s", "-1", "-B", dst.ip])

@@ -6,6 +6,9 @@ in-kernel WireGuard module: run inside one virtme-ng VM per session, see
 run here skips with its reason; in CI (``CI=true``) such a skip fails the run, so a
 machine missing the VM, PostgreSQL or a tool is red, not quietly green.
 
+Hypothesis budgets are the ``ci`` profile unless ``WGMESH_HYPOTHESIS`` names a longer
+one (``tests/support/budget.py``).
+
 ``soak`` tests repeat a path a smaller test already proves, at a size that costs
 minutes (1 GiB where 100 MiB proves it); they run only with ``--soak`` or
 ``WGMESH_SOAK=1``, which keeps every tier well inside its time budget.
@@ -29,6 +32,11 @@ from wgmesh.lab import Lab
 sys.path.insert(0, str(Path(__file__).with_name("support")))
 
 pytest_plugins = ["vmtier"]
+
+# Before any test module is imported: their @settings inherit the active profile.
+import budget  # noqa: E402
+
+budget.register()
 
 IS_ROOT = os.geteuid() == 0
 IN_CI = os.environ.get("CI") == "true"

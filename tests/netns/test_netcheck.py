@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from systools import need
@@ -117,7 +118,7 @@ def test_families_filter_and_ipv6_reflexive() -> None:
 
 @pytest.mark.unit
 @given(st.binary(max_size=200))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 def test_fuzz_receive_ignores_garbage(data: bytes) -> None:
     p = NetcheckProbe([S1, S2], 0.0)
     p.start()

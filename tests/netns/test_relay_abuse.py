@@ -14,11 +14,12 @@ import asyncio
 import contextlib
 import http.client
 import json
+import resource
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,23 +68,41 @@ async def honest_exchange(a: RelayConnection, b: Key, got: list[bytes], n: int) 
     return n / (time.monotonic() - start)
 
 
-def test_abusers_are_capped_and_leave_nothing_behind(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def relay_process(tmp_path: Path, *args: str) -> Iterator[tuple[int, int]]:
+    """``wgmesh relay serve`` on 127.0.0.1 with ``args``: (its pid, its port); its output
+    must hold no traceback when it stops."""
     out = tmp_path / "relay.out"
     with out.open("w") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "wgmesh", "relay", "serve", "--listen", "127.0.0.1:0",
-             "--stun-port", "-1", "--key-file", str(tmp_path / "relay.key"),
-             "--max-per-source", str(PER_SOURCE), "--max-connections", str(TOTAL)],
+             "--stun-port", "-1", "--key-file", str(tmp_path / "relay.key"), *args],
             stdout=f, stderr=subprocess.STDOUT)
     try:
         line = wait_for(lambda: out.read_text().partition("\n")[0] if proc.poll() is None
                         else pytest.fail(out.read_text()), 20, "the relay listening")
-        port = int(json.loads(line)["listening"].rpartition(":")[2])
-        asyncio.run(asyncio.wait_for(abuse(proc.pid, port), 240))
+        yield proc.pid, int(json.loads(line)["listening"].rpartition(":")[2])
         assert "Traceback" not in out.read_text()
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def metrics_from(port: int, source: str) -> dict[str, Any]:
+    """The relay's ``/metrics``, asked from ``source``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+    try:
+        conn.request("GET", "/metrics")
+        doc: dict[str, Any] = json.loads(conn.getresponse().read())
+        return doc
+    finally:
+        conn.close()
+
+
+def test_abusers_are_capped_and_leave_nothing_behind(tmp_path: Path) -> None:
+    with relay_process(tmp_path, "--max-per-source", str(PER_SOURCE),
+                       "--max-connections", str(TOTAL)) as (pid, port):
+        asyncio.run(asyncio.wait_for(abuse(pid, port), 240))
 
 
 async def abuse(pid: int, port: int) -> None:
@@ -91,14 +110,7 @@ async def abuse(pid: int, port: int) -> None:
 
     def metrics() -> dict[str, Any]:
         """From a source of its own (127.0.0.1 is at its cap)."""
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5,
-                                          source_address=(METRICS, 0))
-        try:
-            conn.request("GET", "/metrics")
-            doc: dict[str, Any] = json.loads(conn.getresponse().read())
-            return doc
-        finally:
-            conn.close()
+        return metrics_from(port, METRICS)
 
     def metrics_when_admitted() -> dict[str, Any] | None:
         try:
@@ -198,3 +210,97 @@ async def abuse(pid: int, port: int) -> None:
     assert rate_during > base_rate / 10  # honest traffic keeps flowing meanwhile
     a.close()
     b.close()
+
+
+# ---- Load: 1,000 clients, some of them slow readers ---------------------------------------
+CROWD, SLOW, SAMPLE = 1000, 50, 100
+CROWD_SOURCE, FLOOD_SOURCE = "127.0.1.1", "127.0.1.2"
+
+
+def test_a_thousand_clients_with_slow_readers_keep_the_others_served(tmp_path: Path) -> None:
+    """Issue 14, Load: the relay with 1,000 connected clients, 50 of them slow readers (25
+    never read, 25 read 10 ms in 200) being flooded with 64 KiB packets. The others keep
+    their throughput: an honest pair's rate stays above a quarter of its rate before the
+    flood (generous: ``benchmarks/relay_slow_readers.py`` has the figure), and 100 idle
+    clients each get the packet sent to them meanwhile. The backlogs stay within their
+    caps and no normal reader is cut."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2 * CROWD:  # the crowd's sockets, here
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * CROWD), hard))
+    try:
+        with relay_process(tmp_path) as (_pid, port):
+            asyncio.run(asyncio.wait_for(crowd_with_slow_readers(port), 300))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def crowd_with_slow_readers(port: int) -> None:
+    url = f"http://127.0.0.1:{port}"
+    heard: dict[int, int] = {}
+
+    async def connect(ip: str, i: int = -1, **kw: Any) -> tuple[RelayConnection, Key]:
+        key = PrivateKey.generate()
+        conn = await RelayConnection.open(
+            url, key, make_socket=bound_to(ip), idle_timeout=3600.0,
+            on_recv=lambda _s, _d: heard.__setitem__(i, heard.get(i, 0) + 1), **kw)
+        return conn, key.public
+
+    crowd = [await connect(CROWD_SOURCE, i) for i in range(CROWD)]
+    slow, normal = crowd[:SLOW], crowd[SLOW:]
+    for c, _ in slow:
+        assert c.transport is not None
+        c.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                        4096)
+        c.transport.pause_reading()
+    got: list[bytes] = []
+    a, _ = await connect(HONEST, queue_frames=100_000)
+    b, b_key = await connect(HONEST)
+    b.on_recv = lambda _s, d: got.append(d)
+    base_rate = await honest_exchange(a, b_key, got, 3000)
+
+    flooders = [(await connect(FLOOD_SOURCE, queue_frames=100_000))[0] for _ in range(2)]
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        while not stop.is_set():
+            for f in flooders:
+                for _, k in slow:
+                    f.send(k, bytes(64 * 1024 - 100))
+                await f.drain()
+            await asyncio.sleep(0.01)
+
+    async def trickle() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.19)
+            for c, _ in slow[SLOW // 2:]:
+                if c.transport is not None:
+                    c.transport.resume_reading()
+            await asyncio.sleep(0.01)
+            for c, _ in slow[SLOW // 2:]:
+                if c.transport is not None:
+                    c.transport.pause_reading()
+
+    tasks = [asyncio.create_task(flood()), asyncio.create_task(trickle())]
+    try:
+        await until(lambda: metrics_from(port, METRICS)["drops"].get("queue_full", 0) > 0,
+                    what="the slow readers' backlogs full")
+        rate_during = await honest_exchange(a, b_key, got, 3000)
+        sample = range(SLOW, SLOW + SAMPLE)
+        before = {i: heard.get(i, 0) for i in sample}
+        for i in sample:
+            flooders[0].send(crowd[i][1], b"for an idle client")
+        await flooders[0].drain()
+        await until(lambda: all(heard.get(i, 0) > before[i] for i in sample), 30,
+                    "every sampled idle client served")
+        m = metrics_from(port, METRICS)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    print("relay slow readers", json.dumps({"before": base_rate, "during": rate_during,
+                                            "drops": m["drops"]}, default=round))
+    assert rate_during > base_rate / 4, (rate_during, base_rate)
+    assert m["queued_bytes"] <= SLOW * QUEUE_BYTES, m["queued_bytes"]
+    assert not any(c.closed for c, _ in normal), "a normal reader was cut"
+    assert m["clients"] >= len(normal) + 2 + len(flooders), m["clients"]
+    for c, _ in [*crowd, *((f, None) for f in flooders), (a, None), (b, None)]:
+        c.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from budget import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polling import wait_for
@@ -699,7 +700,7 @@ def _blocking_client(port: int, key: PrivateKey) -> socket.socket:
 frame_types = st.sampled_from([int(t) for t in FrameType] + [0, 99, 255])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(pre_auth=st.booleans(),
        frames=st.lists(st.tuples(frame_types, st.binary(max_size=80)), max_size=6),
        tail=st.binary(max_size=40))

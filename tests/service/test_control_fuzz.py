@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import requests
+from budget import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_control import register
@@ -141,7 +142,7 @@ ENDPOINTS = [("POST", "/v1/register/challenge"), ("POST", "/v1/register"),
              ("GET", "/v1/admin/audit"), ("POST", "/v1/admin/nodes/x/expire")]
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=examples(150), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(endpoint=st.sampled_from(ENDPOINTS), cred=st.sampled_from(["none", "node", "admin",
                                                                   "garbage"]),
@@ -169,7 +170,7 @@ def test_server_survives_fuzzing(env: dict[str, Any]) -> None:
     assert [n["name"] for n in env["admin"].nodes()] == ["victim"]
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=examples(40), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(since=st.integers(0, 2**50).map(str) | st.text(max_size=12)
        | st.sampled_from(["²", "٣", "9" * 19]))
@@ -213,7 +214,7 @@ hostile_endpoints = st.lists(endpoint.map(json.dumps) | hostile, max_size=40).ma
     lambda xs: "[" + ",".join(xs) + "]") | hostile
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=examples(150), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(fields=st.fixed_dictionaries({}, optional={
     "hostinfo": hostile, "endpoints": hostile_endpoints, "home_relay": hostile}))
@@ -233,7 +234,7 @@ keys = st.binary(min_size=32, max_size=32).map(
 texts = st.text(max_size=20).map(json.dumps) | st.sampled_from(['"\\ud800"', '"a\\udfff"'])
 
 
-@settings(max_examples=100, deadline=None,
+@settings(max_examples=examples(100), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(valid=st.fixed_dictionaries({"node_key": keys, "disco_key": keys, "proof": keys,
                                     "hostname": texts, "challenge_id": texts}),

@@ -122,7 +122,9 @@ class VMRunner:
             "modprobe wireguard; modprobe tun\n"
             f"cd {shlex.quote(root)}\n"
             f"export WGMESH_IN_VM=1 WGMESH_TIME_SCALE=6 WGMESH_VM_RESULTS={shlex.quote(str(results))}"
-            " PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH="
+            " PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1"
+            # a worktree's src/ (PYTHONPATH=...) is the code under test in the VM too
+            f" PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))} PATH="
             f"{shlex.quote(str(Path(sys.executable).parent))}:$PATH\n"
             f"{shlex.quote(sys.executable)} -m pytest -p no:cacheprovider -q -rA {soak}"
             f"{' '.join(shlex.quote(n) for n in self.nodeids)} > {shlex.quote(str(out))} 2>&1\n"

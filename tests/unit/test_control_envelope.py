@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -109,7 +110,7 @@ def test_answers_are_bound_to_node_nonce_and_body() -> None:
         verify_answer(SIGNER.public, None, NODE.public, NONCE, b"{}", None)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.lists(st.binary(max_size=200), max_size=6), st.integers(0, 4), st.binary(max_size=8))
 def test_fuzz_the_verifier_refuses_cleanly(junk: list[bytes], at: int, flip: bytes) -> None:
     """Arbitrary lines, or a genuine stream with bytes spliced in, never verify and never

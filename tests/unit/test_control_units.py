@@ -9,6 +9,7 @@ import sys
 
 import attrs
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -242,7 +243,7 @@ ops = st.lists(st.one_of(
 ), min_size=1, max_size=40)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(ops)
 def test_world_incremental_views_match_a_full_rebuild(script: list[tuple]) -> None:
     """After any change sequence, every stream's map (full map + deltas) equals a fresh one."""

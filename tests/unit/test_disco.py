@@ -6,6 +6,7 @@ import os
 import struct
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +53,7 @@ messages = st.one_of(
 
 
 @given(messages)
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 def test_round_trip(msg: disco.Message) -> None:
     a, b = pair()
     wire = a.seal(B.public, msg)
@@ -61,7 +62,7 @@ def test_round_trip(msg: disco.Message) -> None:
 
 
 @given(txids, keys, paddings, addrs)
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 def test_a_pong_is_never_larger_than_the_ping_it_answers(txid: bytes, key: Key, padding: int,
                                                           src: disco.Addr) -> None:
     """Padding buys no amplification: the answer to any ping, padded or not, is smaller,
@@ -235,7 +236,7 @@ def test_too_many_endpoints_is_refused_at_seal() -> None:
 
 
 @given(st.binary(max_size=300))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_fuzz_open_never_raises(data: bytes) -> None:
     _, b = pair()
     assert b.open(data) is None
@@ -245,7 +246,7 @@ def test_fuzz_open_never_raises(data: bytes) -> None:
 @given(st.one_of(st.binary(min_size=0, max_size=200),
                  st.binary(min_size=40, max_size=50).map(lambda b: b + bytes(1400))),
        st.one_of(st.integers(0, 255), st.sampled_from([1, 2])))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_fuzz_authenticated_garbage_never_raises(body: bytes, mtype: int) -> None:
     """Even a peer holding a valid key cannot crash the parser."""
     a, b = pair()

@@ -10,6 +10,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
+from budget import examples
 from dnstools import DOMAIN, NETMAP, RENAMED, ULA, hostile_datagrams
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -141,13 +142,13 @@ def _check_no_escape(wire: bytes) -> None:
             decision.reply(None)
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(st.binary(max_size=600))
 def test_fuzz_arbitrary_bytes_never_raise(wire: bytes) -> None:
     _check_no_escape(wire)
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(st.integers(0, 2**32 - 1))
 def test_fuzz_mutated_queries_never_raise(seed: int) -> None:
     for wire in hostile_datagrams(20, seed):
@@ -168,6 +169,12 @@ def test_update_swaps_the_table_renamed_and_removed_nodes_stop_resolving() -> No
     assert responder.resolve("peer") == [] and responder.resolve("db") == []
     assert responder.resolve("peer-renamed") == ["100.64.0.2", f"{ULA}2"]
     assert ask(f"peer.{DOMAIN}", table=responder.table).rcode() == dns.rcode.NXDOMAIN
+    # The new table reuses the old one's parsed addresses and keeps only its own: what it
+    # holds is bounded by the netmap, however many nodes come and go.
+    old, new = responder.table, NameTable.from_netmap(NETMAP, DOMAIN, responder.table)
+    assert new.parsed["100.64.0.2"] is old.parsed["100.64.0.2"]
+    assert "100.64.0.3" not in old.parsed and "100.64.0.3" in new.parsed
+    assert ask("3.0.64.100.in-addr.arpa", "PTR", table=new).rcode() == dns.rcode.NOERROR
 
 
 def test_a_responder_never_forwards_to_itself() -> None:

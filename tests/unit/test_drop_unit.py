@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from budget import examples
 from droptools import BOB, LoopServer, raw_put
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,7 +50,7 @@ def test_ordinary_names_accepted(name: str) -> None:
 
 
 @given(st.text(max_size=300))
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 def test_check_name_fuzz(name: str) -> None:
     """Anything accepted is exactly one child of the inbox; anything else is BadName."""
     try:
@@ -361,7 +362,7 @@ _QUERY_KEY = st.sampled_from(["name", "size", "sha256", "offset", "x"])
 
 @given(q=st.lists(st.tuples(_QUERY_KEY, st.text(max_size=40)), max_size=6),
        body=st.binary(max_size=64), method=st.sampled_from(["PUT", "GET"]))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 def test_live_server_fuzz(fuzz_server: LoopServer, q: list[tuple[str, str]], body: bytes,
                           method: str) -> None:
     """Arbitrary requests get a clear 4xx, never a 5xx, and leave nothing behind."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import json
+import logging
 import os
 import shutil
 import struct
@@ -15,7 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from budget import examples
 from droptools import BOB, LoopServer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polling import wait_for
 
 from wgmesh.drop.inbox import Inbox
@@ -26,7 +31,7 @@ from wgmesh.keys import PrivateKey
 from wgmesh.netmap import FilterRule
 from wgmesh.node.agent import local_methods
 from wgmesh.node.api import AsyncNode
-from wgmesh.node.localapi import LocalAPIError, LocalAPIServer, call
+from wgmesh.node.localapi import MAX_REQUEST, LocalAPIError, LocalAPIServer, call
 from wgmesh.wireguard.crypto import dh_generate, dh_public
 from wgmesh.wireguard.device import Device
 from wgmesh.wireguard.filter import MAX_EXTENSIONS, PacketFilter, parse_flow
@@ -57,6 +62,65 @@ def test_local_api_bad_params_get_a_clear_error(tmp_path: Path, method: str,
         finally:
             await api.close()
     asyncio.run(run())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4), max_leaves=20)
+request_lines = st.one_of(
+    st.binary(max_size=300),  # not JSON, not UTF-8, no newline, ...
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"method": st.sampled_from(["echo", "nope"]) | json_values},
+                          optional={"params": json_values}).map(
+        lambda v: json.dumps(v).encode()),
+    st.integers(1, 40_000).map(lambda n: b"[" * n + b"]" * n),  # nested past the stack
+    st.integers(1, 3).map(lambda n: b"x" * (n * MAX_REQUEST)),  # past the line limit
+)
+
+
+@settings(max_examples=examples(200))
+@given(line=request_lines)
+def test_fuzz_local_api_answers_every_request_once(line: bytes) -> None:
+    """The local API's request codec: whatever line arrives, one JSON answer, ``result`` or
+    ``error``, and no logged error (a traceback per bad request would flood the logs)."""
+    async def echo(params: dict[str, object]) -> object:
+        return params
+
+    async def run(path: Path) -> bytes:
+        api = LocalAPIServer(path, {"echo": echo})
+        await api.start()
+        try:
+            r, w = await asyncio.open_unix_connection(str(path), limit=4 * MAX_REQUEST)
+            w.write(line + b"\n")
+            await w.drain()
+            answer = await asyncio.wait_for(r.read(), 10)
+            w.close()
+            return answer
+        finally:
+            await api.close()
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            answer = asyncio.run(run(Path(tmp) / "api.sock"))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert answer.endswith(b"\n") and answer.count(b"\n") == 1, answer[:200]
+    reply = json.loads(answer)
+    assert isinstance(reply, dict) and len(reply) == 1 and set(reply) <= {"result", "error"}
+    assert not errors, [e.getMessage() for e in errors]
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError):
+        req = None
+    if b"\n" not in line and isinstance(req, dict) and req.get("method") == "echo" \
+            and isinstance(req.get("params") or {}, dict):
+        assert reply == {"result": req.get("params") or {}}
 
 
 # ---- item 9: the filter walks IPv6 extension headers -----------------------------------

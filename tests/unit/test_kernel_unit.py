@@ -12,6 +12,7 @@ import ipaddress
 import socket
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,7 +113,7 @@ def _peers(spec: dict) -> list[PeerConfig]:
     return [PeerConfig(k, ips, ep, ka, psk) for k, (ips, ep, ka, psk) in spec.items()]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(peer_sets, peer_sets, st.sampled_from([400, 2000, MAX_MESSAGE_BYTES]))
 def test_diff_encode_apply_reaches_desired_state(cur: dict, want: dict, limit: int) -> None:
     current, desired = _peers(cur), _peers(want)

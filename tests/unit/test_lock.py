@@ -8,6 +8,7 @@ import re
 from collections.abc import Callable
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -330,7 +331,7 @@ def chains(draw: st.DrawFn) -> tuple[list[Update], set[LockPublicKey], dict[Key,
     return chain, {k.public for k in trusted}, allowed, revoked
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(chains())
 def test_random_valid_chains_verify_to_the_model(
         case: tuple[list[Update], set[LockPublicKey], dict[Key, LockPublicKey], set[Key]]) -> None:
@@ -344,7 +345,7 @@ def test_random_valid_chains_verify_to_the_model(
         assert lock.verify(decoded, known_head=chain[prefix - 1].hash).head == state.head
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(chains(), st.integers(0, 1 << 16), st.integers(0, 1 << 16), st.integers(1, 255))
 def test_any_single_byte_mutation_fails_verification(
         case: tuple[list[Update], object, object, object], which: int, where: int,
@@ -364,7 +365,7 @@ def _genesis_shaped(count: int, body: bytes) -> bytes:
         body[24:] + bytes(32 * count + 96))[:32 * count + 96]
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(st.one_of(
     st.binary(max_size=400),
     st.builds(lambda kind, rest: bytes([lock.VERSION, kind]) + rest,

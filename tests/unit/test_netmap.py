@@ -7,6 +7,7 @@ import json
 
 import attrs
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -67,7 +68,7 @@ def test_codec_round_trip(msg: nm.Message) -> None:
     assert nm.decode(line) == msg
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.binary(max_size=200))
 def test_decode_garbage_raises_only_format_error(data: bytes) -> None:
     with contextlib.suppress(nm.NetmapFormatError):
@@ -81,7 +82,7 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(netmaps, st.data())
 def test_decode_mutated_messages(msg: nm.Netmap, data: st.DataObject) -> None:
     """Replace one field anywhere in a valid message: valid result or NetmapFormatError."""

@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -419,7 +420,7 @@ _events = st.lists(st.one_of(
 
 @pytest.mark.parametrize("kernel", [False, True])
 @given(events=_events)
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 def test_fuzzed_event_sequences_keep_the_invariants(kernel: bool, events: list) -> None:
     cfg = (TraversalConfig.kernel if kernel else TraversalConfig)(active_timeout=20.0)
     p = PeerPath(PEER, LocalInfo(ME, (PUB4,), hard_nat=kernel), cfg, 0.0, new_txid=new_txid)

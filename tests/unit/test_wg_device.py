@@ -9,6 +9,7 @@ import struct
 from collections.abc import Callable
 
 import pytest
+from budget import examples
 
 from wgmesh.wireguard.allowedips import AllowedIPs
 from wgmesh.wireguard.crypto import dh_generate, dh_public
@@ -201,7 +202,7 @@ def test_replay_window_matches_reference_model() -> None:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=examples(200), deadline=None)
     @given(st.lists(st.integers(0, 3 * COUNTER_WINDOW_SIZE), max_size=300))
     def check(counters: list[int]) -> None:
         w, seen, top = ReplayWindow(), set(), -1
@@ -482,7 +483,7 @@ def test_allowed_ips_scale_and_reassignment() -> None:
     assert t.lookup("10.0.5.1") is None and t.networks(5) == []
     assert [str(n) for n in t.networks(6)] == ["10.0.6.0/24", "fd00::6/128"]
 
-    @settings(max_examples=100, deadline=None)
+    @settings(max_examples=examples(100), deadline=None)
     @given(st.lists(st.tuples(st.integers(0, 255), st.integers(0, 32), st.integers(0, 3)),
                     max_size=40), st.integers(0, 2**32 - 1))
     def matches_model(ops: list[tuple[int, int, int]], probe: int) -> None:

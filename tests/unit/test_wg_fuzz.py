@@ -4,6 +4,7 @@ and never change an established session."""
 from __future__ import annotations
 
 import pytest
+from budget import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_wg_device import ADDR_A, Pair, ip_packet
@@ -12,7 +13,7 @@ from wgmesh.wireguard.noise import COOKIE_LEN, INITIATION_LEN, RESPONSE_LEN, mes
 from wgmesh.wireguard.uapi import UapiError, parse_endpoint, parse_set
 
 pytestmark = pytest.mark.unit
-FUZZ = settings(max_examples=300, deadline=None,
+FUZZ = settings(max_examples=examples(300), deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -6,6 +6,7 @@ import ipaddress
 import struct
 
 import pytest
+from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,7 +33,7 @@ def ref_checksum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(min_size=1, max_size=300))
 def test_checksum_matches_rfc1071(data: bytes) -> None:
     got, ref = checksum(data), ref_checksum(data)
@@ -134,7 +135,7 @@ def test_coalescer_keeps_flows_and_gaps_apart() -> None:
     assert [w[10:] for w in written[1:]] == [gap, other, bytes(udp), bytes(frag1), bytes(frag2)]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.binary(max_size=200))
 def test_coalescer_never_raises_on_garbage(data: bytes) -> None:
     c = Coalescer(lambda mv: None)

@@ -47,6 +47,7 @@ from wgmesh.control.metrics import ControlMetrics
 from wgmesh.control.nodeapi import NodeAPI
 from wgmesh.control.ratelimit import RateLimiter
 from wgmesh.control.store import NodeRecord, PostgresStore, Store, open_store
+from wgmesh.control.store.sql import MAX_CHALLENGES
 from wgmesh.control.world import World
 from wgmesh.errors import WgmeshError
 from wgmesh.loopthread import LoopThread
@@ -125,6 +126,7 @@ class ControlServer:
     (default: loopback; :mod:`~wgmesh.control.metrics`);
     ``challenge_rate``/``challenge_burst``: registration challenges per second
     and in a burst per source address (IPv6: per /64); a rate of 0 disables it;
+    ``max_challenges``: challenges outstanding network-wide (past it the oldest go);
     ``approval``: ``open``, or ``required`` (new nodes wait as pending until an
     admin approves them, unless their auth key is pre-approved);
     ``ephemeral_grace_s``: how long an ephemeral node may stay offline before
@@ -140,7 +142,8 @@ class ControlServer:
                  key_expiry_s: float = 180 * 86400, keepalive_s: float = 15.0,
                  poll_s: float = 1.0, flush_delay_s: float = 0.005,
                  keep_changes: int = 200_000, challenge_rate: float = 10.0,
-                 challenge_burst: int = 60, approval: str = "open",
+                 challenge_burst: int = 60, max_challenges: int = MAX_CHALLENGES,
+                 approval: str = "open",
                  ephemeral_grace_s: float = 60.0,
                  metrics_allow: Sequence[str] | None = None,
                  control_key_file: str | os.PathLike[str] | None = None,
@@ -167,7 +170,7 @@ class ControlServer:
             raise ControlError(f"approval: {approval!r} is neither open nor required")
         self.approval, self.ephemeral_grace_s = approval, ephemeral_grace_s
         self.keepalive_s, self.poll_s, self.flush_delay_s = keepalive_s, poll_s, flush_delay_s
-        self.keep_changes = keep_changes
+        self.keep_changes, self.max_challenges = keep_changes, max_challenges
         self.store: Store | None = None
         self.world: World | None = None
         self.admin_key: str | None = None
@@ -195,6 +198,7 @@ class ControlServer:
         loop = asyncio.get_running_loop()
         self.store = store = await self._db(
             open_store, self.db, key_expiry_s=self.key_expiry_s,
+            max_challenges=self.max_challenges,
             approval_required=self.approval == "required",
             ephemeral_grace_s=self.ephemeral_grace_s)
         await self._db(self._bootstrap, store)

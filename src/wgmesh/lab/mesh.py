@@ -21,19 +21,23 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from wgmesh.control.client import ControlClient
+from wgmesh.keys import PrivateKey
 from wgmesh.lab.network import TIME_SCALE, Host, Lab, LabError, Process
 from wgmesh.lab.tls import LabCA
 from wgmesh.node.localapi import call
+from wgmesh.wireguard.netns import call_in
 
 __all__ = ["MeshLab", "MeshNode"]
 
 CONTROL_PORT = 8420
 RELAY_PORT = 3340
 STUN_PORT = 3478
+T = TypeVar("T")
 
 
 def relay_map(hosts: Sequence[Host], ipv6: bool) -> dict[str, Any]:
@@ -171,6 +175,36 @@ class MeshLab:
         path = self.dir / f"policy-{secrets.token_hex(3)}.json"
         path.write_text(json.dumps(policy))
         self.admin("policy", "set", str(path))
+
+    def control_call(self, fn: Callable[[ControlClient], T], *,
+                     node_token: str | None = None) -> T:
+        """``fn(client)``, a :class:`ControlClient` holding the admin key (and ``node_token``
+        for node calls), run on a thread inside the control host's namespace: the lab's
+        addresses are reachable only from inside the lab."""
+        def run() -> T:
+            with ControlClient(self.control_url, node_token=node_token, ca=self.control_ca,
+                               api_key=self.api_key_file.read_text().strip()) as client:
+                return fn(client)
+
+        return call_in(self.control.ns, run)
+
+    def seed_nodes(self, count: int, prefix: str = "seed") -> list[str]:
+        """Put ``count`` nodes (``{prefix}{i}``, no endpoints) straight into control's store,
+        for scale experiments: registering hundreds through the API would take minutes. The
+        running service takes them in at its next poll of the store (about a second).
+        Returns their node tokens, in order."""
+        from wgmesh.control.store import open_store
+
+        disco = PrivateKey.generate().public
+        specs = [(PrivateKey.generate().public, disco, f"{prefix}{i}", ())
+                 for i in range(count)]
+        state = self.dir / "control"
+        store = open_store(str(state / "control.db"))
+        try:
+            store.use_audit_key(bytes.fromhex((state / "audit.key").read_text().strip()))
+            return store.seed_nodes(specs)
+        finally:
+            store.close()
 
     def add_node(self, name: str, kind: str, *, backend: str | None = None,
                  tags: tuple[str, ...] = (), hairpin: bool = False,

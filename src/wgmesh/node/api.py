@@ -395,12 +395,16 @@ class AsyncNode:
         self._emit("control_rejected", {"error": error})
 
     def _apply_netmap(self, netmap: nm.Netmap, live: bool = True) -> None:
-        """Fold a new netmap into the backend and traversal: only the peers that changed."""
+        """Fold a new netmap into the backend and traversal: only the peers that changed.
+
+        The ``netmap`` event says how many peers the backend added, updated and removed and
+        how long the whole apply took, so a diff that touched everything shows."""
         from wgmesh.wireguard.backend import PeerConfig
 
         backend, dataplane = self.backend, self.dataplane
         if backend is None or dataplane is None:
             return
+        t0 = time.perf_counter()
         old = self.netmap if self.netmap is not None and self._peer_keys else None
         self.netmap = netmap
         self.expiry_watch.update(netmap.self_node.key_expiry)
@@ -430,7 +434,7 @@ class AsyncNode:
         dataplane.set_tunneled([n for d in desired for n in d.allowed_ips])
         # Relayed peers keep the endpoint the data plane gave them.
         try:
-            backend.set_peers(self._keep_endpoints(backend, desired))
+            diff = backend.set_peers(self._keep_endpoints(backend, desired))
         except WgmeshError as e:
             log.error("configuring peers failed: %s", e)
             return
@@ -458,7 +462,10 @@ class AsyncNode:
             if is_new:
                 self._emit("peer_added", {"name": p.name, "key": p.node_key.b64(),
                                           "ipv4": p.ipv4})
-        self._emit("netmap", {"seq": netmap.seq, "peers": len(visible)})
+        self._emit("netmap", {"seq": netmap.seq, "peers": len(visible),
+                              "added": len(diff.add), "updated": len(diff.update),
+                              "removed": len(diff.remove),
+                              "apply_s": round(time.perf_counter() - t0, 6)})
 
     def _sync_lock(self, advertised: str) -> None:
         """Control advertises a new lock head: fetch and verify it off the loop, then

@@ -73,7 +73,6 @@ Upstream = tuple[str, int]
 
 # ------------------------------------------------------------------------- core
 
-
 @attrs.frozen
 class NameTable:
     """Who is who in the mesh, as of one netmap: labels, addresses and reverse names."""
@@ -82,10 +81,17 @@ class NameTable:
     addresses: dict[str, tuple[str, ...]]
     reverse: dict[dns.name.Name, str]
     members: frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]
+    #: Each address's reverse name and parsed form, for the next table to reuse: a node
+    #: rebuilds its table on every netmap change, and parsing every peer's addresses
+    #: again was most of a change's cost at 500 peers.
+    parsed: dict[str, tuple[dns.name.Name, ipaddress.IPv4Address | ipaddress.IPv6Address]] \
+        = attrs.field(factory=dict, eq=False, repr=False)
 
     @classmethod
-    def from_netmap(cls, netmap: Netmap, domain: str) -> NameTable:
-        """This node and its peers; on a (control-prevented) name clash the first wins."""
+    def from_netmap(cls, netmap: Netmap, domain: str,
+                    previous: NameTable | None = None) -> NameTable:
+        """This node and its peers; on a (control-prevented) name clash the first wins.
+        ``previous``: the table this one replaces (its parsed addresses are reused)."""
         origin = dns.name.from_text(domain)
         if origin == dns.name.root:
             raise ValueError("the mesh domain must not be the DNS root")
@@ -95,10 +101,13 @@ class NameTable:
         for node in nodes:
             ips = tuple(ip for ip in (node.ipv4, node.ipv6) if ip)
             addresses.setdefault(node.name.lower(), ips)
-        reverse = {dns.reversename.from_address(ip): label
-                   for label, ips in addresses.items() for ip in ips}
-        members = frozenset(ipaddress.ip_address(ip) for ips in addresses.values() for ip in ips)
-        return cls(origin, addresses, reverse, members)
+        known = previous.parsed if previous is not None else {}
+        parsed = {ip: known.get(ip) or (dns.reversename.from_address(ip),
+                                        ipaddress.ip_address(ip))
+                  for ips in addresses.values() for ip in ips}
+        reverse = {parsed[ip][0]: label for label, ips in addresses.items() for ip in ips}
+        members = frozenset(address for _, address in parsed.values())
+        return cls(origin, addresses, reverse, members, parsed)
 
     @property
     def domain_text(self) -> str:
@@ -299,7 +308,7 @@ class DnsResponder:
 
     def update(self, netmap: Netmap) -> None:
         """Answer from ``netmap`` from now on: removed and renamed nodes stop resolving."""
-        self._table = NameTable.from_netmap(netmap, self._table.domain_text)
+        self._table = NameTable.from_netmap(netmap, self._table.domain_text, self._table)
 
     def resolve(self, name: str) -> list[str]:
         """Addresses of a mesh name from the current table (no system resolver)."""

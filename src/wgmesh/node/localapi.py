@@ -82,6 +82,9 @@ class LocalAPIServer:
             except (ValueError, asyncio.LimitOverrunError) as e:
                 await _reply(writer, {"error": f"bad request: {e}"})
                 return
+            except RecursionError:  # "[[[[..." deeper than the parser's stack
+                await _reply(writer, {"error": "bad request: nested too deeply"})
+                return
             handler = self.methods.get(req["method"])
             if handler is None:
                 await _reply(writer, {"error": f"unknown method {req['method']!r}"})

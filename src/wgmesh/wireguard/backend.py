@@ -19,6 +19,7 @@ import attrs
 
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key, PrivateKey
+from wgmesh.wireguard.allowedips import parse_network
 
 if TYPE_CHECKING:
     import asyncio
@@ -51,7 +52,7 @@ class BackendError(WgmeshError):
 
 
 def _networks(values: Iterable[str | IPNetwork]) -> tuple[IPNetwork, ...]:
-    return tuple(sorted({ipaddress.ip_network(v, strict=False) for v in values},
+    return tuple(sorted({parse_network(v) for v in values},
                         key=lambda n: (n.version, n.network_address, n.prefixlen)))
 
 

@@ -21,6 +21,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 from wgmesh.netmap import FilterRule
+from wgmesh.wireguard.allowedips import parse_network
 
 __all__ = ["PacketFilter", "nft_delete", "nft_replace", "nft_ruleset", "parse_flow"]
 
@@ -110,8 +111,7 @@ class PacketFilter:
 
     def set_rules(self, rules: Sequence[FilterRule]) -> None:
         self._rules = [
-            (tuple(ipaddress.ip_network(c, strict=False) for c in r.src),
-             tuple(ipaddress.ip_network(c, strict=False) for c in r.dst),
+            (tuple(parse_network(c) for c in r.src), tuple(parse_network(c) for c in r.dst),
              r.ports, r.proto) for r in rules]
         self._decisions: OrderedDict[tuple[int, bytes, bytes, int], bool] = OrderedDict()
         self.allow_all = any(

@@ -34,7 +34,6 @@ from wgmesh.control.errors import (
     ControlError,
     Forbidden,
     NotFound,
-    TooManyRequests,
     Unauthorized,
     Unprocessable,
 )
@@ -243,15 +242,20 @@ class Store(ABC):
 
     # -- registration
     def add_challenge(self, node_key: Key, rotate_from: Key | None, secret_hash: str) -> str:
-        """Store a challenge; :class:`TooManyRequests` while ``max_challenges`` are outstanding."""
+        """Store a challenge; with ``max_challenges`` outstanding the oldest ones go.
+
+        Dropping the oldest, not refusing the newest: a flood from many sources (each
+        within its rate limit) would otherwise fill the table and shut every honest node
+        out for the challenge lifetime, while a node answers its own challenge within a
+        round trip, long before the flood can push it out."""
         cid = secrets.token_hex(16)
         now = time.time()
         with self._tx() as tx:
             tx.run("DELETE FROM challenges WHERE expires_at < ?", now)
-            count, first = tx.row("SELECT COUNT(*), MIN(expires_at) FROM challenges")  # type: ignore[misc]
+            count = tx.row("SELECT COUNT(*) FROM challenges")[0]  # type: ignore[index]
             if count >= self.max_challenges:
-                raise TooManyRequests("too many registrations in progress; try again shortly",
-                                      max(1.0, first - now))
+                tx.run("DELETE FROM challenges WHERE id IN (SELECT id FROM challenges "
+                       "ORDER BY expires_at LIMIT ?)", count - self.max_challenges + 1)
             tx.run("INSERT INTO challenges VALUES (?, ?, ?, ?, ?)", cid, node_key.b64(),
                    rotate_from.b64() if rotate_from else "", secret_hash, now + CHALLENGE_TTL_S)
         return cid
