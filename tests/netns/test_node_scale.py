@@ -1,6 +1,5 @@
 """A node with 500 peers on the userspace backend: a netmap change is applied as a diff
-(issue 14, Load; the check is ``tests/support/nodescale.py``, its kernel twin
-``tests/kernel/test_node_scale_kernel.py``)."""
+(issue 14, Load; the check is ``tests/support/nodescale.py``)."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ session with. Then one peer's endpoints change, one peer is deleted and one regi
 After each change the backend (read with ``wg show dump``, not through the agent) holds
 exactly the netmap's peers, the agent reports a diff of one peer (or none, for an
 endpoint: traversal takes it), and the real peer's session was never torn down: a
-wholesale reconfiguration would drop its handshake and reset its counters. Shared by
-the userspace test (tests/netns) and its kernel twin (tests/kernel); the benchmark has
-the timings."""
+wholesale reconfiguration would drop its handshake and reset its counters. Takes the
+backend as a parameter for a kernel twin (not in the suite yet: docs/reliability.md);
+the benchmark has the timings."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _netmap_events(node: MeshNode) -> list[dict[str, Any]]:
 
 
 def check_a_change_is_applied_as_a_diff(lab: Lab, backend: str) -> None:
-    """The whole check on ``backend`` (userspace here, kernel in the VM tier)."""
+    """The whole check on ``backend`` (the suite runs it on userspace)."""
     mesh = MeshLab(lab, relays=0, backend=backend)
     # Names of their own: the UAPI socket path is shared with other labs on this host.
     tag = secrets.token_hex(2)
