@@ -48,7 +48,9 @@ def test_agents_go_direct_and_ping_through_the_tunnel(lab: Lab) -> None:
     # the CLI over the same socket: an aligned table, JSON, and ping with its path
     cp = subprocess.run([*WGMESH, "status", "--socket", a.socket], capture_output=True,
                         text=True, timeout=60, check=True)
-    head, row = cp.stdout.splitlines()[1:3]
+    lines = cp.stdout.splitlines()  # summary lines (node, mesh DNS, ...), then the table
+    at = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
+    head, row = lines[at:at + 2]
     assert head.split()[:3] == ["PEER", "ADDRESS", "PATH"] and row.split()[0] == "b"
     assert head.index("PATH") == row.index("direct")
     cp = subprocess.run([*WGMESH, "status", "--json", "--socket", a.socket],
