@@ -328,11 +328,11 @@ class LocalInfo:
     #: routes): a candidate inside one would carry WireGuard inside WireGuard (a router's
     #: LAN address, once we route its LAN through it), so none is ever made.
     tunneled: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    _next_sock: int = 1
 
     def in_tunnel(self, ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
         return any(addr in n for n in self.tunneled if n.version == addr.version)
-    _next_sock: int = 1
 
     def alloc_socks(self, n: int) -> tuple[int, ...]:
         ids = tuple(range(self._next_sock, self._next_sock + n))

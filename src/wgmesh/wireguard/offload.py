@@ -11,6 +11,7 @@ big-endian integer value modulo 0xFFFF, so the sum runs in C, not a Python loop.
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ __all__ = [
     "GSO_NONE",
     "GSO_TCPV4",
     "GSO_TCPV6",
+    "GSO_UNSUPPORTED",
     "SOL_UDP",
     "UDP_GRO",
     "UDP_SEGMENT",
@@ -45,6 +47,9 @@ ZERO_HDR = bytes(VNET_HDR_LEN)  # GSO_NONE, checksum already complete
 SOL_UDP, UDP_SEGMENT, UDP_GRO = 17, 103, 104
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
+#: A GSO send failing with one of these means this kernel or device has no UDP GSO:
+#: fall back to one datagram per send for good.
+GSO_UNSUPPORTED = frozenset({errno.EIO, errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP})
 
 
 def _sum(data: bytes | bytearray | memoryview) -> int:

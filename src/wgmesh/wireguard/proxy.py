@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import socket
 import struct
 import threading
@@ -48,7 +47,13 @@ import attrs
 from wgmesh.keys import KEY_LEN, Key
 from wgmesh.wireguard.backend import Backend
 from wgmesh.wireguard.netns import socket_in
-from wgmesh.wireguard.offload import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, SOL_UDP, UDP_SEGMENT
+from wgmesh.wireguard.offload import (
+    GSO_MAX_BYTES,
+    GSO_MAX_SEGMENTS,
+    GSO_UNSUPPORTED,
+    SOL_UDP,
+    UDP_SEGMENT,
+)
 
 __all__ = ["BridgeCounters", "PipeTransport", "RelayBridge", "SendToPeer"]
 
@@ -199,8 +204,7 @@ class RelayBridge:
                 port.sock.sendmsg([b"".join(packets)], [
                     (SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(packets[0])))])
             except OSError as e:
-                if e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT,
-                                   errno.EOPNOTSUPP):
+                if e.errno not in GSO_UNSUPPORTED:
                     c.dropped += len(packets)
                     return
                 self._gso = False  # no UDP GSO here: one by one from now on

@@ -57,6 +57,7 @@ from wgmesh.wireguard.noise import MSG_TRANSPORT, message_type
 from wgmesh.wireguard.offload import (
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
+    GSO_UNSUPPORTED,
     SOL_UDP,
     UDP_GRO,
     UDP_SEGMENT,
@@ -606,8 +607,7 @@ class UserspaceBackend:
                     # interface MTU allows for): one by one, the kernel fragments them.
                     # Dropping the batch would black-hole every bulk flow.
                     self.gso_too_big += 1
-                elif e.errno not in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT,
-                                     errno.EOPNOTSUPP):
+                elif e.errno not in GSO_UNSUPPORTED:
                     self.io_errors += 1
                     return
                 else:
