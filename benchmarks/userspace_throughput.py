@@ -1,13 +1,17 @@
 """Throughput of the tunnel: wgmesh userspace <-> wgmesh vs wireguard-go <-> wireguard-go.
 
-Two lab hosts, the same implementation on both, configured with the stock ``wg``
-tool; iperf3 TCP and UDP through the tunnel. Prints ONE JSON line: per
-implementation and protocol the median over rounds of Mbit/s (what iperf3
-received) and packets/s (entering the sender's tunnel); ``ratio`` = the median
-of per-round ratios wgmesh TCP / wireguard-go TCP, ``udp_ratio`` the same for UDP,
-each with every round's ratio and their spread.
+The same implementation at both ends, configured with the stock ``wg`` tool;
+iperf3 TCP and UDP through the tunnel, in two topologies (``--topology``, default
+both): ``two-host`` (two lab hosts on one bridge) and ``one-ns`` (both UDP sockets
+in one namespace over loopback, the TUN interfaces moved into two others, as in
+WireGuard's own selftests). Prints ONE JSON line with, per topology, implementation
+and protocol, the median over rounds of Mbit/s (what iperf3 received) and
+packets/s (entering the sender's tunnel); ``ratio`` = the median of per-round
+ratios wgmesh TCP / wireguard-go TCP, ``udp_ratio`` the same for UDP, each with
+every round's ratio and their spread.
 
-    sudo .venv/bin/python benchmarks/userspace_throughput.py [--seconds 5] [--rounds 4]
+    sudo .venv/bin/python benchmarks/userspace_throughput.py [--seconds 5] [--rounds 4] \
+        [--topology two-host] [--topology one-ns]
 
 Rounds run the two implementations in ABBA order (see ``_bench``). The reference is
 whatever ``wireguard-go`` is installed (Debian's is v0.0.20220316); its version and
@@ -33,10 +37,12 @@ from wgmesh.lab import Host, Lab
 
 ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 PORT = 51820
+TOPOLOGIES = ("two-host", "one-ns")
 
 
-def start(lab: Lab, host: Host, ifname: str, impl: str, key: PrivateKey, addr: str,
-          tmp: Path) -> None:
+def start(lab: Lab, host: Host, ifname: str, impl: str, key: PrivateKey, tmp: Path,
+          port: int = PORT) -> None:
+    """Start ``impl`` on ``host`` and give it its key and port with the stock ``wg``."""
     argv = ([sys.executable, "-m", "wgmesh", "userspace", "--foreground", ifname]
             if impl == "wgmesh" else ["wireguard-go", "-f", ifname])
     proc = lab.spawn(host, argv, env=ENV)
@@ -48,7 +54,10 @@ def start(lab: Lab, host: Host, ifname: str, impl: str, key: PrivateKey, addr: s
     kf = tmp / f"{ifname}.key"
     kf.write_text(key.b64())
     kf.chmod(0o600)
-    lab.run(host, ["wg", "set", ifname, "listen-port", str(PORT), "private-key", str(kf)])
+    lab.run(host, ["wg", "set", ifname, "listen-port", str(port), "private-key", str(kf)])
+
+
+def link_up(lab: Lab, host: Host, ifname: str, addr: str) -> None:
     lab.run(host, ["ip", "addr", "add", f"{addr}/24", "dev", ifname])
     lab.run(host, ["ip", "link", "set", ifname, "mtu", "1420", "up"])
 
@@ -87,16 +96,35 @@ def iperf(lab: Lab, client: Host, server: Host, ifname: str, dst: str, seconds: 
     return out
 
 
-def run_pair(impl: str, seconds: float) -> dict[str, dict[str, float]]:
+def run_pair(impl: str, seconds: float, topology: str) -> dict[str, dict[str, float]]:
+    """One round of ``impl`` in ``topology``:
+
+    * ``two-host``: each device in its own host, UDP between them over the lab's
+      bridge (veth pairs), as two machines on one LAN;
+    * ``one-ns``: both devices' UDP sockets in one namespace, talking over loopback,
+      their TUN interfaces moved into two other namespaces (WireGuard's own
+      selftests, ``netns.sh``): no veth or bridge in the path.
+    """
     with Lab() as lab, tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         a, b = lab.add_public_host("a"), lab.add_public_host("b")
         ia, ib = f"{lab.prefix}a", f"{lab.prefix}b"
         ka, kb = PrivateKey.generate(), PrivateKey.generate()
-        start(lab, a, ia, impl, ka, "10.90.0.1", tmp)
-        start(lab, b, ib, impl, kb, "10.90.0.2", tmp)
+        if topology == "two-host":
+            start(lab, a, ia, impl, ka, tmp)
+            start(lab, b, ib, impl, kb, tmp)
+            endpoint = f"{b.ip}:{PORT}"
+        else:
+            wire = lab.add_public_host("wire")
+            start(lab, wire, ia, impl, ka, tmp, PORT)
+            start(lab, wire, ib, impl, kb, tmp, PORT + 1)
+            lab.run(wire, ["ip", "link", "set", ia, "netns", a.ns])
+            lab.run(wire, ["ip", "link", "set", ib, "netns", b.ns])
+            endpoint = f"127.0.0.1:{PORT + 1}"
+        link_up(lab, a, ia, "10.90.0.1")
+        link_up(lab, b, ib, "10.90.0.2")
         lab.run(a, ["wg", "set", ia, "peer", kb.public.b64(), "allowed-ips", "10.90.0.2/32",
-                    "endpoint", f"{b.ip}:{PORT}"])
+                    "endpoint", endpoint])
         lab.run(b, ["wg", "set", ib, "peer", ka.public.b64(), "allowed-ips", "10.90.0.1/32"])
         lab.run(a, ["ping", "-c", "2", "-W", "5", "10.90.0.2"])
         return {"tcp": iperf(lab, a, b, ia, "10.90.0.2", seconds, udp=False),
@@ -128,20 +156,24 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=4,
                     help="rounds of both implementations, in ABBA order")
+    ap.add_argument("--topology", choices=TOPOLOGIES, action="append",
+                    help="two-host and/or one-ns (default: both, one after the other)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (lab namespaces)")
     report = Report()
-    mesh, ref = run_abba(args.rounds, lambda: run_pair("wgmesh", args.seconds),
-                         lambda: run_pair("wireguard-go", args.seconds))
     res: dict[str, object] = {"bench": "userspace_throughput", "rounds": args.rounds,
                               "seconds": args.seconds, "order": "ABBA, wgmesh first",
-                              "wgmesh": summary(mesh), "wireguard-go": summary(ref),
                               "reference": reference()}
-    for proto in ("tcp", "udp"):
-        a, b = ([r[proto]["mbps"] for r in runs] for runs in (mesh, ref))
-        res[f"{proto}_mbps_rounds"] = {"wgmesh": a, "wireguard-go": b}
-        res.update(round_ratios(a, b, "ratio" if proto == "tcp" else "udp_ratio"))
+    for topology in args.topology or TOPOLOGIES:
+        mesh, ref = run_abba(args.rounds, lambda t=topology: run_pair("wgmesh", args.seconds, t),
+                             lambda t=topology: run_pair("wireguard-go", args.seconds, t))
+        out: dict[str, object] = {"wgmesh": summary(mesh), "wireguard-go": summary(ref)}
+        for proto in ("tcp", "udp"):
+            a, b = ([r[proto]["mbps"] for r in runs] for runs in (mesh, ref))
+            out[f"{proto}_mbps_rounds"] = {"wgmesh": a, "wireguard-go": b}
+            out.update(round_ratios(a, b, "ratio" if proto == "tcp" else "udp_ratio"))
+        res[topology] = out
     report.emit(res)
 
 

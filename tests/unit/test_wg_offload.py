@@ -141,3 +141,33 @@ def test_coalescer_never_raises_on_garbage(data: bytes) -> None:
     c = Coalescer(lambda mv: None)
     c.add(memoryview(data), len(data))
     c.flush()
+
+
+# (what differs in the second segment, IPv6?, byte offset from the IP header, new value):
+# each is a field Linux GRO requires to match, so the two segments must stay apart.
+_MISMATCHES = [("ttl", False, 8, 63), ("tos", False, 1, 4), ("dst address", False, 19, 9),
+               ("ack", False, 20 + 11, 78), ("window", False, 20 + 15, 1),
+               ("ECE flag", False, 20 + 13, 0x50), ("timestamp option", False, 20 + 27, 9),
+               ("hop limit", True, 7, 63), ("flow label", True, 3, 5),
+               ("ack", True, 40 + 11, 78), ("timestamp option", True, 40 + 27, 9)]
+
+
+@pytest.mark.parametrize(("field", "v6", "offset", "value"), _MISMATCHES,
+                         ids=[f"{'v6' if m[1] else 'v4'}-{m[0]}" for m in _MISMATCHES])
+def test_coalescer_merges_only_matching_headers(field: str, v6: bool, offset: int,
+                                                value: int) -> None:
+    ts = b"\x01\x01\x08\x0a" + bytes(8)
+    first = tcp_packet(v6, b"a" * 100, seq=1000, flags=0x10, options=ts)
+    second = bytearray(tcp_packet(v6, b"b" * 100, seq=1100, flags=0x10, options=ts))
+    written: list[bytes] = []
+    c = Coalescer(lambda mv: written.append(bytes(mv)))
+    for p in (first, bytes(second)):
+        c.add(memoryview(p), len(p))
+    c.flush()
+    assert len(written) == 1, "identical headers and consecutive sequence numbers merge"
+    second[offset] = value
+    written.clear()
+    for p in (first, bytes(second)):
+        c.add(memoryview(p), len(p))
+    c.flush()
+    assert [w[VNET_HDR_LEN:] for w in written] == [first, bytes(second)], field

@@ -71,24 +71,14 @@ def _pseudo(pkt: bytes | bytearray | memoryview, v6: bool, tcp_len: int) -> int:
     return (_sum(pkt[12:20]) + PROTO_TCP + tcp_len) % 0xFFFF
 
 
-def _tcp_offsets(pkt: bytes | bytearray | memoryview, n: int) -> tuple[bool, int, int] | None:
-    """(is_v6, IP header length, IP+TCP header length) of a plain TCP packet, else None."""
-    if n < 20:
-        return None
-    v = pkt[0] >> 4
-    if v == 4:
-        ihl = (pkt[0] & 15) * 4
-        if pkt[9] != PROTO_TCP or ihl < 20:
-            return None
-        v6 = False
-    elif v == 6 and n >= 40 and pkt[6] == PROTO_TCP:
-        ihl, v6 = 40, True
-    else:
-        return None
-    if n < ihl + 20:
-        return None
-    h = ihl + (pkt[ihl + 12] >> 4) * 4
-    return (v6, ihl, h) if h <= n else None
+# What a segment must share with the held one to join it, as Linux GRO checks: IPv4
+# version/IHL/TOS, the DF/fragment word, TTL, protocol and addresses; IPv6 version/class/
+# flow label, next header, hop limit and addresses; then TCP ports, ack, data offset,
+# window and urgent pointer. Lengths, IDs, sequence numbers, flags and checksums differ
+# per segment and are left out (flags and options are compared apart). One C-level
+# unpack per segment: building the key from slices cost more than the decryption.
+_KEY4 = struct.Struct("!H4xHBB2x8s" "I4xIB1xH2xH")
+_KEY6 = struct.Struct("!I2xBB32s" "I4xIB1xH2xH")
 
 
 class Coalescer:
@@ -104,28 +94,41 @@ class Coalescer:
         self._buf = bytearray(VNET_HDR_LEN + MAX_IP_LEN)
         self._mv = memoryview(self._buf)
         self._len = 0  # IP bytes held after the header; 0 = nothing held
-        self._key = b""
-        self._h = self._ihl = self._seg = self._segs = 0
+        self._key: tuple[int | bytes, ...] = ()
+        self._h = self._ihl = self._seg = self._segs = self._flags = 0
         self._v6 = False
         self._next_seq = 0
         self._closed = False
 
     def add(self, pkt: memoryview, n: int) -> None:
-        offs = _tcp_offsets(pkt, n)
+        b0 = pkt[0] if n else 0
         # IPv4 with options or any fragment (MF or an offset) is never merged.
-        if offs is None or (not offs[0] and ((pkt[0] & 15) != 5 or pkt[6] & 0x3F or pkt[7])):
+        if b0 == 0x45 and n >= 40 and pkt[9] == PROTO_TCP and not (pkt[6] & 0x3F or pkt[7]):
+            v6, ihl, key = False, 20, _KEY4.unpack_from(pkt)
+        elif b0 >> 4 == 6 and n >= 60 and pkt[6] == PROTO_TCP:
+            v6, ihl, key = True, 40, _KEY6.unpack_from(pkt)
+        else:
             self.flush()
             self._emit_plain(pkt, n)
             return
-        v6, ihl, h = offs
+        h = ihl + (pkt[ihl + 12] >> 4) * 4
+        if not ihl + 20 <= h <= n:
+            self.flush()
+            self._emit_plain(pkt, n)
+            return
         flags = pkt[ihl + 13]
         payload = n - h
-        if self._len and self._can_merge(pkt, v6, ihl, h, flags, payload):
+        (seq,) = _U32.unpack_from(pkt, ihl + 4)
+        if (self._len and not self._closed and key == self._key and h == self._h
+                and flags & ~_PSH == self._flags and 0 < payload <= self._seg
+                and seq == self._next_seq and self._len + payload <= MAX_IP_LEN
+                and (h == ihl + 20 or pkt[ihl + 20:h] ==
+                     self._mv[VNET_HDR_LEN + ihl + 20:VNET_HDR_LEN + h])):
             end = VNET_HDR_LEN + self._len
             self._buf[end:end + payload] = pkt[h:n]
             self._len += payload
             self._segs += 1
-            self._next_seq = (self._next_seq + payload) & 0xFFFFFFFF
+            self._next_seq = (seq + payload) & 0xFFFFFFFF
             if flags & _PSH:
                 self._buf[VNET_HDR_LEN + ihl + 13] |= _PSH  # as GRO carries PSH over
                 self._closed = True
@@ -139,27 +142,8 @@ class Coalescer:
         self._buf[VNET_HDR_LEN:VNET_HDR_LEN + n] = pkt[:n]
         self._len, self._h, self._ihl, self._v6 = n, h, ihl, v6
         self._seg, self._segs, self._closed = payload, 1, bool(flags & _PSH)
-        self._key = self._flow_key(pkt, v6, ihl, h)
-        self._next_seq = (_U32.unpack_from(pkt, ihl + 4)[0] + payload) & 0xFFFFFFFF
-
-    @staticmethod
-    def _flow_key(pkt: memoryview, v6: bool, ihl: int, h: int) -> bytes:
-        # Addresses, ports, ack, header word with flags and window, options (as GRO does);
-        # IPv4 also TOS, DF and TTL; IPv6 traffic class/flow label and hop limit.
-        ip = bytes(pkt[0:4]) + bytes(pkt[7:8]) + bytes(pkt[8:40]) if v6 else \
-            bytes(pkt[1:2]) + bytes(pkt[6:7]) + bytes(pkt[8:9]) + bytes(pkt[12:20])
-        tcp = bytearray(pkt[ihl:ihl + 4]) + pkt[ihl + 8:ihl + 16] + pkt[ihl + 20:h]
-        tcp[9] &= ~_PSH & 0xFF  # a PSH segment may join (and then ends) a merge
-        return ip + bytes(tcp)
-
-    def _can_merge(self, pkt: memoryview, v6: bool, ihl: int, h: int, flags: int,
-                   payload: int) -> bool:
-        return (not self._closed and v6 == self._v6 and h == self._h and ihl == self._ihl
-                and 0 < payload <= self._seg
-                and not flags & (_SYN | _FIN | _RST | _URG | _CWR | _ECE)
-                and self._len + payload <= MAX_IP_LEN
-                and _U32.unpack_from(pkt, ihl + 4)[0] == self._next_seq
-                and self._flow_key(pkt, v6, ihl, h) == self._key)
+        self._key, self._flags = key, flags & ~_PSH
+        self._next_seq = (seq + payload) & 0xFFFFFFFF
 
     def _emit_plain(self, pkt: memoryview, n: int) -> None:
         self._buf[:VNET_HDR_LEN] = ZERO_HDR
