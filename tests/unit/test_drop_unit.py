@@ -224,6 +224,22 @@ def test_send_and_clash_and_progress(serve: Callable[..., LoopServer], tmp_path:
     assert not any(s.server.inbox.partial_dir.iterdir())
 
 
+def test_write_behind_flushes_during_the_transfer(serve: Callable[..., LoopServer],
+                                                 tmp_path: Path) -> None:
+    """With a 64 KiB write-behind a 4 MiB drop starts flushing long before its end,
+    and the file still arrives whole; without fsync nothing is flushed early."""
+    data = os.urandom(4 << 20)
+    src = _file(tmp_path, "big.bin", data)
+    s = serve(write_behind=64 << 10)
+    send_file("127.0.0.1", src, port=s.server.port)
+    assert (s.server.inbox.dir / "big.bin").read_bytes() == data
+    assert s.server.counters["early_flushes"] >= 1
+    lazy = serve(write_behind=64 << 10, fsync=False)
+    send_file("127.0.0.1", src, port=lazy.server.port)
+    assert lazy.server.counters["early_flushes"] == 0
+    assert lazy.server.counters["received"] == 1
+
+
 def test_denied_and_unknown_senders_get_403(serve: Callable[..., LoopServer],
                                             tmp_path: Path) -> None:
     src = _file(tmp_path, "f", b"x")

@@ -81,7 +81,10 @@ class PeerAPIServer:
     lock the others out. ``reserve`` is disk space always left free. A transfer
     silent for ``idle_timeout`` seconds is treated as interrupted (its bytes are
     kept); partials untouched for ``partial_max_age`` are pruned at start and
-    every ``prune_interval`` seconds after.
+    every ``prune_interval`` seconds after. With ``fsync`` (the default) a file is
+    on disk before its 201; every ``write_behind`` bytes the server already starts
+    flushing what it holds, in a thread while the transfer goes on, so the final
+    ``fsync`` waits only for the tail and dirty memory stays bounded.
     """
 
     def __init__(self, inbox: Inbox | str | os.PathLike[str], addresses: Sequence[str], *,
@@ -90,7 +93,7 @@ class PeerAPIServer:
                  quota: int | None = DEFAULT_QUOTA, sender_quota: int | None = None,
                  reserve: int = 64 << 20, fsync: bool = True,
                  partial_max_age: float = 7 * 86400, prune_interval: float = 3600.0,
-                 idle_timeout: float = 60.0) -> None:
+                 idle_timeout: float = 60.0, write_behind: int = 32 << 20) -> None:
         if not addresses:
             raise ValueError("the peer API needs at least one tunnel address")
         for a in addresses:
@@ -106,8 +109,10 @@ class PeerAPIServer:
         self.sender_quota = sender_quota
         self.partial_max_age, self.idle_timeout = partial_max_age, idle_timeout
         self.prune_interval = prune_interval
+        self.write_behind = write_behind
         self._pruner: asyncio.Task[None] | None = None
-        self.counters: dict[str, int] = {"received": 0, "refused": 0, "interrupted": 0}
+        self.counters: dict[str, int] = {"received": 0, "refused": 0, "interrupted": 0,
+                                         "early_flushes": 0}
         self._active: dict[Path, _Active] = {}
         self._runner: Any = None
 
@@ -275,11 +280,13 @@ class PeerAPIServer:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as e:
             raise _disk_refusal(e, offer, partial) from e
+        flushing: asyncio.Future[None] | None = None
         try:
             os.ftruncate(fd, offer.offset)
             digest = await asyncio.to_thread(_hash_prefix, partial, offer.offset)
             os.lseek(fd, offer.offset, os.SEEK_SET)
             got = offer.offset
+            unflushed = 0
             lowat = _LowWater(req, offer.size - offer.offset)
             lowat.update()
             while got < offer.size:
@@ -302,15 +309,28 @@ class PeerAPIServer:
                 got += len(chunk)
                 digest.update(chunk)
                 _write_all(fd, chunk)
+                unflushed += len(chunk)
+                if self.fsync and unflushed >= self.write_behind and \
+                        (flushing is None or flushing.done()):
+                    if flushing is not None:
+                        flushing.result()  # a failed early flush fails the transfer
+                    flushing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
+                    self.counters["early_flushes"] += 1
+                    unflushed = 0
                 lowat.update()
             if digest.hexdigest() != offer.sha256:
                 os.unlink(partial)
                 raise p.digest_mismatch(offer, digest.hexdigest())
+            if flushing is not None:
+                await flushing
             if self.fsync:
                 await asyncio.to_thread(os.fsync, fd)
         except OSError as e:
             raise _disk_refusal(e, offer, partial) from e
         finally:
+            if flushing is not None:  # never close the fd under a flush still running
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(flushing)
             os.close(fd)
         try:
             final = self.inbox.commit(partial, offer.name)
