@@ -10,6 +10,7 @@ best against best, and the spread of those ratios is reported next to it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from wgmesh.lab.network import Host, Lab
 
 T = TypeVar("T")
+#: Default socket buffers for runs with a wireguard-go tunnel (see ``socket_buffers``): what
+#: wgmesh's userspace device forces for itself (``userspace.SOCKET_BUFFER``).
+WG_SOCKET_BUFFERS = 4 << 20
 P99_MIN_SAMPLES = 100  # fewer samples than this and "p99" would just be the maximum
 
 
@@ -156,3 +160,25 @@ def run_in_vm(script: str, args: Sequence[str], report: Report, name: str,
         return 0
     finally:
         shutil.rmtree(rw, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def socket_buffers(size: int) -> Iterator[None]:
+    """Default UDP socket buffers of ``size`` on this host for the run, restored after.
+
+    wgmesh's device and current wireguard-go (since v0.0.20230223) size their own
+    buffers (4 and 7 MiB, ``SO_RCVBUFFORCE``); Debian's older wireguard-go keeps the
+    default 208 KiB and then drops datagrams (``UdpRcvbufErrors``: 14 % of them at
+    360 Mbit/s here), which TCP through the tunnel pays for in retransmits. Raising
+    the default gives it the buffers its current release takes for itself. The
+    setting is global: it cannot be set per network namespace.
+    """
+    keys = ("net.core.rmem_default", "net.core.wmem_default")
+    before = {k: Path("/proc/sys", *k.split(".")).read_text().strip() for k in keys}
+    try:
+        for k in keys:
+            Path("/proc/sys", *k.split(".")).write_text(str(size))
+        yield
+    finally:
+        for k, v in before.items():
+            Path("/proc/sys", *k.split(".")).write_text(v)

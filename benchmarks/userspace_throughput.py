@@ -21,7 +21,6 @@ the offloads it lacks against current wireguard-go are part of the JSON line.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -30,17 +29,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from _bench import Report, round_ratios, run_abba
+from _bench import WG_SOCKET_BUFFERS, Report, round_ratios, run_abba, socket_buffers
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Host, Lab
 
 ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 PORT = 51820
 TOPOLOGIES = ("two-host", "one-ns")
-BUFFERS = 4 << 20  # what wgmesh's device forces for itself (userspace.SOCKET_BUFFER)
 
 
 def start(lab: Lab, host: Host, ifname: str, impl: str, key: PrivateKey, tmp: Path,
@@ -146,28 +143,6 @@ def rcvbuf_errors(lab: Lab) -> int:
     return total
 
 
-@contextlib.contextmanager
-def socket_buffers(size: int) -> Iterator[None]:
-    """Default UDP socket buffers of ``size`` on this host for the run, restored after.
-
-    wgmesh's device and current wireguard-go (since v0.0.20230223) size their own
-    buffers (4 and 7 MiB, ``SO_RCVBUFFORCE``); Debian's older wireguard-go keeps the
-    default 208 KiB and then drops datagrams (``UdpRcvbufErrors``: 14 % of them at
-    360 Mbit/s here) and TCP retransmits. Raising the default gives the reference the
-    buffers its current release takes for itself. The setting is global: it cannot be
-    set per network namespace.
-    """
-    keys = ("net.core.rmem_default", "net.core.wmem_default")
-    before = {k: Path("/proc/sys", *k.split(".")).read_text().strip() for k in keys}
-    try:
-        for k in keys:
-            Path("/proc/sys", *k.split(".")).write_text(str(size))
-        yield
-    finally:
-        for k, v in before.items():
-            Path("/proc/sys", *k.split(".")).write_text(v)
-
-
 # What wireguard-go releases added to the data path: an older reference lacks it.
 OFFLOADS = (((0, 0, 20230223), "TUN TCP segmentation/receive offload (TSO/GRO), batched UDP I/O"),
             ((0, 0, 20231211), "UDP GSO/GRO on the socket and the TUN device"))
@@ -201,9 +176,9 @@ def main() -> None:
     report = Report()
     res: dict[str, object] = {"bench": "userspace_throughput", "rounds": args.rounds,
                               "seconds": args.seconds, "order": "ABBA, wgmesh first",
-                              "reference": reference(), "default_socket_buffers": BUFFERS}
+                              "reference": reference(), "default_socket_buffers": WG_SOCKET_BUFFERS}
     for topology in args.topology or TOPOLOGIES:
-        with socket_buffers(BUFFERS):
+        with socket_buffers(WG_SOCKET_BUFFERS):
             mesh, ref = run_abba(args.rounds,
                                  lambda t=topology: run_pair("wgmesh", args.seconds, t),
                                  lambda t=topology: run_pair("wireguard-go", args.seconds, t))
