@@ -22,7 +22,7 @@ from wgmesh.drop import protocol
 from wgmesh.drop.inbox import Inbox, suffixed
 from wgmesh.drop.protocol import BadName, check_name
 from wgmesh.drop.sender import Connection, read_response, request, send_file
-from wgmesh.drop.server import PeerAPIServer
+from wgmesh.drop.server import PeerAPIServer, _LowWater
 from wgmesh.keys import Key
 from wgmesh.netmap import CAP_FILE_SEND, Netmap, NodeInfo, Peer
 
@@ -238,6 +238,31 @@ def test_write_behind_flushes_during_the_transfer(serve: Callable[..., LoopServe
     send_file("127.0.0.1", src, port=lazy.server.port)
     assert lazy.server.counters["early_flushes"] == 0
     assert lazy.server.counters["received"] == 1
+
+
+def test_low_water_mark_never_clamps_the_tcp_window() -> None:
+    """A receive low-water mark above a quarter of the socket's buffer makes Linux grow the
+    buffer and clamp the TCP window to the mark, which held drops at a 256 KiB window
+    through the tunnel; the mark must stay under that, and follow the buffer as it grows."""
+    with socket.create_server(("127.0.0.1", 0)) as srv, \
+            socket.create_connection(srv.getsockname()):
+        conn, _ = srv.accept()
+        with conn:
+            body = 64 << 20
+            content = type("Content", (), {"total_bytes": 0})()
+            transport = type("Transport", (), {"get_extra_info": lambda self, k: conn})()
+            req = type("Request", (), {"content": content, "transport": transport})()
+            rcvbuf = conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            lowat = _LowWater(req, body)
+            lowat.update()
+            assert 1 < lowat.mark <= rcvbuf // 4
+            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == rcvbuf
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # as if autotuned
+            lowat.update()
+            assert lowat.mark == _LowWater.LOWAT
+            content.total_bytes = body - 1000  # never more than is still to come
+            lowat.update()
+            assert lowat.mark == 1000
 
 
 def test_denied_and_unknown_senders_get_403(serve: Callable[..., LoopServer],
