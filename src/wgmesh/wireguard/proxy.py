@@ -161,16 +161,23 @@ class RelayBridge:
 
     # -- packets
     def _readable(self, port: _Port) -> None:
+        """Up to BATCH datagrams from the kernel, one ``recv`` each (Python has no
+        ``recvmmsg``, and the kernel module sends datagram by datagram, so UDP GRO has
+        nothing to merge on loopback): the per-packet work is kept to that and ``send``."""
+        recv, send, key = port.sock.recv, self.send, port.key
+        sent = dropped = 0
         for _ in range(BATCH):
             try:
-                packet = port.sock.recv(MAX_DATAGRAM)
+                packet = recv(MAX_DATAGRAM)
             except BlockingIOError:
-                return
+                break
             except OSError:  # e.g. ICMP unreachable reported on the connected socket
-                port.counters.dropped += 1
+                dropped += 1
                 continue
-            port.counters.to_relay += 1
-            self.send(port.key, packet)
+            send(key, packet)
+            sent += 1
+        port.counters.to_relay += sent
+        port.counters.dropped += dropped
 
     def deliver(self, src: Key, packet: bytes) -> None:
         """A packet from the relay, sent by the node ``src``: hand it to the kernel.
