@@ -18,7 +18,14 @@ median of per-round ratios:
    bridge's loopback endpoint, a counter on ``b``'s kernel port counts what the far bridge
    injected. ``client``, the reference: a pump of 1440-byte packets through
    ``RelayClient.send_nowait`` to a ``RelayClient`` sink via the same relay. Both
-   saturate the path and count what arrives, per second.
+   saturate the path and count what arrives, per second. The UDP sender offers
+   ``--blast-pps`` (300,000/s, 2-3x what either side carries): unpaced (``0``, the method
+   before 2026-12-06 evening) it offered ~1,000,000/s, of which the bridge's socket
+   dropped 90 %, and so spent ~60 % of one of the two cores on datagrams nobody read,
+   a cost the client's pump, which makes its packets from nothing, never pays.
+   ``cpu_ratio`` is the load-robust side of the same comparison: CPU time per delivered
+   packet of the client's source and sink over that of the two bridge processes (the
+   relay's, ``relay_cpu_us_per_packet``, is the same work on both sides).
 2. ``wg_bridge_of_direct_ratio``: wireguard-go standing in for the kernel module at both
    ends (the issue's stand-in), an iperf3 UDP flood (1372-byte payloads) through the
    tunnel with the peers' endpoints on the bridges, against the same flood with direct
@@ -28,6 +35,7 @@ median of per-round ratios:
    one TCP iperf3 through the bridges is ``wg_bridge_tcp_mbps``.
 
     sudo .venv/bin/python benchmarks/proxy_throughput.py [--seconds 5] [--rounds 4]
+        [--blast-pps 300000]
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ if TYPE_CHECKING:
 UDP_PORT = 51900  # the UDP stand-in's "kernel port"
 UDP_PAYLOAD = 1372  # iperf3's datagrams: 1400-byte IP packets fit the 1420 tunnel MTU
 PACKET = 1440  # the WireGuard transport packet that carries one
+BLAST_PPS = 300_000  # offered to the bridge: 2-3x what it or the client alone carries
 REFERENCE = ("ratio: RelayClient alone, a pump of 1440-byte packets through send_nowait "
              "to a RelayClient sink via the same relay, against the bridges fed and drained "
              "by plain UDP sockets on the kernel ports; wg_bridge_of_direct_ratio: "
@@ -150,9 +159,10 @@ async def pump_source(url: str, dst: str, seconds: float) -> None:
     emit(cpu_s=cpu)
 
 
-def udp_blast(port: int, dst: str, seconds: float) -> None:
+def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
     """The UDP stand-in's sender: 1440-byte datagrams from 127.0.0.1:``port`` (where the
-    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send."""
+    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send, at
+    ``pps`` datagrams per second (0: as fast as it can)."""
     from wgmesh.wireguard.offload import SOL_UDP, UDP_SEGMENT
 
     host, _, p = dst.rpartition(":")
@@ -160,10 +170,15 @@ def udp_blast(port: int, dst: str, seconds: float) -> None:
     s.bind(("127.0.0.1", port))
     s.connect((host, int(p)))
     burst, gso = bytes(PACKET * 44), [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", PACKET))]
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    start = time.monotonic()
+    sent = 0
+    while (now := time.monotonic()) < start + seconds:
+        if pps and sent >= (now - start) * pps:
+            time.sleep(44 / pps)
+            continue
         with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
             s.sendmsg([burst], gso)
+        sent += 44
 
 
 def udp_count(port: int) -> None:
@@ -196,7 +211,7 @@ def role(argv: list[str]) -> None:
     elif r == "pump-source":
         asyncio.run(pump_source(args[0], args[1], float(args[2])))
     elif r == "udp-blast":
-        udp_blast(int(args[0]), args[1], float(args[2]))
+        udp_blast(int(args[0]), args[1], float(args[2]), float(args[3]))
     else:
         udp_count(int(args[0]))
 
@@ -206,6 +221,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds (one run a side)")
+    ap.add_argument("--blast-pps", type=float, default=BLAST_PPS,
+                    help="the UDP stand-in's offered datagrams/s (0: unpaced, as before)")
     a = ap.parse_args()
     report = Report()
 
@@ -249,7 +266,7 @@ def main() -> None:
             count.wait_for_output('"ready"', timeout=60)
             cpu0 = [proc_cpu_s(p.pid) for p in (*udp_bridges, relay)]
             lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
-                       str(a.seconds)).wait(a.seconds + 60)
+                       str(a.seconds), str(a.blast_pps)).wait(a.seconds + 60)
             count.wait(60)
             near, far, rel = (proc_cpu_s(p.pid) - c for p, c in zip((*udp_bridges, relay), cpu0,
                                                                      strict=True))
@@ -291,7 +308,7 @@ def main() -> None:
             p.stop()
     med = statistics.median
     report.emit({"bench": "proxy_throughput", "rounds": a.rounds, "seconds": a.seconds,
-                 "packet_bytes": PACKET, "reference": REFERENCE, "goal": 0.8,
+                 "packet_bytes": PACKET, "blast_pps": a.blast_pps, "reference": REFERENCE, "goal": 0.8,
                  "bridge_pps_runs": [round(x) for x in br],
                  "client_pps_runs": [round(x) for x in ref],
                  "bridge_mbps_median": round(med(br) * PACKET * 8 / 1e6, 1),
