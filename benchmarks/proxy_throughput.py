@@ -18,7 +18,14 @@ median of per-round ratios:
    bridge's loopback endpoint, a counter on ``b``'s kernel port counts what the far bridge
    injected. ``client``, the reference: a pump of 1440-byte packets through
    ``RelayClient.send_nowait`` to a ``RelayClient`` sink via the same relay. Both
-   saturate the path and count what arrives, per second.
+   saturate the path and count what arrives, per second. The UDP sender offers
+   ``--blast-pps`` (300,000/s, 2-3x what either side carries): unpaced (``0``, the method
+   before 2026-12-06 evening) it offered ~1,000,000/s, of which the bridge's socket
+   dropped 90 %, and so spent ~60 % of one of the two cores on datagrams nobody read,
+   a cost the client's pump, which makes its packets from nothing, never pays.
+   ``cpu_ratio`` is the load-robust side of the same comparison: CPU time per delivered
+   packet of the client's source and sink over that of the two bridge processes (the
+   relay's, ``relay_cpu_us_per_packet``, is the same work on both sides).
 2. ``wg_bridge_of_direct_ratio``: wireguard-go standing in for the kernel module at both
    ends (the issue's stand-in), an iperf3 UDP flood (1372-byte payloads) through the
    tunnel with the peers' endpoints on the bridges, against the same flood with direct
@@ -28,6 +35,7 @@ median of per-round ratios:
    one TCP iperf3 through the bridges is ``wg_bridge_tcp_mbps``.
 
     sudo .venv/bin/python benchmarks/proxy_throughput.py [--seconds 5] [--rounds 4]
+        [--blast-pps 300000]
 """
 
 from __future__ import annotations
@@ -44,9 +52,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from _bench import Report, round_ratios, run_abba
+import attrs
+
+from _bench import Report, proc_cpu_s, round_ratios, run_abba
 from relay_throughput import relay_lab
 from userspace_throughput import PORT, iperf, start
 from wgmesh.keys import Key, PrivateKey
@@ -57,6 +67,7 @@ if TYPE_CHECKING:
 UDP_PORT = 51900  # the UDP stand-in's "kernel port"
 UDP_PAYLOAD = 1372  # iperf3's datagrams: 1400-byte IP packets fit the 1420 tunnel MTU
 PACKET = 1440  # the WireGuard transport packet that carries one
+BLAST_PPS = 300_000  # offered to the bridge: 2-3x what it or the client alone carries
 REFERENCE = ("ratio: RelayClient alone, a pump of 1440-byte packets through send_nowait "
              "to a RelayClient sink via the same relay, against the bridges fed and drained "
              "by plain UDP sockets on the kernel ports; wg_bridge_of_direct_ratio: "
@@ -67,6 +78,30 @@ def emit(**kw: object) -> None:
     print(json.dumps(kw), flush=True)
 
 
+def _last(p: Process) -> dict[str, Any]:
+    line: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
+    return line
+
+
+@attrs.frozen
+class Run:
+    """One run of either side: packets per second at the receiver, and CPU microseconds
+    per packet of the processes under test (the bridges; the client's source and sink)
+    and of the relay."""
+
+    pps: float
+    cpu_s_per_packet: float
+    relay_cpu_s_per_packet: float
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_s_per_packet * 1e6
+
+    @property
+    def relay_cpu_us(self) -> float:
+        return self.relay_cpu_s_per_packet * 1e6
+
+
 # ---- roles (run inside lab hosts) --------------------------------------------------------
 async def bridge(url: str, keyfile: str, wg_port: int, peer: str) -> None:
     """RelayClient + RelayBridge for one peer, as the kernel agent wires them; prints the
@@ -75,11 +110,9 @@ async def bridge(url: str, keyfile: str, wg_port: int, peer: str) -> None:
     from wgmesh.wireguard.proxy import RelayBridge
 
     loop = asyncio.get_running_loop()
-    holder: list[RelayBridge] = []
-    client = RelayClient(PrivateKey.load(keyfile), [url],
-                         on_packet=lambda src, pkt: holder[0].deliver(src, pkt))
+    client = RelayClient(PrivateKey.load(keyfile), [url])
     br = RelayBridge(loop, client.send_nowait, wg_port)
-    holder.append(br)
+    client.on_packet = br.deliver  # as the agent's data plane sets it
     await client.start()
     host, port = br.add(Key(peer))
     emit(ready=True, endpoint=f"{host}:{port}")
@@ -99,15 +132,16 @@ async def pump_sink(url: str) -> None:
     def on_packet(src: Key, pkt: bytes) -> None:
         now = time.monotonic()
         if not got["packets"]:
-            got["first"] = now
+            got["first"], got["cpu_first"] = now, time.process_time()
         got["packets"] += 1
-        got["last"] = now
+        got["last"], got["cpu_last"] = now, time.process_time()
 
     async with RelayClient(key, [url], on_packet=on_packet) as _client:
         emit(ready=True, key=key.public.b64())
         while not got["packets"] or time.monotonic() - got["last"] < 1.0:
             await asyncio.sleep(0.1)
-    emit(pps=got["packets"] / max(got["last"] - got["first"], 1e-9), packets=got["packets"])
+    emit(pps=got["packets"] / max(got["last"] - got["first"], 1e-9), packets=got["packets"],
+         cpu_s=got["cpu_last"] - got["cpu_first"])
 
 
 async def pump_source(url: str, dst: str, seconds: float) -> None:
@@ -115,17 +149,20 @@ async def pump_source(url: str, dst: str, seconds: float) -> None:
 
     packet, peer = bytes(PACKET), Key(dst)
     async with RelayClient(PrivateKey.generate(), [url], on_packet=lambda *_: None) as c:
-        end = time.monotonic() + seconds
+        end, cpu = time.monotonic() + seconds, time.process_time()
         while time.monotonic() < end:
             for _ in range(64):
                 c.send_nowait(peer, packet)
             await asyncio.sleep(0)
+        cpu = time.process_time() - cpu
         await asyncio.sleep(0.5)
+    emit(cpu_s=cpu)
 
 
-def udp_blast(port: int, dst: str, seconds: float) -> None:
+def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
     """The UDP stand-in's sender: 1440-byte datagrams from 127.0.0.1:``port`` (where the
-    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send."""
+    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send, at
+    ``pps`` datagrams per second (0: as fast as it can)."""
     from wgmesh.wireguard.offload import SOL_UDP, UDP_SEGMENT
 
     host, _, p = dst.rpartition(":")
@@ -133,10 +170,15 @@ def udp_blast(port: int, dst: str, seconds: float) -> None:
     s.bind(("127.0.0.1", port))
     s.connect((host, int(p)))
     burst, gso = bytes(PACKET * 44), [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", PACKET))]
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    start = time.monotonic()
+    sent = 0
+    while (now := time.monotonic()) < start + seconds:
+        if pps and sent >= (now - start) * pps:
+            time.sleep(44 / pps)
+            continue
         with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
             s.sendmsg([burst], gso)
+        sent += 44
 
 
 def udp_count(port: int) -> None:
@@ -169,7 +211,7 @@ def role(argv: list[str]) -> None:
     elif r == "pump-source":
         asyncio.run(pump_source(args[0], args[1], float(args[2])))
     elif r == "udp-blast":
-        udp_blast(int(args[0]), args[1], float(args[2]))
+        udp_blast(int(args[0]), args[1], float(args[2]), float(args[3]))
     else:
         udp_count(int(args[0]))
 
@@ -179,6 +221,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds (one run a side)")
+    ap.add_argument("--blast-pps", type=float, default=BLAST_PPS,
+                    help="the UDP stand-in's offered datagrams/s (0: unpaced, as before)")
     a = ap.parse_args()
     report = Report()
 
@@ -187,7 +231,7 @@ def main() -> None:
     me = __file__
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="wgm-proxybench-") as d:
         tmp = Path(d)
-        (_, ha, hb), _, url = relay_lab(lab)
+        (_, ha, hb), relay, url = relay_lab(lab)
 
         def bridge_pair(port: int) -> tuple[list[Process], list[str]]:
             """A bridge process on each host for a kernel port ``port``, each the other's
@@ -203,25 +247,34 @@ def main() -> None:
                 eps.append(json.loads(line)["endpoint"])
             return procs, eps
 
-        def client_alone() -> float:
+        def client_alone() -> Run:
             sink = lab.python(hb, me, "pump-sink", url)
             key = json.loads(sink.wait_for_output('"ready"', timeout=60).splitlines()[0])["key"]
-            lab.python(ha, me, "pump-source", url, key, str(a.seconds)).wait(a.seconds + 60)
+            relay0 = proc_cpu_s(relay.pid)
+            source = lab.python(ha, me, "pump-source", url, key, str(a.seconds))
+            source.wait(a.seconds + 60)
             sink.wait(60)
-            return float(json.loads(sink.stdout.strip().splitlines()[-1])["pps"])
+            got, sent = _last(sink), _last(source)
+            return Run(got["pps"], (got["cpu_s"] + sent["cpu_s"]) / got["packets"],
+                       (proc_cpu_s(relay.pid) - relay0) / got["packets"])
 
         # 1. The bridge itself: plain UDP sockets on the kernel ports, against the client.
         udp_bridges, udp_eps = bridge_pair(UDP_PORT)
 
-        def via_bridge_udp() -> float:
+        def via_bridge_udp() -> Run:
             count = lab.python(hb, me, "udp-count", str(UDP_PORT))
             count.wait_for_output('"ready"', timeout=60)
+            cpu0 = [proc_cpu_s(p.pid) for p in (*udp_bridges, relay)]
             lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
-                       str(a.seconds)).wait(a.seconds + 60)
+                       str(a.seconds), str(a.blast_pps)).wait(a.seconds + 60)
             count.wait(60)
-            return float(json.loads(count.stdout.strip().splitlines()[-1])["pps"])
+            near, far, rel = (proc_cpu_s(p.pid) - c for p, c in zip((*udp_bridges, relay), cpu0,
+                                                                     strict=True))
+            got = _last(count)
+            return Run(got["pps"], (near + far) / got["packets"], rel / got["packets"])
 
-        br, ref = run_abba(a.rounds, via_bridge_udp, client_alone)
+        br_runs, ref_runs = run_abba(a.rounds, via_bridge_udp, client_alone)
+        br, ref = [r.pps for r in br_runs], [r.pps for r in ref_runs]
         for p in udp_bridges:
             p.stop()
 
@@ -255,11 +308,18 @@ def main() -> None:
             p.stop()
     med = statistics.median
     report.emit({"bench": "proxy_throughput", "rounds": a.rounds, "seconds": a.seconds,
-                 "packet_bytes": PACKET, "reference": REFERENCE, "goal": 0.8,
+                 "packet_bytes": PACKET, "blast_pps": a.blast_pps, "reference": REFERENCE, "goal": 0.8,
                  "bridge_pps_runs": [round(x) for x in br],
                  "client_pps_runs": [round(x) for x in ref],
                  "bridge_mbps_median": round(med(br) * PACKET * 8 / 1e6, 1),
                  **round_ratios(br, ref),
+                 "bridge_cpu_us_per_packet": [round(r.cpu_us, 2) for r in br_runs],
+                 "client_cpu_us_per_packet": [round(r.cpu_us, 2) for r in ref_runs],
+                 **round_ratios([r.cpu_us for r in ref_runs], [r.cpu_us for r in br_runs],
+                                "cpu_ratio"),
+                 "relay_cpu_us_per_packet": {
+                     "bridge_runs": [round(r.relay_cpu_us, 2) for r in br_runs],
+                     "client_runs": [round(r.relay_cpu_us, 2) for r in ref_runs]},
                  "wg_bridge_pps_runs": [round(x) for x in wg_br],
                  "wg_direct_pps_runs": [round(x) for x in wg_direct],
                  **round_ratios(wg_br, wg_direct, "wg_bridge_of_direct_ratio"),

@@ -19,12 +19,14 @@ pytestmark = pytest.mark.netns
 
 
 def _wg_ports(a: Host, b: Host) -> tuple[socket.socket, socket.socket]:
-    """UDP sockets standing in for the kernel WireGuard ports 51820 (a) and 51821 (b)."""
+    """UDP sockets standing in for the kernel WireGuard ports 51820 (a) and 51821 (b),
+    with room for the tests' bursts."""
     wg_a = socket_in(a.ns, socket.AF_INET, socket.SOCK_DGRAM)
     wg_b = socket_in(b.ns, socket.AF_INET, socket.SOCK_DGRAM)
     wg_a.bind(("0.0.0.0", 51820))
     wg_b.bind(("0.0.0.0", 51821))
     for s in (wg_a, wg_b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.settimeout(10)
     return wg_a, wg_b
 
@@ -67,11 +69,13 @@ def test_bridge_relays_both_ways_from_the_peer_endpoint(lab: Lab) -> None:
 def test_a_burst_from_the_relay_reaches_the_kernel_port_whole_and_in_order(lab: Lab) -> None:
     """A burst delivered in one loop iteration leaves as UDP GSO runs: the kernel port
     still receives one datagram per packet, each intact, in order, from the endpoint it
-    has for the peer; a shorter packet ends a run, a longer one starts the next."""
+    has for the peer; a shorter packet ends a run, a longer one starts the next, and an
+    empty one arrives as an empty datagram. Packets handed over from another thread
+    arrive too."""
     a, b = lab.add_public_host("a"), lab.add_public_host("b")
     ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
     wg_a, wg_b = _wg_ports(a, b)
-    sizes = [1440] * 70 + [148] + [1440] * 3 + [32, 1440, 96, 96]
+    sizes = [1440] * 70 + [148] + [1440] * 3 + [32, 1440, 96, 96, 0, 0, 1440, 1440] + [60] * 90
     sent = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
     try:
         with BridgePair(a.ns, 51820, ka, b.ns, 51821, kb, b.ip) as pair:
@@ -86,6 +90,34 @@ def test_a_burst_from_the_relay_reaches_the_kernel_port_whole_and_in_order(lab: 
             assert {src for _, src in got} == {ep_b_at_a}
             assert pair.a.counters(kb).from_relay == len(sent)
             assert pair.a.counters(kb).dropped == 0
+
+            pair.a.deliver(kb, b"from another thread")  # not the loop's
+            assert wg_a.recvfrom(2048) == (b"from another thread", ep_b_at_a)
+    finally:
+        wg_a.close()
+        wg_b.close()
+
+
+def test_a_burst_from_the_kernel_waits_while_the_loop_is_busy(lab: Lab) -> None:
+    """The kernel sends in bursts, and the bridge's loop may be busy meanwhile: 500
+    datagrams (720 KB) sent to an endpoint while its loop can't read are all relayed
+    once it can, not dropped for a full receive buffer."""
+    a, b = lab.add_public_host("a"), lab.add_public_host("b")
+    ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
+    wg_a, wg_b = _wg_ports(a, b)
+    sent = [i.to_bytes(4, "big") * 360 for i in range(500)]
+    try:
+        with BridgePair(a.ns, 51820, ka, b.ns, 51821, kb, b.ip) as pair:
+            ep_b_at_a = pair.a.add(kb)
+            pair.b.add(ka)
+
+            def burst_while_busy() -> None:  # runs on the loop: nothing is read meanwhile
+                for p in sent:
+                    wg_a.sendto(p, ep_b_at_a)
+            pair.on_loop(burst_while_busy)
+            got = [wg_b.recv(2048) for _ in sent]
+            assert sorted(got) == sent
+            assert pair.a.counters(kb).to_relay == len(sent)
     finally:
         wg_a.close()
         wg_b.close()

@@ -23,9 +23,11 @@ With the relay client::
 
 ``send`` must not block (``RelayClient.send_nowait``, ``RelayClientThread.send``):
 it runs on the loop for every packet, and a full relay link drops, as UDP may.
-The bridge is driven by an asyncio loop but its methods may be called from any
-thread (loop work is handed over with ``call_soon_threadsafe``). The bytes are
-WireGuard ciphertext: the bridge and the relay never see plaintext.
+The bridge is driven by an asyncio loop. ``deliver`` is meant to be called on it (the
+relay client calls it there); from another thread it hops onto the loop first. The
+endpoint methods may be called from any thread (loop work is handed over with
+``call_soon_threadsafe``). The bytes are WireGuard ciphertext: the bridge and the
+relay never see plaintext.
 
 :class:`PipeTransport` joins two bridges over one byte stream (a TCP connection
 in the kernel-tier test and the benchmark), framing each packet with its
@@ -35,7 +37,6 @@ sender's key as a relay would.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import socket
 import struct
@@ -60,6 +61,13 @@ __all__ = ["BridgeCounters", "PipeTransport", "RelayBridge", "SendToPeer"]
 Address = tuple[str, int]
 MAX_DATAGRAM = 65535
 BATCH = 64  # datagrams read per wake-up, so one busy peer can't starve the others
+# Receive buffer of an endpoint socket (wireguard-go and Tailscale use 7 MB): the kernel
+# hands WireGuard's packets over in bursts while the Python loop may be off the CPU for
+# milliseconds, and every datagram the default ~200 KB cannot hold is a loss inside the
+# tunnel. Forced past net.core.rmem_max where we may (CAP_NET_ADMIN, which the kernel
+# backend has anyway), else as large as that allows.
+RCVBUF = 4 << 20
+SO_RCVBUFFORCE = 33  # Linux; not in Python's socket module
 
 
 #: Carries a packet to the node with public key ``dst``; must not block.
@@ -79,6 +87,7 @@ class _Port:
     sock: socket.socket
     direct: bool = False
     counters: BridgeCounters = attrs.field(factory=BridgeCounters)
+    pending: list[bytes] = attrs.field(factory=list)  # from the relay, this loop iteration
 
 
 class RelayBridge:
@@ -93,8 +102,7 @@ class RelayBridge:
         self.host = host
         self._ports: dict[Key, _Port] = {}
         self._lock = threading.Lock()
-        self._inbox: collections.deque[tuple[_Port, bytes]] = collections.deque()
-        self._wake = False
+        self._due: list[_Port] = []  # ports with pending packets; non-empty: a flush is due
         self._gso = True
         self.unknown = 0  # relay packets from peers the bridge has no endpoint for
 
@@ -109,6 +117,7 @@ class RelayBridge:
             if port is None:
                 family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
                 sock = socket_in(self.netns, family, socket.SOCK_DGRAM)
+                _grow_rcvbuf(sock)
                 sock.bind((self.host, 0))
                 sock.connect((self.host, self.wg_port))
                 sock.setblocking(False)
@@ -152,23 +161,39 @@ class RelayBridge:
 
     # -- packets
     def _readable(self, port: _Port) -> None:
+        """Up to BATCH datagrams from the kernel, one ``recv`` each (Python has no
+        ``recvmmsg``, and the kernel module sends datagram by datagram, so UDP GRO has
+        nothing to merge on loopback): the per-packet work is kept to that and ``send``."""
+        recv, send, key = port.sock.recv, self.send, port.key
+        sent = dropped = 0
         for _ in range(BATCH):
             try:
-                packet = port.sock.recv(MAX_DATAGRAM)
+                packet = recv(MAX_DATAGRAM)
             except BlockingIOError:
-                return
+                break
             except OSError:  # e.g. ICMP unreachable reported on the connected socket
-                port.counters.dropped += 1
+                dropped += 1
                 continue
-            port.counters.to_relay += 1
-            self.send(port.key, packet)
+            send(key, packet)
+            sent += 1
+        port.counters.to_relay += sent
+        port.counters.dropped += dropped
 
     def deliver(self, src: Key, packet: bytes) -> None:
         """A packet from the relay, sent by the node ``src``: hand it to the kernel.
 
         Packets of one loop iteration leave together, runs of one size as one UDP GSO
         ``sendmsg``: a send to the kernel's port on loopback runs the whole receive path
-        in the sender, so one syscall per packet capped the bridge (py-spy: 76 % in it)."""
+        in the sender, so one syscall per packet capped the bridge (py-spy: 76 % in it).
+        Per packet this only appends to the peer's list: the relay client calls it for
+        every packet, and the far side of a bridged flow was the busiest process."""
+        try:
+            on_loop = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop:
+            self.loop.call_soon_threadsafe(self.deliver, src, packet)
+            return
         port = self._ports.get(src)
         if port is None:
             self.unknown += 1
@@ -176,32 +201,31 @@ class RelayBridge:
         if port.direct:
             port.counters.dropped += 1
             return
-        self._inbox.append((port, packet))
-        if not self._wake:
-            self._wake = True
-            self.loop.call_soon_threadsafe(self._flush)
+        if not port.pending:
+            if not self._due:
+                self.loop.call_soon(self._flush)
+            self._due.append(port)
+        port.pending.append(packet)
 
     def _flush(self) -> None:
-        self._wake = False  # before draining: a deliver after this line schedules again
-        runs: dict[_Port, list[bytes]] = {}
-        inbox = self._inbox
-        while inbox:
-            port, packet = inbox.popleft()
-            runs.setdefault(port, []).append(packet)
-        for port, packets in runs.items():
+        due, self._due = self._due, []
+        for port in due:
+            packets, port.pending = port.pending, []
+            sizes = list(map(len, packets))
             i = 0
             while i < len(packets):
-                j = _gso_run(packets, i)
+                j = _gso_run(sizes, i)
                 self._send(port, packets[i:j])
                 i = j
 
     def _send(self, port: _Port, packets: list[bytes]) -> None:
         """One run (equal sizes but maybe the last) to the kernel: one GSO send, or one
-        send per packet where the kernel has no UDP GSO. A full buffer drops, as UDP may."""
+        send per packet where the kernel has no UDP GSO. The packets go to the kernel as
+        an iovec each, not joined first. A full buffer drops, as UDP may."""
         c = port.counters
         if len(packets) > 1 and self._gso:
             try:
-                port.sock.sendmsg([b"".join(packets)], [
+                port.sock.sendmsg(packets, [
                     (SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(packets[0])))])
             except OSError as e:
                 if e.errno not in GSO_UNSUPPORTED:
@@ -224,16 +248,30 @@ class RelayBridge:
             self.remove(key)
 
 
-def _gso_run(packets: list[bytes], i: int) -> int:
-    """End of the GSO run starting at ``i``: datagrams of the first one's size, the last
-    maybe shorter, within the kernel's segment and byte limits."""
-    seg, total, j = len(packets[i]), len(packets[i]), i + 1
-    while j < len(packets) and j - i < GSO_MAX_SEGMENTS and len(packets[j]) <= seg \
-            and total + len(packets[j]) <= GSO_MAX_BYTES:
-        total += len(packets[j])
-        j += 1
-        if len(packets[j - 1]) < seg:
-            break
+def _grow_rcvbuf(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+
+
+def _gso_run(sizes: list[int], i: int) -> int:
+    """End of the GSO run starting at ``i`` (``sizes`` are the packets' lengths):
+    datagrams of the first one's size, the last maybe shorter, within the kernel's
+    segment and byte limits. A run of equal sizes, the common case, is found in C."""
+    seg = sizes[i]
+    if not seg:
+        return i + 1  # an empty datagram goes alone (segment size 0 means no GSO)
+    limit = min(len(sizes), i + max(1, min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // seg)))
+    if sizes[i:limit].count(seg) == limit - i:
+        j = limit
+    else:
+        j = i + 1
+        while j < limit and sizes[j] == seg:
+            j += 1
+    if j < len(sizes) and j < i + GSO_MAX_SEGMENTS and 0 < sizes[j] < seg \
+            and (j - i) * seg + sizes[j] <= GSO_MAX_BYTES:
+        j += 1  # a shorter datagram ends a run
     return j
 
 
