@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from wgmesh.node.portmapper import PortMapper
     from wgmesh.relaynet.client import RelayClient
     from wgmesh.traversal import Candidates
-    from wgmesh.wireguard.backend import Backend, PeerConfig
+    from wgmesh.wireguard.backend import Backend
 
 log = logging.getLogger("wgmesh.node.api")
 
@@ -435,9 +435,8 @@ class AsyncNode:
                               backend.keepalive)
                    for p in visible.values()]
         dataplane.set_tunneled([n for d in desired for n in d.allowed_ips])
-        # Relayed peers keep the endpoint the data plane gave them.
-        try:
-            diff = backend.set_peers(self._keep_endpoints(backend, desired))
+        try:  # no endpoints: every peer keeps the one the data plane gave it
+            diff = backend.set_peers(desired)
         except WgmeshError as e:
             log.error("configuring peers failed: %s", e)
             return
@@ -499,15 +498,6 @@ class AsyncNode:
         self._lock_task = None  # a head advertised meanwhile is fetched by the re-apply
         if self.netmap is not None:
             self._apply_netmap(self.netmap)
-
-    @staticmethod
-    def _keep_endpoints(backend: Backend, desired: list[PeerConfig]) -> list[PeerConfig]:
-        current = backend.stats()
-        out = []
-        for pc in desired:
-            st = current.get(pc.public_key)
-            out.append(attrs.evolve(pc, endpoint=st.endpoint) if st and st.endpoint else pc)
-        return out
 
     def _apply_filter(self, netmap: nm.Netmap) -> None:
         """Have the backend enforce the netmap's inbound rules, when they changed.
