@@ -11,7 +11,8 @@
 NAT flush and NAT reboot with new external ports are the grid's ``recovered_after_flush``
 (``tests/netns/test_grid.py``) and ``tests/unit/test_traversal_sim.py``; a node's clock
 jumping is ``tests/unit/test_faults_clock.py``. The kill checks live in
-``tests/support/faulttools.py``, written for a kernel twin as well (not in the suite yet).
+``tests/support/faulttools.py``; the kernel backend runs them in the VM, at the end of
+``tests/kernel/test_node_kernel.py``.
 """
 
 from __future__ import annotations

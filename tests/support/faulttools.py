@@ -1,7 +1,8 @@
-"""The mesh faults of issue 14 as checks written for both backends: ``kill -9`` of the
-control service and of a relay in a running mesh. ``tests/netns/test_faults.py`` runs them
-on the userspace backend; timeouts are scaled by ``TIME_SCALE`` so that a kernel twin in
-the VM can call them too (not in the suite yet: docs/reliability.md says why)."""
+"""The mesh faults of issue 14 as checks both backends run: ``kill -9`` of the control
+service and of a relay in a running mesh. The userspace backend runs them in
+``tests/netns/test_faults.py``, the kernel backend in the VM at the end of
+``tests/kernel/test_node_kernel.py``'s mesh (an agent start costs tens of seconds there).
+Timeouts are the host's, scaled by ``TIME_SCALE`` (the VM's emulation)."""
 
 from __future__ import annotations
 
