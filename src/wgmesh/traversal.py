@@ -690,10 +690,24 @@ class PeerPath:
         return new
 
     def set_endpoints(self, addrs: Iterable[Addr], now: float) -> list[_Out]:
-        """The peer's endpoints from the netmap; new ones start a round."""
+        """The peer's endpoints from the netmap; new ones start a round.
+
+        A path in use that the peer no longer advertises is one it moved away from (a
+        roam, a new NAT mapping): choose again now, so a path it does advertise that
+        answers wins (the old one counts as learned), rather than when the old path's
+        pongs stop."""
+        advertised = self._advertised(self.best)
+        out: list[_Out] = []
         if self._replace_source("netmap", addrs):
-            return self._aim_search_ports(now) + self._start_round(now, "netmap")
-        return []
+            out = self._aim_search_ports(now) + self._start_round(now, "netmap")
+        if advertised and not self._advertised(self.best):
+            self.counters["best_withdrawn"] += 1
+            out += self._select(now)
+        return out
+
+    def _advertised(self, key: tuple[int, Addr] | None) -> bool:
+        c = self._cands.get(key) if key else None
+        return c is not None and bool(c.sources & {"netmap", "cmm"})
 
     # ---- pings --------------------------------------------------------------------
     def _ping(self, c: _Cand, now: float) -> DiscoOut:

@@ -2,9 +2,9 @@
 
 One test walks the whole life cycle, because every VM second is dear: create
 with a kernel-picked port, IPv4+IPv6 addresses and a subnet route, an MTU change,
-handshake and ping both families, bulk peer diffs in single netlink messages
-cross-checked by the stock ``wg`` tool, adoption of a live interface, fwmark,
-stats, key hygiene.
+handshake and ping both families, a roamed endpoint kept, bulk peer diffs in single
+netlink messages cross-checked by the stock ``wg`` tool, adoption of a live interface,
+fwmark, stats, key hygiene.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
+import attrs
 import pytest
 
 from wgmesh.keys import Key, PrivateKey
@@ -64,6 +65,16 @@ def test_kernel_backend_lifecycle(lab: Lab, caplog: pytest.LogCaptureFixture) ->
         assert st.last_handshake is not None and abs(st.last_handshake - time.time()) < 60
         assert st.rx_bytes > 0 and st.tx_bytes > 0 and st.endpoint == (b.ip, 51821)
         assert wb.stats()[ka.public].endpoint == (a.ip, wa.listen_port)
+        # WireGuard roams a peer to the source of its packets (b moves to another port and
+        # back). A desired peer without an endpoint, as the node asks for it, keeps where
+        # the kernel put it: no update counted, nothing written.
+        for port in (51822, 51821):
+            lab.run(b, ["wg", "set", "wg0", "listen-port", str(port)])
+            lab.run(b, ["ping", "-c", "1", "-W", "5", "100.64.0.1"])
+            assert wa.stats()[kb.public].endpoint == (b.ip, port)
+            sent = wa.messages_sent
+            assert not wa.set_peers([attrs.evolve(peer_b, endpoint=None)])
+            assert wa.messages_sent == sent
 
         # Bulk diff: 300 new peers in one SET_DEVICE message; the stock tool agrees.
         extra = [PeerConfig(Key.from_raw(i.to_bytes(32, "big")), [f"fd7a::1:{i:x}/128"],

@@ -12,6 +12,10 @@ emulated VM's budget: every agent start costs tens of seconds under TCG.
    control's database never reaches a kernel WireGuard device (``wg show``) while the signed
    peers stay. The userspace twin (sign/revoke timing, forged updates):
    tests/netns/test_mesh_lock.py.
+4. Faults (issue 14): ``kill -9`` of control while a-b (direct) and a-c (relayed through
+   the bridge) carry traffic, streams resumed after its restart; then of the region's first
+   relay, where every node is homed: c moves to the second, a-b stays direct. The checks
+   are the userspace twins' (tests/support/faulttools.py, tests/netns/test_faults.py).
 
 The pairs that need NATs of their own only to repeat these paths (eim x symmetric, whose
 single-port linear scan may end either way, and symmetric x symmetric, relayed like
@@ -25,6 +29,7 @@ import os
 from pathlib import Path
 
 import pytest
+from faulttools import control_killed_tunnels_carry_on, relay_killed_relayed_peers_move
 from flows import SERVER, connect
 from locktools import control_db, insert_rogue_node, keygen, lock_cli, restart_control
 from polling import wait_for
@@ -49,7 +54,7 @@ def test_kernel_nodes_paths_filter_file_portmap_and_lock(lab: Lab, tmp_path: Pat
         {"src": ["*"], "dst": ["*:*"], "proto": "icmp"},
         {"src": ["*"], "dst": ["*:22"], "proto": "tcp", "caps": ["file-send"]},
         {"src": ["*"], "dst": ["tag:web:80"], "proto": "tcp"}]}
-    mesh = MeshLab(lab, relays=1, backend="kernel", policy=policy)
+    mesh = MeshLab(lab, relays=2, backend="kernel", policy=policy)  # 2: part 4's failover
     a = mesh.add_node("a", "eim")
     b = mesh.add_node("b", "eim", tags=("tag:web",))
     c = mesh.add_node("c", "udp-blocked")
@@ -113,6 +118,10 @@ def test_kernel_nodes_paths_filter_file_portmap_and_lock(lab: Lab, tmp_path: Pat
                  "control handing out the rogue node")
     assert rogue not in wg_peers(a) | wg_peers(b)
     assert keys["b"] in wg_peers(a) and keys["a"] in wg_peers(b)
+
+    # 4. faults: control, then the home relay, SIGKILLed under a running kernel mesh
+    control_killed_tunnels_carry_on(mesh, a, b, c)
+    relay_killed_relayed_peers_move(mesh, a, b, c)
     mesh.close()
 
 

@@ -648,6 +648,29 @@ def test_client_fails_over_within_the_region() -> None:
     run(main())
 
 
+def test_client_leaves_a_connection_whose_address_is_gone() -> None:
+    """A roam: the host lost the address a relay connection goes out from, so the relay's
+    answers cannot come back. The client dials again at once, not at its idle timeout; a
+    change that keeps the connection's address leaves it alone."""
+    async def main() -> None:
+        srv, url = await serving()
+        ka, kb = PrivateKey.generate(), PrivateKey.generate()
+        got: list[bytes] = []
+        async with RelayClient(ka, [url], idle_timeout=600) as a, \
+                RelayClient(kb, [url], on_packet=lambda s, d: got.append(d)):
+            a.addresses_changed({"127.0.0.1", "192.0.2.7"})  # still ours: nothing to do
+            assert await a.ping() > 0  # would wait for a new connection had it left
+            assert a.status()["links"][1]["connects"] == 1
+            a.addresses_changed({"192.0.2.7"})  # 127.0.0.1 went away
+            await until(lambda: a.status()["links"][1]["connects"] == 2,
+                        what="a new connection")
+            await a.send(kb.public, b"after the roam")
+            await until(lambda: b"after the roam" in got)
+        await srv.close()
+
+    run(main())
+
+
 def test_thread_client_for_blocking_callers() -> None:
     with RelayServer(host="127.0.0.1") as srv:  # on its own loop thread
         url = f"http://127.0.0.1:{srv.port}"

@@ -1,16 +1,18 @@
 """Control-service faults (issue 14, Faults): ``kill -9`` mid-write and a full disk.
 
 The control service runs as a real ``wgmesh control serve`` process so it can be killed
-with SIGKILL, on SQLite and on PostgreSQL; the disk-full case puts its state directory on
-a small tmpfs mounted in a private mount namespace (``unshare -m``), which disappears
-with the process. The mesh side of the same fault (tunnels carry traffic while control is
+with SIGKILL, on SQLite and on PostgreSQL; the disk-full case puts the database on a small
+tmpfs: SQLite's state directory mounted in a private mount namespace (``unshare -m``),
+which disappears with the process, or a PostgreSQL tablespace. The mesh side of the same fault (tunnels carry traffic while control is
 down, streams resume) is ``tests/netns/test_faults.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import secrets
 import shlex
 import signal
 import sqlite3
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from wgmesh.control import ControlAPIError, ControlClient
 from wgmesh.errors import WgmeshError
 
 pytestmark = pytest.mark.service
+DSN = os.environ.get("WGMESH_TEST_POSTGRES_DSN")
 
 
 class ControlProcess:
@@ -190,49 +193,144 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
-def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path: Path) -> None:
-    """SQLite on a 16 MiB tmpfs that is then filled: every write is refused with a 507 that
-    says why (no 500, no traceback in the log), reads still work; once space is freed what
-    was committed is intact and the service takes writes again."""
+@dataclasses.dataclass
+class SmallDisk:
+    """Where a control database lives on a small file system that the test fills."""
+
+    kind: str  # "sqlite" or "postgres"
+    db: str | None = None  # --db; None: SQLite in the state directory ...
+    tmpfs: str | None = None  # ... which is then a tmpfs of this size
+    mount: Path | None = None  # PostgreSQL: the tmpfs holding the database's tablespace
+
+
+@contextlib.contextmanager
+def postgres_on_tmpfs(dsn: str, size: str) -> Iterator[tuple[str, Path]]:
+    """A fresh database on the server of ``dsn`` whose tables live in a tablespace on a
+    tmpfs of ``size``: (its DSN, the mount point). All of it is removed afterwards."""
+    import psycopg
+
+    name = f"wgm_{secrets.token_hex(4)}"
+    mount = Path(tempfile.mkdtemp(prefix="wgmesh-pg-tablespace-"))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SHOW data_directory").fetchone()
+        assert row is not None
+        owner = os.stat(row[0])  # the server's user must own the tablespace's directory
+        subprocess.run(["mount", "-t", "tmpfs", "-o",
+                        f"size={size},mode=0700,uid={owner.st_uid},gid={owner.st_gid}",
+                        "tmpfs", str(mount)], check=True)
+        try:
+            conn.execute(f"CREATE TABLESPACE {name} LOCATION '{mount}'")
+            try:
+                conn.execute(f"CREATE DATABASE {name}")
+                try:
+                    conn.execute(f"ALTER DATABASE {name} SET default_tablespace = {name}")
+                    yield f"{dsn.rpartition('/')[0]}/{name}", mount
+                finally:
+                    conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+            finally:
+                conn.execute(f"DROP TABLESPACE {name}")
+        finally:
+            subprocess.run(["umount", str(mount)], check=True)
+            mount.rmdir()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def small_disk(request: pytest.FixtureRequest) -> Iterator[SmallDisk]:
+    """SQLite with its state directory on a 16 MiB tmpfs in the server's own mount
+    namespace; PostgreSQL (``WGMESH_TEST_POSTGRES_DSN``) with the tables in a tablespace on
+    a 4 MiB tmpfs (the server's WAL stays on its own disk: a full WAL stops the server)."""
     if os.geteuid() != 0:
-        pytest.skip("needs root: the tmpfs is mounted in a private mount namespace")
+        pytest.skip("needs root: mounts a tmpfs")
+    if request.param == "sqlite":
+        yield SmallDisk("sqlite", tmpfs="16M")
+        return
+    if not DSN:
+        pytest.skip("WGMESH_TEST_POSTGRES_DSN not set (scripts/start-postgres.sh)")
+    with postgres_on_tmpfs(DSN, "4M") as (db, mount):
+        yield SmallDisk("postgres", db=db, mount=mount)
+
+
+def _until_refused(write: Callable[[], Any], tries: int = 400) -> tuple[list[Any], ControlAPIError]:
+    """Repeat ``write`` until it is refused: what it returned until then, and the refusal.
+
+    PostgreSQL first fills the free room of the pages it already holds, so on a full disk
+    a write fails only once a table must grow; SQLite appends every commit to its WAL."""
+    done = []
+    for _ in range(tries):
+        try:
+            done.append(write())
+        except ControlAPIError as e:
+            return done, e
+    pytest.fail(f"{tries} writes on a full disk all succeeded")
+
+
+def _postgres_corruption(db: str) -> list[tuple[Any, ...]]:
+    """What PostgreSQL's own checker (amcheck) finds wrong in every table and index."""
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        found = conn.execute(
+            "SELECT c.relname, v.* FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,"
+            " verify_heapam(c.oid) v WHERE n.nspname = 'public' AND c.relkind = 'r'").fetchall()
+        for (index,) in conn.execute(
+                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = 'public' AND c.relkind = 'i'").fetchall():
+            conn.execute("SELECT bt_index_check(%s, true)", (index,))  # raises if corrupt
+        return found
+
+
+def test_disk_full_is_a_clear_error_and_corrupts_nothing(small_disk: SmallDisk,
+                                                         tmp_path: Path) -> None:
+    """The database's file system filled while a node is streaming: every kind of write is
+    refused with a 507 that says why (no 500, no traceback in the log), reads still work;
+    once space is freed what was committed is intact and the service takes writes again."""
     state = tmp_path / "state"
-    with control(state, tmpfs="16M") as c:
+    with control(state, small_disk.db, small_disk.tmpfs) as c:
         ak = c.admin.create_auth_key(reusable=True)["key"]
         _, _, first = register(c.url, ak, "before")
-        c.admin.set_policy(_policy(1))
+        versions = [c.admin.set_policy(_policy(1))]
         stream_client, _, streaming = register(c.url, ak, "streamer")
         stream = stream_client.stream()
         next(stream)  # a node streaming throughout: presence writes hit the full disk too
         late_client, _, late = register(c.url, ak, "late")
-        _fill(c.fs / "filler")
+        _fill((small_disk.mount or c.fs) / "filler")
         late_stream = late_client.stream()  # comes online while nothing can be written
         next(late_stream)
-        refused = []
-        for attempt in (lambda: register(c.url, ak, "during"),
-                        lambda: c.admin.set_policy(_policy(2)),
-                        lambda: c.admin.create_auth_key(reusable=True),
+        names = (f"during{i}" for i in range(10_000))
+        policies = iter(range(2, 10_000))
+        registered, refused = _until_refused(lambda: register(c.url, ak, next(names))[2].name)
+        errors = [refused]
+        answered, refused = _until_refused(lambda: c.admin.set_policy(_policy(next(policies))))
+        versions += answered
+        errors.append(refused)
+        for attempt in (lambda: c.admin.create_auth_key(reusable=True),
                         lambda: c.admin.tag_node(first.id, ["tag:v1"]),
                         c.admin.nodes):  # an admin read is audited first: refused too
-            with pytest.raises(ControlAPIError) as err:
-                attempt()
-            refused.append(err.value)
-        for e in refused:
+            done, refused = _until_refused(attempt)
+            errors.append(refused)
+            if small_disk.kind == "sqlite":
+                assert not done, "a write committed on a full disk"
+        for e in errors:
             assert (e.status, e.code) == (507, "insufficient_storage"), e
             assert "disk" in e.message
+        if small_disk.kind == "sqlite":
+            assert not registered and not answered, "a write committed on a full disk"
         # What needs no write goes on: the node's stream (keepalives), the health check.
         assert isinstance(next(stream), nm.Keepalive)
         assert requests.get(c.url + "/v1/health", timeout=5).json()["ok"]
-        # Housekeeping renews the streaming node's presence every 5 s: let it hit the disk.
-        wait_for(lambda: "housekeeping failed" in c.stderr or "Traceback" in c.stderr, 10,
-                 "a background write to meet the full disk", interval=0.2)
-        (c.fs / "filler").unlink()
+        if small_disk.kind == "sqlite":
+            # Housekeeping renews the streaming node's presence every 5 s: let it meet the
+            # full disk (on PostgreSQL the update may fit in a page the table already has).
+            wait_for(lambda: "housekeeping failed" in c.stderr or "Traceback" in c.stderr, 10,
+                     "a background write to meet the full disk", interval=0.2)
+        ((small_disk.mount or c.fs) / "filler").unlink()
         # Freed: committed state intact, audit chain whole, writes work again.
         register(c.url, ak, "after")
-        assert c.admin.set_policy(_policy(3)) == 3
+        assert c.admin.set_policy(_policy(1000)) == versions[-1] + 1
         nodes = {n["name"]: n for n in c.admin.nodes()}
-        assert set(nodes) == {"before", "streamer", "late", "after"}
-        assert c.admin.get_policy() == {"version": 3, "policy": _policy(3)}
+        assert set(nodes) == {"before", "streamer", "late", *registered, "after"}
+        assert c.admin.get_policy() == {"version": versions[-1] + 1, "policy": _policy(1000)}
         assert (nodes["before"]["id"], nodes["before"]["ipv4"]) == (first.id, first.ipv4)
         assert c.admin.audit_verify()["ok"]
         # The background writers outlived the full disk: presence of the streaming node is
@@ -250,5 +348,8 @@ def test_disk_full_is_a_clear_error_and_corrupts_nothing(tmp_path: Path) -> None
         log = c.stderr
         assert "Traceback" not in log, log[-3000:]
         assert "out of disk space" in log
-        with sqlite3.connect(c.fs / "control.db") as conn:
-            assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        if small_disk.db:
+            assert _postgres_corruption(small_disk.db) == []
+        else:
+            with sqlite3.connect(c.fs / "control.db") as conn:
+                assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)

@@ -369,3 +369,22 @@ def test_credentials_never_go_to_plain_http_off_loopback(url: str, ok: bool) -> 
         check_credential_url(url)
     with pytest.raises(WgmeshError, match=r"http|expected"):
         RelayServer(control_url=url, relay_credential="c")
+
+
+@pytest.mark.parametrize(("sqlstate", "status"), [
+    ("53100", 507),  # disk_full
+    ("53000", 503), ("53200", 503), ("53300", 503), ("53400", 503),  # the rest of class 53
+    ("23505", None), ("40001", None),  # not a resource error: left to the caller
+])
+def test_postgres_resource_errors_become_clear_refusals(sqlstate: str, status: int | None
+                                                        ) -> None:
+    """The error class psycopg raises for each SQLSTATE (the disk-full one, for real, in
+    tests/service/test_control_faults.py): a full disk is the 507 SQLite gives, the
+    other resource limits a 503 that says to try again."""
+    errors = pytest.importorskip("psycopg.errors")
+    from wgmesh.control.store.postgres import resource_error
+
+    clear = resource_error(errors.lookup(sqlstate)("from the server"))
+    assert (clear.status if clear else None) == status
+    if clear is not None:
+        assert "nothing was changed" in clear.message

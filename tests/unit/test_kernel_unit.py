@@ -225,3 +225,17 @@ def test_routes_skip_connected_prefixes_and_default() -> None:
     peers = [PeerConfig(KEYS[0], ["100.64.0.2/32", "fd7a::2/128", "10.5.0.0/24"]),
              PeerConfig(KEYS[1], ["0.0.0.0/0", "::/0", "2001:db8:1::/64", "100.127.0.0/16"])]
     assert {str(n) for n in routes_for(peers, addrs)} == {"10.5.0.0/24", "2001:db8:1::/64"}
+
+
+def test_a_peer_without_an_endpoint_keeps_the_one_the_data_plane_gave_it() -> None:
+    """The node asks for its peers without endpoints: where a peer's packets go is the data
+    plane's (traversal moved it, or WireGuard roamed it to a packet's source). Such a peer
+    is no update, so a netmap change is not counted, or written, as touching it; a real
+    change to it is an update that leaves the endpoint alone."""
+    roamed = PeerConfig(KEYS[0], ["100.64.0.2/32"], ("198.51.100.9", 4242), 25)
+    assert not diff_peers({KEYS[0]: roamed}, [PeerConfig(KEYS[0], ["100.64.0.2/32"], None, 25)])
+    wider = PeerConfig(KEYS[0], ["100.64.0.2/32", "10.9.0.0/24"], None, 25)
+    diff = diff_peers({KEYS[0]: roamed}, [wider])
+    assert diff.update == (PeerConfig(KEYS[0], wider.allowed_ips, roamed.endpoint, 25),)
+    (batch,) = peer_messages({KEYS[0]: roamed}, diff)
+    assert "WGPEER_A_ENDPOINT" not in [a[0] for a in batch[0]["attrs"]]

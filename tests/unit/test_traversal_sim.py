@@ -648,3 +648,37 @@ def test_the_side_that_did_not_probe_follows_the_peer() -> None:
     assert sim.run_until(both_direct(a, b), 5) is not None
     sim.run(sim.now + 30)
     assert both_direct(a, b)()
+
+
+def _roam(sim: Sim, node: SimNode, lan_ip: str) -> None:
+    """``node``'s host gets a new LAN address (its NAT maps it to a new port) and the agent
+    notices (``network_changed``) and re-STUNs, as the node agent does within a second."""
+    node.lan_ip = lan_ip
+    node.do(node.t.network_changed(sim.now))
+    node.t.set_local(node.publish(), sim.now)
+
+
+@pytest.mark.parametrize("published", [True, False])
+def test_a_roam_is_followed_before_the_old_path_counts_as_dead(published: bool) -> None:
+    """Two EIM NATs, direct; b roams. Its pings come from the new mapping at once, and (with
+    control up) its new endpoints reach a a second later. a must move to the new mapping
+    then, not when the old path's pongs stop (trust_timeout, 6.5 s): the old path is one b
+    no longer advertises, and without the netmap its unanswered heartbeat makes it suspect."""
+    for seed in range(5):
+        sim = Sim(seed=60 + seed)
+        a, b = sim.add("a", "eim"), sim.add("b", "eim")
+        sim.connect(a, b)
+        assert sim.run_until(both_direct(a, b), 5) is not None
+        old = a.endpoints[b.key].endpoint
+        t_roam = sim.now
+        _roam(sim, b, "10.2.0.77")
+        if published:
+            sim.at(sim.now + 1.0, lambda a=a, b=b, sim=sim: a.do(
+                a.t.upsert_peer(b.key, b.t.disco_public, b.publish(), sim.now)))
+        t_back = sim.run_until(lambda a=a, b=b, old=old: a.path(b) == "direct"
+                               and a.endpoints[b.key].endpoint != old, t_roam + 10)
+        assert t_back is not None, seed
+        assert a.t.peers[b.key].counters["to_relay_pongs-stopped"] == 0, seed
+        # published: the netmap a second later and a round trip; not: a heartbeat (3 s)
+        # + suspect_after (1 s) + a few round trips
+        assert t_back - t_roam <= (1.5 if published else 4.5), (seed, t_back - t_roam)

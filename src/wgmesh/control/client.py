@@ -21,6 +21,7 @@ import base64
 import json
 import random
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
@@ -28,8 +29,10 @@ from urllib.parse import quote
 
 import attrs
 import requests
+import requests.adapters
 from nacl.public import Box
 from nacl.public import PublicKey as NaclPublicKey
+from urllib3.connection import HTTPConnection
 
 from wgmesh import netmap as nm
 from wgmesh.control.envelope import (
@@ -78,6 +81,23 @@ class Registered:
     node_token: str
 
 
+#: How long a request's bytes may go unacknowledged before its connection counts as dead
+#: (``TCP_USER_TIMEOUT``). A kept-alive connection that went out from an address the host
+#: no longer has (a roam) then fails a call within seconds instead of at the read timeout;
+#: a slow control service is unaffected, as its kernel acknowledges at once.
+UNACKED_TIMEOUT_S = 3.0
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with ``TCP_USER_TIMEOUT`` on every connection it opens."""
+
+    def init_poolmanager(self, *args: Any, **kw: Any) -> None:
+        kw["socket_options"] = [*HTTPConnection.default_socket_options,
+                                (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                 int(UNACKED_TIMEOUT_S * 1000))]
+        super().init_poolmanager(*args, **kw)
+
+
 class ControlClient:
     """One control server. ``node_token`` for node calls, ``api_key`` for admin calls.
 
@@ -96,12 +116,20 @@ class ControlClient:
         self.node_key, self.control_key = node_key, control_key
         self._key_proved = False  # this process has seen control prove its key
         self.session = requests.Session()
+        self.session.mount("https://", _Adapter())
+        self.session.mount("http://", _Adapter())
         # Per request, not session.verify, which $REQUESTS_CA_BUNDLE would override.
         self._verify = ca
         #: The last sequence number a stream delivered: ``stream(since=client.last_seq)`` resumes.
         self.last_seq: int | None = None
 
     def close(self) -> None:
+        self.session.close()
+
+    def drop_idle_connections(self) -> None:
+        """Close the kept-alive connections (the next call opens a new one); a running
+        stream keeps its own. After a roam they are dead: a call on one would wait its
+        whole timeout for an answer that goes to an address this host no longer has."""
         self.session.close()
 
     def __enter__(self) -> ControlClient:

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 from wgmesh.errors import WgmeshError
 
 __all__ = ["BadRequest", "Conflict", "ControlAPIError", "ControlError", "Forbidden",
-           "NotFound", "StorageFull", "TooLarge", "TooManyRequests", "Unauthorized",
-           "Unprocessable"]
+           "NotFound", "ResourcesExhausted", "StorageFull", "TooLarge", "TooManyRequests",
+           "Unauthorized", "Unprocessable"]
 
 
 class ControlError(WgmeshError):
@@ -79,6 +79,17 @@ class StorageFull(ControlError):
 
     def __init__(self) -> None:
         super().__init__("the control database is out of disk space; nothing was changed")
+
+
+class ResourcesExhausted(ControlError):
+    """The database is out of memory, connections or another limit: nothing changed, and
+    unlike a full disk it usually passes by itself, so the caller may try again."""
+
+    status, code = 503, "database_unavailable"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the control database is out of resources ({what}); nothing was "
+                         "changed, try again")
 
 
 class ControlAPIError(WgmeshError):

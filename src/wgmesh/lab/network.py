@@ -250,7 +250,8 @@ class Process:
                 raise LabError(f"{self.argv[0]} exited {self.poll()} before printing {needle!r}:"
                                f" {self.stderr[-2000:]}")
             if time.monotonic() > deadline:
-                raise LabError(f"timed out waiting for {needle!r} from {self.argv}")
+                raise LabError(f"timed out waiting for {needle!r} from {self.argv}:"
+                               f" {self.stderr[-2000:]}")
             time.sleep(0.02)
 
     def stop(self, timeout: float = 3.0) -> int | None:

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from wgmesh.node.portmapper import PortMapper
     from wgmesh.relaynet.client import RelayClient
     from wgmesh.traversal import Candidates
-    from wgmesh.wireguard.backend import Backend, PeerConfig
+    from wgmesh.wireguard.backend import Backend
 
 log = logging.getLogger("wgmesh.node.api")
 
@@ -141,6 +141,8 @@ class AsyncNode:
         self.control_online = False
         self._control: ControlClient | None = None
         self._refresh = asyncio.Event()
+        self._endpoints_out: list[nm.Endpoint] = []  # the latest, for the publisher
+        self._endpoints_due = asyncio.Event()
         self._stop = threading.Event()
         self._follow_thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -305,6 +307,7 @@ class AsyncNode:
         except WgmeshError as e:
             log.warning("no relay reachable yet (%s); retrying in the background", e)
         self._tasks.append(loop.create_task(self._endpoint_loop()))
+        self._tasks.append(loop.create_task(self._endpoint_publisher()))
         self._tasks.append(loop.create_task(self._publish(routes=self.routing.advertised)))
         await self._start_peer_api()
 
@@ -432,9 +435,8 @@ class AsyncNode:
                               backend.keepalive)
                    for p in visible.values()]
         dataplane.set_tunneled([n for d in desired for n in d.allowed_ips])
-        # Relayed peers keep the endpoint the data plane gave them.
-        try:
-            diff = backend.set_peers(self._keep_endpoints(backend, desired))
+        try:  # no endpoints: every peer keeps the one the data plane gave it
+            diff = backend.set_peers(desired)
         except WgmeshError as e:
             log.error("configuring peers failed: %s", e)
             return
@@ -497,15 +499,6 @@ class AsyncNode:
         if self.netmap is not None:
             self._apply_netmap(self.netmap)
 
-    @staticmethod
-    def _keep_endpoints(backend: Backend, desired: list[PeerConfig]) -> list[PeerConfig]:
-        current = backend.stats()
-        out = []
-        for pc in desired:
-            st = current.get(pc.public_key)
-            out.append(attrs.evolve(pc, endpoint=st.endpoint) if st and st.endpoint else pc)
-        return out
-
     def _apply_filter(self, netmap: nm.Netmap) -> None:
         """Have the backend enforce the netmap's inbound rules, when they changed.
         Raises :class:`~wgmesh.wireguard.backend.BackendError` if it cannot (fail closed)."""
@@ -537,23 +530,34 @@ class AsyncNode:
         from wgmesh.node.netcheck import local_addresses
 
         loop = asyncio.get_running_loop()
-        addrs = local_addresses()
+        addrs = local_addresses(include_loopback=True)
         while True:
+            self._refresh.clear()  # before, not after: a request made meanwhile is kept
             try:
                 await self._refresh_endpoints()
             except Exception:
                 log.exception("endpoint refresh failed")
-            self._refresh.clear()
             due = loop.time() + ENDPOINT_REFRESH_S
             while not self._refresh.is_set() and loop.time() < due:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._refresh.wait(),
                                            min(ADDRESS_POLL_S, due - loop.time()))
-                if (now := local_addresses()) != addrs and self.dataplane is not None:
+                if (now := local_addresses(include_loopback=True)) != addrs:
                     log.info("this host's addresses changed (%s): probing again",
                              ", ".join(sorted(set(now) - set(addrs))) or "some went away")
                     addrs = now
-                    self.dataplane.network_changed()  # re-STUN, and re-probe every peer
+                    self._network_changed(set(now))
+
+    def _network_changed(self, addrs: set[str]) -> None:
+        """A roam: re-STUN, re-probe every peer, and leave the connections that went out
+        from an address this host no longer has (their answers cannot come back) rather
+        than wait for their timeouts."""
+        if self.dataplane is not None:
+            self.dataplane.network_changed()
+        if self.relay is not None:
+            self.relay.addresses_changed(addrs)
+        if self._control is not None:
+            self._control.drop_idle_connections()
 
     async def netcheck(self) -> NetcheckReport:
         """UDP, reflexive addresses, hard NAT, relay latencies, hairpin: measured from the
@@ -580,14 +584,37 @@ class AsyncNode:
                                          local_port=self.backend.listen_port)
         self.dataplane.set_local(list(self.candidates.addrs), report.hard_nat, udp=report.udp)
         if changed is not None:
-            await self._publish(endpoints=list(changed))
+            self._publish_endpoints(list(changed))
 
-    async def _publish(self, **kw: Any) -> None:
+    def _publish_endpoints(self, endpoints: list[nm.Endpoint]) -> None:
+        """Hand the latest endpoints to :meth:`_endpoint_publisher`: a publish held up by
+        a dead connection must not hold the endpoint loop, which notices the next roam."""
+        self._endpoints_out = endpoints
+        self._endpoints_due.set()
+
+    async def _endpoint_publisher(self) -> None:
+        """Publish the latest endpoints, one publish at a time so an older list never
+        lands after a newer one; a failed one is tried again (1 s, doubling up to 30 s)
+        with whatever is latest by then, so control never keeps a stale list."""
+        delay = 1.0
+        while True:
+            await self._endpoints_due.wait()
+            self._endpoints_due.clear()
+            if await self._publish(endpoints=self._endpoints_out):
+                delay = 1.0
+                continue
+            self._endpoints_due.set()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _publish(self, **kw: Any) -> bool:
         assert self._control is not None
         try:
             await asyncio.to_thread(self._control.update, **kw)
         except WgmeshError as e:
             log.warning("publishing to control failed: %s", e)
+            return False
+        return True
 
     def _start_portmapper(self, port: int) -> None:
         """Ask the gateway for a mapping of the WireGuard port itself (the kernel's port on
@@ -606,7 +633,7 @@ class AsyncNode:
         changed = self.candidates.update(mapped=[endpoint] if endpoint else [])
         self.dataplane.set_local(list(self.candidates.addrs), self.hard_nat)
         if changed is not None:
-            asyncio.get_running_loop().create_task(self._publish(endpoints=list(changed)))
+            self._publish_endpoints(list(changed))
 
     def _via_portmap(self, peer: nm.Peer, endpoint: tuple[str, int] | None) -> bool:
         """A direct path that a port mapping opened: it goes to a mapping the peer published,

@@ -29,7 +29,7 @@ import random
 import socket
 import ssl as _ssl
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from wgmesh.keys import Key, PrivateKey
@@ -341,6 +341,17 @@ class RelayClient:
             self._links[home] = _RegionLink(self, home, home=True)
             if self.on_home_change is not None:
                 self.on_home_change(home)
+
+    def addresses_changed(self, local: Collection[str]) -> None:
+        """This host's addresses are now ``local``: a connection going out from one it no
+        longer has is dead (the relay's answers cannot come back), so drop it and dial
+        again now rather than at the idle timeout."""
+        for link in self._links.values():
+            conn = link.conn
+            if conn is not None and not conn.closed and conn.local_ip not in local:
+                log.info("relay %s: our address %s is gone; reconnecting", conn.url,
+                         conn.local_ip)
+                conn.abort("address_gone")
 
     def _link_up(self, link: _RegionLink) -> None:
         if link.home and link.connects > 1:

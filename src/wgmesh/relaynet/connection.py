@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import socket
 import ssl as _ssl
@@ -105,6 +106,17 @@ class RelayConnection(FrameStream):
 
     def _count_drop(self, reason: str) -> None:
         self.drops[reason] += 1
+
+    @property
+    def local_ip(self) -> str | None:
+        """The address this connection goes out from (IPv4-mapped and scoped forms made
+        plain, as an interface lists it); ``None`` before it is made."""
+        name = self.transport.get_extra_info("sockname") if self.transport else None
+        if not name:
+            return None
+        ip = ipaddress.ip_address(name[0].split("%")[0])
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        return str(mapped or ip)
 
     @classmethod
     async def open(cls, url: str | RelayURL, private_key: PrivateKey, *,

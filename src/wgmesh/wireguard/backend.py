@@ -112,8 +112,14 @@ class PeerDiff:
 
 
 def diff_peers(current: Mapping[Key, PeerConfig], desired: Sequence[PeerConfig]) -> PeerDiff:
-    """Pure diff of peer sets, shared by both backends."""
-    want = {p.public_key: p for p in desired}
+    """Pure diff of peer sets, shared by both backends.
+
+    A desired peer without an endpoint keeps the one it has: the data plane owns
+    endpoints (traversal moves them, WireGuard roams them to a packet's source), so a
+    netmap change never counts, or writes, a peer whose only difference is where the
+    data plane put it."""
+    want = {p.public_key: p if p.endpoint is not None or p.public_key not in current
+            else attrs.evolve(p, endpoint=current[p.public_key].endpoint) for p in desired}
     add = tuple(p for k, p in want.items() if k not in current)
     update = tuple(p for k, p in want.items() if k in current and current[k] != p)
     remove = tuple(k for k in current if k not in want)

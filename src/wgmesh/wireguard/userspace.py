@@ -38,6 +38,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
+import attrs
+
 from wgmesh.keys import Key
 from wgmesh.netmap import FilterRule
 from wgmesh.wireguard.backend import (
@@ -221,8 +223,12 @@ class UserspaceBackend:
     # ---- Backend API --------------------------------------------------------------
     def set_peers(self, desired: Sequence[PeerConfig]) -> PeerDiff:
         with self._lock:
-            current = {Key.from_raw(k): self._desired.get(Key.from_raw(k)) or self._config_of(k)
-                       for k in self.device.peers}
+            # The device's own endpoints (set by traversal, roamed by WireGuard), so that
+            # an update never puts back an endpoint an earlier set_peers gave.
+            current = {Key.from_raw(k): attrs.evolve(
+                           self._desired.get(Key.from_raw(k)) or self._config_of(k),
+                           endpoint=p.endpoint)
+                       for k, p in self.device.peers.items()}
             diff = diff_peers(current, desired)
             now = time.monotonic()
             for key in diff.remove:

@@ -11,12 +11,28 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from wgmesh.control.errors import ControlError
+from wgmesh.control.errors import ControlError, ResourcesExhausted, StorageFull
 from wgmesh.control.store.sql import Store, Tx
 
 __all__ = ["PostgresStore"]
 
 _PG_LOCK = 0x77676D65  # "wgme": the writers' advisory lock
+_DISK_FULL = "53100"
+_INSUFFICIENT_RESOURCES = "53"  # SQLSTATE class 53: disk, memory, connections, limits
+
+
+def resource_error(e: Exception) -> ControlError | None:
+    """The clear error for a PostgreSQL error of class 53 (``None`` for any other).
+
+    A full disk is :class:`StorageFull` (507), as on SQLite; out of memory, of connections
+    or past a configured limit is :class:`ResourcesExhausted` (503). PostgreSQL has rolled
+    the transaction back in either case."""
+    state = getattr(e, "sqlstate", None) or ""
+    if state == _DISK_FULL:
+        return StorageFull()
+    if state.startswith(_INSUFFICIENT_RESOURCES):
+        return ResourcesExhausted(type(e).__name__)
+    return None
 
 
 class _PgTx(Tx):
@@ -60,17 +76,27 @@ class PostgresStore(Store):
         return self.conn
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[Tx]:
-        conn = self._connection()
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
-            yield _PgTx(cur)
+    def _transaction(self, lock: bool) -> Iterator[Tx]:
+        """A transaction (under the writers' lock if ``lock``); class 53 errors made clear."""
+        import psycopg
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[Tx]:
-        conn = self._connection()
-        with conn.transaction(), conn.cursor() as cur:
-            yield _PgTx(cur)
+        try:
+            conn = self._connection()
+            with conn.transaction(), conn.cursor() as cur:
+                if lock:
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_LOCK,))
+                yield _PgTx(cur)
+        except psycopg.Error as e:
+            clear = resource_error(e)
+            if clear is None:
+                raise
+            raise clear from None
+
+    def _tx(self) -> contextlib.AbstractContextManager[Tx]:
+        return self._transaction(lock=True)
+
+    def _read(self) -> contextlib.AbstractContextManager[Tx]:
+        return self._transaction(lock=False)
 
     def _notify(self, tx: Tx, seq: int) -> None:
         tx.rows("SELECT pg_notify(?, ?)", self.channel, str(seq))

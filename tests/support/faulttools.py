@@ -1,0 +1,71 @@
+"""The mesh faults of issue 14 as checks both backends run: ``kill -9`` of the control
+service and of a relay in a running mesh. The userspace backend runs them in
+``tests/netns/test_faults.py``, the kernel backend in the VM at the end of
+``tests/kernel/test_node_kernel.py``'s mesh (an agent start costs tens of seconds there).
+Timeouts are the host's, scaled by ``TIME_SCALE`` (the VM's emulation)."""
+
+from __future__ import annotations
+
+import signal
+
+from polling import wait_for
+
+from wgmesh.lab.mesh import RELAY_PORT, MeshLab, MeshNode
+from wgmesh.lab.network import TIME_SCALE, Host
+
+
+def pings(a: MeshNode, peer: str) -> bool:
+    """One ping through the tunnel answered (the path is whatever the node uses)."""
+    return a.ping(peer, timeout=2 * TIME_SCALE)["rtt_ms"] is not None
+
+
+def path(a: MeshNode, peer: str) -> str | None:
+    p = a.peer(peer)
+    return p["path"] if p else None
+
+
+def relay_conns(host: Host, relay: Host) -> int:
+    """Established TCP connections from ``host`` to ``relay``'s relay port."""
+    out = host.run(["ss", "-Htn", "state", "established", "dst",
+                    f"{relay.ip}:{RELAY_PORT}"]).stdout
+    return len(out.splitlines())
+
+
+def control_killed_tunnels_carry_on(mesh: MeshLab, a: MeshNode, *peers: MeshNode) -> None:
+    """SIGKILL control: ``a`` notices, its tunnels to ``peers`` carry traffic both ways
+    while control is down and nobody forgets a peer; once control is back every one of
+    them is on its stream again. The agents are never restarted."""
+    assert mesh.control_proc.kill() == -signal.SIGKILL
+    wait_for(lambda: not a.status()["control_online"], 10 * TIME_SCALE,
+             "a to notice control is gone")
+    for _ in range(3):
+        for p in peers:
+            assert pings(a, p.name) and pings(p, a.name)
+    for p in peers:  # nobody forgot a peer for want of control
+        assert a.peer(p.name) and p.peer(a.name)
+    mesh.restart_control()
+    wait_for(lambda: all(n.status()["control_online"] for n in (a, *peers)), 30 * TIME_SCALE,
+             "every agent back on control's stream")
+    assert all(n.proc.poll() is None for n in (a, *peers))
+
+
+def relay_killed_relayed_peers_move(mesh: MeshLab, a: MeshNode, b: MeshNode,
+                                    u: MeshNode) -> None:
+    """``a`` and ``b`` are direct, ``u`` reaches both through the region's first relay,
+    where everyone is homed. SIGKILL that relay: ``u`` moves to the second and reaches
+    ``a`` and ``b`` through it, while ``a``-``b`` stays direct and answering at every poll."""
+    first, second = mesh.relay_hosts[:2]
+    assert relay_conns(u.host, first) == 1
+    assert mesh.relay_procs[0].kill() == -signal.SIGKILL
+
+    def u_moved() -> bool:
+        # The direct pair never notices: direct and answering all the while u moves.
+        assert path(a, b.name) == "direct" and path(b, a.name) == "direct"
+        assert pings(a, b.name)
+        return relay_conns(u.host, second) == 1
+
+    wait_for(u_moved, 30 * TIME_SCALE, "u on the region's second relay")
+    wait_for(lambda: pings(u, a.name) and pings(a, u.name) and pings(u, b.name),
+             30 * TIME_SCALE, "u reaches a and b through the second relay")
+    assert path(u, a.name) == "relay" and path(a, b.name) == "direct"
+    assert all(n.proc.poll() is None for n in (a, b, u))
