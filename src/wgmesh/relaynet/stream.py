@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from wgmesh.relay import FrameDecoder, FrameError
+from wgmesh.relay import FrameDecoder, FrameError, split_frames
 
 __all__ = ["MAX_PREAMBLE", "QUEUE_BYTES", "FrameStream", "QueueBudget"]
 
@@ -96,16 +96,12 @@ class FrameStream(asyncio.Protocol):
             if not self.on_preamble(head) or not data or self.closed:
                 return
         try:
-            frames = self.decoder.feed(data)
+            self.on_bytes(data)
         except FrameError:
             self.abort("bad_frame")
-            return
-        if frames:
-            try:
-                self.on_frames(frames)
-            except Exception:  # a bug must cost one connection, never the process
-                log.exception("relay connection failed on input")
-                self.abort("internal_error")
+        except Exception:  # a bug must cost one connection, never the process
+            log.exception("relay connection failed on input")
+            self.abort("internal_error")
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -139,6 +135,13 @@ class FrameStream(asyncio.Protocol):
         """The HTTP head (without the blank line). Return True to continue with frames."""
         raise NotImplementedError
 
+    def on_bytes(self, data: bytes) -> None:
+        """Bytes after the preamble: decoded into frames for :meth:`on_frames` (a
+        :class:`FrameError` closes the connection as ``bad_frame``)."""
+        frames = self.decoder.feed(data)
+        if frames:
+            self.on_frames(frames)
+
     def on_frames(self, frames: list[tuple[int, bytes]]) -> None:
         raise NotImplementedError
 
@@ -160,6 +163,15 @@ class FrameStream(asyncio.Protocol):
             return
         self._out.append(frame)
         self._schedule_flush()
+
+    def write_frames(self, frames: bytes, count: int) -> None:
+        """``count`` encoded frames laid end to end: one write, or while the socket is
+        backed up one by one into the backlog, whose caps and drop-oldest count frames."""
+        if self.paused and count > 1 and not self.closed:
+            for frame in split_frames(frames):
+                self._enqueue(frame)
+        else:
+            self.write_frame(frames)
 
     def _enqueue(self, frame: bytes) -> None:
         """Backlog ``frame``, dropping our oldest to stay within our caps and the budget."""
