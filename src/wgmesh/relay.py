@@ -82,6 +82,7 @@ from wgmesh.keys import KEY_LEN, Key, PrivateKey
 
 __all__ = [
     "CHALLENGE_LEN",
+    "DELIVER_HEAD",
     "GONE_DISCONNECTED",
     "GONE_NOT_HERE",
     "HEADER_LEN",
@@ -90,6 +91,7 @@ __all__ = [
     "MAX_PACKET",
     "NONCE_LEN",
     "PROTOCOL_VERSION",
+    "RUN_BYTES",
     "UPGRADE_TOKEN",
     "ClientHello",
     "FrameDecoder",
@@ -211,10 +213,14 @@ def split_frames(frames: bytes) -> list[bytes]:
     return out
 
 
-def frame_peer(ftype: FrameType, key_raw: bytes, reason: int = GONE_DISCONNECTED) -> bytes:
-    """PEER_PRESENT or PEER_GONE (with ``reason``)."""
-    body = key_raw if ftype == FrameType.PEER_PRESENT else key_raw + bytes((reason,))
-    return encode_frame(ftype, body)
+def frame_peer(ftype: FrameType, key_raw: bytes, reason: int = GONE_DISCONNECTED, *,
+               since: int = 0) -> bytes:
+    """PEER_PRESENT or PEER_GONE (with ``reason``). Between the workers of one relay a
+    PEER_PRESENT also says ``since`` when (monotonic ns) the node's hello was accepted,
+    so that of two connections of one key on two workers the newer one wins."""
+    if ftype != FrameType.PEER_PRESENT:
+        return encode_frame(ftype, key_raw + bytes((reason,)))
+    return encode_frame(ftype, key_raw + since.to_bytes(8, "big") if since else key_raw)
 
 
 def split_key(body: bytes) -> tuple[bytes, bytes]:
@@ -231,11 +237,13 @@ def parse_forward(body: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def parse_peer(ftype: int, body: bytes) -> tuple[Key, int]:
-    """``(key, reason)`` of PEER_GONE / PEER_PRESENT (reason is 0 for PRESENT)."""
-    want = KEY_LEN if ftype == FrameType.PEER_PRESENT else KEY_LEN + 1
-    if len(body) != want:
-        raise FrameError("bad peer notice length")
-    return Key.from_raw(body[:KEY_LEN]), (body[KEY_LEN] if want > KEY_LEN else 0)
+    """``(key, reason)`` of PEER_GONE; ``(key, since)`` of PEER_PRESENT (0 unless a
+    worker of the same relay said it)."""
+    if ftype == FrameType.PEER_PRESENT and len(body) in (KEY_LEN, KEY_LEN + 8):
+        return Key.from_raw(body[:KEY_LEN]), int.from_bytes(body[KEY_LEN:], "big")
+    if ftype != FrameType.PEER_PRESENT and len(body) == KEY_LEN + 1:
+        return Key.from_raw(body[:KEY_LEN]), body[KEY_LEN]
+    raise FrameError("bad peer notice length")
 
 
 _HEADER = struct.Struct(">BI")

@@ -42,7 +42,7 @@ __all__ = ["MakeSocket", "OnPeer", "RelayConnectError", "RelayConnection", "conn
 
 OnRecv = Callable[[Key, bytes], None]
 MakeSocket = Callable[[int], socket.socket]
-OnPeer = Callable[[Key, bool, int], None]  # key, present, reason
+OnPeer = Callable[[Key, bool, int], None]  # key, present, reason (PRESENT: since, see relay.py)
 
 
 async def connect_socket(make_socket: MakeSocket, host: str, port: int) -> socket.socket:

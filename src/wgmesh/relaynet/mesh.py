@@ -26,8 +26,9 @@ log = logging.getLogger("wgmesh.relay")
 
 #: Opens an authenticated mesh connection to a URL, reporting presence to ``on_peer``.
 Dial = Callable[[str, OnPeer], Awaitable[RelayConnection]]
-#: ``(raw node key, present)``: a node appeared on, or left, another relay of the region.
-OnRemote = Callable[[bytes, bool], None]
+#: ``(raw node key, present, since)``: a node appeared on, or left, another relay of the
+#: region (``since``: when it came, as a worker of the same relay tells it; else 0).
+OnRemote = Callable[[bytes, bool, int], None]
 
 
 def load_mesh_key(path: str | Path) -> bytes:
@@ -84,7 +85,7 @@ class MeshLink(ConnectionKeeper):
         if present:
             self.keys.add(key.raw)
             self.mesh.remote[key.raw] = self
-            self.mesh.on_remote(key.raw, True)
+            self.mesh.on_remote(key.raw, True, reason)
         else:
             self._forget(key.raw)
 
@@ -92,7 +93,7 @@ class MeshLink(ConnectionKeeper):
         self.keys.discard(raw)
         if self.mesh.remote.get(raw) is self:
             del self.mesh.remote[raw]
-            self.mesh.on_remote(raw, False)
+            self.mesh.on_remote(raw, False, 0)
 
 
 class RegionMesh:

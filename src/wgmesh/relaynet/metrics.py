@@ -9,14 +9,14 @@ code), never from keys or addresses.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
-__all__ = ["RelayCollector", "exposition", "wants_prometheus"]
+__all__ = ["RelayCollector", "exposition", "relay_registry", "wants_prometheus"]
 
 #: JSON gauge key -> (metric name, help)
 _GAUGES = {
@@ -42,13 +42,14 @@ _OTHER_COUNTERS = {
 
 
 class RelayCollector(Collector):
-    """One relay's metrics (a :meth:`RelayServer.metrics` dict), prefixed ``wgmesh_relay_``."""
+    """One relay's metrics (``metrics()`` gives a :meth:`RelayServer.metrics` dict at each
+    scrape), prefixed ``wgmesh_relay_``."""
 
-    def __init__(self, metrics: dict[str, Any]) -> None:
+    def __init__(self, metrics: Callable[[], dict[str, Any]]) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        m = self.metrics
+        m = self.metrics()
         counters, drops = m["counters"], m["drops"]
         for key, (name, doc) in _GAUGES.items():
             yield GaugeMetricFamily(f"wgmesh_relay_{name}", doc, value=m[key])
@@ -84,9 +85,14 @@ def wants_prometheus(accept: str) -> bool:
     return "openmetrics" in accept or "text/plain" in accept
 
 
-def exposition(metrics: dict[str, Any], accept: str) -> tuple[str, str]:
-    """A relay's metrics in the text format ``accept`` prefers: (body, content type)."""
+def relay_registry(metrics: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """A registry of its own for one relay (many servers may share a process)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RelayCollector(metrics))
+    return registry
+
+
+def exposition(registry: CollectorRegistry, accept: str) -> tuple[str, str]:
+    """A relay's registry in the text format ``accept`` prefers: (body, content type)."""
     encoder, content_type = choose_encoder(accept)
     return encoder(registry).decode(), content_type

@@ -100,7 +100,7 @@ from wgmesh.relay import (
 from wgmesh.relaynet.admission import Admission, LocalAdmission
 from wgmesh.relaynet.connection import OnPeer, RelayConnection
 from wgmesh.relaynet.mesh import RegionMesh
-from wgmesh.relaynet.metrics import exposition, wants_prometheus
+from wgmesh.relaynet.metrics import exposition, relay_registry, wants_prometheus
 from wgmesh.relaynet.stream import QUEUE_BYTES, FrameStream, QueueBudget
 from wgmesh.relaynet.stunserver import StunResponder
 from wgmesh.urls import check_credential_url
@@ -173,6 +173,7 @@ class _Client(FrameStream):
         self.interest: set[bytes] = set()  # peers this client sent to
         self.heard_from: set[bytes] = set()  # peers that sent to this client
         self.told_not_here: dict[bytes, float] = {}  # absent peer -> when we last said so
+        self.since = 0  # monotonic ns when its hello was accepted (newest of a key wins)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -297,6 +298,7 @@ class RelayServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._thread: LoopThread | None = None
         self._started = time.monotonic()
+        self.registry = relay_registry(self.metrics)
 
     # ---- life cycle ------------------------------------------------------------------
     async def start(self, host: str | None = None, port: int | None = None, *,
@@ -403,14 +405,14 @@ class RelayServer:
             keepalive=self.keepalive, idle_timeout=self.idle_timeout,
             queue_frames=self.queue_frames * 4, write_timeout=self.write_timeout)
 
-    def _on_remote(self, key: bytes, present: bool) -> None:
+    def _on_remote(self, key: bytes, present: bool, since: int) -> None:
         if present or not self._here(key):
             self._announce_to_interested(key, present=present)
 
-    def _on_sibling(self, key: bytes, present: bool) -> None:
+    def _on_sibling(self, key: bytes, present: bool, since: int) -> None:
         """A node came to, or left, another worker of this relay."""
         old = self._clients.get(key) if present else None
-        if old is not None:  # it connected again, to a sibling: that connection is newer
+        if old is not None and old.since < since:  # it connected again, to a sibling
             self._close_with(old, "replaced by a newer connection", "replaced")
         if present or (key not in self._clients and key not in self.mesh.remote):
             self._announce_to_interested(key, present=present)
@@ -499,7 +501,7 @@ class RelayServer:
     async def _answer_metrics(self, c: _Client, accept: str) -> None:
         m = await self.relay_metrics()
         if wants_prometheus(accept):
-            self._respond(c, 200, *exposition(m, accept))
+            self._respond(c, 200, *exposition(relay_registry(lambda: m), accept))
         else:
             self._respond(c, 200, json.dumps(m), "application/json")
 
@@ -533,7 +535,7 @@ class RelayServer:
                 self._answers.add(task)
                 task.add_done_callback(self._answers.discard)
             elif wants_prometheus(accept):
-                self._respond(c, 200, *exposition(self.metrics(), accept))
+                self._respond(c, 200, *exposition(self.registry, accept))
             else:
                 self._respond(c, 200, json.dumps(self.metrics()), "application/json")
             return False
@@ -596,7 +598,10 @@ class RelayServer:
             self._mesh_in.add(c)
             self._server_info(c, hello, mesh_key=mesh_key)
             # a sibling hears this worker's nodes; the region's relays the whole relay's
-            for k in self._clients if c.sibling else {*self._clients, *self.siblings.remote}:
+            for k, n in self._clients.items():
+                c.write_frame(frame_peer(FrameType.PEER_PRESENT, k,
+                                         since=n.since if c.sibling else 0))
+            for k in () if c.sibling else self.siblings.remote.keys() - self._clients.keys():
                 c.write_frame(frame_peer(FrameType.PEER_PRESENT, k))
         elif c.internal:
             self._close_with(c, "this listener is for the relay's own workers", "not_allowed")
@@ -610,10 +615,11 @@ class RelayServer:
             if old is not None:
                 self._close_with(old, "replaced by a newer connection", "replaced")
             c.state = "node"
+            c.since = time.monotonic_ns()
             self._clients[key] = c
             self.counters["clients_accepted"] += 1
             self._server_info(c, hello)
-            self._tell_mesh(key, present=True)
+            self._tell_mesh(key, present=True, since=c.since)
             self._announce_to_interested(key, present=True)
         if len(frames) > 1:
             c.on_frames(frames[1:])
@@ -779,14 +785,15 @@ class RelayServer:
         self.counters["bytes_out"] += payload
 
     def _tell_mesh(self, key: bytes, *, present: bool, region: bool = True,
-                   siblings: bool = True) -> None:
+                   siblings: bool = True, since: int = 0) -> None:
         """Presence of ``key`` to the ``region``'s relays and the ``siblings`` (workers)
-        that dialled us."""
+        that dialled us; the siblings hear ``since`` too."""
         frame = (frame_peer(FrameType.PEER_PRESENT, key) if present
                  else frame_peer(FrameType.PEER_GONE, key, GONE_DISCONNECTED))
+        to_siblings = frame_peer(FrameType.PEER_PRESENT, key, since=since) if since else frame
         for m in self._mesh_in:
             if siblings if m.sibling else region:
-                m.write_frame(frame)
+                m.write_frame(to_siblings if m.sibling else frame)
 
     def _announce_to_interested(self, key: bytes, *, present: bool) -> None:
         frame = (frame_peer(FrameType.PEER_PRESENT, key) if present
