@@ -314,8 +314,9 @@ class FrameDecoder:
         buf = self._buf
         buf += data
         out: list[SendRun | tuple[int, bytes]] = []
+        runs: list[tuple[int, bytes, int, int, int]] = []  # (index in out, dst, start, stop, n)
         off, end = 0, len(buf)
-        start, dst, count, payload = -1, b"", 0, 0
+        start, run_end, dst, count = -1, 0, b"", 0
         unpack, known, max_frame = _HEADER.unpack_from, _KNOWN_TYPES, self.max_frame
         send, recv, key_at, key_end = _SEND, _RECV, HEADER_LEN, HEADER_LEN + KEY_LEN
         while end - off >= HEADER_LEN:
@@ -328,23 +329,28 @@ class FrameDecoder:
             if stop > end:
                 break
             if ftype == send and _SEND_MIN <= n <= _SEND_MAX:
-                if start < 0 or stop - start > RUN_BYTES or not buf.startswith(dst, off + key_at):
+                if stop > run_end or not buf.startswith(dst, off + key_at):
                     if start >= 0:
-                        out.append(SendRun(dst, bytes(buf[start:off]), count, payload))
-                    start, count, payload = off, 0, 0
+                        runs.append((len(out), dst, start, off, count))
+                        out.append((0, b""))  # its place, filled below
+                    start, run_end, count = off, off + RUN_BYTES, 0
                     dst = bytes(buf[off + key_at:off + key_end])
                 buf[off] = recv
                 buf[off + key_at:off + key_end] = src_raw
                 count += 1
-                payload += n - KEY_LEN
             else:
                 if start >= 0:
-                    out.append(SendRun(dst, bytes(buf[start:off]), count, payload))
-                    start = -1
+                    runs.append((len(out), dst, start, off, count))
+                    out.append((0, b""))
+                    start, run_end = -1, 0
                 out.append((ftype, bytes(buf[off + HEADER_LEN:stop])))
             off = stop
         if start >= 0:
-            out.append(SendRun(dst, bytes(buf[start:off]), count, payload))
+            runs.append((len(out), dst, start, off, count))
+            out.append((0, b""))
+        with memoryview(buf) as view:  # one copy per run; released before buf shrinks
+            for i, run_dst, a, b, k in runs:
+                out[i] = SendRun(run_dst, bytes(view[a:b]), k, b - a - k * (HEADER_LEN + KEY_LEN))
         if off:
             del buf[:off]
         return out
