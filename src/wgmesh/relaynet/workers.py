@@ -15,7 +15,9 @@ a second process. How they stay one relay:
   see one relay.
 * The caps count across workers in shared memory
   (:class:`~wgmesh.relaynet.admission.SharedAdmission`); the supervisor clears a dead
-  worker's share before its replacement starts.
+  worker's share before its replacement starts. The queue budget (what slow readers'
+  backlogs may hold together) is split between the workers, so the relay's memory bound
+  stays what it was with one.
 
 The supervisor forks: build and :meth:`RelayWorkers.start` it before the process starts
 threads or an event loop (the CLI does).
@@ -231,6 +233,7 @@ class RelayWorkers:
 
     async def _serve(self, i: int, others: list[int]) -> None:
         srv = self.make_server(self.admission)
+        srv.queue_budget.limit = max(srv.queue_bytes, srv.queue_budget.limit // self.workers)
         await srv.start(sockets=self._public[i], stun_sock=self._stun if i == 0 else None)
         await srv.serve_siblings(self._internal[i], self._key, others)
         os.write(self._ready_w, b"r")
