@@ -900,18 +900,18 @@ def test_workers_of_one_relay_are_one_relay_to_the_region() -> None:
     relay hears the node leave; the workers' listener refuses nodes and wrong keys."""
     async def main() -> None:
         key, sibling_key = PrivateKey.generate(), os.urandom(32)
+        names = [f"\0wgmesh-test-{os.getpid()}-{i}" for i in range(2)]  # abstract sockets
         listeners = []
-        for _ in range(2):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
+        for name in names:
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(name)
             s.listen()
             s.setblocking(False)
             listeners.append(s)
-        ports = [s.getsockname()[1] for s in listeners]
         w1, u1 = await serving(private_key=key, mesh_key=MESH_KEY)
         w2, _ = await serving(private_key=key, mesh_key=MESH_KEY)
-        await w1.serve_siblings(listeners[0], sibling_key, [ports[1]])
-        await w2.serve_siblings(listeners[1], sibling_key, [ports[0]])
+        await w1.serve_siblings(listeners[0], sibling_key, [names[1]])
+        await w2.serve_siblings(listeners[1], sibling_key, [names[0]])
         region, ux = await serving(mesh_key=MESH_KEY, mesh_peers=[u1])
         w1.add_mesh_peer(ux)
         w2.add_mesh_peer(ux)
@@ -929,11 +929,11 @@ def test_workers_of_one_relay_are_one_relay_to_the_region() -> None:
         b.close()
         await until(lambda: kb.public.raw not in region.mesh.remote, what="b gone, for the region")
         # the workers' listener: no nodes, no relay without the workers' key
-        inner = f"http://127.0.0.1:{ports[0]}"
         with pytest.raises(RelayConnectError, match="own workers"):
-            await RelayConnection.open(inner, PrivateKey.generate())
+            await RelayConnection.open("http://w", PrivateKey.generate(), unix=names[0])
         with pytest.raises(RelayConnectError, match="mesh key mismatch"):
-            await RelayConnection.open(inner, PrivateKey.generate(), mesh_key=MESH_KEY)
+            await RelayConnection.open("http://w", PrivateKey.generate(), mesh_key=MESH_KEY,
+                                       unix=names[0])
         a.close()
         for s in (region, w2, w1):
             await s.close()

@@ -112,11 +112,13 @@ class RelayConnection(FrameStream):
                    on_recv: OnRecv | None = None, on_peer: OnPeer | None = None,
                    timeout: float = 10.0, keepalive: float = 20.0, idle_timeout: float = 65.0,
                    queue_frames: int = 256, write_timeout: float = 5.0,
-                   make_socket: MakeSocket | None = None) -> RelayConnection:
+                   make_socket: MakeSocket | None = None,
+                   unix: str | None = None) -> RelayConnection:
         """Connect, upgrade and authenticate; raises :class:`RelayConnectError`.
 
         ``make_socket(family)`` supplies the unconnected TCP socket, e.g. one
         created inside another network namespace (the kernel bridge's case).
+        ``unix``: reach the relay at this UNIX socket instead (the workers of one relay).
         ``mesh_key``: we are a relay dialling a mesh peer; both sides prove it.
         """
         u = url if isinstance(url, RelayURL) else RelayURL.parse(url)
@@ -133,7 +135,9 @@ class RelayConnection(FrameStream):
         try:
             async with asyncio.timeout(timeout):
                 ctx, hostname = (ssl, u.host) if u.tls else (None, None)
-                if make_socket is None:
+                if unix is not None:
+                    _, conn = await loop.create_unix_connection(factory, unix)
+                elif make_socket is None:
                     _, conn = await loop.create_connection(
                         factory, u.host, u.port, ssl=ctx, server_hostname=hostname)
                 else:

@@ -286,7 +286,7 @@ class RelayServer:
         self.siblings = RegionMesh(self._dial_sibling, None, self._on_sibling, self.counters,
                                    "sibling_links_up")
         self.sibling_key: bytes | None = None
-        self.sibling_ports: list[int] = []
+        self.sibling_sockets: dict[str, str] = {}  # a sibling's URL -> its UNIX socket
         self._clients: dict[bytes, _Client] = {}
         self._mesh_in: set[_Client] = set()
         self._pending: set[_Client] = set()
@@ -341,16 +341,17 @@ class RelayServer:
         for url in self.mesh_peer_urls:
             self.mesh.add(url)
 
-    async def serve_siblings(self, sock: socket.socket, key: bytes, ports: Sequence[int]) -> None:
-        """Be one worker of a relay of several: accept the other workers on the loopback
+    async def serve_siblings(self, sock: socket.socket, key: bytes, paths: Sequence[str]) -> None:
+        """Be one worker of a relay of several: accept the other workers on the UNIX
         listener ``sock`` (proving ``key``, theirs and ours) and dial each of them at its
-        ``ports``."""
+        UNIX socket in ``paths`` (a UNIX socket: cheaper per byte than TCP on loopback)."""
         self.sibling_key = key
-        self.sibling_ports = list(ports)
         self._servers.append(await asyncio.get_running_loop().create_server(
             lambda: _Client(self, internal=True), sock=sock, backlog=64))
-        for p in ports:
-            self.siblings.add(f"http://127.0.0.1:{p}")
+        for i, path in enumerate(paths):
+            url = f"http://worker{i}"
+            self.sibling_sockets[url] = path
+            self.siblings.add(url)
 
     def add_mesh_peer(self, url: str) -> None:
         """Mesh with one more relay of the region (each relay dials every other one)."""
@@ -402,6 +403,7 @@ class RelayServer:
     async def _dial_sibling(self, url: str, on_peer: OnPeer) -> RelayConnection:
         return await RelayConnection.open(
             url, self.private_key, mesh_key=self.sibling_key, on_peer=on_peer,
+            unix=self.sibling_sockets[url],
             keepalive=self.keepalive, idle_timeout=self.idle_timeout,
             queue_frames=self.queue_frames * 4, write_timeout=self.write_timeout)
 
@@ -467,11 +469,11 @@ class RelayServer:
             "drops": dict(self.drops),
         }
 
-    async def _worker_metrics(self, port: int) -> dict[str, Any] | None:
-        """Another worker's own ``/metrics`` from its loopback listener (None: no answer)."""
+    async def _worker_metrics(self, path: str) -> dict[str, Any] | None:
+        """Another worker's own ``/metrics`` from its UNIX listener (None: no answer)."""
         try:
             async with asyncio.timeout(2):
-                r, w = await asyncio.open_connection("127.0.0.1", port)
+                r, w = await asyncio.open_unix_connection(path)
                 w.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
                 data = await r.read(1 << 20)
                 w.close()
@@ -484,7 +486,8 @@ class RelayServer:
         """:meth:`metrics` of the whole relay: every worker's summed (``workers`` says how
         many answered), the caps' figures as every worker has them."""
         total = self.metrics()
-        others = await asyncio.gather(*map(self._worker_metrics, self.sibling_ports))
+        others = await asyncio.gather(*map(self._worker_metrics,
+                                           self.sibling_sockets.values()))
         for m in others:
             if m is None:
                 continue
@@ -530,7 +533,7 @@ class RelayServer:
             elif not self._metrics_allowed(c):
                 self.drops["metrics_forbidden"] += 1
                 self._respond(c, 403, "metrics are not served to this address")
-            elif self.sibling_ports:
+            elif self.sibling_sockets:
                 task = asyncio.get_running_loop().create_task(self._answer_metrics(c, accept))
                 self._answers.add(task)
                 task.add_done_callback(self._answers.discard)

@@ -5,12 +5,12 @@ a second process. How they stay one relay:
 
 * Before forking, the supervisor binds one listening socket per worker on the relay's
   port with ``SO_REUSEPORT`` (the kernel spreads new connections over them), one
-  loopback listener per worker for the other workers, and STUN's UDP socket (worker 0
+  UNIX listener per worker for the other workers, and STUN's UDP socket (worker 0
   answers STUN). It keeps them all open, so a worker that dies is replaced by a fresh
   fork on the same sockets: connections the kernel hashed to a dead worker's socket
   wait in its backlog for the replacement instead of being refused.
 * Each worker is a :class:`~wgmesh.relaynet.server.RelayServer` meshed with the others
-  over loopback (:meth:`~wgmesh.relaynet.server.RelayServer.serve_siblings`) under a
+  over UNIX sockets (abstract names: nothing to clean up) (:meth:`~wgmesh.relaynet.server.RelayServer.serve_siblings`) under a
   key made for this run: presence, forwarding by key, the region mesh and ``/metrics``
   see one relay.
 * The caps count across workers in shared memory
@@ -91,7 +91,7 @@ class RelayWorkers:
         self._started_at = [0.0] * workers
         self._public: list[list[socket.socket]] = []
         self._internal: list[socket.socket] = []
-        self._internal_ports: list[int] = []
+        self._internal_names: list[str] = []
         self._stun: socket.socket | None = None
         self._key = secrets.token_bytes(32)
         self._ready_r, self._ready_w = -1, -1
@@ -108,8 +108,14 @@ class RelayWorkers:
                 socks.append(_listener(h, self.port))
                 self.port = socks[-1].getsockname()[1]
             self._public.append(socks)
-            self._internal.append(_listener("127.0.0.1", 0))
-        self._internal_ports = [s.getsockname()[1] for s in self._internal]
+        tag = secrets.token_hex(8)
+        self._internal_names = [f"\0wgmesh-relay-{tag}-{i}" for i in range(self.workers)]
+        for name in self._internal_names:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(name)
+            s.listen(64)
+            s.setblocking(False)
+            self._internal.append(s)
         if self.stun_port is not None:
             self._stun = _listener(self.host, self.stun_port, socket.SOCK_DGRAM)
             self.stun_port = self._stun.getsockname()[1]
@@ -227,11 +233,11 @@ class RelayWorkers:
             self._stun.close()
         os.close(self._ready_r)
         self.admission.become(i)
-        others = [p for j, p in enumerate(self._internal_ports) if j != i]
+        others = [p for j, p in enumerate(self._internal_names) if j != i]
         asyncio.run(self._serve(i, others))
         return 0
 
-    async def _serve(self, i: int, others: list[int]) -> None:
+    async def _serve(self, i: int, others: list[str]) -> None:
         srv = self.make_server(self.admission)
         srv.queue_budget.limit = max(srv.queue_bytes, srv.queue_budget.limit // self.workers)
         await srv.start(sockets=self._public[i], stun_sock=self._stun if i == 0 else None)
