@@ -103,8 +103,8 @@ class RelayConnection(FrameStream):
         self._timer: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] = self._loop.create_future()
 
-    def _count_drop(self, reason: str) -> None:
-        self.drops[reason] += 1
+    def _count_drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] += n
 
     @classmethod
     async def open(cls, url: str | RelayURL, private_key: PrivateKey, *,

@@ -444,8 +444,8 @@ class RelayServer:
             self._pending.add(c)
 
     # ---- metrics ---------------------------------------------------------------------
-    def _drop(self, reason: str) -> None:
-        self.drops[reason] += 1
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] += n
 
     def metrics(self) -> dict[str, Any]:
         """Counters for ``GET /metrics``: current gauges, totals, drops by reason."""
@@ -674,7 +674,7 @@ class RelayServer:
             counters["packets_out"] += run.count
             counters["bytes_out"] += run.payload
         elif link is not None:
-            link.write_frame(frame_deliver(c.key, dst, run.count, run.frames))
+            link.write_frames(frame_deliver(c.key, dst, run.count, run.frames), run.count)
             counters["packets_sibling_out"] += run.count
 
     def _node_frames(self, c: _Client, frames: list[tuple[int, bytes]]) -> None:

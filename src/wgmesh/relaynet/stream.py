@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from wgmesh.relay import FrameDecoder, FrameError, split_frames
+from wgmesh.relay import FrameDecoder, FrameError
 
 __all__ = ["MAX_PREAMBLE", "QUEUE_BYTES", "FrameStream", "QueueBudget"]
 
@@ -47,21 +47,22 @@ class FrameStream(asyncio.Protocol):
     """A framed connection. Subclasses implement :meth:`on_preamble` and :meth:`on_frames`.
 
     The stream starts in *preamble* mode (HTTP head up to a blank line), then
-    switches to frames. ``on_drop(reason)`` is called for every frame dropped
-    and for every forced close, so owners can count them.
+    switches to frames. ``on_drop(reason, n)`` is called for every ``n`` frames dropped
+    together and for every forced close (``n`` 1), so owners can count them.
     """
 
     def __init__(self, *, queue_frames: int = 256, queue_bytes: int = QUEUE_BYTES,
                  budget: QueueBudget | None = None, write_timeout: float = 5.0,
-                 on_drop: Callable[[str], None] | None = None) -> None:
+                 on_drop: Callable[[str, int], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder()
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
         self.queued_bytes = 0  # in the backlog
+        self.queued_frames = 0
         self.budget = budget or QueueBudget(queue_bytes)
         self.write_timeout = write_timeout
-        self.on_drop = on_drop or (lambda reason: None)
+        self.on_drop = on_drop or (lambda reason, n: None)
         self.closed = False
         self.last_rx = time.monotonic()
         self.created = self.last_rx
@@ -69,7 +70,7 @@ class FrameStream(asyncio.Protocol):
         self._preamble: bytearray | None = bytearray()
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog: collections.deque[tuple[bytes, int]] = collections.deque()  # (frames, n)
         self._write_timer: asyncio.TimerHandle | None = None
         self._resumed: asyncio.Event | None = None
         self._loop = asyncio.get_running_loop()
@@ -113,7 +114,7 @@ class FrameStream(asyncio.Protocol):
             self._write_timer.cancel()
             self._write_timer = None
         if self._backlog:
-            self._out.extend(self._backlog)
+            self._out.extend(frames for frames, _ in self._backlog)
             self._release_backlog()
             self._schedule_flush()
         if self._resumed is not None:
@@ -165,39 +166,44 @@ class FrameStream(asyncio.Protocol):
         self._schedule_flush()
 
     def write_frames(self, frames: bytes, count: int) -> None:
-        """``count`` encoded frames laid end to end: one write, or while the socket is
-        backed up one by one into the backlog, whose caps and drop-oldest count frames."""
-        if self.paused and count > 1 and not self.closed:
-            for frame in split_frames(frames):
-                self._enqueue(frame)
-        else:
-            self.write_frame(frames)
+        """``count`` encoded frames laid end to end (a run for one destination): one
+        write, or while the socket is backed up one backlog entry, kept or dropped whole."""
+        if self.closed:
+            return
+        if self.paused:
+            self._enqueue(frames, count)
+            return
+        self._out.append(frames)
+        self._schedule_flush()
 
-    def _enqueue(self, frame: bytes) -> None:
-        """Backlog ``frame``, dropping our oldest to stay within our caps and the budget."""
-        backlog, budget, n = self._backlog, self.budget, len(frame)
-        while backlog and (len(backlog) >= self.queue_frames
+    def _enqueue(self, frames: bytes, count: int = 1) -> None:
+        """Backlog ``count`` frames, dropping our oldest to stay within our caps (in frames
+        and bytes) and the budget."""
+        backlog, budget, n = self._backlog, self.budget, len(frames)
+        while backlog and (self.queued_frames + count > self.queue_frames
                            or self.queued_bytes + n > self.queue_bytes):
             self._drop_oldest("queue_full")
         while backlog and budget.used + n > budget.limit:
             self._drop_oldest("queue_budget")
-        if budget.used + n > budget.limit:  # the others hold it all: this frame goes
-            self.on_drop("queue_budget")
+        if budget.used + n > budget.limit:  # the others hold it all: these frames go
+            self.on_drop("queue_budget", count)
             return
-        backlog.append(frame)
+        backlog.append((frames, count))
         self.queued_bytes += n
+        self.queued_frames += count
         budget.used += n
 
     def _drop_oldest(self, reason: str) -> None:
-        n = len(self._backlog.popleft())
-        self.queued_bytes -= n
-        self.budget.used -= n
-        self.on_drop(reason)
+        frames, count = self._backlog.popleft()
+        self.queued_bytes -= len(frames)
+        self.queued_frames -= count
+        self.budget.used -= len(frames)
+        self.on_drop(reason, count)
 
     def _release_backlog(self) -> None:
         self._backlog.clear()
         self.budget.used -= self.queued_bytes
-        self.queued_bytes = 0
+        self.queued_bytes = self.queued_frames = 0
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -233,7 +239,7 @@ class FrameStream(asyncio.Protocol):
         """Drop the connection now, counting ``reason``."""
         if self.closed:
             return
-        self.on_drop(reason)
+        self.on_drop(reason, 1)
         self.closed = True
         if self.transport is not None:
             self.transport.abort()
