@@ -153,12 +153,17 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[s
         for p in sources:
             p.wait(30)
         got = sum(json.loads(p.stdout.strip().splitlines()[-1])["bytes"] for p in sinks)
+        m = json.loads(lab.run(host, [sys.executable, "-c", (
+            "import urllib.request;"
+            f"print(urllib.request.urlopen('{url}/metrics').read().decode())")]).stdout)
     finally:
         relay.stop()
     frame = HEADER_LEN + KEY_LEN + a.packet
     return {"pps": got / frame / a.seconds, "mbps": got / frame * a.packet * 8 / a.seconds / 1e6,
             "relay_cores": (cpu1[0] - cpu0[0]) / a.seconds,
-            "client_cores": (cpu1[1] - cpu0[1]) / a.seconds}
+            "client_cores": (cpu1[1] - cpu0[1]) / a.seconds,
+            "relay_counters": {k: v for k, v in m["counters"].items() if k.startswith("packets")},
+            "relay_drops": m["drops"]}
 
 
 def main() -> None:
@@ -192,7 +197,9 @@ def main() -> None:
         "mbps_2": round(statistics.median(col(two, "mbps")), 1),
         "pps_1_runs": col(one, "pps", 0), "pps_2_runs": col(two, "pps", 0),
         "relay_cores_1": col(one, "relay_cores"), "relay_cores_2": col(two, "relay_cores"),
-        "client_cores_1": col(one, "client_cores"), "client_cores_2": col(two, "client_cores")})
+        "client_cores_1": col(one, "client_cores"), "client_cores_2": col(two, "client_cores"),
+        "relay_1": [{**r["relay_counters"], **r["relay_drops"]} for r in one],
+        "relay_2": [{**r["relay_counters"], **r["relay_drops"]} for r in two]})
 
 
 if __name__ == "__main__":
