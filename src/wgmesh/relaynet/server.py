@@ -656,8 +656,11 @@ class RelayServer:
         dst, counters = run.dst, self.counters
         target = self._clients.get(dst)
         link = None if target is not None else self.siblings.route(dst)
+        if target is None and link is None and self.mesh.route(dst) is None:
+            self._nobody(c, run)
+            return
         if target is None and (link is None or len(run.frames) + DELIVER_HEAD > MAX_FRAME):
-            # another relay of the region, or nobody: packet by packet, as without runs
+            # another relay of the region: packet by packet, as without runs
             self._node_frames(c, [(FrameType.SEND, dst + frame[_RECV_OVERHEAD:])
                                   for frame in split_frames(run.frames)])
             return
@@ -676,6 +679,26 @@ class RelayServer:
         elif link is not None:
             link.write_frames(frame_deliver(c.key, dst, run.count, run.frames), run.count)
             counters["packets_sibling_out"] += run.count
+
+    def _nobody(self, c: _Client, run: SendRun) -> None:
+        """A run for a key connected nowhere in the region: dropped whole, counted as its
+        packets (no per-packet work for a flood at a node that left)."""
+        self.counters["packets_in"] += run.count
+        self.counters["bytes_in"] += run.payload
+        self.drops["unknown_dest"] += run.count
+        self._not_here(c, run.dst, time.monotonic())
+
+    def _not_here(self, c: _Client, dst: bytes, now: float) -> None:
+        """Tell ``c`` that ``dst`` is not here, at most once a second, if they talked."""
+        cap = self.max_destinations
+        if dst not in c.interest and len(c.interest) < cap:
+            c.interest.add(dst)
+            self._interested.setdefault(dst, set()).add(c)
+        if c.knows(dst) and now - c.told_not_here.get(dst, -1.0) >= 1.0:
+            if len(c.told_not_here) >= cap:
+                c.told_not_here.clear()
+            c.told_not_here[dst] = now
+            c.write_frame(frame_peer(FrameType.PEER_GONE, dst, GONE_NOT_HERE))
 
     def _node_frames(self, c: _Client, frames: list[tuple[int, bytes]]) -> None:
         counters = self.counters
@@ -718,11 +741,7 @@ class RelayServer:
                     counters["packets_mesh_out"] += 1
                     continue
                 self.drops["unknown_dest"] += 1
-                if c.knows(dst) and now - c.told_not_here.get(dst, -1.0) >= 1.0:  # 1/s
-                    if len(c.told_not_here) >= cap:
-                        c.told_not_here.clear()
-                    c.told_not_here[dst] = now
-                    c.write_frame(frame_peer(FrameType.PEER_GONE, dst, GONE_NOT_HERE))
+                self._not_here(c, dst, now)
             elif ftype == FrameType.KEEPALIVE:
                 pass
             elif ftype == FrameType.PING:
