@@ -679,6 +679,7 @@ class RelayServer:
         elif link is not None:
             link.write_frames(frame_deliver(c.key, dst, run.count, run.frames), run.count)
             counters["packets_sibling_out"] += run.count
+            link.hold(c)  # while the other worker falls behind, read this node no further
 
     def _nobody(self, c: _Client, run: SendRun) -> None:
         """A run for a key connected nowhere in the region: dropped whole, counted as its

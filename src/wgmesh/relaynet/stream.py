@@ -73,6 +73,7 @@ class FrameStream(asyncio.Protocol):
         self._backlog: collections.deque[tuple[bytes, int]] = collections.deque()  # (frames, n)
         self._write_timer: asyncio.TimerHandle | None = None
         self._resumed: asyncio.Event | None = None
+        self._held: set[FrameStream] = set()  # connections not read until we can write
         self._loop = asyncio.get_running_loop()
 
     # ---- asyncio.Protocol ----------------------------------------------------------
@@ -120,6 +121,21 @@ class FrameStream(asyncio.Protocol):
         if self._resumed is not None:
             self._resumed.set()
             self._resumed = None
+        self._release_held()
+
+    def hold(self, upstream: FrameStream) -> None:
+        """Stop reading ``upstream`` until this connection can take more: backpressure,
+        for a link inside one relay (between its workers), where dropping would only
+        waste the work already done on the frames."""
+        if self.paused and upstream.transport is not None and upstream not in self._held:
+            upstream.transport.pause_reading()
+            self._held.add(upstream)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, set()
+        for s in held:
+            if not s.closed and s.transport is not None:
+                s.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -129,6 +145,7 @@ class FrameStream(asyncio.Protocol):
         self._release_backlog()
         if self._resumed is not None:
             self._resumed.set()
+        self._release_held()
         self.on_closed()
 
     # ---- hooks -----------------------------------------------------------------------
