@@ -53,7 +53,7 @@ peer's clients) and sends FORWARD frames, which the receiver delivers to
 local clients only, so a packet crosses at most one mesh hop.
 
 The worker processes of one relay (``wgmesh relay serve --workers N``) mesh the
-same way over loopback. Between them a run of packets from one sender to one
+same way over UNIX sockets. Between them a run of packets from one sender to one
 destination travels as one DELIVER frame holding the RECV frames the
 destination gets (:meth:`FrameDecoder.feed_relayed` builds them), so the
 receiving worker forwards the run with one write instead of one per packet.

@@ -33,7 +33,7 @@ and forwards packets for them in one hop (:mod:`wgmesh.relaynet.mesh`).
 
 Workers: a relay of several processes (:mod:`wgmesh.relaynet.workers`) runs one
 server per process; :meth:`RelayServer.serve_siblings` meshes it with the others over
-loopback the same way, with a key of their own. A node reaches a node of a sibling
+UNIX sockets the same way, with a key of their own. A node reaches a node of a sibling
 in one sibling hop, the region's other relays learn every worker's nodes from
 whichever worker they dialled, the caps count across workers (``admission``) and
 ``GET /metrics`` sums every worker's numbers.
@@ -160,7 +160,7 @@ class _Client(FrameStream):
                          budget=server.queue_budget, write_timeout=server.write_timeout,
                          on_drop=server._drop)
         self.server = server
-        self.internal = internal  # came in on the workers' loopback listener
+        self.internal = internal  # came in on the workers' UNIX listener
         self.sibling = False  # a mesh link from another worker of this relay
         self.state = "http"  # -> "hello" -> "node" | "mesh"
         self.key: bytes = b""
@@ -427,7 +427,7 @@ class RelayServer:
 
     def _admit(self, c: _Client) -> None:
         """Count a new connection against the caps, or refuse it at once. The workers'
-        loopback listener is not capped: only their links and local readers of
+        UNIX listener is not capped: only their links and local readers of
         ``/metrics`` come there, and at most 64 at once."""
         if c.internal:
             if len(self._internal) >= 64:

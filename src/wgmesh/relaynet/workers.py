@@ -12,7 +12,8 @@ a second process. How they stay one relay:
 * Each worker is a :class:`~wgmesh.relaynet.server.RelayServer` meshed with the others
   over UNIX sockets (abstract names: nothing to clean up) (:meth:`~wgmesh.relaynet.server.RelayServer.serve_siblings`) under a
   key made for this run: presence, forwarding by key, the region mesh and ``/metrics``
-  see one relay.
+  see one relay. That link has backpressure: a node whose packets go to a backed-up
+  sibling is not read until the link drains (dropping there would waste work done).
 * The caps count across workers in shared memory
   (:class:`~wgmesh.relaynet.admission.SharedAdmission`); the supervisor clears a dead
   worker's share before its replacement starts. The queue budget (what slow readers'
