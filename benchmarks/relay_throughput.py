@@ -21,7 +21,9 @@ for a figure to quote; every run is in the ``*_runs`` lists):
   pairs through the relay;
 * ``relay_tls_mbps``: one pair through the same relay code serving TLS on 443;
 * ``rss_*``: the relay's resident memory empty, with 1,000 idle clients
-  connected, and again after they idled for a while (flat = no growth).
+  connected, and again after they idled for a while (flat = no growth);
+* ``*_cores``: CPU seconds per second that the relay, the source and the sink used
+  while pumping (medians over the runs), to show which one limits the figure.
 
 Prints one JSON line. Usage: ``sudo .venv/bin/python benchmarks/relay_throughput.py
 [--seconds 5] [--runs 3] [--idle 1000] [--pairs 100]``. The roles below run inside
@@ -42,7 +44,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from _bench import Report, proc_rss_mb, round_ratios, run_abba, spread
+from _bench import Report, proc_cpu_s, proc_rss_mb, round_ratios, run_abba, spread
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.relay import FrameType, RelayURL, encode_frame
 from wgmesh.relaynet.connection import RelayConnection
@@ -107,6 +109,7 @@ class Counts:
     def __init__(self, windows: tuple[float, float, int] | None = None) -> None:
         self.packets = self.bytes = 0
         self.first = self.last = 0.0
+        self.cpu_first = 0.0
         self.windows = windows
         self.window_bytes = [0] * (windows[2] if windows else 0)
 
@@ -114,6 +117,7 @@ class Counts:
         now = time.monotonic()
         if not self.packets:
             self.first = now
+            self.cpu_first = time.process_time()
         self.packets += 1
         self.bytes += len(data)
         self.last = now
@@ -128,6 +132,7 @@ class Counts:
         dt = max(self.last - self.first, 1e-9)
         emit(packets=self.packets, bytes=self.bytes, seconds=dt,
              mbps=self.bytes * 8 / dt / 1e6, pps=self.packets / dt,
+             sink_cores=(time.process_time() - self.cpu_first) / dt,
              **({"window_bytes": self.window_bytes} if self.windows else {}))
 
 
@@ -168,6 +173,7 @@ async def source(kind: str, where: str, peers: list[str], seconds: float,
     dsts = [Key(p) for p in peers]
     packet = bytes(PACKET)
     sent = 0
+    cpu = time.process_time()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         for conn, dst in zip(conns, dsts, strict=True):
@@ -176,7 +182,7 @@ async def source(kind: str, where: str, peers: list[str], seconds: float,
             sent += 16
             await conn.drain()
         await asyncio.sleep(0)
-    emit(sent=sent)
+    emit(sent=sent, source_cores=(time.process_time() - cpu) / seconds)
     await asyncio.sleep(0.5)
     for c in conns:
         c.close()
@@ -237,19 +243,24 @@ def _last(p: Process) -> dict[str, Any]:
 
 
 def run_pump(lab: Lab, src: Host, dst: Host, kind: str, where: str, seconds: float,
-             n: int = 1, *tls: str) -> dict[str, Any]:
+             n: int = 1, *tls: str, relay_pid: int | None = None) -> dict[str, Any]:
     """One pump run, ``src`` -> ``dst`` through the relay at ``where`` (``kind`` relay) or
     straight to ``dst`` (``kind`` direct) to ``n`` receiving keys: the sink's counts
-    (``packets``, ``mbps``, ``pps``, ...) and the source's ``sent``."""
+    (``packets``, ``mbps``, ``pps``, ``sink_cores``, ...), the source's ``sent`` and
+    ``source_cores``, and with ``relay_pid`` the relay's ``relay_cores``."""
     sink = lab.python(dst, __file__, f"{kind}-sink", where, "--n", str(n), *tls)
     keys = json.loads(sink.wait_for_output('"ready"', timeout=60).splitlines()[0])["keys"]
     source = lab.python(src, __file__, f"{kind}-source", where, ",".join(keys),
                         "--seconds", str(seconds), *tls)
+    relay_cpu = proc_cpu_s(relay_pid) if relay_pid else 0.0
     deadline = time.monotonic() + seconds + 60
+    while source.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    relay = {"relay_cores": (proc_cpu_s(relay_pid) - relay_cpu) / seconds} if relay_pid else {}
     while sink.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     source.wait(30)
-    return {**_last(sink), **_last(source)}
+    return {**_last(sink), **_last(source), **relay}
 
 
 def main() -> None:
@@ -285,7 +296,8 @@ def main() -> None:
         idle.stop()
 
         def pump(kind: str, where: str, n: int = 1, *tls: str) -> dict[str, Any]:
-            return run_pump(lab, src, dst, kind, where, a.seconds, n, *tls)
+            return run_pump(lab, src, dst, kind, where, a.seconds, n, *tls,
+                            relay_pid=srv.pid if kind == "relay" and not tls else None)
 
         def iperf3() -> float:
             server = lab.spawn(dst, ["iperf3", "-s", "-1", "-B", dst.ip])
@@ -324,6 +336,11 @@ def main() -> None:
         "relay_mbps_runs": runs(relayed), "direct_mbps_runs": runs(direct),
         "relay_pps": _median(relayed, "pps", None),
         "relay_delivered": round(statistics.median(map(_delivered, relayed)), 3),
+        "relay_cores": _median(relayed, "relay_cores", 2),
+        "relay_source_cores": _median(relayed, "source_cores", 2),
+        "relay_sink_cores": _median(relayed, "sink_cores", 2),
+        "direct_source_cores": _median(direct, "source_cores", 2),
+        "direct_sink_cores": _median(direct, "sink_cores", 2),
         "direct_delivered": round(statistics.median(map(_delivered, direct)), 3),
         "iperf3_direct_mbps": round(statistics.median(iperfs), 1),
         "iperf3_direct_mbps_runs": [round(x, 1) for x in iperfs],

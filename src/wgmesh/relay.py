@@ -28,6 +28,8 @@ PEER_PRESENT    10     s->c  key (32): that node is (again) connected here
 NOTE_PREFERRED  11     c->s  1 byte: 1 = this is my home relay
 FORWARD         12     mesh  source key (32), destination key (32), packet
 CLOSE           13     s->c  UTF-8 reason, sent just before the server closes
+DELIVER         14     wrk   source key (32), destination key (32), count (4),
+                             that many ready RECV frames (workers of one relay)
 ==============  =====  ====  ==================================================
 
 Authentication, both ways: the client seals the server's fresh challenge with
@@ -50,6 +52,12 @@ The dialling relay then watches presence (PEER_PRESENT/PEER_GONE of the
 peer's clients) and sends FORWARD frames, which the receiver delivers to
 local clients only, so a packet crosses at most one mesh hop.
 
+The worker processes of one relay (``wgmesh relay serve --workers N``) mesh the
+same way over UNIX sockets. Between them a run of packets from one sender to one
+destination travels as one DELIVER frame holding the RECV frames the
+destination gets (:meth:`FrameDecoder.feed_relayed` builds them), so the
+receiving worker forwards the run with one write instead of one per packet.
+
 This module is the sans-I/O part: bytes in, bytes out; the caller supplies the
 randomness (challenges, nonces). The asyncio drivers live in :mod:`wgmesh.relaynet`.
 """
@@ -60,6 +68,7 @@ import enum
 import hashlib
 import hmac
 import json
+import struct
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -73,6 +82,7 @@ from wgmesh.keys import KEY_LEN, Key, PrivateKey
 
 __all__ = [
     "CHALLENGE_LEN",
+    "DELIVER_HEAD",
     "GONE_DISCONNECTED",
     "GONE_NOT_HERE",
     "HEADER_LEN",
@@ -81,14 +91,17 @@ __all__ = [
     "MAX_PACKET",
     "NONCE_LEN",
     "PROTOCOL_VERSION",
+    "RUN_BYTES",
     "UPGRADE_TOKEN",
     "ClientHello",
     "FrameDecoder",
     "FrameError",
     "FrameType",
     "RelayURL",
+    "SendRun",
     "encode_frame",
     "frame_client_hello",
+    "frame_deliver",
     "frame_forward",
     "frame_peer",
     "frame_recv",
@@ -98,9 +111,11 @@ __all__ = [
     "mesh_mac",
     "open_client_hello",
     "open_server_info",
+    "parse_deliver",
     "parse_forward",
     "parse_peer",
     "parse_server_hello",
+    "split_frames",
     "split_key",
 ]
 
@@ -136,6 +151,7 @@ class FrameType(enum.IntEnum):
     NOTE_PREFERRED = 11
     FORWARD = 12
     CLOSE = 13
+    DELIVER = 14
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
@@ -170,10 +186,41 @@ def frame_forward(src_raw: bytes, dst_raw: bytes, packet: bytes | memoryview) ->
                      packet))
 
 
-def frame_peer(ftype: FrameType, key_raw: bytes, reason: int = GONE_DISCONNECTED) -> bytes:
-    """PEER_PRESENT or PEER_GONE (with ``reason``)."""
-    body = key_raw if ftype == FrameType.PEER_PRESENT else key_raw + bytes((reason,))
-    return encode_frame(ftype, body)
+DELIVER_HEAD = 2 * KEY_LEN + 4
+
+
+def frame_deliver(src_raw: bytes, dst_raw: bytes, count: int, frames: bytes) -> bytes:
+    """DELIVER: ``count`` RECV frames (already built) from ``src`` for ``dst``."""
+    return encode_frame(FrameType.DELIVER,
+                        b"".join((src_raw, dst_raw, count.to_bytes(4, "big"), frames)))
+
+
+def parse_deliver(body: bytes) -> tuple[bytes, bytes, int, bytes]:
+    """``(src, dst, count, frames)`` of a DELIVER body."""
+    if len(body) < DELIVER_HEAD:
+        raise FrameError("DELIVER shorter than its head")
+    return (body[:KEY_LEN], body[KEY_LEN:2 * KEY_LEN],
+            int.from_bytes(body[2 * KEY_LEN:DELIVER_HEAD], "big"), body[DELIVER_HEAD:])
+
+
+def split_frames(frames: bytes) -> list[bytes]:
+    """Encoded frames laid end to end (a :class:`SendRun`'s), one by one."""
+    out, off = [], 0
+    while off + HEADER_LEN <= len(frames):
+        stop = off + HEADER_LEN + int.from_bytes(frames[off + 1:off + HEADER_LEN], "big")
+        out.append(frames[off:stop])
+        off = stop
+    return out
+
+
+def frame_peer(ftype: FrameType, key_raw: bytes, reason: int = GONE_DISCONNECTED, *,
+               since: int = 0) -> bytes:
+    """PEER_PRESENT or PEER_GONE (with ``reason``). Between the workers of one relay a
+    PEER_PRESENT also says ``since`` when (monotonic ns) the node's hello was accepted,
+    so that of two connections of one key on two workers the newer one wins."""
+    if ftype != FrameType.PEER_PRESENT:
+        return encode_frame(ftype, key_raw + bytes((reason,)))
+    return encode_frame(ftype, key_raw + since.to_bytes(8, "big") if since else key_raw)
 
 
 def split_key(body: bytes) -> tuple[bytes, bytes]:
@@ -190,11 +237,35 @@ def parse_forward(body: bytes) -> tuple[bytes, bytes, bytes]:
 
 
 def parse_peer(ftype: int, body: bytes) -> tuple[Key, int]:
-    """``(key, reason)`` of PEER_GONE / PEER_PRESENT (reason is 0 for PRESENT)."""
-    want = KEY_LEN if ftype == FrameType.PEER_PRESENT else KEY_LEN + 1
-    if len(body) != want:
-        raise FrameError("bad peer notice length")
-    return Key.from_raw(body[:KEY_LEN]), (body[KEY_LEN] if want > KEY_LEN else 0)
+    """``(key, reason)`` of PEER_GONE; ``(key, since)`` of PEER_PRESENT (0 unless a
+    worker of the same relay said it)."""
+    if ftype == FrameType.PEER_PRESENT and len(body) in (KEY_LEN, KEY_LEN + 8):
+        return Key.from_raw(body[:KEY_LEN]), int.from_bytes(body[KEY_LEN:], "big")
+    if ftype != FrameType.PEER_PRESENT and len(body) == KEY_LEN + 1:
+        return Key.from_raw(body[:KEY_LEN]), body[KEY_LEN]
+    raise FrameError("bad peer notice length")
+
+
+_HEADER = struct.Struct(">BI")
+_SEND, _RECV = int(FrameType.SEND), int(FrameType.RECV)
+_SEND_MIN, _SEND_MAX = KEY_LEN, KEY_LEN + MAX_PACKET
+#: a run of rewritten frames is cut at this size: it must fit one DELIVER frame, and a
+#: write of a few runs is already a big write
+RUN_BYTES = 32 * 1024
+
+
+class SendRun:
+    """Consecutive SEND frames of one sender to one destination, rewritten into the RECV
+    frames the destination gets (a SEND and its RECV have the same length: only the type
+    byte and the key differ), so the relay forwards the run with one write."""
+
+    __slots__ = ("count", "dst", "frames", "payload")
+
+    def __init__(self, dst: bytes, frames: bytes, count: int, payload: int) -> None:
+        self.dst = dst
+        self.frames = frames
+        self.count = count  # frames in the run
+        self.payload = payload  # packet bytes in them
 
 
 class FrameDecoder:
@@ -232,6 +303,54 @@ class FrameDecoder:
                 break
             out.append((ftype, bytes(buf[off + HEADER_LEN:stop])))
             off = stop
+        if off:
+            del buf[:off]
+        return out
+
+    def feed_relayed(self, data: bytes, src_raw: bytes) -> list[SendRun | tuple[int, bytes]]:
+        """:meth:`feed` for a relay reading a node: valid SEND frames come out as
+        :class:`SendRun` (already RECV frames from ``src_raw``), every other frame, a
+        malformed SEND included, as ``(type, body)``, in stream order."""
+        buf = self._buf
+        buf += data
+        out: list[SendRun | tuple[int, bytes]] = []
+        runs: list[tuple[int, bytes, int, int, int]] = []  # (index in out, dst, start, stop, n)
+        off, end = 0, len(buf)
+        start, run_end, dst, count = -1, 0, b"", 0
+        unpack, known, max_frame = _HEADER.unpack_from, _KNOWN_TYPES, self.max_frame
+        send, recv, key_at, key_end = _SEND, _RECV, HEADER_LEN, HEADER_LEN + KEY_LEN
+        while end - off >= HEADER_LEN:
+            ftype, n = unpack(buf, off)
+            if ftype not in known:
+                raise FrameError(f"unknown frame type {ftype}")
+            if n > max_frame:
+                raise FrameError(f"frame of {n} bytes exceeds {max_frame}")
+            stop = off + HEADER_LEN + n
+            if stop > end:
+                break
+            if ftype == send and _SEND_MIN <= n <= _SEND_MAX:
+                if stop > run_end or not buf.startswith(dst, off + key_at):
+                    if start >= 0:
+                        runs.append((len(out), dst, start, off, count))
+                        out.append((0, b""))  # its place, filled below
+                    start, run_end, count = off, off + RUN_BYTES, 0
+                    dst = bytes(buf[off + key_at:off + key_end])
+                buf[off] = recv
+                buf[off + key_at:off + key_end] = src_raw
+                count += 1
+            else:
+                if start >= 0:
+                    runs.append((len(out), dst, start, off, count))
+                    out.append((0, b""))
+                    start, run_end = -1, 0
+                out.append((ftype, bytes(buf[off + HEADER_LEN:stop])))
+            off = stop
+        if start >= 0:
+            runs.append((len(out), dst, start, off, count))
+            out.append((0, b""))
+        with memoryview(buf) as view:  # one copy per run; released before buf shrinks
+            for i, run_dst, a, b, k in runs:
+                out[i] = SendRun(run_dst, bytes(view[a:b]), k, b - a - k * (HEADER_LEN + KEY_LEN))
         if off:
             del buf[:off]
         return out

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import json
 import resource
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from polling import wait_for
+from relayproc import bound_to, metrics_from, relay_process
 
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.relaynet.connection import RelayConnectError, RelayConnection
@@ -42,15 +40,6 @@ def rss(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def bound_to(ip: str) -> Callable[[int], socket.socket]:
-    """A ``make_socket`` for RelayConnection: TCP from ``ip`` (any 127/8 address works)."""
-    def make(family: int) -> socket.socket:
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.bind((ip, 0))
-        return s
-    return make
-
-
 async def until(pred: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
     return await asyncio.to_thread(wait_for, pred, timeout, what or str(pred), 0.05)
 
@@ -66,37 +55,6 @@ async def honest_exchange(a: RelayConnection, b: Key, got: list[bytes], n: int) 
     await until(lambda: len(got) == n, 60, "the honest pair's frames")
     assert [int.from_bytes(d[:4], "big") for d in got] == list(range(n))
     return n / (time.monotonic() - start)
-
-
-@contextlib.contextmanager
-def relay_process(tmp_path: Path, *args: str) -> Iterator[tuple[int, int]]:
-    """``wgmesh relay serve`` on 127.0.0.1 with ``args``: (its pid, its port); its output
-    must hold no traceback when it stops."""
-    out = tmp_path / "relay.out"
-    with out.open("w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wgmesh", "relay", "serve", "--listen", "127.0.0.1:0",
-             "--stun-port", "-1", "--key-file", str(tmp_path / "relay.key"), *args],
-            stdout=f, stderr=subprocess.STDOUT)
-    try:
-        line = wait_for(lambda: out.read_text().partition("\n")[0] if proc.poll() is None
-                        else pytest.fail(out.read_text()), 20, "the relay listening")
-        yield proc.pid, int(json.loads(line)["listening"].rpartition(":")[2])
-        assert "Traceback" not in out.read_text()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def metrics_from(port: int, source: str) -> dict[str, Any]:
-    """The relay's ``/metrics``, asked from ``source``."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
-    try:
-        conn.request("GET", "/metrics")
-        doc: dict[str, Any] = json.loads(conn.getresponse().read())
-        return doc
-    finally:
-        conn.close()
 
 
 def test_abusers_are_capped_and_leave_nothing_behind(tmp_path: Path) -> None:

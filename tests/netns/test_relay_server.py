@@ -914,3 +914,51 @@ def test_twins_with_one_key_back_off_instead_of_spinning() -> None:
         await srv.close()
 
     run(main())
+
+
+def test_workers_of_one_relay_are_one_relay_to_the_region() -> None:
+    """Two servers meshed as the workers of one relay (what ``--workers 2`` runs in two
+    processes) and a region relay that dialled only the first: a node on the second
+    worker and a node on the region relay reach each other both ways and the region
+    relay hears the node leave; the workers' listener refuses nodes and wrong keys."""
+    async def main() -> None:
+        key, sibling_key = PrivateKey.generate(), os.urandom(32)
+        names = [f"\0wgmesh-test-{os.getpid()}-{i}" for i in range(2)]  # abstract sockets
+        listeners = []
+        for name in names:
+            s = socket.socket(socket.AF_UNIX)
+            s.bind(name)
+            s.listen()
+            s.setblocking(False)
+            listeners.append(s)
+        w1, u1 = await serving(private_key=key, mesh_key=MESH_KEY)
+        w2, _ = await serving(private_key=key, mesh_key=MESH_KEY)
+        await w1.serve_siblings(listeners[0], sibling_key, [names[1]])
+        await w2.serve_siblings(listeners[1], sibling_key, [names[0]])
+        region, ux = await serving(mesh_key=MESH_KEY, mesh_peers=[u1])
+        w1.add_mesh_peer(ux)
+        w2.add_mesh_peer(ux)
+        ka, kb = PrivateKey.generate(), PrivateKey.generate()
+        ia, ib = Inbox(), Inbox()
+        a = await RelayConnection.open(ux, ka, on_recv=ia.recv)
+        b = await RelayConnection.open(f"http://127.0.0.1:{w2.port}", kb, on_recv=ib.recv)
+        await until(lambda: kb.public.raw in region.mesh.remote
+                    and ka.public.raw in w2.mesh.remote, what="presence across workers")
+        a.send(kb.public, b"a->b")  # region -> w1 (the link it dialled) -> w2 -> b
+        b.send(ka.public, b"b->a")  # w2 -> region, over w2's own link
+        await until(lambda: ia.packets and ib.packets, what="delivery both ways")
+        assert ib.packets == [(ka.public, b"a->b")] and ia.packets == [(kb.public, b"b->a")]
+        assert w1.counters["packets_sibling_out"] == 1 and w2.counters["packets_sibling_in"] == 1
+        b.close()
+        await until(lambda: kb.public.raw not in region.mesh.remote, what="b gone, for the region")
+        # the workers' listener: no nodes, no relay without the workers' key
+        with pytest.raises(RelayConnectError, match="own workers"):
+            await RelayConnection.open("http://w", PrivateKey.generate(), unix=names[0])
+        with pytest.raises(RelayConnectError, match="mesh key mismatch"):
+            await RelayConnection.open("http://w", PrivateKey.generate(), mesh_key=MESH_KEY,
+                                       unix=names[0])
+        a.close()
+        for s in (region, w2, w1):
+            await s.close()
+
+    run(main())

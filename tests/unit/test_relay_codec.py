@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import json
 import os
+import random
 
 import pytest
 from hypothesis import given
@@ -17,12 +20,15 @@ from wgmesh.relay import (
     MAX_FRAME,
     MAX_PACKET,
     NONCE_LEN,
+    RUN_BYTES,
     FrameDecoder,
     FrameError,
     FrameType,
     RelayURL,
+    SendRun,
     encode_frame,
     frame_client_hello,
+    frame_deliver,
     frame_forward,
     frame_peer,
     frame_recv,
@@ -31,11 +37,14 @@ from wgmesh.relay import (
     frame_server_info,
     open_client_hello,
     open_server_info,
+    parse_deliver,
     parse_forward,
     parse_peer,
     parse_server_hello,
+    split_frames,
     split_key,
 )
+from wgmesh.relaynet.admission import SharedAdmission
 from wgmesh.relaynet.client import HomeSelector, regions_of
 
 pytestmark = pytest.mark.unit
@@ -289,3 +298,93 @@ def test_fuzz_server_hello_parsing(info: bytes) -> None:
         return
     assert isinstance(hello.info, dict) and hello.key == NODE.public
     assert hello.wants_mesh == ("mesh_proof" in hello.info)
+
+
+# ---- the relay's hot path and the workers' frames ------------------------------------------
+def _sends(dsts: list[Key], sizes: list[int]) -> list[bytes]:
+    return [frame_send(d, bytes([i % 251]) * n) for i, (d, n) in enumerate(zip(dsts, sizes, strict=True))]
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 3000)), max_size=40),
+       st.integers(1, 5000))
+def test_feed_relayed_turns_sends_into_the_recv_frames_each_destination_gets(
+        plan: list[tuple[int, int]], step: int) -> None:
+    """Whatever the chunking, every SEND comes out once, in order, as the RECV frame the
+    relay would have built for it (from the sender's key), grouped in runs of one
+    destination; other frames come out as (type, body) between them."""
+    keys = [PrivateKey.generate().public for _ in range(3)]
+    src = NODE.public.raw
+    frames = _sends([keys[d] for d, _ in plan], [n for _, n in plan])
+    frames.insert(len(frames) // 2, encode_frame(FrameType.PING, b"12345678"))
+    stream = b"".join(frames)
+    dec = FrameDecoder()
+    items = []
+    for i in range(0, len(stream), step):
+        items += dec.feed_relayed(stream[i:i + step], src)
+    assert dec.buffered == 0
+    got, dsts, other = [], [], []
+    for item in items:
+        if isinstance(item, SendRun):
+            parts = split_frames(item.frames)
+            assert len(parts) == item.count and len(item.frames) <= max(RUN_BYTES, len(parts[0]))
+            assert item.payload == sum(len(p) - 37 for p in parts)
+            got += parts
+            dsts += [item.dst] * item.count
+        else:
+            other.append(item)
+    want = [frame_recv(src, f[37:]) for f in frames if f[0] == FrameType.SEND]
+    assert got == want
+    assert dsts == [keys[d].raw for d, _ in plan]
+    assert other == [(FrameType.PING, b"12345678")]
+
+
+def test_feed_relayed_leaves_malformed_sends_to_the_frame_path() -> None:
+    short = encode_frame(FrameType.SEND, bytes(31))  # no room for a key
+    items = FrameDecoder().feed_relayed(short + frame_send(NODE.public, b"x"), SERVER.public.raw)
+    assert items[0] == (FrameType.SEND, bytes(31)) and isinstance(items[1], SendRun)
+    with pytest.raises(FrameError):
+        FrameDecoder().feed_relayed(b"\x63\x00\x00\x00\x00", SERVER.public.raw)
+
+
+def test_deliver_and_sibling_presence_round_trip() -> None:
+    run = frame_recv(NODE.public.raw, b"a") + frame_recv(NODE.public.raw, b"bc")
+    (t, body), = FrameDecoder().feed(frame_deliver(NODE.public.raw, SERVER.public.raw, 2, run))
+    assert t == FrameType.DELIVER
+    assert parse_deliver(body) == (NODE.public.raw, SERVER.public.raw, 2, run)
+    with pytest.raises(FrameError):
+        parse_deliver(body[:67])
+    (t, body), = FrameDecoder().feed(frame_peer(FrameType.PEER_PRESENT, NODE.public.raw,
+                                                since=123456789))
+    assert parse_peer(t, body) == (NODE.public, 123456789)
+    with pytest.raises(FrameError):
+        parse_peer(t, body[:35])
+
+
+def test_shared_admission_counts_like_one_relay() -> None:
+    """The workers' shared caps against a plain count, through random admissions and
+    releases on two workers (tiny table: probe runs and backward-shift deletes happen),
+    then a dead worker's share cleared."""
+    rng = random.Random(7)
+    caps = SharedAdmission(2, 8, 3)
+    other = copy.copy(caps)  # the second worker's view of the same memory, as after a fork
+    caps.become(0)
+    other.become(1)
+    held: collections.Counter[tuple[int, str]] = collections.Counter()
+    for _ in range(5000):
+        w, s = rng.randrange(2), f"198.51.100.{rng.randrange(30)}"
+        view = (caps, other)[w]
+        total = sum(held.values())
+        per = held[(0, s)] + held[(1, s)]
+        if rng.random() < 0.55:
+            want = ("too_many_connections" if total >= 8
+                    else "too_many_from_source" if per >= 3 else None)
+            assert view.admit(s) == want
+            if want is None:
+                held[(w, s)] += 1
+        elif held[(w, s)]:
+            view.release(s)
+            held[(w, s)] -= 1
+        assert caps.connections == other.connections == sum(held.values())
+        assert caps.sources == len({s for (_, s), n in held.items() if n})
+    caps.clear(1)
+    assert caps.connections == sum(n for (w, _), n in held.items() if w == 0)

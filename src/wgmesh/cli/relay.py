@@ -19,6 +19,7 @@ __all__ = ["add_parser"]
 
 
 def _serve(a: argparse.Namespace) -> int:
+    from wgmesh.relaynet.admission import Admission
     from wgmesh.relaynet.mesh import load_mesh_key
     from wgmesh.relaynet.server import RelayServer
 
@@ -44,19 +45,38 @@ def _serve(a: argparse.Namespace) -> int:
     host, _, port = a.listen.rpartition(":")
     host = host.strip("[]") or "0.0.0.0"
 
-    async def run() -> None:
-        srv = RelayServer(key, host=host, port=int(port), ssl=ssl_ctx,
-                          stun_port=None if a.stun_port < 0 else a.stun_port,
-                          mesh_key=mesh_key, mesh_peers=a.mesh_peer, mesh_ssl=mesh_ssl,
-                          control_url=a.control, relay_credential=credential,
-                          control_ssl=control_ssl,
-                          rate_limit_bps=a.rate_limit * 1e6 if a.rate_limit else None,
-                          max_connections=a.max_connections, max_per_source=a.max_per_source,
-                          metrics_allow=a.metrics_allow.split(",") if a.metrics_allow else None)
-        await srv.start()
-        print(json.dumps({"listening": f"{host}:{srv.port}", "stun_port": srv.stun_port,
-                          "server_key": srv.public_key.b64(), "tls": ssl_ctx is not None}),
+    stun_port = None if a.stun_port < 0 else a.stun_port
+
+    def make_server(admission: Admission | None = None) -> RelayServer:
+        return RelayServer(key, host=host, port=int(port), ssl=ssl_ctx, stun_port=stun_port,
+                           mesh_key=mesh_key, mesh_peers=a.mesh_peer, mesh_ssl=mesh_ssl,
+                           control_url=a.control, relay_credential=credential,
+                           control_ssl=control_ssl,
+                           rate_limit_bps=a.rate_limit * 1e6 if a.rate_limit else None,
+                           max_connections=a.max_connections, max_per_source=a.max_per_source,
+                           metrics_allow=a.metrics_allow.split(",") if a.metrics_allow else None,
+                           admission=admission)
+
+    def listening(port: int, stun: int | None, **extra: object) -> None:
+        print(json.dumps({"listening": f"{host}:{port}", "stun_port": stun,
+                          "server_key": key.public.b64(), "tls": ssl_ctx is not None, **extra}),
               flush=True)
+
+    if a.workers > 1:
+        from wgmesh.relaynet.workers import RelayWorkers
+
+        pool = RelayWorkers(a.workers, make_server, host=host, port=int(port),
+                            stun_port=stun_port, max_connections=a.max_connections,
+                            max_per_source=a.max_per_source)
+        pool.start()
+        listening(pool.port, pool.stun_port or 0, workers=a.workers, pids=pool.pids)
+        pool.run()
+        return 0
+
+    async def run() -> None:
+        srv = make_server()
+        await srv.start()
+        listening(srv.port, srv.stun_port)
         try:
             await asyncio.Event().wait()
         finally:
@@ -99,5 +119,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="connections per source address, IPv6 per /64 (default %(default)s)")
     s.add_argument("--metrics-allow", metavar="CIDR,...",
                    help="networks that may read /metrics (default: this host only)")
+    s.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on the one port (SO_REUSEPORT), meshed as one"
+                        " relay: one per core (default %(default)s)")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=_serve)

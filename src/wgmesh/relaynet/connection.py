@@ -43,7 +43,7 @@ __all__ = ["MakeSocket", "OnPeer", "RelayConnectError", "RelayConnection", "conn
 
 OnRecv = Callable[[Key, bytes], None]
 MakeSocket = Callable[[int], socket.socket]
-OnPeer = Callable[[Key, bool, int], None]  # key, present, reason
+OnPeer = Callable[[Key, bool, int], None]  # key, present, reason (PRESENT: since, see relay.py)
 
 
 async def connect_socket(make_socket: MakeSocket, host: str, port: int) -> socket.socket:
@@ -104,8 +104,8 @@ class RelayConnection(FrameStream):
         self._timer: asyncio.TimerHandle | None = None
         self._lost: asyncio.Future[None] = self._loop.create_future()
 
-    def _count_drop(self, reason: str) -> None:
-        self.drops[reason] += 1
+    def _count_drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] += n
 
     @property
     def local_ip(self) -> str | None:
@@ -124,11 +124,13 @@ class RelayConnection(FrameStream):
                    on_recv: OnRecv | None = None, on_peer: OnPeer | None = None,
                    timeout: float = 10.0, keepalive: float = 20.0, idle_timeout: float = 65.0,
                    queue_frames: int = 256, write_timeout: float = 5.0,
-                   make_socket: MakeSocket | None = None) -> RelayConnection:
+                   make_socket: MakeSocket | None = None,
+                   unix: str | None = None) -> RelayConnection:
         """Connect, upgrade and authenticate; raises :class:`RelayConnectError`.
 
         ``make_socket(family)`` supplies the unconnected TCP socket, e.g. one
         created inside another network namespace (the kernel bridge's case).
+        ``unix``: reach the relay at this UNIX socket instead (the workers of one relay).
         ``mesh_key``: we are a relay dialling a mesh peer; both sides prove it.
         """
         u = url if isinstance(url, RelayURL) else RelayURL.parse(url)
@@ -145,7 +147,9 @@ class RelayConnection(FrameStream):
         try:
             async with asyncio.timeout(timeout):
                 ctx, hostname = (ssl, u.host) if u.tls else (None, None)
-                if make_socket is None:
+                if unix is not None:
+                    _, conn = await loop.create_unix_connection(factory, unix)
+                elif make_socket is None:
                     _, conn = await loop.create_connection(
                         factory, u.host, u.port, ssl=ctx, server_hostname=hostname)
                 else:

@@ -26,8 +26,9 @@ log = logging.getLogger("wgmesh.relay")
 
 #: Opens an authenticated mesh connection to a URL, reporting presence to ``on_peer``.
 Dial = Callable[[str, OnPeer], Awaitable[RelayConnection]]
-#: ``(raw node key, present)``: a node appeared on, or left, another relay of the region.
-OnRemote = Callable[[bytes, bool], None]
+#: ``(raw node key, present, since)``: a node appeared on, or left, another relay of the
+#: region (``since``: when it came, as a worker of the same relay tells it; else 0).
+OnRemote = Callable[[bytes, bool, int], None]
 
 
 def load_mesh_key(path: str | Path) -> bytes:
@@ -67,14 +68,14 @@ class MeshLink(ConnectionKeeper):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if conn.server_key == mesh.own_key:
+            if mesh.own_key is not None and conn.server_key == mesh.own_key:
                 conn.close()
                 log.info("mesh peer %s is this relay; not meshing with myself", self.url)
                 return
             backoff = 0.1
             self.last_error = ""
             self.conn = conn
-            mesh.counters["mesh_links_up"] += 1
+            mesh.counters[mesh.up_counter] += 1
             await conn.wait_closed()
             self.conn = None
             for k in list(self.keys):
@@ -84,7 +85,7 @@ class MeshLink(ConnectionKeeper):
         if present:
             self.keys.add(key.raw)
             self.mesh.remote[key.raw] = self
-            self.mesh.on_remote(key.raw, True)
+            self.mesh.on_remote(key.raw, True, reason)
         else:
             self._forget(key.raw)
 
@@ -92,20 +93,22 @@ class MeshLink(ConnectionKeeper):
         self.keys.discard(raw)
         if self.mesh.remote.get(raw) is self:
             del self.mesh.remote[raw]
-            self.mesh.on_remote(raw, False)
+            self.mesh.on_remote(raw, False, 0)
 
 
 class RegionMesh:
     """The links to the other relays of the region and which node is reachable over which.
 
     ``dial`` opens a mesh connection (the server's key, mesh key and limits);
-    ``own_key`` spots a peer URL that is this relay itself; ``on_remote`` hears
-    remote nodes come and go; ``counters`` receives ``mesh_links_up``.
+    ``own_key`` spots a peer URL that is this relay itself (``None`` for the links
+    between the workers of one relay, which share its key); ``on_remote`` hears
+    remote nodes come and go; ``counters`` receives ``up_counter`` once per link that came up.
     """
 
-    def __init__(self, dial: Dial, own_key: Key, on_remote: OnRemote,
-                 counters: collections.Counter[str]) -> None:
+    def __init__(self, dial: Dial, own_key: Key | None, on_remote: OnRemote,
+                 counters: collections.Counter[str], up_counter: str = "mesh_links_up") -> None:
         self.dial = dial
+        self.up_counter = up_counter
         self.own_key = own_key
         self.on_remote = on_remote
         self.counters = counters

@@ -1,24 +1,22 @@
 """The relay's counters as Prometheus/OpenMetrics text, read at scrape time.
 
-The collector reads :meth:`RelayServer.metrics` (the same numbers as the JSON
-``/metrics``) when Prometheus scrapes, so forwarding a packet costs nothing
-more than the counter increments it already did. Labels come from fixed sets
-(directions, drop reasons named in the code), never from keys or addresses.
+The collector reads the dict of :meth:`RelayServer.metrics` (the same numbers as
+the JSON ``/metrics``; a relay of several workers sums theirs first) when Prometheus
+scrapes, so forwarding a packet costs nothing more than the counter increments it
+already did. Labels come from fixed sets (directions, drop reasons named in the
+code), never from keys or addresses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
-if TYPE_CHECKING:
-    from wgmesh.relaynet.server import RelayServer
-
-__all__ = ["RelayCollector", "exposition", "wants_prometheus"]
+__all__ = ["RelayCollector", "exposition", "relay_registry", "wants_prometheus"]
 
 #: JSON gauge key -> (metric name, help)
 _GAUGES = {
@@ -44,19 +42,20 @@ _OTHER_COUNTERS = {
 
 
 class RelayCollector(Collector):
-    """One relay server's metrics, prefixed ``wgmesh_relay_``."""
+    """One relay's metrics (``metrics()`` gives a :meth:`RelayServer.metrics` dict at each
+    scrape), prefixed ``wgmesh_relay_``."""
 
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
+    def __init__(self, metrics: Callable[[], dict[str, Any]]) -> None:
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        m = self.server.metrics()
+        m = self.metrics()
         counters, drops = m["counters"], m["drops"]
         for key, (name, doc) in _GAUGES.items():
             yield GaugeMetricFamily(f"wgmesh_relay_{name}", doc, value=m[key])
         yield GaugeMetricFamily("wgmesh_relay_queue_max_bytes",
                                 "the deepest queue of one connected node, in bytes",
-                                value=self.server.deepest_queue())
+                                value=m["queue_max_bytes"])
         if m["allow_list_size"] is not None:
             yield GaugeMetricFamily("wgmesh_relay_allow_list_size",
                                     "node keys control allows", value=m["allow_list_size"])
@@ -86,7 +85,14 @@ def wants_prometheus(accept: str) -> bool:
     return "openmetrics" in accept or "text/plain" in accept
 
 
-def exposition(server: RelayServer, accept: str) -> tuple[str, str]:
-    """The server's registry in the text format ``accept`` prefers: (body, content type)."""
+def relay_registry(metrics: Callable[[], dict[str, Any]]) -> CollectorRegistry:
+    """A registry of its own for one relay (many servers may share a process)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayCollector(metrics))
+    return registry
+
+
+def exposition(registry: CollectorRegistry, accept: str) -> tuple[str, str]:
+    """A relay's registry in the text format ``accept`` prefers: (body, content type)."""
     encoder, content_type = choose_encoder(accept)
-    return encoder(server.registry).decode(), content_type
+    return encoder(registry).decode(), content_type

@@ -31,6 +31,13 @@ Mesh: with ``mesh_key`` and ``mesh_peers``, the server dials each peer relay
 as a client that proves the mesh key, learns which nodes are connected there,
 and forwards packets for them in one hop (:mod:`wgmesh.relaynet.mesh`).
 
+Workers: a relay of several processes (:mod:`wgmesh.relaynet.workers`) runs one
+server per process; :meth:`RelayServer.serve_siblings` meshes it with the others over
+UNIX sockets the same way, with a key of their own. A node reaches a node of a sibling
+in one sibling hop, the region's other relays learn every worker's nodes from
+whichever worker they dialled, the caps count across workers (``admission``) and
+``GET /metrics`` sums every worker's numbers.
+
 Allow-list (optional): with ``control_url`` and ``relay_credential`` (a
 control API key of role ``relay``: ``wgmesh control apikey create --role
 relay``) the server accepts only node keys the control service lists, polling
@@ -54,20 +61,22 @@ import ipaddress
 import json
 import logging
 import secrets
+import socket
 import ssl as _ssl
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-from prometheus_client.registry import CollectorRegistry
 
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import KEY_LEN, Key, PrivateKey
 from wgmesh.loopthread import LoopThread
 from wgmesh.relay import (
     CHALLENGE_LEN,
+    DELIVER_HEAD,
     GONE_DISCONNECTED,
     GONE_NOT_HERE,
+    HEADER_LEN,
+    MAX_FRAME,
     MAX_PACKET,
     NONCE_LEN,
     PROTOCOL_VERSION,
@@ -75,18 +84,23 @@ from wgmesh.relay import (
     ClientHello,
     FrameError,
     FrameType,
+    SendRun,
     encode_frame,
+    frame_deliver,
     frame_forward,
     frame_peer,
     frame_recv,
     frame_server_hello,
     frame_server_info,
     open_client_hello,
+    parse_deliver,
     parse_forward,
+    split_frames,
 )
+from wgmesh.relaynet.admission import Admission, LocalAdmission
 from wgmesh.relaynet.connection import OnPeer, RelayConnection
 from wgmesh.relaynet.mesh import RegionMesh
-from wgmesh.relaynet.metrics import RelayCollector, exposition, wants_prometheus
+from wgmesh.relaynet.metrics import exposition, relay_registry, wants_prometheus
 from wgmesh.relaynet.stream import QUEUE_BYTES, FrameStream, QueueBudget
 from wgmesh.relaynet.stunserver import StunResponder
 from wgmesh.urls import check_credential_url
@@ -95,7 +109,11 @@ __all__ = ["RelayServer"]
 
 log = logging.getLogger("wgmesh.relay")
 
-_RECV = bytes((FrameType.RECV,))
+_RECV_OVERHEAD = HEADER_LEN + KEY_LEN  # a RECV frame's bytes beyond its packet
+#: /metrics of several workers: gauges that are the most of any worker's, not the sum
+_WORKER_MAX = frozenset({"uptime", "remote_clients", "queue_max_bytes"})
+#: ... and figures every worker already gives for the whole relay (the shared caps)
+_WORKER_SAME = frozenset({"server_key", "connections", "sources", "allow_list_size"})
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -137,11 +155,13 @@ class _TokenBucket:
 class _Client(FrameStream):
     """One inbound connection: HTTP, then handshake, then a node or a mesh peer."""
 
-    def __init__(self, server: RelayServer) -> None:
+    def __init__(self, server: RelayServer, internal: bool = False) -> None:
         super().__init__(queue_frames=server.queue_frames, queue_bytes=server.queue_bytes,
                          budget=server.queue_budget, write_timeout=server.write_timeout,
                          on_drop=server._drop)
         self.server = server
+        self.internal = internal  # came in on the workers' UNIX listener
+        self.sibling = False  # a mesh link from another worker of this relay
         self.state = "http"  # -> "hello" -> "node" | "mesh"
         self.key: bytes = b""
         self.challenge = b""
@@ -153,6 +173,7 @@ class _Client(FrameStream):
         self.interest: set[bytes] = set()  # peers this client sent to
         self.heard_from: set[bytes] = set()  # peers that sent to this client
         self.told_not_here: dict[bytes, float] = {}  # absent peer -> when we last said so
+        self.since = 0  # monotonic ns when its hello was accepted (newest of a key wins)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -167,6 +188,14 @@ class _Client(FrameStream):
 
     def on_preamble(self, head: bytes) -> bool:
         return self.server._http(self, head)
+
+    def on_bytes(self, data: bytes) -> None:
+        if self.state == "node" and self.bucket is None:  # the hot path: runs, not frames
+            items = self.decoder.feed_relayed(data, self.key)
+            if items:
+                self.server._node_items(self, items)
+        else:
+            super().on_bytes(data)
 
     def on_frames(self, frames: list[tuple[int, bytes]]) -> None:
         srv = self.server
@@ -191,6 +220,8 @@ class RelayServer:
     *send*, in bits per second (``None``: unlimited). Timeouts are in seconds.
     The ``max_*`` and ``queue_*`` caps bound memory (module docstring);
     ``metrics_allow``: CIDRs that may read ``/metrics`` (``None``: this host only).
+    ``admission`` counts the connection caps (default: in this process; a relay of
+    several workers shares one across them).
     """
 
     def __init__(self, private_key: PrivateKey | None = None, *,
@@ -206,6 +237,7 @@ class RelayServer:
                  max_connections: int = 10_000, max_per_source: int = 1024,
                  max_destinations: int = 1024,
                  metrics_allow: Sequence[str] | None = None,
+                 admission: Admission | None = None,
                  write_timeout: float = 5.0, keepalive: float = 20.0,
                  idle_timeout: float = 65.0, handshake_timeout: float = 10.0,
                  software: str = "wgmesh-relay") -> None:
@@ -234,8 +266,8 @@ class RelayServer:
         self.queue_frames = queue_frames
         self.queue_bytes = max(queue_bytes, 2 * MAX_PACKET)
         self.queue_budget = QueueBudget(max(queue_budget, self.queue_bytes))
-        self.max_connections = max_connections
-        self.max_per_source = max_per_source
+        self.admission: Admission = admission or LocalAdmission(max_connections,
+                                                                max_per_source)
         self.max_destinations = max_destinations
         try:
             self.metrics_allow: tuple[_Network, ...] | None = None if metrics_allow is None \
@@ -251,44 +283,56 @@ class RelayServer:
         self.drops: collections.Counter[str] = collections.Counter()
         self.stun_port = 0
         self.mesh = RegionMesh(self._dial_mesh, self.public_key, self._on_remote, self.counters)
+        self.siblings = RegionMesh(self._dial_sibling, None, self._on_sibling, self.counters,
+                                   "sibling_links_up")
+        self.sibling_key: bytes | None = None
+        self.sibling_sockets: dict[str, str] = {}  # a sibling's URL -> its UNIX socket
         self._clients: dict[bytes, _Client] = {}
         self._mesh_in: set[_Client] = set()
         self._pending: set[_Client] = set()
-        self._per_source: collections.Counter[str] = collections.Counter()
-        self.connections = 0  # admitted TCP connections of every kind (HTTP, nodes, mesh)
+        self._internal: set[_Client] = set()  # on the workers' listener, not yet siblings
         self._interested: dict[bytes, set[_Client]] = {}
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
+        self._answers: set[asyncio.Task[None]] = set()  # /metrics of several workers
         self._stun: StunResponder | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._thread: LoopThread | None = None
         self._started = time.monotonic()
-        self.registry = CollectorRegistry(auto_describe=False)  # per server: many per process
-        self.registry.register(RelayCollector(self))
+        self.registry = relay_registry(self.metrics)
 
     # ---- life cycle ------------------------------------------------------------------
     async def start(self, host: str | None = None, port: int | None = None, *,
-                    ssl: _ssl.SSLContext | None = None, stun_port: int | None = None) -> None:
+                    ssl: _ssl.SSLContext | None = None, stun_port: int | None = None,
+                    sockets: Sequence[socket.socket] = (),
+                    stun_sock: socket.socket | None = None) -> None:
         """Listen on ``host:port`` (0: any free port; then see :attr:`port`); ``::``: every
         address of both families (STUN then answers both on one dual-stack socket).
 
         ``stun_port``: UDP port for STUN (``None``: no STUN; 0: any free port).
-        Arguments left out (``None``) are the constructor's.
+        Arguments left out (``None``) are the constructor's. A worker of a relay of
+        several serves listening ``sockets`` and ``stun_sock`` (or none) made for it instead.
         """
         host = self.host if host is None else host
         port = self.port if port is None else port
         ssl = self.ssl if ssl is None else ssl
         stun_port = self._stun_listen if stun_port is None else stun_port
         loop = asyncio.get_running_loop()
-        hosts: str | list[str] = host
-        if host == "::":  # every address of both families, one socket each: native sources
-            if not port:
-                raise WgmeshError("listening on [::] (both families) needs a fixed port")
-            hosts = ["0.0.0.0", "::"]
-        self._server = await loop.create_server(lambda: _Client(self), hosts, port, ssl=ssl,
-                                                reuse_address=True, backlog=1024)
-        self.port = self._server.sockets[0].getsockname()[1]
-        if stun_port is not None:
-            self._stun = await StunResponder.listen(host, stun_port, software=self.software,
+        if sockets:
+            for sock in sockets:
+                self._servers.append(await loop.create_server(
+                    lambda: _Client(self), sock=sock, ssl=ssl, backlog=1024))
+        else:
+            hosts: str | list[str] = host
+            if host == "::":  # every address of both families, one socket each: native sources
+                if not port:
+                    raise WgmeshError("listening on [::] (both families) needs a fixed port")
+                hosts = ["0.0.0.0", "::"]
+            self._servers.append(await loop.create_server(
+                lambda: _Client(self), hosts, port, ssl=ssl, reuse_address=True, backlog=1024))
+        self.port = self._servers[0].sockets[0].getsockname()[1]
+        if stun_sock is not None or (stun_port is not None and not sockets):
+            self._stun = await StunResponder.listen(host, stun_port or 0, sock=stun_sock,
+                                                    software=self.software,
                                                     counters=self.counters, drops=self.drops)
             self.stun_port = self._stun.port
         self._tasks.append(loop.create_task(self._sweep()))
@@ -296,6 +340,18 @@ class RelayServer:
             self._tasks.append(loop.create_task(self._poll_allow_list()))
         for url in self.mesh_peer_urls:
             self.mesh.add(url)
+
+    async def serve_siblings(self, sock: socket.socket, key: bytes, paths: Sequence[str]) -> None:
+        """Be one worker of a relay of several: accept the other workers on the UNIX
+        listener ``sock`` (proving ``key``, theirs and ours) and dial each of them at its
+        UNIX socket in ``paths`` (a UNIX socket: cheaper per byte than TCP on loopback)."""
+        self.sibling_key = key
+        self._servers.append(await asyncio.get_running_loop().create_server(
+            lambda: _Client(self, internal=True), sock=sock, backlog=64))
+        for i, path in enumerate(paths):
+            url = f"http://worker{i}"
+            self.sibling_sockets[url] = path
+            self.siblings.add(url)
 
     def add_mesh_peer(self, url: str) -> None:
         """Mesh with one more relay of the region (each relay dials every other one)."""
@@ -305,19 +361,20 @@ class RelayServer:
         self.mesh.add(url)
 
     async def close(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._answers]:
             t.cancel()
         await self.mesh.close()
+        await self.siblings.close()
         if self._stun is not None:
             self._stun.close()
-        if self._server is not None:
-            self._server.close()
-        for c in [*self._clients.values(), *self._mesh_in, *self._pending]:
+        for server in self._servers:
+            server.close()
+        for c in [*self._clients.values(), *self._mesh_in, *self._pending, *self._internal]:
             c.abort("server_closing")
-        if self._server is not None:
+        for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+                await asyncio.wait_for(server.wait_closed(), 2)
+        await asyncio.gather(*self._tasks, *self._answers, return_exceptions=True)
 
     async def __aenter__(self) -> RelayServer:
         return self
@@ -343,26 +400,52 @@ class RelayServer:
             keepalive=self.keepalive, idle_timeout=self.idle_timeout,
             queue_frames=self.queue_frames * 4, write_timeout=self.write_timeout)
 
-    def _on_remote(self, key: bytes, present: bool) -> None:
-        if present or key not in self._clients:
+    async def _dial_sibling(self, url: str, on_peer: OnPeer) -> RelayConnection:
+        return await RelayConnection.open(
+            url, self.private_key, mesh_key=self.sibling_key, on_peer=on_peer,
+            unix=self.sibling_sockets[url],
+            keepalive=self.keepalive, idle_timeout=self.idle_timeout,
+            queue_frames=self.queue_frames * 4, write_timeout=self.write_timeout)
+
+    def _on_remote(self, key: bytes, present: bool, since: int) -> None:
+        if present or not self._here(key):
             self._announce_to_interested(key, present=present)
 
+    def _on_sibling(self, key: bytes, present: bool, since: int) -> None:
+        """A node came to, or left, another worker of this relay."""
+        old = self._clients.get(key) if present else None
+        if old is not None and old.since < since:  # it connected again, to a sibling
+            self._close_with(old, "replaced by a newer connection", "replaced")
+        if present or (key not in self._clients and key not in self.mesh.remote):
+            self._announce_to_interested(key, present=present)
+        if present or key not in self._clients:  # the region sees the workers as one relay
+            self._tell_mesh(key, present=present, siblings=False)
+
+    def _here(self, key: bytes) -> bool:
+        """Is ``key`` connected to this relay (this worker or another)?"""
+        return key in self._clients or key in self.siblings.remote
+
     def _admit(self, c: _Client) -> None:
-        """Count a new connection against the caps, or refuse it at once."""
+        """Count a new connection against the caps, or refuse it at once. The workers'
+        UNIX listener is not capped: only their links and local readers of
+        ``/metrics`` come there, and at most 64 at once."""
+        if c.internal:
+            if len(self._internal) >= 64:
+                c.abort("too_many_connections")
+            else:
+                self._internal.add(c)
+            return
         source = _source_of(c.peer_ip)
-        if self.connections >= self.max_connections:
-            c.abort("too_many_connections")
-        elif self._per_source[source] >= self.max_per_source:
-            c.abort("too_many_from_source")
+        refused = self.admission.admit(source)
+        if refused:
+            c.abort(refused)
         else:
             c.source = source
-            self._per_source[source] += 1
-            self.connections += 1
             self._pending.add(c)
 
     # ---- metrics ---------------------------------------------------------------------
-    def _drop(self, reason: str) -> None:
-        self.drops[reason] += 1
+    def _drop(self, reason: str, n: int = 1) -> None:
+        self.drops[reason] += n
 
     def metrics(self) -> dict[str, Any]:
         """Counters for ``GET /metrics``: current gauges, totals, drops by reason."""
@@ -371,23 +454,59 @@ class RelayServer:
             "uptime": round(time.monotonic() - self._started, 3),
             "clients": len(self._clients),
             "home_clients": sum(1 for c in self._clients.values() if c.preferred),
-            "mesh_peers_connected_in": len(self._mesh_in),
+            "mesh_peers_connected_in": sum(1 for c in self._mesh_in if not c.sibling),
             "mesh_links_up": self.mesh.links_up,
             "remote_clients": len(self.mesh.remote),
             "pending_connections": len(self._pending),
-            "connections": self.connections,
-            "sources": len(self._per_source),
+            "connections": self.admission.connections,
+            "sources": self.admission.sources,
             "destinations": sum(len(c.interest) + len(c.heard_from)
                                 for c in self._clients.values()),
             "queued_bytes": self.queue_budget.used,
+            "queue_max_bytes": max((c.queued_bytes for c in self._clients.values()), default=0),
             "allow_list_size": None if self.allowed is None else len(self.allowed),
             "counters": dict(self.counters),
             "drops": dict(self.drops),
         }
 
-    def deepest_queue(self) -> int:
-        """Bytes queued for the slowest connected node (a gauge; O(clients) per scrape)."""
-        return max((c.queued_bytes for c in self._clients.values()), default=0)
+    async def _worker_metrics(self, path: str) -> dict[str, Any] | None:
+        """Another worker's own ``/metrics`` from its UNIX listener (None: no answer)."""
+        try:
+            async with asyncio.timeout(2):
+                r, w = await asyncio.open_unix_connection(path)
+                w.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+                data = await r.read(1 << 20)
+                w.close()
+            doc: dict[str, Any] = json.loads(data.partition(b"\r\n\r\n")[2])
+        except (OSError, TimeoutError, ValueError):
+            return None
+        return doc
+
+    async def relay_metrics(self) -> dict[str, Any]:
+        """:meth:`metrics` of the whole relay: every worker's summed (``workers`` says how
+        many answered), the caps' figures as every worker has them."""
+        total = self.metrics()
+        others = await asyncio.gather(*map(self._worker_metrics,
+                                           self.sibling_sockets.values()))
+        for m in others:
+            if m is None:
+                continue
+            for k, v in m.items():
+                if k in ("counters", "drops"):
+                    total[k] = dict(collections.Counter(total[k]) + collections.Counter(v))
+                elif k in _WORKER_MAX:
+                    total[k] = max(total[k], v)
+                elif k not in _WORKER_SAME:
+                    total[k] += v
+        total["workers"] = 1 + sum(m is not None for m in others)
+        return total
+
+    async def _answer_metrics(self, c: _Client, accept: str) -> None:
+        m = await self.relay_metrics()
+        if wants_prometheus(accept):
+            self._respond(c, 200, *exposition(relay_registry(lambda: m), accept))
+        else:
+            self._respond(c, 200, json.dumps(m), "application/json")
 
     # ---- HTTP ------------------------------------------------------------------------
     def _http(self, c: _Client, head: bytes) -> bool:
@@ -408,11 +527,18 @@ class RelayServer:
             self._respond(c, 405, "method not allowed")
             return False
         if path == b"/metrics":
-            if not self._metrics_allowed(c):
+            accept = headers.get(b"accept", b"").decode("latin-1")
+            if c.internal:  # a sibling summing the workers' figures: this worker's own
+                self._respond(c, 200, json.dumps(self.metrics()), "application/json")
+            elif not self._metrics_allowed(c):
                 self.drops["metrics_forbidden"] += 1
                 self._respond(c, 403, "metrics are not served to this address")
-            elif wants_prometheus(headers.get(b"accept", b"").decode("latin-1")):
-                self._respond(c, 200, *exposition(self, headers[b"accept"].decode("latin-1")))
+            elif self.sibling_sockets:
+                task = asyncio.get_running_loop().create_task(self._answer_metrics(c, accept))
+                self._answers.add(task)
+                task.add_done_callback(self._answers.discard)
+            elif wants_prometheus(accept):
+                self._respond(c, 200, *exposition(self.registry, accept))
             else:
                 self._respond(c, 200, json.dumps(self.metrics()), "application/json")
             return False
@@ -463,17 +589,26 @@ class RelayServer:
             return
         key = hello.key.raw
         self._pending.discard(c)
+        self._internal.discard(c)
         c.key = key
         if hello.wants_mesh:
-            if self.mesh_key is None or not hello.proves_mesh_key(self.mesh_key,
-                                                                  self.public_key):
+            mesh_key = self.sibling_key if c.internal else self.mesh_key
+            if mesh_key is None or not hello.proves_mesh_key(mesh_key, self.public_key):
                 self._close_with(c, "mesh key mismatch", "mesh_auth_failed")
                 return
             c.state = "mesh"
+            c.sibling = c.internal
             self._mesh_in.add(c)
-            self._server_info(c, hello, mesh=True)
-            for k in self._clients:
+            self._server_info(c, hello, mesh_key=mesh_key)
+            # a sibling hears this worker's nodes; the region's relays the whole relay's
+            for k, n in self._clients.items():
+                c.write_frame(frame_peer(FrameType.PEER_PRESENT, k,
+                                         since=n.since if c.sibling else 0))
+            for k in () if c.sibling else self.siblings.remote.keys() - self._clients.keys():
                 c.write_frame(frame_peer(FrameType.PEER_PRESENT, k))
+        elif c.internal:
+            self._close_with(c, "this listener is for the relay's own workers", "not_allowed")
+            return
         else:
             if (self.allowed is None and self.control_url) or (
                     self.allowed is not None and key not in self.allowed):
@@ -483,20 +618,22 @@ class RelayServer:
             if old is not None:
                 self._close_with(old, "replaced by a newer connection", "replaced")
             c.state = "node"
+            c.since = time.monotonic_ns()
             self._clients[key] = c
             self.counters["clients_accepted"] += 1
             self._server_info(c, hello)
-            self._broadcast_mesh(frame_peer(FrameType.PEER_PRESENT, key))
+            self._tell_mesh(key, present=True, since=c.since)
             self._announce_to_interested(key, present=True)
         if len(frames) > 1:
             c.on_frames(frames[1:])
 
-    def _server_info(self, c: _Client, hello: ClientHello, *, mesh: bool = False) -> None:
+    def _server_info(self, c: _Client, hello: ClientHello, *,
+                     mesh_key: bytes | None = None) -> None:
         info = {"v": PROTOCOL_VERSION, "max_packet": MAX_PACKET, "keepalive": self.keepalive,
                 "rate_limit_bps": self.rate_limit_bytes * 8 or None}
         c.write_frame(frame_server_info(self.private_key, hello, info,
                                         nonce=secrets.token_bytes(NONCE_LEN),
-                                        mesh_key=self.mesh_key if mesh else None))
+                                        mesh_key=mesh_key))
 
     def _close_with(self, c: _Client, reason: str, counter: str) -> None:
         c.write_frame(encode_frame(FrameType.CLOSE, reason.encode()))
@@ -504,6 +641,66 @@ class RelayServer:
         c.close()
 
     # ---- forwarding ------------------------------------------------------------------
+    def _node_items(self, c: _Client, items: list[SendRun | tuple[int, bytes]]) -> None:
+        """A node's frames as :meth:`FrameDecoder.feed_relayed` gives them: runs of
+        packets for one destination go out in one write each."""
+        for item in items:
+            if c.closed:
+                return
+            if isinstance(item, SendRun):
+                self._node_run(c, item)
+            else:
+                self._node_frames(c, [item])
+
+    def _node_run(self, c: _Client, run: SendRun) -> None:
+        dst, counters = run.dst, self.counters
+        target = self._clients.get(dst)
+        link = None if target is not None else self.siblings.route(dst)
+        if target is None and link is None and self.mesh.route(dst) is None:
+            self._nobody(c, run)
+            return
+        if target is None and (link is None or len(run.frames) + DELIVER_HEAD > MAX_FRAME):
+            # another relay of the region: packet by packet, as without runs
+            self._node_frames(c, [(FrameType.SEND, dst + frame[_RECV_OVERHEAD:])
+                                  for frame in split_frames(run.frames)])
+            return
+        counters["packets_in"] += run.count
+        counters["bytes_in"] += run.payload
+        cap = self.max_destinations
+        if dst not in c.interest and len(c.interest) < cap:
+            c.interest.add(dst)
+            self._interested.setdefault(dst, set()).add(c)
+        if target is not None:
+            if c.key not in target.heard_from and len(target.heard_from) < cap:
+                target.heard_from.add(c.key)
+            target.write_frames(run.frames, run.count)
+            counters["packets_out"] += run.count
+            counters["bytes_out"] += run.payload
+        elif link is not None:
+            link.write_frames(frame_deliver(c.key, dst, run.count, run.frames), run.count)
+            counters["packets_sibling_out"] += run.count
+            link.hold(c)  # while the other worker falls behind, read this node no further
+
+    def _nobody(self, c: _Client, run: SendRun) -> None:
+        """A run for a key connected nowhere in the region: dropped whole, counted as its
+        packets (no per-packet work for a flood at a node that left)."""
+        self.counters["packets_in"] += run.count
+        self.counters["bytes_in"] += run.payload
+        self.drops["unknown_dest"] += run.count
+        self._not_here(c, run.dst, time.monotonic())
+
+    def _not_here(self, c: _Client, dst: bytes, now: float) -> None:
+        """Tell ``c`` that ``dst`` is not here, at most once a second, if they talked."""
+        cap = self.max_destinations
+        if dst not in c.interest and len(c.interest) < cap:
+            c.interest.add(dst)
+            self._interested.setdefault(dst, set()).add(c)
+        if c.knows(dst) and now - c.told_not_here.get(dst, -1.0) >= 1.0:
+            if len(c.told_not_here) >= cap:
+                c.told_not_here.clear()
+            c.told_not_here[dst] = now
+            c.write_frame(frame_peer(FrameType.PEER_GONE, dst, GONE_NOT_HERE))
+
     def _node_frames(self, c: _Client, frames: list[tuple[int, bytes]]) -> None:
         counters = self.counters
         clients = self._clients
@@ -534,17 +731,18 @@ class RelayServer:
                     counters["packets_out"] += 1
                     counters["bytes_out"] += n
                     continue
+                sibling = self.siblings.route(dst)
+                if sibling is not None:
+                    sibling.write_frame(frame_forward(c.key, dst, memoryview(body)[KEY_LEN:]))
+                    counters["packets_sibling_out"] += 1
+                    continue
                 hop = self.mesh.route(dst)
                 if hop is not None:
                     hop.write_frame(frame_forward(c.key, dst, memoryview(body)[KEY_LEN:]))
                     counters["packets_mesh_out"] += 1
                     continue
                 self.drops["unknown_dest"] += 1
-                if c.knows(dst) and now - c.told_not_here.get(dst, -1.0) >= 1.0:  # 1/s
-                    if len(c.told_not_here) >= cap:
-                        c.told_not_here.clear()
-                    c.told_not_here[dst] = now
-                    c.write_frame(frame_peer(FrameType.PEER_GONE, dst, GONE_NOT_HERE))
+                self._not_here(c, dst, now)
             elif ftype == FrameType.KEEPALIVE:
                 pass
             elif ftype == FrameType.PING:
@@ -558,6 +756,9 @@ class RelayServer:
                 return
 
     def _mesh_frames(self, c: _Client, frames: list[tuple[int, bytes]]) -> None:
+        """FORWARD from the region's relays, FORWARD and DELIVER from this relay's other
+        workers: for our own nodes only, but for a sibling's node when a region relay
+        sent it to us (the region sees the workers as one relay)."""
         counters = self.counters
         for ftype, body in frames:
             if c.closed:
@@ -569,24 +770,53 @@ class RelayServer:
                     c.abort("bad_frame")
                     return
                 target = self._clients.get(dst)
-                counters["packets_mesh_in"] += 1
+                counters["packets_sibling_in" if c.sibling else "packets_mesh_in"] += 1
                 if target is None:
-                    self.drops["mesh_unknown_dest"] += 1  # never re-forwarded: one hop only
+                    link = None if c.sibling else self.siblings.route(dst)
+                    if link is not None:
+                        link.write_frame(encode_frame(FrameType.FORWARD, body))
+                        counters["packets_sibling_out"] += 1
+                    else:
+                        self.drops["mesh_unknown_dest"] += 1  # never re-forwarded further
                     continue
-                if src not in target.heard_from and len(target.heard_from) < self.max_destinations:
-                    target.heard_from.add(src)
-                target.write_frame(frame_recv(src, packet))
-                counters["packets_out"] += 1
-                counters["bytes_out"] += len(packet)
+                self._deliver(target, src, 1, len(packet), frame_recv(src, packet))
+            elif ftype == FrameType.DELIVER and c.sibling:
+                try:
+                    src, dst, count, run = parse_deliver(body)
+                except FrameError:
+                    c.abort("bad_frame")
+                    return
+                counters["packets_sibling_in"] += count
+                target = self._clients.get(dst)
+                if target is None:
+                    self.drops["mesh_unknown_dest"] += count
+                    continue
+                self._deliver(target, src, count, len(run) - count * _RECV_OVERHEAD, run)
             elif ftype == FrameType.PING:
                 c.write_frame(encode_frame(FrameType.PONG, body[:8]))
             elif ftype not in (FrameType.KEEPALIVE, FrameType.PONG):
                 c.abort("bad_frame")
                 return
 
-    def _broadcast_mesh(self, frame: bytes) -> None:
+    def _deliver(self, target: _Client, src: bytes, count: int, payload: int,
+                 frames: bytes) -> None:
+        """``count`` RECV frames from ``src``, that came over a mesh link, to a node here."""
+        if src not in target.heard_from and len(target.heard_from) < self.max_destinations:
+            target.heard_from.add(src)
+        target.write_frames(frames, count)
+        self.counters["packets_out"] += count
+        self.counters["bytes_out"] += payload
+
+    def _tell_mesh(self, key: bytes, *, present: bool, region: bool = True,
+                   siblings: bool = True, since: int = 0) -> None:
+        """Presence of ``key`` to the ``region``'s relays and the ``siblings`` (workers)
+        that dialled us; the siblings hear ``since`` too."""
+        frame = (frame_peer(FrameType.PEER_PRESENT, key) if present
+                 else frame_peer(FrameType.PEER_GONE, key, GONE_DISCONNECTED))
+        to_siblings = frame_peer(FrameType.PEER_PRESENT, key, since=since) if since else frame
         for m in self._mesh_in:
-            m.write_frame(frame)
+            if siblings if m.sibling else region:
+                m.write_frame(to_siblings if m.sibling else frame)
 
     def _announce_to_interested(self, key: bytes, *, present: bool) -> None:
         frame = (frame_peer(FrameType.PEER_PRESENT, key) if present
@@ -597,11 +827,9 @@ class RelayServer:
 
     def _closed(self, c: _Client) -> None:
         self._pending.discard(c)
+        self._internal.discard(c)
         if c.source:
-            self.connections -= 1
-            self._per_source[c.source] -= 1
-            if not self._per_source[c.source]:
-                del self._per_source[c.source]
+            self.admission.release(c.source)
         if c.state == "mesh":
             self._mesh_in.discard(c)
             return
@@ -615,8 +843,9 @@ class RelayServer:
                     del self._interested[dst]
         if self._clients.get(c.key) is c:
             del self._clients[c.key]
-            self._broadcast_mesh(frame_peer(FrameType.PEER_GONE, c.key, GONE_DISCONNECTED))
-            if c.key not in self.mesh.remote:
+            # the region still reaches a node that is on a sibling too through us
+            self._tell_mesh(c.key, present=False, region=c.key not in self.siblings.remote)
+            if not self._here(c.key) and c.key not in self.mesh.remote:
                 self._announce_to_interested(c.key, present=False)
 
     # ---- timers ----------------------------------------------------------------------
@@ -627,9 +856,10 @@ class RelayServer:
         while True:
             await asyncio.sleep(min(1.0, self.keepalive / 2))
             now = time.monotonic()
-            for c in list(self._pending):
+            for c in [*self._pending, *self._internal]:
                 if now - c.created > self.handshake_timeout:
                     self._pending.discard(c)
+                    self._internal.discard(c)
                     c.abort("handshake_timeout")
             for c in [*self._clients.values(), *self._mesh_in]:
                 if now - c.last_rx > self.idle_timeout:

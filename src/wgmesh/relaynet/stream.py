@@ -47,21 +47,22 @@ class FrameStream(asyncio.Protocol):
     """A framed connection. Subclasses implement :meth:`on_preamble` and :meth:`on_frames`.
 
     The stream starts in *preamble* mode (HTTP head up to a blank line), then
-    switches to frames. ``on_drop(reason)`` is called for every frame dropped
-    and for every forced close, so owners can count them.
+    switches to frames. ``on_drop(reason, n)`` is called for every ``n`` frames dropped
+    together and for every forced close (``n`` 1), so owners can count them.
     """
 
     def __init__(self, *, queue_frames: int = 256, queue_bytes: int = QUEUE_BYTES,
                  budget: QueueBudget | None = None, write_timeout: float = 5.0,
-                 on_drop: Callable[[str], None] | None = None) -> None:
+                 on_drop: Callable[[str, int], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder()
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
         self.queued_bytes = 0  # in the backlog
+        self.queued_frames = 0
         self.budget = budget or QueueBudget(queue_bytes)
         self.write_timeout = write_timeout
-        self.on_drop = on_drop or (lambda reason: None)
+        self.on_drop = on_drop or (lambda reason, n: None)
         self.closed = False
         self.last_rx = time.monotonic()
         self.created = self.last_rx
@@ -69,9 +70,10 @@ class FrameStream(asyncio.Protocol):
         self._preamble: bytearray | None = bytearray()
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self._backlog: collections.deque[bytes] = collections.deque()
+        self._backlog: collections.deque[tuple[bytes, int]] = collections.deque()  # (frames, n)
         self._write_timer: asyncio.TimerHandle | None = None
         self._resumed: asyncio.Event | None = None
+        self._held: set[FrameStream] = set()  # connections not read until we can write
         self._loop = asyncio.get_running_loop()
 
     # ---- asyncio.Protocol ----------------------------------------------------------
@@ -96,16 +98,12 @@ class FrameStream(asyncio.Protocol):
             if not self.on_preamble(head) or not data or self.closed:
                 return
         try:
-            frames = self.decoder.feed(data)
+            self.on_bytes(data)
         except FrameError:
             self.abort("bad_frame")
-            return
-        if frames:
-            try:
-                self.on_frames(frames)
-            except Exception:  # a bug must cost one connection, never the process
-                log.exception("relay connection failed on input")
-                self.abort("internal_error")
+        except Exception:  # a bug must cost one connection, never the process
+            log.exception("relay connection failed on input")
+            self.abort("internal_error")
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -117,12 +115,27 @@ class FrameStream(asyncio.Protocol):
             self._write_timer.cancel()
             self._write_timer = None
         if self._backlog:
-            self._out.extend(self._backlog)
+            self._out.extend(frames for frames, _ in self._backlog)
             self._release_backlog()
             self._schedule_flush()
         if self._resumed is not None:
             self._resumed.set()
             self._resumed = None
+        self._release_held()
+
+    def hold(self, upstream: FrameStream) -> None:
+        """Stop reading ``upstream`` until this connection can take more: backpressure,
+        for a link inside one relay (between its workers), where dropping would only
+        waste the work already done on the frames."""
+        if self.paused and upstream.transport is not None and upstream not in self._held:
+            upstream.transport.pause_reading()
+            self._held.add(upstream)
+
+    def _release_held(self) -> None:
+        held, self._held = self._held, set()
+        for s in held:
+            if not s.closed and s.transport is not None:
+                s.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -132,12 +145,20 @@ class FrameStream(asyncio.Protocol):
         self._release_backlog()
         if self._resumed is not None:
             self._resumed.set()
+        self._release_held()
         self.on_closed()
 
     # ---- hooks -----------------------------------------------------------------------
     def on_preamble(self, head: bytes) -> bool:
         """The HTTP head (without the blank line). Return True to continue with frames."""
         raise NotImplementedError
+
+    def on_bytes(self, data: bytes) -> None:
+        """Bytes after the preamble: decoded into frames for :meth:`on_frames` (a
+        :class:`FrameError` closes the connection as ``bad_frame``)."""
+        frames = self.decoder.feed(data)
+        if frames:
+            self.on_frames(frames)
 
     def on_frames(self, frames: list[tuple[int, bytes]]) -> None:
         raise NotImplementedError
@@ -161,31 +182,45 @@ class FrameStream(asyncio.Protocol):
         self._out.append(frame)
         self._schedule_flush()
 
-    def _enqueue(self, frame: bytes) -> None:
-        """Backlog ``frame``, dropping our oldest to stay within our caps and the budget."""
-        backlog, budget, n = self._backlog, self.budget, len(frame)
-        while backlog and (len(backlog) >= self.queue_frames
+    def write_frames(self, frames: bytes, count: int) -> None:
+        """``count`` encoded frames laid end to end (a run for one destination): one
+        write, or while the socket is backed up one backlog entry, kept or dropped whole."""
+        if self.closed:
+            return
+        if self.paused:
+            self._enqueue(frames, count)
+            return
+        self._out.append(frames)
+        self._schedule_flush()
+
+    def _enqueue(self, frames: bytes, count: int = 1) -> None:
+        """Backlog ``count`` frames, dropping our oldest to stay within our caps (in frames
+        and bytes) and the budget."""
+        backlog, budget, n = self._backlog, self.budget, len(frames)
+        while backlog and (self.queued_frames + count > self.queue_frames
                            or self.queued_bytes + n > self.queue_bytes):
             self._drop_oldest("queue_full")
         while backlog and budget.used + n > budget.limit:
             self._drop_oldest("queue_budget")
-        if budget.used + n > budget.limit:  # the others hold it all: this frame goes
-            self.on_drop("queue_budget")
+        if budget.used + n > budget.limit:  # the others hold it all: these frames go
+            self.on_drop("queue_budget", count)
             return
-        backlog.append(frame)
+        backlog.append((frames, count))
         self.queued_bytes += n
+        self.queued_frames += count
         budget.used += n
 
     def _drop_oldest(self, reason: str) -> None:
-        n = len(self._backlog.popleft())
-        self.queued_bytes -= n
-        self.budget.used -= n
-        self.on_drop(reason)
+        frames, count = self._backlog.popleft()
+        self.queued_bytes -= len(frames)
+        self.queued_frames -= count
+        self.budget.used -= len(frames)
+        self.on_drop(reason, count)
 
     def _release_backlog(self) -> None:
         self._backlog.clear()
         self.budget.used -= self.queued_bytes
-        self.queued_bytes = 0
+        self.queued_bytes = self.queued_frames = 0
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -221,7 +256,7 @@ class FrameStream(asyncio.Protocol):
         """Drop the connection now, counting ``reason``."""
         if self.closed:
             return
-        self.on_drop(reason)
+        self.on_drop(reason, 1)
         self.closed = True
         if self.transport is not None:
             self.transport.abort()

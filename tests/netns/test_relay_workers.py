@@ -1,0 +1,193 @@
+"""``wgmesh relay serve --workers 2`` is one relay (issue 18): a real relay process on
+loopback whose two workers share its port. Nodes that the kernel hands to different
+workers reach each other and see each other come and go; the newest connection of a key
+wins across workers; the caps are the relay's, not each worker's; ``/metrics`` sums the
+workers; a worker killed -9 is replaced, its nodes reconnect and get through, and its
+connections stop counting against the caps. Which worker holds a connection is read from
+/proc (the relay's end of the TCP connection), not asked of the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+from polling import wait_for
+from relayproc import bound_to, metrics_from, relay_process, worker_holding, workers_of
+
+from wgmesh.keys import Key, PrivateKey
+from wgmesh.relay import GONE_DISCONNECTED
+from wgmesh.relaynet.connection import RelayConnectError, RelayConnection
+
+pytestmark = pytest.mark.netns
+
+METRICS = "127.0.0.9"  # a source of its own for /metrics
+
+
+async def until(pred: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    return await asyncio.to_thread(wait_for, pred, timeout, what, 0.02)
+
+
+class Node:
+    """One relay connection, with what it received."""
+
+    def __init__(self, conn: RelayConnection, key: PrivateKey, worker: int | None) -> None:
+        self.conn, self.key, self.worker = conn, key, worker
+        self.packets: list[tuple[Key, bytes]] = []
+        self.peers: list[tuple[Key, bool, int]] = []
+
+
+class Relay:
+    """The relay under test at ``port``, run by process ``pid``."""
+
+    def __init__(self, pid: int, port: int) -> None:
+        self.pid, self.port, self.url = pid, port, f"http://127.0.0.1:{port}"
+
+    async def node(self, key: PrivateKey | None = None, source: str = "127.0.0.1") -> Node:
+        key = key or PrivateKey.generate()
+        inbox: list[tuple[Key, bytes]] = []
+        peers: list[tuple[Key, bool, int]] = []
+        conn = await RelayConnection.open(
+            self.url, key, make_socket=bound_to(source),
+            on_recv=lambda s, d: inbox.append((s, d)),
+            on_peer=lambda k, present, why: peers.append((k, present, why)))
+        assert conn.transport is not None
+        local_port = conn.transport.get_extra_info("sockname")[1]
+        node = Node(conn, key, worker_holding(self.pid, self.port, local_port))
+        node.packets, node.peers = inbox, peers
+        return node
+
+    async def admitted(self, source: str, timeout: float = 10.0) -> Node:
+        """A node from ``source``, retried while the relay is still at its caps."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                return await self.node(source=source)
+            except RelayConnectError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
+
+    async def nodes_on_both(self, source: str = "127.0.0.1") -> tuple[Node, Node, list[Node]]:
+        """Connect nodes until two landed on different workers: (one, other, all)."""
+        nodes = [await self.node(source=source)]
+        while len({n.worker for n in nodes}) < 2:
+            assert len(nodes) < 40, "the kernel never picked the second worker"
+            nodes.append(await self.node(source=source))
+        return nodes[0], next(n for n in nodes if n.worker != nodes[0].worker), nodes
+
+
+def run(tmp_path: Path, test: Callable[[Relay], Coroutine[Any, Any, None]], *args: str) -> None:
+    """``test`` against a fresh relay of two workers; afterwards no worker is left."""
+    with relay_process(tmp_path, "--workers", "2", *args) as (pid, port):
+        workers = wait_for(lambda: len(workers_of(pid)) == 2 and workers_of(pid), 10,
+                           "two workers")
+        asyncio.run(asyncio.wait_for(test(Relay(pid, port)), 120))
+        workers = [*workers, *workers_of(pid)]
+    wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 10,
+             "every worker gone once the relay stopped")
+
+
+async def exchange(a: Node, b: Node, tag: bytes) -> None:
+    """``a`` and ``b`` send each other a packet; both arrive."""
+    a.conn.send(b.key.public, tag + b" a->b")
+    b.conn.send(a.key.public, tag + b" b->a")
+    await until(lambda: (b.key.public, tag + b" b->a") in a.packets
+                and (a.key.public, tag + b" a->b") in b.packets, f"{tag!r} both ways")
+
+
+def test_nodes_on_two_workers_are_one_relay(tmp_path: Path) -> None:
+    async def test(relay: Relay) -> None:
+        a, b, nodes = await relay.nodes_on_both()
+        assert None not in {n.worker for n in nodes}
+        await exchange(a, b, b"hello")
+        # a run of packets (one read, one DELIVER between workers) arrives whole and in order
+        for i in range(500):
+            a.conn.send(b.key.public, i.to_bytes(4, "big") + bytes(1200))
+        await until(lambda: len(b.packets) == 501, "500 packets across workers")
+        assert [int.from_bytes(d[:4], "big") for _, d in b.packets[1:]] == list(range(500))
+        m = metrics_from(relay.port, METRICS)
+        assert m["workers"] == 2 and m["clients"] == len(nodes)
+        assert m["counters"]["packets_in"] == m["counters"]["packets_out"] == 502
+        assert m["counters"]["packets_sibling_out"] == m["counters"]["packets_sibling_in"] == 502
+        text = metrics_from(relay.port, METRICS, "text/plain")  # Prometheus sums them too
+        assert f"wgmesh_relay_clients {float(len(nodes))}" in text
+        assert 'wgmesh_relay_frames_total{direction="out"} 502.0' in text
+        # b leaves its worker: a, on the other one, hears it is gone (they talked)
+        b.conn.close()
+        await until(lambda: (b.key.public, False, GONE_DISCONNECTED) in a.peers, "b gone")
+        # b's key again and again, until two connections in a row land on different
+        # workers: each time the newer connection wins, across workers too
+        prev, crossed = await relay.node(b.key), False
+        for _ in range(40):
+            again = await relay.node(b.key)
+            await until(lambda p=prev: p.conn.closed, "the older connection closed")  # type: ignore[misc]
+            assert prev.conn.close_reason == "replaced by a newer connection"
+            crossed, prev = again.worker != prev.worker, again
+            if crossed:
+                break
+        assert crossed, "the kernel never put two connections in a row on different workers"
+        await exchange(a, again, b"again")
+        assert not again.conn.closed
+        assert (b.key.public, True, 0) in a.peers  # and a heard it came back
+
+    run(tmp_path, test)
+
+
+def test_caps_are_the_relays_and_a_killed_worker_is_replaced(tmp_path: Path) -> None:
+    per_source, total = 6, 10
+
+    async def test(relay: Relay) -> None:
+        before = metrics_from(relay.port, METRICS)  # before the caps are full
+        assert before["connections"] == 1 and before["workers"] == 2  # the request itself
+        src = [await relay.node(source="127.0.0.2") for _ in range(per_source)]
+        with pytest.raises(RelayConnectError):  # the 7th from that source, on either worker
+            await relay.node(source="127.0.0.2")
+        other = [await relay.node(source="127.0.0.3") for _ in range(total - per_source - 1)]
+        m = metrics_from(relay.port, METRICS)  # the 10th connection (a worker's killed later
+        assert m["drops"]["too_many_from_source"] == 1  # takes its counts with it)
+        other.append(await relay.admitted("127.0.0.3"))  # once the metrics request is gone
+        with pytest.raises(RelayConnectError):  # the 11th in all
+            await relay.node(source="127.0.0.4")
+        nodes = src + other
+        by_worker = {w: [n for n in nodes if n.worker == w] for w in workers_of(relay.pid)}
+        # a worker killed -9: its nodes lose their connection, the others keep theirs
+        victim = max(by_worker, key=lambda w: len(by_worker[w]))
+        survivors = [n for n in nodes if n.worker != victim]
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: all(n.conn.closed for n in by_worker[victim]), "the victim's nodes cut")
+        assert not any(n.conn.closed for n in survivors)
+        await until(lambda: len(workers_of(relay.pid)) == 2 and victim not in workers_of(relay.pid),
+                    "a new worker")
+        # its connections no longer count: its nodes come back, up to the caps again
+        back = [await relay.node(n.key, source="127.0.0.2" if n in src else "127.0.0.3")
+                for n in by_worker[victim]]
+        with pytest.raises(RelayConnectError):
+            await relay.node(source="127.0.0.4")
+        live = survivors + back
+        # every node reaches every other, whichever worker each one is on now
+        a = live[0]
+        for b in live[1:]:
+            await exchange(a, b, b"after the kill")
+        for n in live:
+            n.conn.close()
+        def emptied() -> dict[str, Any] | None:
+            try:
+                m = metrics_from(relay.port, METRICS)
+            except OSError:  # refused: the caps are still full
+                return None
+            return m if m["connections"] == 1 else None
+
+        m = await until(emptied, "the relay empty again")
+        assert m["clients"] == 0 and m["sources"] == 1  # only the metrics request itself
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, 0)
+            pytest.fail("the killed worker is still there")
+
+    run(tmp_path, test, "--max-per-source", str(per_source), "--max-connections", str(total))
