@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,22 @@ async def exchange(a: Node, b: Node, tag: bytes) -> None:
                 and (a.key.public, tag + b" a->b") in b.packets, f"{tag!r} both ways")
 
 
+def worker_listeners() -> list[str]:
+    """Abstract UNIX sockets of relay workers in this namespace (from /proc/net/unix)."""
+    rows = Path("/proc/net/unix").read_text().splitlines()[1:]
+    return sorted({r.split()[-1] for r in rows
+                   if len(r.split()) >= 8 and r.split()[-1].startswith("@wgmesh-relay-")})
+
+
+def unix_get(name: str, path: bytes) -> bytes:
+    """A plain HTTP GET to an abstract UNIX socket (``@name``), as any local process can."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect("\0" + name[1:])
+        s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        return s.recv(4096)
+
+
 def test_nodes_on_two_workers_are_one_relay(tmp_path: Path) -> None:
     async def test(relay: Relay) -> None:
         a, b, nodes = await relay.nodes_on_both()
@@ -118,6 +135,13 @@ def test_nodes_on_two_workers_are_one_relay(tmp_path: Path) -> None:
         assert m["counters"]["packets_sibling_out"] == m["counters"]["packets_sibling_in"] == 502
         text = metrics_from(relay.port, METRICS, "text/plain")  # Prometheus sums them too
         assert f"wgmesh_relay_clients {float(len(nodes))}" in text
+        # The workers' own /metrics on their abstract UNIX listeners, which any local
+        # process can reach, answer only a sibling (it shows a token of the run's key).
+        listeners = worker_listeners()
+        assert len(listeners) >= 2
+        for name in listeners:
+            assert unix_get(name, b"/metrics").startswith(b"HTTP/1.1 403")
+        assert metrics_from(relay.port, METRICS)["drops"]["metrics_forbidden"] >= 2
         assert 'wgmesh_relay_frames_total{direction="out"} 502.0' in text
         # b leaves its worker: a, on the other one, hears it is gone (they talked)
         b.conn.close()

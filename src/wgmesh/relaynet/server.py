@@ -57,6 +57,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -110,6 +112,8 @@ __all__ = ["RelayServer"]
 log = logging.getLogger("wgmesh.relay")
 
 _RECV_OVERHEAD = HEADER_LEN + KEY_LEN  # a RECV frame's bytes beyond its packet
+#: The header a worker's request for a sibling's own ``/metrics`` carries its token in.
+WORKER_HEADER = b"x-wgmesh-worker"
 #: /metrics of several workers: gauges that are the most of any worker's, not the sum
 _WORKER_MAX = frozenset({"uptime", "remote_clients", "queue_max_bytes"})
 #: ... and figures every worker already gives for the whole relay (the shared caps)
@@ -469,12 +473,21 @@ class RelayServer:
             "drops": dict(self.drops),
         }
 
+    def _worker_token(self) -> bytes:
+        """What a sibling shows to read this worker's own ``/metrics`` over the workers'
+        UNIX listener: derived from the run's sibling key, which only the workers hold."""
+        if self.sibling_key is None:
+            return secrets.token_hex(32).encode()  # matches nothing: no siblings
+        return hmac.new(self.sibling_key, b"wgmesh worker metrics", hashlib.sha256
+                        ).hexdigest().encode()
+
     async def _worker_metrics(self, path: str) -> dict[str, Any] | None:
         """Another worker's own ``/metrics`` from its UNIX listener (None: no answer)."""
         try:
             async with asyncio.timeout(2):
                 r, w = await asyncio.open_unix_connection(path)
-                w.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n\r\n")
+                w.write(b"GET /metrics HTTP/1.1\r\nHost: worker\r\n" + WORKER_HEADER +
+                        b": " + self._worker_token() + b"\r\n\r\n")
                 data = await r.read(1 << 20)
                 w.close()
             doc: dict[str, Any] = json.loads(data.partition(b"\r\n\r\n")[2])
@@ -529,7 +542,11 @@ class RelayServer:
         if path == b"/metrics":
             accept = headers.get(b"accept", b"").decode("latin-1")
             if c.internal:  # a sibling summing the workers' figures: this worker's own
-                self._respond(c, 200, json.dumps(self.metrics()), "application/json")
+                if hmac.compare_digest(headers.get(WORKER_HEADER, b""), self._worker_token()):
+                    self._respond(c, 200, json.dumps(self.metrics()), "application/json")
+                else:  # any local process can reach the abstract socket: siblings only
+                    self.drops["metrics_forbidden"] += 1
+                    self._respond(c, 403, "metrics are not served to this address")
             elif not self._metrics_allowed(c):
                 self.drops["metrics_forbidden"] += 1
                 self._respond(c, 403, "metrics are not served to this address")
