@@ -347,6 +347,11 @@ def both_direct(a: SimNode, b: SimNode) -> Callable[[], bool]:
     return lambda: a.path(b) == "direct" and b.path(a) == "direct"
 
 
+def direct_elsewhere(a: SimNode, b: SimNode, old: object) -> Callable[[], bool]:
+    """a is direct to b again, at another endpoint than ``old``."""
+    return lambda: a.path(b) == "direct" and a.endpoints[b.key].endpoint != old
+
+
 @pytest.mark.parametrize("ka,kb", [("eim", "eim"), ("none", "eim"), ("none", "none"),
                                    ("eim", "none"), ("none", "symmetric")])
 def test_direct_within_two_seconds(ka: str, kb: str) -> None:
@@ -434,8 +439,7 @@ def test_nat_reboot_behind_one_side_recovers_direct_without_waiting_for_death() 
         old = a.endpoints[b.key].endpoint
         b.nat.flush()
         t_flush = sim.now
-        t_back = sim.run_until(lambda a=a, b=b, old=old: a.path(b) == "direct"
-                               and a.endpoints[b.key].endpoint != old, t_flush + 10)
+        t_back = sim.run_until(direct_elsewhere(a, b, old), t_flush + 10)
         assert t_back is not None, seed
         # at most a heartbeat (3 s) + suspect_after (1 s) + a few round trips
         assert t_back - t_flush <= 4.5, (seed, t_back - t_flush)
@@ -675,8 +679,7 @@ def test_a_roam_is_followed_before_the_old_path_counts_as_dead(published: bool) 
         if published:
             sim.at(sim.now + 1.0, lambda a=a, b=b, sim=sim: a.do(
                 a.t.upsert_peer(b.key, b.t.disco_public, b.publish(), sim.now)))
-        t_back = sim.run_until(lambda a=a, b=b, old=old: a.path(b) == "direct"
-                               and a.endpoints[b.key].endpoint != old, t_roam + 10)
+        t_back = sim.run_until(direct_elsewhere(a, b, old), t_roam + 10)
         assert t_back is not None, seed
         assert a.t.peers[b.key].counters["to_relay_pongs-stopped"] == 0, seed
         # published: the netmap a second later and a round trip; not: a heartbeat (3 s)
