@@ -14,7 +14,9 @@ emulated VM's budget: every agent start costs tens of seconds under TCG.
    tests/netns/test_mesh_lock.py.
 4. Faults (issue 14): ``kill -9`` of control while a-b (direct) and a-c (relayed through
    the bridge) carry traffic, streams resumed after its restart; then of the region's first
-   relay, where every node is homed: c moves to the second, a-b stays direct. The checks
+   relay, where every node is homed: c moves to the second, a-b stays direct. Then, under
+   the direct pair a-b: b's host roams to a new LAN address, both NATs flush, a's NAT
+   reboots onto new external ports; each time a-b is direct and answering again. The checks
    are the userspace twins' (tests/support/faulttools.py, tests/netns/test_faults.py).
 
 The pairs that need NATs of their own only to repeat these paths (eim x symmetric, whose
@@ -29,7 +31,11 @@ import os
 from pathlib import Path
 
 import pytest
-from faulttools import control_killed_tunnels_carry_on, relay_killed_relayed_peers_move
+from faulttools import (
+    control_killed_tunnels_carry_on,
+    nat_faults_direct_again,
+    relay_killed_relayed_peers_move,
+)
 from flows import SERVER, connect
 from locktools import control_db, insert_rogue_node, keygen, lock_cli, restart_control
 from polling import wait_for
@@ -42,7 +48,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 #: Estimated seconds in the emulated VM (tests/support/vmtier.py balances its VMs by it).
 #: CI measured 1,538 s before the kill faults (part 4) came in, which added ~223 s alone in
 #: one VM (~3x that in CI's two parallel VMs): above every other module together, so the
-#: balancer gives this module a VM of its own.
+#: balancer gives this module a VM of its own. The NAT faults at its end add about a minute.
 VM_COST_S = 2000
 
 
@@ -122,9 +128,11 @@ def test_kernel_nodes_paths_filter_file_portmap_and_lock(lab: Lab, tmp_path: Pat
     assert rogue not in wg_peers(a) | wg_peers(b)
     assert keys["b"] in wg_peers(a) and keys["a"] in wg_peers(b)
 
-    # 4. faults: control, then the home relay, SIGKILLed under a running kernel mesh
+    # 4. faults: control, then the home relay, SIGKILLed under a running kernel mesh; then
+    # roaming, NAT flush and NAT reboot with new ports under the direct pair
     control_killed_tunnels_carry_on(mesh, a, b, c)
     relay_killed_relayed_peers_move(mesh, a, b, c)
+    nat_faults_direct_again(mesh, a, b)
     mesh.close()
 
 

@@ -5,11 +5,11 @@
   ``tests/service/test_control_faults.py``);
 - ``kill -9`` of a relay: relayed peers move to the region's other relay, direct peers
   never leave their direct path;
-- roaming: a node's LAN address changes under the running agent; the path comes back,
-  direct where it was direct.
+- NAT flush, NAT reboot with new external ports, and roaming (a node's LAN address
+  changes under the running agent): the path comes back, direct where it was direct.
 
-NAT flush and NAT reboot with new external ports are the grid's ``recovered_after_flush``
-(``tests/netns/test_grid.py``) and ``tests/unit/test_traversal_sim.py``; a node's clock
+Every NAT pair's flush is also the grid's ``recovered_after_flush``
+(``tests/netns/test_grid.py``), and ``tests/unit/test_traversal_sim.py``; a node's clock
 jumping is ``tests/unit/test_faults_clock.py``. The kill checks live in
 ``tests/support/faulttools.py``; the kernel backend runs them in the VM, at the end of
 ``tests/kernel/test_node_kernel.py``.
@@ -17,11 +17,10 @@ jumping is ``tests/unit/test_faults_clock.py``. The kill checks live in
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from faulttools import (
     control_killed_tunnels_carry_on,
+    nat_faults_direct_again,
     path,
     pings,
     relay_killed_relayed_peers_move,
@@ -58,30 +57,12 @@ def test_relay_killed_relayed_peers_move_direct_peers_stay(lab: Lab) -> None:
     mesh.close()
 
 
-def test_roaming_node_gets_its_direct_path_back(lab: Lab) -> None:
-    """b's LAN address changes under its running agent: its NAT gives the new address a new
-    external port, so a's packets to the old mapping go nowhere. b must notice, learn its
-    new mapping and tell a; the pair is direct again on the new mapping."""
+def test_nat_flush_reboot_and_roaming_get_the_direct_path_back(lab: Lab) -> None:
+    """NAT flush, NAT reboot with new external ports and a roam of b's host under the
+    running agents: each time the pair is direct again, on the new mapping where there is
+    one (the kernel backend runs the same check in tests/kernel/test_node_kernel.py)."""
     mesh = MeshLab(lab, relays=1)
     a, b = mesh.add_node("a", "eim"), mesh.add_node("b", "eim")
     mesh.wait_connected()
-    wait_for(lambda: path(a, "b") == "direct" and path(b, "a") == "direct", 30,
-             "a-b direct")
-    before = a.peer("b")["endpoint"]  # type: ignore[index]
-    old = b.host.ip
-    moved = time.monotonic()
-    assert lab.renumber(b.host, 77) != old
-
-    def direct_on_the_new_mapping() -> bool:
-        pa = a.peer("b")
-        return bool(pa and pa["path"] == "direct" and pa["endpoint"] != before
-                    and path(b, "a") == "direct")
-
-    wait_for(direct_on_the_new_mapping, 30,
-             lambda: f"direct again: a sees {a.peer('b')}, b sees {b.peer('a')}")
-    # The figure docs/reliability.md records (run with -s to see it); bounded only above.
-    print(f"roam: direct again on the new mapping {time.monotonic() - moved:.1f} s after "
-          "the renumber", flush=True)
-    assert pings(a, "b") and pings(b, "a")
-    assert b.status()["control_online"]
+    nat_faults_direct_again(mesh, a, b)
     mesh.close()

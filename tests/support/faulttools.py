@@ -1,5 +1,6 @@
 """The mesh faults of issue 14 as checks both backends run: ``kill -9`` of the control
-service and of a relay in a running mesh. The userspace backend runs them in
+service and of a relay in a running mesh; NAT flush, NAT reboot with new external ports
+and host roaming under a direct pair. The userspace backend runs them in
 ``tests/netns/test_faults.py``, the kernel backend in the VM at the end of
 ``tests/kernel/test_node_kernel.py``'s mesh (an agent start costs tens of seconds there).
 Timeouts are the host's, scaled by ``TIME_SCALE`` (the VM's emulation)."""
@@ -7,6 +8,8 @@ Timeouts are the host's, scaled by ``TIME_SCALE`` (the VM's emulation)."""
 from __future__ import annotations
 
 import signal
+import time
+from collections.abc import Callable
 
 from polling import wait_for
 
@@ -69,3 +72,65 @@ def relay_killed_relayed_peers_move(mesh: MeshLab, a: MeshNode, b: MeshNode,
              30 * TIME_SCALE, "u reaches a and b through the second relay")
     assert path(u, a.name) == "relay" and path(a, b.name) == "direct"
     assert all(n.proc.poll() is None for n in (a, b, u))
+
+
+def _direct_both_ways(a: MeshNode, b: MeshNode) -> bool:
+    return path(a, b.name) == "direct" and path(b, a.name) == "direct"
+
+
+def _endpoint(a: MeshNode, peer: MeshNode) -> str:
+    p = a.peer(peer.name)
+    return str(p["endpoint"]) if p else ""
+
+
+def nat_faults_direct_again(mesh: MeshLab, a: MeshNode, b: MeshNode) -> dict[str, float]:
+    """Three faults under the direct pair ``a``-``b`` (each behind its own NAT), one after
+    the other, with the agents running throughout:
+
+    - ``b``'s host roams to a new LAN address, so its router gives it a new mapping:
+      ``a`` must be direct again on it;
+    - both routers flush their NAT state (``conntrack -F``), as a mapping timeout would;
+    - ``a``'s router reboots and maps to other external ports (50000-50100) from then on:
+      ``b`` must be direct again on ``a``'s new mapping. Last, because a port range makes
+      the lab's router pick a port per destination: it is a symmetric NAT from then on.
+
+    After each the pair is direct both ways and answers pings both ways. Returns the
+    seconds each took (docs/reliability.md records them; bounded only by the deadline)."""
+    assert a.host.nat is not None and b.host.nat is not None
+    wait_for(lambda: _direct_both_ways(a, b), 30 * TIME_SCALE, "a-b direct before the faults")
+    took: dict[str, float] = {}
+
+    def back(fault: str, t0: float, moved: Callable[[], bool] = lambda: True) -> None:
+        def direct_again() -> bool:
+            return (_direct_both_ways(a, b) and moved() and pings(a, b.name)
+                    and pings(b, a.name))
+        wait_for(direct_again, 60 * TIME_SCALE,
+                 lambda: f"direct and answering again after the {fault}: a sees "
+                         f"{a.peer(b.name)}, b sees {b.peer(a.name)}")
+        took[fault] = round(time.monotonic() - t0, 1)
+
+    before = _endpoint(a, b)
+    t0 = time.monotonic()
+    mesh.lab.renumber(b.host, 77)
+    back("roam", t0, lambda: _endpoint(a, b) not in ("", before))
+
+    t0 = time.monotonic()
+    a.host.nat.flush()
+    b.host.nat.flush()
+    back("NAT flush", t0)
+
+    nat = a.host.nat
+    mesh.lab.run(nat, ["iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "-o", "eth0", "-p",
+                       "udp", "-j", "MASQUERADE", "--to-ports", "50000-50100"])
+    t0 = time.monotonic()
+    nat.reboot()
+
+    def on_new_ports() -> bool:
+        host, _, port = _endpoint(b, a).rpartition(":")
+        return host == nat.ip and 50000 <= int(port or 0) <= 50100
+
+    back("NAT reboot with new ports", t0, on_new_ports)
+    assert all(n.status()["control_online"] for n in (a, b))
+    assert all(n.proc.poll() is None for n in (a, b))
+    print(f"NAT faults, seconds to direct again: {took}", flush=True)
+    return took
