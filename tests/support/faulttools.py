@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from polling import wait_for
 
-from wgmesh.lab.mesh import RELAY_PORT, MeshLab, MeshNode
+from wgmesh.lab.mesh import CONTROL_PORT, RELAY_PORT, MeshLab, MeshNode
 from wgmesh.lab.network import TIME_SCALE, Host
 
 
@@ -32,6 +32,13 @@ def relay_conns(host: Host, relay: Host) -> int:
     out = host.run(["ss", "-Htn", "state", "established", "dst",
                     f"{relay.ip}:{RELAY_PORT}"]).stdout
     return len(out.splitlines())
+
+
+def control_sources(mesh: MeshLab, host: Host) -> set[str]:
+    """The local addresses of ``host``'s established TCP connections to control."""
+    out = host.run(["ss", "-Htn", "state", "established", "dst",
+                    f"{mesh.control.ip}:{CONTROL_PORT}"]).stdout
+    return {line.split()[2].rpartition(":")[0] for line in out.splitlines()}
 
 
 def control_killed_tunnels_carry_on(mesh: MeshLab, a: MeshNode, *peers: MeshNode) -> None:
@@ -88,7 +95,8 @@ def nat_faults_direct_again(mesh: MeshLab, a: MeshNode, b: MeshNode) -> dict[str
     the other, with the agents running throughout:
 
     - ``b``'s host roams to a new LAN address, so its router gives it a new mapping:
-      ``a`` must be direct again on it;
+      ``a`` must be direct again on it, and ``b``'s control stream must move to the new
+      address within seconds (a netmap change would not reach ``b`` meanwhile);
     - both routers flush their NAT state (``conntrack -F``), as a mapping timeout would;
     - ``a``'s router reboots and maps to other external ports (50000-50100) from then on:
       ``b`` must be direct again on ``a``'s new mapping. Last, because a port range makes
@@ -111,7 +119,11 @@ def nat_faults_direct_again(mesh: MeshLab, a: MeshNode, b: MeshNode) -> dict[str
 
     before = _endpoint(a, b)
     t0 = time.monotonic()
-    mesh.lab.renumber(b.host, 77)
+    new_ip = mesh.lab.renumber(b.host, 77)
+    # b's netmap stream leaves the gone address at once, not at its 45 s read timeout
+    wait_for(lambda: control_sources(mesh, b.host) == {new_ip}, 10 * TIME_SCALE,
+             lambda: f"b's control connections from {new_ip} only: "
+                     f"{control_sources(mesh, b.host)}")
     back("roam", t0, lambda: _endpoint(a, b) not in ("", before))
 
     t0 = time.monotonic()

@@ -184,6 +184,11 @@ def test_world_resume_replays_only_missed_lines() -> None:
         w.flush()
     lines = list(w.attach(1, mark + 1, lambda: None))
     assert [nm.decode(x).peers_changed[0].home_relay for x in lines] == [2, 3]
+    # Nothing missed: one keepalive at once, so the node sees its stream up without
+    # waiting a keepalive period.
+    latest = w.subs[1].seq
+    assert [nm.decode(x) for x in w.attach(1, latest, lambda: None)] == [
+        nm.Keepalive(seq=latest)]
     assert isinstance(nm.decode(b"".join(w.attach(1, 10**6, lambda: None))), nm.Netmap)
 
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import random
 import secrets
 import socket
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -47,7 +48,10 @@ from wgmesh.control.envelope import (
 from wgmesh.control.errors import ControlAPIError
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import Key, PrivateKey
+from wgmesh.sockaddr import plain_ip
 from wgmesh.urls import check_credential_url
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Backoff", "ControlClient", "Registered", "check_control_url"]
 
@@ -122,15 +126,31 @@ class ControlClient:
         self._verify = ca
         #: The last sequence number a stream delivered: ``stream(since=client.last_seq)`` resumes.
         self.last_seq: int | None = None
+        self._stream_sock: socket.socket | None = None  # the running stream's, for a roam
 
     def close(self) -> None:
         self.session.close()
 
-    def drop_idle_connections(self) -> None:
-        """Close the kept-alive connections (the next call opens a new one); a running
-        stream keeps its own. After a roam they are dead: a call on one would wait its
-        whole timeout for an answer that goes to an address this host no longer has."""
+    def addresses_changed(self, local: Collection[str]) -> None:
+        """This host's addresses are now ``local`` (a roam). Close the kept-alive
+        connections (the next call opens a new one): a call on one would wait its whole
+        timeout for an answer that goes to an address this host no longer has. End a
+        running stream that went out from such an address: it only reads, so neither
+        ``TCP_USER_TIMEOUT`` nor anything else would notice before its read timeout, and
+        until then no netmap change reaches the node; its follower reconnects at once."""
         self.session.close()
+        sock = self._stream_sock
+        if sock is None:
+            return
+        try:
+            gone = plain_ip(sock.getsockname()[0]) not in local
+            if gone:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return  # closed meanwhile: the stream is ending anyway
+        if gone:
+            log.info("control %s: our address is gone; reconnecting the netmap stream",
+                     self.url)
 
     def __enter__(self) -> ControlClient:
         return self
@@ -260,6 +280,8 @@ class ControlClient:
         with r:
             if r.status_code != 200:
                 _result(r)
+            conn = getattr(r.raw, "connection", None)
+            self._stream_sock = getattr(conn, "sock", None)
             buf = b""
             try:
                 for chunk in r.iter_content(chunk_size=None):
@@ -275,6 +297,8 @@ class ControlClient:
                             yield msg
             except requests.RequestException as e:
                 raise WgmeshError(f"netmap stream broke: {e}") from None
+            finally:
+                self._stream_sock = None
 
     def follow(self, stop: threading.Event | None = None, backoff: Backoff | None = None,
                on_rejected: Callable[[ControlTrustError], object] | None = None,

@@ -490,7 +490,10 @@ class World:
         sub.out_bytes = 0
         if since is not None and sub.synced and sub.floor <= since <= sub.seq:
             self.stats["resumes"] += 1
-            return [line for s, line in sub.ring if s > since]
+            # Nothing missed: a keepalive at once, so the node knows its stream is up now
+            # rather than a keepalive period later (after a roam, say).
+            return ([line for s, line in sub.ring if s > since]
+                    or [nm.encode(nm.Keepalive(seq=sub.seq))])
         self.stats["full_maps"] += 1
         sub.ring.clear()
         sub.ring_bytes = 0

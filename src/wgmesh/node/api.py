@@ -557,7 +557,7 @@ class AsyncNode:
         if self.relay is not None:
             self.relay.addresses_changed(addrs)
         if self._control is not None:
-            self._control.drop_idle_connections()
+            self._control.addresses_changed(addrs)
 
     async def netcheck(self) -> NetcheckReport:
         """UDP, reflexive addresses, hard NAT, relay latencies, hairpin: measured from the

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import os
 import socket
 import ssl as _ssl
@@ -38,6 +37,7 @@ from wgmesh.relay import (
     split_key,
 )
 from wgmesh.relaynet.stream import FrameStream
+from wgmesh.sockaddr import plain_ip
 
 __all__ = ["MakeSocket", "OnPeer", "RelayConnectError", "RelayConnection", "connect_socket"]
 
@@ -112,11 +112,7 @@ class RelayConnection(FrameStream):
         """The address this connection goes out from (IPv4-mapped and scoped forms made
         plain, as an interface lists it); ``None`` before it is made."""
         name = self.transport.get_extra_info("sockname") if self.transport else None
-        if not name:
-            return None
-        ip = ipaddress.ip_address(name[0].split("%")[0])
-        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
-        return str(mapped or ip)
+        return plain_ip(name[0]) if name else None
 
     @classmethod
     async def open(cls, url: str | RelayURL, private_key: PrivateKey, *,
