@@ -864,8 +864,12 @@ class PeerPath:
     def _select(self, now: float) -> list[_Out]:
         if self.pinned == "relay":
             return []
+        # A suspect path is not a choice even while its last pong is fresh: otherwise, with
+        # RTTs under the floor (a LAN, the lab), it ties with the path that answers now
+        # and, listed first, keeps winning until it counts as dead.
         fresh = [c for c in self._cands.values()
-                 if c.fresh(now, self.cfg) and c.bad_until <= now]
+                 if c.fresh(now, self.cfg) and c.bad_until <= now
+                 and not ((sus := c.suspect_at(self.cfg)) is not None and now >= sus)]
         if not fresh:
             return []
         cand = min(fresh, key=self._score)
