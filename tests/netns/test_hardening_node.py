@@ -56,6 +56,17 @@ def test_replies_leave_from_the_address_the_peer_reached(lab: Lab, tmp_path: Pat
         assert _reached_at(a, b, v6) == f"[{v6}]:{PORT}"
         # and back to the address routing picks: the source follows again
         assert _reached_at(a, b, a.host.ip) == f"{a.host.ip}:{PORT}"
+        # The address b reached a at goes away, with no rebind (a roam, a lease lost):
+        # a's next packets leave from an address it still has. Sending from the gone one
+        # failed (ENETUNREACH for IPv4, EINVAL for IPv6) and, for IPv4, dropped every
+        # packet to b until b's packets arrived elsewhere, which they could not.
+        for second, b_ip, prefix in ((second4, b.host.ip, 24), (second6, b.host.ip6, 64)):
+            host = f"[{second}]" if ":" in second else second
+            assert _reached_at(a, b, second) == f"{host}:{PORT}"
+            lab.run(a.host, ["ip", "addr", "del", f"{second}/{prefix}", "dev", "eth0"])
+            a.ping(b)
+            src = _route_src(lab, a.host, b_ip)
+            assert b.endpoint() == (f"[{src}]:{PORT}" if ":" in src else f"{src}:{PORT}")
 
 
 def test_tun_moved_to_another_namespace_keeps_working(lab: Lab, tmp_path: Path) -> None:

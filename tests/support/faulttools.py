@@ -94,10 +94,10 @@ def nat_faults_direct_again(mesh: MeshLab, a: MeshNode, b: MeshNode) -> dict[str
     """Three faults under the direct pair ``a``-``b`` (each behind its own NAT), one after
     the other, with the agents running throughout:
 
+    - both routers flush their NAT state (``conntrack -F``), as a mapping timeout would;
     - ``b``'s host roams to a new LAN address, so its router gives it a new mapping:
       ``a`` must be direct again on it, and ``b``'s control stream must move to the new
       address within seconds (a netmap change would not reach ``b`` meanwhile);
-    - both routers flush their NAT state (``conntrack -F``), as a mapping timeout would;
     - ``a``'s router reboots and maps to other external ports (50000-50100) from then on:
       ``b`` must be direct again on ``a``'s new mapping. Last, because a port range makes
       the lab's router pick a port per destination: it is a symmetric NAT from then on.
@@ -117,6 +117,11 @@ def nat_faults_direct_again(mesh: MeshLab, a: MeshNode, b: MeshNode) -> dict[str
                          f"{a.peer(b.name)}, b sees {b.peer(a.name)}")
         took[fault] = round(time.monotonic() - t0, 1)
 
+    t0 = time.monotonic()
+    a.host.nat.flush()
+    b.host.nat.flush()
+    back("NAT flush", t0)
+
     before = _endpoint(a, b)
     t0 = time.monotonic()
     new_ip = mesh.lab.renumber(b.host, 77)
@@ -125,11 +130,6 @@ def nat_faults_direct_again(mesh: MeshLab, a: MeshNode, b: MeshNode) -> dict[str
              lambda: f"b's control connections from {new_ip} only: "
                      f"{control_sources(mesh, b.host)}")
     back("roam", t0, lambda: _endpoint(a, b) not in ("", before))
-
-    t0 = time.monotonic()
-    a.host.nat.flush()
-    b.host.nat.flush()
-    back("NAT flush", t0)
 
     nat = a.host.nat
     mesh.lab.run(nat, ["iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "-o", "eth0", "-p",

@@ -458,8 +458,9 @@ class UserspaceBackend:
                  anc: list[tuple[int, int, bytes]], addr: tuple[str, int]) -> None:
         """``sendmsg`` from the address ``addr`` last reached us at, if we know it.
 
-        If that address is gone (EADDRNOTAVAIL, EINVAL) it is forgotten and the routing
-        table picks the source, as the kernel module does.
+        If that address is gone it is forgotten and the routing table picks the source,
+        as the kernel module does. Linux says so with EINVAL for IPv6 and ENETUNREACH for
+        IPv4 (no route from a source the host lacks); EADDRNOTAVAIL for good measure.
         """
         src = self.device.sources.get(addr)
         if src is None:
@@ -472,7 +473,7 @@ class UserspaceBackend:
         try:
             s.sendmsg([data], [*anc, info], 0, addr)
         except OSError as e:
-            if e.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL):
+            if e.errno not in (errno.EADDRNOTAVAIL, errno.EINVAL, errno.ENETUNREACH):
                 raise
             self.device.sources.pop(addr, None)
             s.sendmsg([data], anc, 0, addr)
