@@ -5,6 +5,7 @@ and the BPF filter keeps everything but STUN and disco away from Python."""
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -46,3 +47,19 @@ def test_sharedsock_stun_copy_and_filter(lab: Lab) -> None:
             peer.close()
     owner.close()
     assert ss.sent == 2 and ss.received == 3 and ss.dropped == 0
+
+
+def test_sharedsock_follows_a_new_source_address(lab: Lab) -> None:
+    """The host's address changes under a running shared socket (a roam): STUN must
+    leave from the new address and report it. The socket that asks routing for the
+    source kept the first one it chose, so every send after a roam failed."""
+    a, b = lab.add_public_host("a"), lab.add_public_host("b")
+    with stun_server(b.ns), SharedSocket(PORT, netns=a.ns) as ss:
+        assert stun_query(lambda d: ss.send(d, (b.ip, 3478)), ss.recv) == (a.ip, PORT)
+        cidr = lab.run(a, ["ip", "-o", "-4", "addr", "show", "dev", "eth0"]).stdout.split()[3]
+        new = re.sub(r"\.\d+$", ".201", a.ip)
+        lab.run(a, ["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])
+        lab.run(a, ["ip", "addr", "add", f"{new}/{cidr.split('/')[1]}", "dev", "eth0"])
+        lab.run(a, ["ip", "addr", "del", cidr, "dev", "eth0"])
+        assert stun_query(lambda d: ss.send(d, (b.ip, 3478)), ss.recv) == (new, PORT)
+

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
+import os
 import selectors
 import socket
 import struct
@@ -197,6 +198,19 @@ def _attach(sock: socket.socket, program: list[Insn]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_UNSPEC = (ctypes.c_ubyte * 28)()  # a zeroed sockaddr: family AF_UNSPEC
+
+
+def _disconnect(sock: socket.socket) -> None:
+    """``connect(AF_UNSPEC)``: dissolve a UDP socket's association and, as it was not
+    bound to an address, the source address its last ``connect`` chose (Python's
+    ``connect`` has no way to pass AF_UNSPEC)."""
+    if _LIBC.connect(sock.fileno(), ctypes.byref(_UNSPEC), ctypes.sizeof(_UNSPEC)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 # ---- the driver ----------------------------------------------------------------------
 class SharedSocket:
     """Send and receive STUN/disco on the kernel WireGuard port ``port``.
@@ -262,8 +276,13 @@ class SharedSocket:
     # -- sending
     def _source_for(self, dst: IPAddress) -> IPAddress:
         """The source address the kernel would choose towards ``dst`` (a connected
-        UDP socket asks the routing table; nothing is sent)."""
+        UDP socket asks the routing table; nothing is sent).
+
+        Disconnected first: a UDP socket keeps the source its first ``connect`` chose,
+        so after a roam every later ``connect`` would route from the gone address and
+        fail (ENETUNREACH), and no STUN or disco would leave this port again."""
         probe = self._probes[socket.AF_INET if dst.version == 4 else socket.AF_INET6]
+        _disconnect(probe)
         probe.connect((str(dst), 9))
         return ipaddress.ip_address(probe.getsockname()[0])
 
