@@ -58,7 +58,7 @@ import attrs
 
 from _bench import Report, proc_cpu_s, round_ratios, run_abba
 from relay_throughput import relay_lab
-from userspace_throughput import PORT, iperf, start
+from userspace_throughput import PORT, iperf, link_up, start
 from wgmesh.keys import Key, PrivateKey
 
 if TYPE_CHECKING:
@@ -281,8 +281,10 @@ def main() -> None:
         # 2. wireguard-go standing in for the kernel: through the bridge vs direct.
         ia, ib = f"{lab.prefix}a", f"{lab.prefix}b"
         ka, kb = PrivateKey.generate(), PrivateKey.generate()
-        start(lab, ha, ia, "wireguard-go", ka, "10.90.0.1", tmp)
-        start(lab, hb, ib, "wireguard-go", kb, "10.90.0.2", tmp)
+        start(lab, ha, ia, "wireguard-go", ka, tmp)
+        start(lab, hb, ib, "wireguard-go", kb, tmp)
+        link_up(lab, ha, ia, "10.90.0.1")
+        link_up(lab, hb, ib, "10.90.0.2")
         wg_bridges, wg_eps = bridge_pair(PORT)
 
         def endpoints(eps: tuple[str, str]) -> None:
