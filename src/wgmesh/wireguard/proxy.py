@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -47,6 +48,7 @@ import attrs
 
 from wgmesh.keys import KEY_LEN, Key
 from wgmesh.wireguard.backend import Backend
+from wgmesh.wireguard.mmsg import batch_receiver
 from wgmesh.wireguard.netns import socket_in
 from wgmesh.wireguard.offload import (
     GSO_MAX_BYTES,
@@ -91,10 +93,15 @@ class _Port:
 
 
 class RelayBridge:
-    """Loopback endpoints for relayed peers of a kernel interface listening on ``wg_port``."""
+    """Loopback endpoints for relayed peers of a kernel interface listening on ``wg_port``.
+
+    ``batched=False`` reads the kernel's datagrams one ``recv`` each, as the bridge does
+    anyway where libc has no ``recvmmsg`` (:mod:`wgmesh.wireguard.mmsg`).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: SendToPeer, wg_port: int, *,
-                 netns: str | None = None, host: str = "127.0.0.1") -> None:
+                 netns: str | None = None, host: str = "127.0.0.1",
+                 batched: bool = True) -> None:
         self.loop = loop
         self.send = send
         self.wg_port = wg_port
@@ -104,6 +111,8 @@ class RelayBridge:
         self._lock = threading.Lock()
         self._due: list[_Port] = []  # ports with pending packets; non-empty: a flush is due
         self._gso = True
+        # One receive ring for all endpoints (they are read on the loop, one at a time).
+        self._rx = batch_receiver(BATCH) if batched else None
         self.unknown = 0  # relay packets from peers the bridge has no endpoint for
 
     def __repr__(self) -> str:
@@ -161,23 +170,38 @@ class RelayBridge:
 
     # -- packets
     def _readable(self, port: _Port) -> None:
-        """Up to BATCH datagrams from the kernel, one ``recv`` each (Python has no
-        ``recvmmsg``, and the kernel module sends datagram by datagram, so UDP GRO has
-        nothing to merge on loopback): the per-packet work is kept to that and ``send``."""
-        recv, send, key = port.sock.recv, self.send, port.key
-        sent = dropped = 0
+        """Up to BATCH datagrams from the kernel, with one ``recvmmsg`` where libc has it,
+        else one ``recv`` each. The kernel module sends datagram by datagram and loopback
+        does no GRO, so ``UDP_GRO`` would merge nothing the kernel sends (only a stand-in
+        that sends with GSO): the batch is the syscall, not the packets."""
+        if self._rx is not None:
+            try:
+                packets = self._rx.recv(port.sock.fileno())
+            except OSError as e:  # e.g. ICMP unreachable reported on the connected socket
+                if e.errno == errno.ENOSYS:  # libc has it, the kernel (or sandbox) not
+                    self._rx = None
+                else:
+                    port.counters.dropped += 1
+                return
+        else:
+            packets = self._recv_each(port)
+        send, key = self.send, port.key
+        for packet in packets:
+            send(key, packet)
+        port.counters.to_relay += len(packets)
+
+    @staticmethod
+    def _recv_each(port: _Port) -> list[bytes]:
+        recv = port.sock.recv
+        packets: list[bytes] = []
         for _ in range(BATCH):
             try:
-                packet = recv(MAX_DATAGRAM)
+                packets.append(recv(MAX_DATAGRAM))
             except BlockingIOError:
                 break
             except OSError:  # e.g. ICMP unreachable reported on the connected socket
-                dropped += 1
-                continue
-            send(key, packet)
-            sent += 1
-        port.counters.to_relay += sent
-        port.counters.dropped += dropped
+                port.counters.dropped += 1
+        return packets
 
     def deliver(self, src: Key, packet: bytes) -> None:
         """A packet from the relay, sent by the node ``src``: hand it to the kernel.
