@@ -56,10 +56,10 @@ def test_bridge_relays_both_ways_from_the_peer_endpoint(lab: Lab) -> None:
             stray.sendto(b"stray", ep_b_at_a)
             stray.close()
             # while b is "direct" at a, relayed packets from b are dropped, not injected
-            pair.on_loop(lambda: setattr(pair.a._ports[kb], "direct", True))
+            pair.on_loop(lambda: setattr(pair.a._ports[kb.raw], "direct", True))
             wg_b.sendto(b"late relay", ep_a_at_b)
             wait_for(lambda: pair.a.counters(kb).dropped == 1, 10, "drop of a late packet")
-            pair.on_loop(lambda: setattr(pair.a._ports[kb], "direct", False))
+            pair.on_loop(lambda: setattr(pair.a._ports[kb.raw], "direct", False))
             wg_b.sendto(b"relay again", ep_a_at_b)
             assert wg_a.recvfrom(2048) == (b"relay again", ep_b_at_a)
             assert pair.b.counters(ka).to_relay == 3

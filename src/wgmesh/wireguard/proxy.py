@@ -107,7 +107,10 @@ class RelayBridge:
         self.wg_port = wg_port
         self.netns = netns
         self.host = host
-        self._ports: dict[Key, _Port] = {}
+        # By the key's raw bytes: the relay hands every packet over with a fresh Key, and
+        # a bytes lookup costs a fraction of Key's Python-level __hash__ and __eq__.
+        self._ports: dict[bytes, _Port] = {}
+        self._loop_thread: int | None = None  # the loop's thread, once deliver ran on it
         self._lock = threading.Lock()
         self._due: list[_Port] = []  # ports with pending packets; non-empty: a flush is due
         self._gso = True
@@ -122,7 +125,7 @@ class RelayBridge:
     def add(self, key: Key) -> Address:
         """The loopback endpoint for ``key`` (created on first use)."""
         with self._lock:
-            port = self._ports.get(key)
+            port = self._ports.get(key.raw)
             if port is None:
                 family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
                 sock = socket_in(self.netns, family, socket.SOCK_DGRAM)
@@ -130,20 +133,20 @@ class RelayBridge:
                 sock.bind((self.host, 0))
                 sock.connect((self.host, self.wg_port))
                 sock.setblocking(False)
-                port = self._ports[key] = _Port(key, sock)
+                port = self._ports[key.raw] = _Port(key, sock)
                 self.loop.call_soon_threadsafe(self.loop.add_reader, sock.fileno(),
                                                self._readable, port)
         host, pnum = port.sock.getsockname()[:2]
         return (host, pnum)
 
     def endpoint(self, key: Key) -> Address:
-        port = self._ports[key]
+        port = self._ports[key.raw]
         host, pnum = port.sock.getsockname()[:2]
         return (host, pnum)
 
     def remove(self, key: Key) -> None:
         with self._lock:
-            port = self._ports.pop(key, None)
+            port = self._ports.pop(key.raw, None)
         if port is not None:
             def close() -> None:
                 self.loop.remove_reader(port.sock.fileno())
@@ -151,21 +154,21 @@ class RelayBridge:
             self.loop.call_soon_threadsafe(close)
 
     def counters(self, key: Key) -> BridgeCounters:
-        return self._ports[key].counters
+        return self._ports[key.raw].counters
 
     # -- switching paths
     def use_relay(self, backend: Backend, key: Key) -> Address:
         """Route ``key`` through the relay: one endpoint change on ``backend``."""
         ep = self.add(key)
-        self._ports[key].direct = False
+        self._ports[key.raw].direct = False
         backend.set_endpoint(key, ep)
         return ep
 
     def use_direct(self, backend: Backend, key: Key, endpoint: Address) -> None:
         """Send ``key``'s packets straight to ``endpoint``; the loopback endpoint stays
         ready, so going back to the relay is instant."""
-        if key in self._ports:
-            self._ports[key].direct = True
+        if (port := self._ports.get(key.raw)) is not None:
+            port.direct = True
         backend.set_endpoint(key, endpoint)
 
     # -- packets
@@ -211,14 +214,17 @@ class RelayBridge:
         in the sender, so one syscall per packet capped the bridge (py-spy: 76 % in it).
         Per packet this only appends to the peer's list: the relay client calls it for
         every packet, and the far side of a bridged flow was the busiest process."""
-        try:
-            on_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            on_loop = False
-        if not on_loop:
-            self.loop.call_soon_threadsafe(self.deliver, src, packet)
-            return
-        port = self._ports.get(src)
+        thread = threading.get_ident()
+        if thread != self._loop_thread:  # a thread compare: get_running_loop() costs 5x
+            try:
+                on_loop = asyncio.get_running_loop() is self.loop
+            except RuntimeError:
+                on_loop = False
+            if not on_loop:
+                self.loop.call_soon_threadsafe(self.deliver, src, packet)
+                return
+            self._loop_thread = thread  # a loop runs in one thread for its life
+        port = self._ports.get(src.raw)
         if port is None:
             self.unknown += 1
             return
@@ -268,8 +274,8 @@ class RelayBridge:
             c.from_relay += 1
 
     def close(self) -> None:
-        for key in list(self._ports):
-            self.remove(key)
+        for port in list(self._ports.values()):
+            self.remove(port.key)
 
 
 def _grow_rcvbuf(sock: socket.socket) -> None:
