@@ -26,6 +26,9 @@ median of per-round ratios:
    ``cpu_ratio`` is the load-robust side of the same comparison: CPU time per delivered
    packet of the client's source and sink over that of the two bridge processes (the
    relay's, ``relay_cpu_us_per_packet``, is the same work on both sides).
+   ``standin_cpu_us_per_packet``: the UDP sender's and counter's CPU per delivered packet,
+   which the bridge runs spend on the same two cores and the client's runs do not (the
+   sender's includes segmenting the datagrams the bridge's socket then drops).
 2. ``wg_bridge_of_direct_ratio``: wireguard-go standing in for the kernel module at both
    ends (the issue's stand-in), an iperf3 UDP flood (1372-byte payloads) through the
    tunnel with the peers' endpoints on the bridges, against the same flood with direct
@@ -58,7 +61,7 @@ import attrs
 
 from _bench import Report, proc_cpu_s, round_ratios, run_abba
 from relay_throughput import relay_lab
-from userspace_throughput import PORT, iperf, start
+from userspace_throughput import PORT, iperf, link_up, start
 from wgmesh.keys import Key, PrivateKey
 
 if TYPE_CHECKING:
@@ -92,6 +95,7 @@ class Run:
     pps: float
     cpu_s_per_packet: float
     relay_cpu_s_per_packet: float
+    standin_cpu_s_per_packet: float = 0.0  # the UDP sender and counter (bridge runs)
 
     @property
     def cpu_us(self) -> float:
@@ -100,6 +104,10 @@ class Run:
     @property
     def relay_cpu_us(self) -> float:
         return self.relay_cpu_s_per_packet * 1e6
+
+    @property
+    def standin_cpu_us(self) -> float:
+        return self.standin_cpu_s_per_packet * 1e6
 
 
 # ---- roles (run inside lab hosts) --------------------------------------------------------
@@ -170,7 +178,7 @@ def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
     s.bind(("127.0.0.1", port))
     s.connect((host, int(p)))
     burst, gso = bytes(PACKET * 44), [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", PACKET))]
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.process_time()
     sent = 0
     while (now := time.monotonic()) < start + seconds:
         if pps and sent >= (now - start) * pps:
@@ -179,6 +187,7 @@ def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
         with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
             s.sendmsg([burst], gso)
         sent += 44
+    emit(cpu_s=time.process_time() - cpu)
 
 
 def udp_count(port: int) -> None:
@@ -194,12 +203,13 @@ def udp_count(port: int) -> None:
     buf = bytearray(1 << 16)
     packets = -(-s.recv_into(buf) // PACKET)
     first = last = time.monotonic()
+    cpu_first = cpu_last = time.process_time()
     s.settimeout(1.0)
     with contextlib.suppress(TimeoutError):
         while True:
             packets += -(-s.recv_into(buf) // PACKET)
-            last = time.monotonic()
-    emit(pps=packets / max(last - first, 1e-9), packets=packets)
+            last, cpu_last = time.monotonic(), time.process_time()
+    emit(pps=packets / max(last - first, 1e-9), packets=packets, cpu_s=cpu_last - cpu_first)
 
 
 def role(argv: list[str]) -> None:
@@ -265,13 +275,15 @@ def main() -> None:
             count = lab.python(hb, me, "udp-count", str(UDP_PORT))
             count.wait_for_output('"ready"', timeout=60)
             cpu0 = [proc_cpu_s(p.pid) for p in (*udp_bridges, relay)]
-            lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
-                       str(a.seconds), str(a.blast_pps)).wait(a.seconds + 60)
+            blast = lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
+                               str(a.seconds), str(a.blast_pps))
+            blast.wait(a.seconds + 60)
             count.wait(60)
             near, far, rel = (proc_cpu_s(p.pid) - c for p, c in zip((*udp_bridges, relay), cpu0,
                                                                      strict=True))
             got = _last(count)
-            return Run(got["pps"], (near + far) / got["packets"], rel / got["packets"])
+            return Run(got["pps"], (near + far) / got["packets"], rel / got["packets"],
+                       (_last(blast)["cpu_s"] + got["cpu_s"]) / got["packets"])
 
         br_runs, ref_runs = run_abba(a.rounds, via_bridge_udp, client_alone)
         br, ref = [r.pps for r in br_runs], [r.pps for r in ref_runs]
@@ -281,8 +293,10 @@ def main() -> None:
         # 2. wireguard-go standing in for the kernel: through the bridge vs direct.
         ia, ib = f"{lab.prefix}a", f"{lab.prefix}b"
         ka, kb = PrivateKey.generate(), PrivateKey.generate()
-        start(lab, ha, ia, "wireguard-go", ka, "10.90.0.1", tmp)
-        start(lab, hb, ib, "wireguard-go", kb, "10.90.0.2", tmp)
+        start(lab, ha, ia, "wireguard-go", ka, tmp)
+        start(lab, hb, ib, "wireguard-go", kb, tmp)
+        link_up(lab, ha, ia, "10.90.0.1")
+        link_up(lab, hb, ib, "10.90.0.2")
         wg_bridges, wg_eps = bridge_pair(PORT)
 
         def endpoints(eps: tuple[str, str]) -> None:
@@ -317,6 +331,7 @@ def main() -> None:
                  "client_cpu_us_per_packet": [round(r.cpu_us, 2) for r in ref_runs],
                  **round_ratios([r.cpu_us for r in ref_runs], [r.cpu_us for r in br_runs],
                                 "cpu_ratio"),
+                 "standin_cpu_us_per_packet": [round(r.standin_cpu_us, 2) for r in br_runs],
                  "relay_cpu_us_per_packet": {
                      "bridge_runs": [round(r.relay_cpu_us, 2) for r in br_runs],
                      "client_runs": [round(r.relay_cpu_us, 2) for r in ref_runs]},

@@ -18,10 +18,11 @@ T = TypeVar("T")
 
 class BridgePair:
     """Bridge A (netns ``ns_a``, kernel port ``port_a``, node key ``key_a``) and bridge B,
-    linked by one TCP connection from ``ns_a`` to ``ip_b``:``tcp_port`` in ``ns_b``."""
+    linked by one TCP connection from ``ns_a`` to ``ip_b``:``tcp_port`` in ``ns_b``;
+    ``batched=False``: both read the kernel's datagrams one ``recv`` each (the fallback)."""
 
     def __init__(self, ns_a: str, port_a: int, key_a: Key, ns_b: str, port_b: int, key_b: Key,
-                 ip_b: str, tcp_port: int = 7000) -> None:
+                 ip_b: str, tcp_port: int = 7000, *, batched: bool = True) -> None:
         self._loop_thread = LoopThread("bridge-loop")
         self.loop = self._loop_thread.loop
         listener = socket_in(ns_b, socket.AF_INET, socket.SOCK_STREAM)
@@ -46,8 +47,8 @@ class BridgePair:
             return ta, tb
 
         self.ta, self.tb = self.call(setup())
-        self.a = RelayBridge(self.loop, self.ta.send, port_a, netns=ns_a)
-        self.b = RelayBridge(self.loop, self.tb.send, port_b, netns=ns_b)
+        self.a = RelayBridge(self.loop, self.ta.send, port_a, netns=ns_a, batched=batched)
+        self.b = RelayBridge(self.loop, self.tb.send, port_b, netns=ns_b, batched=batched)
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop_thread.call(coro, 30)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 import threading
@@ -47,6 +48,7 @@ import attrs
 
 from wgmesh.keys import KEY_LEN, Key
 from wgmesh.wireguard.backend import Backend
+from wgmesh.wireguard.mmsg import batch_receiver
 from wgmesh.wireguard.netns import socket_in
 from wgmesh.wireguard.offload import (
     GSO_MAX_BYTES,
@@ -91,19 +93,29 @@ class _Port:
 
 
 class RelayBridge:
-    """Loopback endpoints for relayed peers of a kernel interface listening on ``wg_port``."""
+    """Loopback endpoints for relayed peers of a kernel interface listening on ``wg_port``.
+
+    ``batched=False`` reads the kernel's datagrams one ``recv`` each, as the bridge does
+    anyway where libc has no ``recvmmsg`` (:mod:`wgmesh.wireguard.mmsg`).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: SendToPeer, wg_port: int, *,
-                 netns: str | None = None, host: str = "127.0.0.1") -> None:
+                 netns: str | None = None, host: str = "127.0.0.1",
+                 batched: bool = True) -> None:
         self.loop = loop
         self.send = send
         self.wg_port = wg_port
         self.netns = netns
         self.host = host
-        self._ports: dict[Key, _Port] = {}
+        # By the key's raw bytes: the relay hands every packet over with a fresh Key, and
+        # a bytes lookup costs a fraction of Key's Python-level __hash__ and __eq__.
+        self._ports: dict[bytes, _Port] = {}
+        self._loop_thread: int | None = None  # the loop's thread, once deliver ran on it
         self._lock = threading.Lock()
         self._due: list[_Port] = []  # ports with pending packets; non-empty: a flush is due
         self._gso = True
+        # One receive ring for all endpoints (they are read on the loop, one at a time).
+        self._rx = batch_receiver(BATCH) if batched else None
         self.unknown = 0  # relay packets from peers the bridge has no endpoint for
 
     def __repr__(self) -> str:
@@ -113,7 +125,7 @@ class RelayBridge:
     def add(self, key: Key) -> Address:
         """The loopback endpoint for ``key`` (created on first use)."""
         with self._lock:
-            port = self._ports.get(key)
+            port = self._ports.get(key.raw)
             if port is None:
                 family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
                 sock = socket_in(self.netns, family, socket.SOCK_DGRAM)
@@ -121,20 +133,20 @@ class RelayBridge:
                 sock.bind((self.host, 0))
                 sock.connect((self.host, self.wg_port))
                 sock.setblocking(False)
-                port = self._ports[key] = _Port(key, sock)
+                port = self._ports[key.raw] = _Port(key, sock)
                 self.loop.call_soon_threadsafe(self.loop.add_reader, sock.fileno(),
                                                self._readable, port)
         host, pnum = port.sock.getsockname()[:2]
         return (host, pnum)
 
     def endpoint(self, key: Key) -> Address:
-        port = self._ports[key]
+        port = self._ports[key.raw]
         host, pnum = port.sock.getsockname()[:2]
         return (host, pnum)
 
     def remove(self, key: Key) -> None:
         with self._lock:
-            port = self._ports.pop(key, None)
+            port = self._ports.pop(key.raw, None)
         if port is not None:
             def close() -> None:
                 self.loop.remove_reader(port.sock.fileno())
@@ -142,42 +154,57 @@ class RelayBridge:
             self.loop.call_soon_threadsafe(close)
 
     def counters(self, key: Key) -> BridgeCounters:
-        return self._ports[key].counters
+        return self._ports[key.raw].counters
 
     # -- switching paths
     def use_relay(self, backend: Backend, key: Key) -> Address:
         """Route ``key`` through the relay: one endpoint change on ``backend``."""
         ep = self.add(key)
-        self._ports[key].direct = False
+        self._ports[key.raw].direct = False
         backend.set_endpoint(key, ep)
         return ep
 
     def use_direct(self, backend: Backend, key: Key, endpoint: Address) -> None:
         """Send ``key``'s packets straight to ``endpoint``; the loopback endpoint stays
         ready, so going back to the relay is instant."""
-        if key in self._ports:
-            self._ports[key].direct = True
+        if (port := self._ports.get(key.raw)) is not None:
+            port.direct = True
         backend.set_endpoint(key, endpoint)
 
     # -- packets
     def _readable(self, port: _Port) -> None:
-        """Up to BATCH datagrams from the kernel, one ``recv`` each (Python has no
-        ``recvmmsg``, and the kernel module sends datagram by datagram, so UDP GRO has
-        nothing to merge on loopback): the per-packet work is kept to that and ``send``."""
-        recv, send, key = port.sock.recv, self.send, port.key
-        sent = dropped = 0
+        """Up to BATCH datagrams from the kernel, with one ``recvmmsg`` where libc has it,
+        else one ``recv`` each. The kernel module sends datagram by datagram and loopback
+        does no GRO, so ``UDP_GRO`` would merge nothing the kernel sends (only a stand-in
+        that sends with GSO): the batch is the syscall, not the packets."""
+        if self._rx is not None:
+            try:
+                packets = self._rx.recv(port.sock.fileno())
+            except OSError as e:  # e.g. ICMP unreachable reported on the connected socket
+                if e.errno == errno.ENOSYS:  # libc has it, the kernel (or sandbox) not
+                    self._rx = None
+                else:
+                    port.counters.dropped += 1
+                return
+        else:
+            packets = self._recv_each(port)
+        send, key = self.send, port.key
+        for packet in packets:
+            send(key, packet)
+        port.counters.to_relay += len(packets)
+
+    @staticmethod
+    def _recv_each(port: _Port) -> list[bytes]:
+        recv = port.sock.recv
+        packets: list[bytes] = []
         for _ in range(BATCH):
             try:
-                packet = recv(MAX_DATAGRAM)
+                packets.append(recv(MAX_DATAGRAM))
             except BlockingIOError:
                 break
             except OSError:  # e.g. ICMP unreachable reported on the connected socket
-                dropped += 1
-                continue
-            send(key, packet)
-            sent += 1
-        port.counters.to_relay += sent
-        port.counters.dropped += dropped
+                port.counters.dropped += 1
+        return packets
 
     def deliver(self, src: Key, packet: bytes) -> None:
         """A packet from the relay, sent by the node ``src``: hand it to the kernel.
@@ -187,14 +214,17 @@ class RelayBridge:
         in the sender, so one syscall per packet capped the bridge (py-spy: 76 % in it).
         Per packet this only appends to the peer's list: the relay client calls it for
         every packet, and the far side of a bridged flow was the busiest process."""
-        try:
-            on_loop = asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            on_loop = False
-        if not on_loop:
-            self.loop.call_soon_threadsafe(self.deliver, src, packet)
-            return
-        port = self._ports.get(src)
+        thread = threading.get_ident()
+        if thread != self._loop_thread:  # a thread compare: get_running_loop() costs 5x
+            try:
+                on_loop = asyncio.get_running_loop() is self.loop
+            except RuntimeError:
+                on_loop = False
+            if not on_loop:
+                self.loop.call_soon_threadsafe(self.deliver, src, packet)
+                return
+            self._loop_thread = thread  # a loop runs in one thread for its life
+        port = self._ports.get(src.raw)
         if port is None:
             self.unknown += 1
             return
@@ -244,8 +274,8 @@ class RelayBridge:
             c.from_relay += 1
 
     def close(self) -> None:
-        for key in list(self._ports):
-            self.remove(key)
+        for port in list(self._ports.values()):
+            self.remove(port.key)
 
 
 def _grow_rcvbuf(sock: socket.socket) -> None:
