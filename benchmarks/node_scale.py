@@ -19,13 +19,21 @@ first netmap, every peer at once (``full_apply_s``); ``ratio_full_vs_diff`` is i
 over the median diff apply. Memory: the agent's RSS once the first map is applied
 (``rss_start_mb``), once a minute (``rss_mb``) and at the end (``rss_end_mb``).
 
-    sudo .venv/bin/python benchmarks/node_scale.py [--minutes 10] [--peers 500]
+``--backend kernel``: the same on kernel WireGuard. The host kernel has no WireGuard,
+so it boots one virtme-ng VM (qemu without KVM, as the kernel tests and
+``kernel_overhead.py`` do) and runs there; the lab's timeouts stretch by the VM's time
+scale, and the changes come as fast as the emulated agent takes them, at most one per
+``--interval``. Its figures are the VM's, not comparable with the host's.
+
+    sudo .venv/bin/python benchmarks/node_scale.py [--minutes 10] [--peers 500] \
+        [--backend kernel]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import secrets
 import statistics
 import sys
@@ -33,19 +41,29 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _bench import Report, proc_cpu_s, proc_rss_mb, tail
+from _bench import Report, proc_cpu_s, proc_rss_mb, run_in_vm, tail
 from wgmesh.control.client import ControlClient
 from wgmesh.keys import PrivateKey
 from wgmesh.lab import Lab, LabError
 from wgmesh.lab.mesh import MeshLab, MeshNode
+from wgmesh.lab.network import TIME_SCALE
+from wgmesh.wireguard.backend import kernel_wireguard_available
 
 
 def _netmaps(node: MeshNode) -> list[dict[str, Any]]:
-    return [{**e["data"], "at": e["at"]} for e in node.call("events", {"name": "netmap"})]
+    return [{**e["data"], "at": e["at"]}
+            for e in node.call("events", {"name": "netmap"}, timeout=30 * TIME_SCALE)]
+
+
+def _peers(node: MeshNode) -> list[dict[str, Any]]:
+    """The agent's status peers (500 of them take a while under the VM's emulation)."""
+    peers: list[dict[str, Any]] = node.call("status", timeout=30 * TIME_SCALE)["peers"]
+    return peers
 
 
 def _wait_netmap(node: MeshNode, after_seq: int, timeout: float = 30) -> dict[str, Any]:
     """The first netmap event past ``after_seq``."""
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         ev = next((e for e in _netmaps(node) if e["seq"] > after_seq), None)
@@ -77,15 +95,22 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=10.0, help="soak length (default 10)")
     ap.add_argument("--peers", type=int, default=500)
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between changes")
+    ap.add_argument("--backend", choices=("userspace", "kernel"), default="userspace")
+    ap.add_argument("--inside", action="store_true", help="measure here (used inside the VM)")
     a = ap.parse_args()
     report = Report()
+    if a.backend == "kernel" and not a.inside and not kernel_wireguard_available()[0]:
+        return run_in_vm(__file__, ["--inside", "--backend", "kernel", "--minutes",
+                                    str(a.minutes), "--peers", str(a.peers), "--interval",
+                                    str(a.interval)], report, "node_scale",
+                         timeout=a.minutes * 60 + 1800)
     with Lab() as lab:
-        mesh = MeshLab(lab, relays=0)
+        mesh = MeshLab(lab, relays=0, backend=a.backend)
         mesh.seed_nodes(a.peers)
         node = mesh.add_node(f"big{secrets.token_hex(2)}", "none")
-        node.proc.wait_for_output("wgmesh up:", timeout=120)
-        deadline = time.monotonic() + 120
-        while len(node.status()["peers"]) < a.peers:
+        node.proc.wait_for_output("wgmesh up:", timeout=120 * TIME_SCALE)
+        deadline = time.monotonic() + 120 * TIME_SCALE
+        while len(_peers(node)) < a.peers:
             if time.monotonic() > deadline:
                 raise LabError(f"the agent never saw {a.peers} peers")
             time.sleep(0.2)
@@ -94,7 +119,7 @@ def main() -> int:
         rss_start, cpu0 = proc_rss_mb(pid), proc_cpu_s(pid)
         authkey = mesh.authkey()
         # Who may be deleted next: seeded peers first, then the ones registered here.
-        names = collections.deque(p["name"] for p in node.status()["peers"])
+        names = collections.deque(p["name"] for p in _peers(node))
         tokens = mesh.seed_nodes(1, prefix="mover")  # the peer whose endpoints move
         seq = _wait_netmap(node, _netmaps(node)[-1]["seq"])["seq"]
         apply_s: list[float] = []
@@ -119,13 +144,15 @@ def main() -> int:
                 rss.append(proc_rss_mb(pid))
                 next_rss += 60
             time.sleep(max(0.0, t_next - time.monotonic()))
-        peers = len(node.status()["peers"])
-        out = {"backend": "userspace", "peers": peers, "minutes": a.minutes, "changes": n,
+        peers = len(_peers(node))
+        out = {"backend": a.backend, "peers": peers, "minutes": a.minutes, "changes": n,
                "diffs": dict(diffs), **tail(apply_s, "apply_"), **tail(e2e_s, "e2e_"),
                "full_apply_s": first["apply_s"], "full_apply_peers": first["added"],
                "ratio_full_vs_diff": round(first["apply_s"] / statistics.median(apply_s), 1),
                "rss_start_mb": rss_start, "rss_mb": rss, "rss_end_mb": proc_rss_mb(pid),
-               "agent_cpu_s": round(proc_cpu_s(pid) - cpu0, 1)}
+               "agent_cpu_s": round(proc_cpu_s(pid) - cpu0, 1),
+               "where": "virtme-ng VM, qemu TCG (no KVM)" if os.environ.get("WGMESH_IN_VM")
+               else "this host"}
     report.emit(out)
     return 0
 

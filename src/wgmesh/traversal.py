@@ -36,6 +36,8 @@ growing between two samples that both show the endpoint on the path: WireGuard
 moves the endpoint to the source of every authenticated packet, so the last one
 came from the path. Without one within ``handshake_timeout``
 the path is marked bad until the next round and the peer returns to the relay.
+That is for leaving the relay: a move between two direct paths is trusted at once
+and forces no handshake (a forced one ends the session the peer has).
 WireGuard roams to the source of the latest authenticated packet, so while
 the other side still sends via the relay our kernel endpoint flips back to the
 loopback bridge. Two rules stop that flip-flop: once a path is trusted,
@@ -885,10 +887,15 @@ class PeerPath:
         return self._commit(cand, now, "better" if cur else "pong")
 
     def _commit(self, c: _Cand, now: float, reason: str) -> list[_Out]:
+        # Kernel WireGuard forces a handshake by re-adding the peer, which ends its session
+        # (and resets its counters). A move from one trusted direct path to another keeps
+        # the session it has: WireGuard already works between the two, and if the new path
+        # does not carry it, the peer's next packet on the old one roams WireGuard back.
+        fresh_trust = self.cfg.confirm_handshake and self.state is not PathState.DIRECT
         self.best = (c.sock, c.addr)
         self.counters["commit"] += 1
-        out: list[_Out] = [SetEndpoint(self.key, c.addr, c.sock, self.cfg.confirm_handshake)]
-        if self.cfg.confirm_handshake:
+        out: list[_Out] = [SetEndpoint(self.key, c.addr, c.sock, fresh_trust)]
+        if fresh_trust:
             self.state = PathState.PENDING
             self._pending_deadline = now + self.cfg.handshake_timeout
             self._hs_baseline = self._last_hs

@@ -248,6 +248,21 @@ def test_kernel_commit_waits_for_a_handshake_on_the_path() -> None:
     assert RelayIngress(PEER, False) in res and p.state is PathState.DIRECT
 
 
+def test_kernel_moves_between_direct_paths_without_forcing_a_handshake() -> None:
+    # A forced handshake re-adds the kernel peer: its session and counters start over.
+    other = ("198.51.100.8", 41641)
+    p = make(TraversalConfig.kernel(active_timeout=None), endpoints=(PUB4, other))
+    p.on_wg_stats(0.2, RELAY, 100.0)
+    out = p.tick(0.5)
+    assert SetEndpoint(PEER, PUB4, 0, True) in answer(p, out, PUB4, 0.55)  # off the relay
+    answer(p, out, other, 0.545)  # 45 ms against 50: not better enough
+    p.on_wg_stats(1.0, PUB4, 101.0)
+    assert p.state is PathState.DIRECT
+    res = answer(p, p.kick(4.0), other, 4.01)  # 10 ms now: median(45, 10) = 27.5 < 40
+    assert SetEndpoint(PEER, other, 0, False) in res and p.state is PathState.DIRECT
+    assert any(isinstance(a, PathChanged) and a.reason == "better" for a in res)
+
+
 def test_kernel_trusts_wireguard_traffic_that_stays_on_the_path() -> None:
     p = make(TraversalConfig.kernel(active_timeout=None))
     p.on_wg_stats(0.2, RELAY, 100.0, 1000, 1000)

@@ -76,7 +76,9 @@ class MeshNode:
         return self.call("status")
 
     def ping(self, peer: str, timeout: float = 3.0) -> dict[str, Any]:
-        return self.call("ping", {"peer": peer, "timeout": timeout}, timeout=timeout + 10)
+        # The agent answers once the echo is done (timeout), later on a busy VM.
+        return self.call("ping", {"peer": peer, "timeout": timeout},
+                         timeout=timeout + 10 * TIME_SCALE)
 
     def peer(self, name: str) -> dict[str, Any] | None:
         return next((p for p in self.status()["peers"] if p["name"] == name), None)

@@ -6,8 +6,9 @@ second, and its timers, and carries out the actions it returns against the
 backend's :class:`~wgmesh.wireguard.backend.Port`, which hides how that backend
 shares its WireGuard port with disco, STUN and the relay.
 
-Everything here runs on the node's loop thread; backend callbacks from other
-threads hop onto it with ``call_soon_threadsafe``.
+Everything here runs on the node's loop thread, but the stats read (see
+:meth:`DataPlane._poll_stats`); backend callbacks from other threads hop onto it with
+``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -101,10 +102,11 @@ class DataPlane:
     async def _run(self) -> None:
         next_stats = 0.0
         while True:
+            if time.monotonic() >= next_stats:
+                await self._poll_stats()
+                # From the poll's end: a slow read must not leave the loop polling back to back.
+                next_stats = time.monotonic() + STATS_INTERVAL
             now = time.monotonic()
-            if now >= next_stats:
-                self._poll_stats(now)
-                next_stats = now + STATS_INTERVAL
             self._do(self.trav.tick(now))
             wake = min(filter(None, [self.trav.next_wakeup(), next_stats]))
             self._wake.clear()
@@ -212,12 +214,20 @@ class DataPlane:
         self.counters["relay_wg_out"] += 1
         self.relay.send_nowait(key, data)
 
-    def _poll_stats(self, now: float) -> None:
+    async def _poll_stats(self) -> None:
+        """Feed every peer's WireGuard stats to traversal, read off the loop thread.
+
+        A kernel dump of 500 peers is about 0.1 s of netlink decoding (seconds under
+        emulation). Read on the loop, it held back the disco pongs that came in
+        meanwhile, so their RTTs grew at random; traversal then switched between a
+        peer's equally good paths, and kernel WireGuard re-adds the peer on every switch
+        (to force a handshake), so its session and counters started over."""
         try:
-            stats = self.backend.stats()
+            stats = await asyncio.to_thread(self.backend.stats)
         except Exception as e:  # a vanished interface must not kill the loop
             log.warning("reading WireGuard stats failed: %s", e)
             return
+        now = time.monotonic()
         for key, st in stats.items():
             if key not in self.paths:
                 continue

@@ -223,7 +223,9 @@ class Backend(Protocol):
         """Move one peer's endpoint (relay bridge <-> direct) without a restart."""
 
     def stats(self) -> dict[Key, PeerStats]:
-        """Per-peer counters and handshake times, read from the data plane."""
+        """Per-peer counters and handshake times, read from the data plane. Safe to call
+        from any thread: the node reads them off its loop (a dump of 500 kernel peers is
+        slow)."""
 
 
 def kernel_wireguard_available() -> tuple[bool, str]:

@@ -623,6 +623,8 @@ class KernelPort:
         if handshake and (pc := self.backend.peers().get(key)) is not None:
             # A fresh peer entry has no session, and its persistent keepalive makes the
             # kernel handshake at once, on the new endpoint: the proof traversal waits for.
+            log.debug("%s: re-adding peer %s to handshake on %s (its session and counters "
+                      "start over)", self.backend.name, key.short(), addr)
             others = [c for k, c in self.backend.peers().items() if k != key]
             self.backend.set_peers(others)
             self.backend.set_peers([*others, attrs.evolve(pc, endpoint=addr)])
