@@ -30,7 +30,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from _bench import Report, proc_cpu_s, round_ratios, run_abba
+from _bench import Report, machine_busy_s, proc_cpu_user_sys, round_ratios, run_abba
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.relay import HEADER_LEN, KEY_LEN, frame_send
 from wgmesh.relaynet.connection import RelayConnection
@@ -114,12 +114,21 @@ def role(argv: list[str]) -> None:
 
 
 # ---- orchestration -------------------------------------------------------------------------
-def _cpu(pids: list[int]) -> float:
-    total = 0.0
+def _cpu(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of ``pids`` together."""
+    user = sys_ = 0.0
     for p in pids:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # gone: not counted
-            total += proc_cpu_s(p)
-    return total
+            u, s = proc_cpu_user_sys(p)
+            user, sys_ = user + u, sys_ + s
+    return user, sys_
+
+
+def _cores(before: tuple[float, float], after: tuple[float, float], seconds: float,
+           side: str) -> dict[str, float]:
+    """CPU seconds per second of one side in the window: in all, in user and in system."""
+    user, sys_ = ((b - a) / seconds for a, b in zip(before, after, strict=True))
+    return {f"{side}_cores": user + sys_, f"{side}_user": user, f"{side}_sys": sys_}
 
 
 def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[str, Any]:
@@ -145,9 +154,9 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[s
         if time.monotonic() > start:
             raise RuntimeError(f"setup took longer than {SETUP} s: raise SETUP")
         time.sleep(start - time.monotonic())
-        cpu0 = _cpu(relay_pids), _cpu(clients)
+        cpu0 = _cpu(relay_pids), _cpu(clients), machine_busy_s()
         time.sleep(a.seconds)
-        cpu1 = _cpu(relay_pids), _cpu(clients)
+        cpu1 = _cpu(relay_pids), _cpu(clients), machine_busy_s()
         for p in sinks:
             p.wait(30)
         for p in sources:
@@ -160,8 +169,9 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[s
         relay.stop()
     frame = HEADER_LEN + KEY_LEN + a.packet
     return {"pps": got / frame / a.seconds, "mbps": got / frame * a.packet * 8 / a.seconds / 1e6,
-            "relay_cores": (cpu1[0] - cpu0[0]) / a.seconds,
-            "client_cores": (cpu1[1] - cpu0[1]) / a.seconds,
+            **_cores(cpu0[0], cpu1[0], a.seconds, "relay"),
+            **_cores(cpu0[1], cpu1[1], a.seconds, "client"),
+            "machine_cores": (cpu1[2] - cpu0[2]) / a.seconds,
             "relay_counters": {k: v for k, v in m["counters"].items() if k.startswith("packets")},
             "relay_drops": m["drops"]}
 
@@ -198,6 +208,8 @@ def main() -> None:
         "pps_1_runs": col(one, "pps", 0), "pps_2_runs": col(two, "pps", 0),
         "relay_cores_1": col(one, "relay_cores"), "relay_cores_2": col(two, "relay_cores"),
         "client_cores_1": col(one, "client_cores"), "client_cores_2": col(two, "client_cores"),
+        **{f"{k}_{n}": col(runs, k) for k in ("relay_sys", "client_sys", "machine_cores")
+           for n, runs in ((1, one), (2, two))},
         "relay_1": [{**r["relay_counters"], **r["relay_drops"]} for r in one],
         "relay_2": [{**r["relay_counters"], **r["relay_drops"]} for r in two]})
 
