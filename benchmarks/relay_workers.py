@@ -169,7 +169,8 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[s
                        "--listen", f"{host.ip}:{PORT}", "--stun-port", "-1",
                        "--key-file", f"/tmp/{lab.prefix}-relay.key")
     try:
-        line = json.loads(relay.wait_for_output('"listening"', timeout=30).splitlines()[0])
+        out = relay.wait_for_output('"listening"', timeout=30)
+        line = json.JSONDecoder().raw_decode(out[out.index('{"listening"'):])[0]
         relay_pids = [relay.pid, *line.get("pids", [])]
         url = f"http://{host.ip}:{PORT}"
         start = time.monotonic() + SETUP
