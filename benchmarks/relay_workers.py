@@ -18,7 +18,9 @@ what each side used, the JSON gives CPU seconds per second in the window, from /
 relay's workers (``relay_cores_*``; ``relay_sys_*`` the kernel's share) and the clients
 (``client_cores_*``, ``client_sys_*``), and ``machine_cores_*``, everything the machine
 did (the clients' and relay's work plus any other job's): near 2.0 means the machine, not
-the relay, was the limit.
+the relay, was the limit. ``relay_us_*`` and ``client_us_*`` are those CPU figures per
+packet delivered (microseconds); ``crossed_2`` the share of the packets that went from one
+worker to the other over their link (the relay's own counters).
 
 Prints one JSON line. Usage: ``sudo .venv/bin/python benchmarks/relay_workers.py
 [--rounds 4] [--seconds 4] [--pairs 8] [--procs 1] [--packet 1400]``.
@@ -37,6 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from _bench import Report, machine_busy_s, proc_cpu_user_sys, round_ratios, run_abba
@@ -154,6 +157,11 @@ def _cpu(pids: list[int]) -> tuple[float, float]:
     return user, sys_
 
 
+def _children(pid: int) -> list[int]:
+    """The relay's worker processes: the children of its supervisor (none with one)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def _cores(before: tuple[float, float], after: tuple[float, float], seconds: float,
            side: str) -> dict[str, float]:
     """CPU seconds per second of one side in the window: in all, in user and in system."""
@@ -169,9 +177,8 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[s
                        "--listen", f"{host.ip}:{PORT}", "--stun-port", "-1",
                        "--key-file", f"/tmp/{lab.prefix}-relay.key")
     try:
-        out = relay.wait_for_output('"listening"', timeout=30)
-        line = json.JSONDecoder().raw_decode(out[out.index('{"listening"'):])[0]
-        relay_pids = [relay.pid, *line.get("pids", [])]
+        relay.wait_for_output('"listening"', timeout=30)
+        relay_pids = [relay.pid, *_children(relay.pid)]  # (its line's "pids" can come torn)
         url = f"http://{host.ip}:{PORT}"
         start = time.monotonic() + SETUP
         window = ["--start", str(start), "--seconds", str(a.seconds)]
@@ -199,11 +206,17 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[s
     finally:
         relay.stop()
     frame = HEADER_LEN + KEY_LEN + a.packet
-    return {"pps": got / frame / a.seconds, "mbps": got / frame * a.packet * 8 / a.seconds / 1e6,
-            **_cores(cpu0[0], cpu1[0], a.seconds, "relay"),
-            **_cores(cpu0[1], cpu1[1], a.seconds, "client"),
+    pps = got / frame / a.seconds
+    relay = _cores(cpu0[0], cpu1[0], a.seconds, "relay")
+    clients = _cores(cpu0[1], cpu1[1], a.seconds, "client")
+    counters = m["counters"]
+    return {"pps": pps, "mbps": got / frame * a.packet * 8 / a.seconds / 1e6,
+            **relay, **clients,
+            "relay_us": relay["relay_cores"] / pps * 1e6 if pps else 0.0,
+            "client_us": clients["client_cores"] / pps * 1e6 if pps else 0.0,
+            "crossed": counters.get("packets_sibling_out", 0) / max(1, counters["packets_in"]),
             "machine_cores": (cpu1[2] - cpu0[2]) / a.seconds,
-            "relay_counters": {k: v for k, v in m["counters"].items() if k.startswith("packets")},
+            "relay_counters": {k: v for k, v in counters.items() if k.startswith("packets")},
             "relay_drops": m["drops"]}
 
 
@@ -239,8 +252,10 @@ def main() -> None:
         "pps_1_runs": col(one, "pps", 0), "pps_2_runs": col(two, "pps", 0),
         "relay_cores_1": col(one, "relay_cores"), "relay_cores_2": col(two, "relay_cores"),
         "client_cores_1": col(one, "client_cores"), "client_cores_2": col(two, "client_cores"),
-        **{f"{k}_{n}": col(runs, k) for k in ("relay_sys", "client_sys", "machine_cores")
+        **{f"{k}_{n}": col(runs, k) for k in ("relay_sys", "client_sys", "machine_cores",
+                                               "relay_us", "client_us")
            for n, runs in ((1, one), (2, two))},
+        "crossed_2": col(two, "crossed", 3),
         "relay_1": [{**r["relay_counters"], **r["relay_drops"]} for r in one],
         "relay_2": [{**r["relay_counters"], **r["relay_drops"]} for r in two]})
 
