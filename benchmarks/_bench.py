@@ -90,10 +90,22 @@ def tail(xs: Sequence[float], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def proc_cpu_user_sys(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(proc_cpu_user_sys(pid))
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent not idle so far (/proc/stat: everything but idle and
+    iowait), to tell a run that had the machine to itself from one that shared it."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_rss_mb(pid: int) -> float:
