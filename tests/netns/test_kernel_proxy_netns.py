@@ -14,6 +14,7 @@ from polling import wait_for
 from wgmesh.keys import PrivateKey
 from wgmesh.lab.network import Host, Lab
 from wgmesh.wireguard.netns import socket_in
+from wgmesh.wireguard.proxy import BridgeCounters
 
 pytestmark = pytest.mark.netns
 
@@ -100,29 +101,38 @@ def test_a_burst_from_the_relay_reaches_the_kernel_port_whole_and_in_order(lab: 
         wg_b.close()
 
 
+def _burst_while_busy(lab: Lab, sent: list[bytes], *, batched: bool = True
+                      ) -> tuple[list[bytes], BridgeCounters, bool]:
+    """``sent`` from a's kernel port to its bridge endpoint for b, all queued while a's
+    bridge loop is busy (nothing is read meanwhile): what b's kernel port receives, a's
+    counters for b, and whether a's bridge read in batches."""
+    a, b = lab.add_public_host("a"), lab.add_public_host("b")
+    ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
+    wg_a, wg_b = _wg_ports(a, b)
+    try:
+        with BridgePair(a.ns, 51820, ka, b.ns, 51821, kb, b.ip, batched=batched) as pair:
+            ep_b_at_a = pair.a.add(kb)
+            pair.b.add(ka)
+
+            def burst() -> None:  # runs on the loop
+                for p in sent:
+                    wg_a.sendto(p, ep_b_at_a)
+            pair.on_loop(burst)
+            got = [wg_b.recv(MAX_UDP4 + 1) for _ in sent]
+            return got, pair.a.counters(kb), pair.a._rx is not None
+    finally:
+        wg_a.close()
+        wg_b.close()
+
+
 def test_a_burst_from_the_kernel_waits_while_the_loop_is_busy(lab: Lab) -> None:
     """The kernel sends in bursts, and the bridge's loop may be busy meanwhile: 500
     datagrams (720 KB) sent to an endpoint while its loop can't read are all relayed
     once it can, not dropped for a full receive buffer."""
-    a, b = lab.add_public_host("a"), lab.add_public_host("b")
-    ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
-    wg_a, wg_b = _wg_ports(a, b)
     sent = [i.to_bytes(4, "big") * 360 for i in range(500)]
-    try:
-        with BridgePair(a.ns, 51820, ka, b.ns, 51821, kb, b.ip) as pair:
-            ep_b_at_a = pair.a.add(kb)
-            pair.b.add(ka)
-
-            def burst_while_busy() -> None:  # runs on the loop: nothing is read meanwhile
-                for p in sent:
-                    wg_a.sendto(p, ep_b_at_a)
-            pair.on_loop(burst_while_busy)
-            got = [wg_b.recv(2048) for _ in sent]
-            assert sorted(got) == sent
-            assert pair.a.counters(kb).to_relay == len(sent)
-    finally:
-        wg_a.close()
-        wg_b.close()
+    got, counters, _ = _burst_while_busy(lab, sent)
+    assert sorted(got) == sent
+    assert counters.to_relay == len(sent)
 
 
 @pytest.mark.parametrize("batched", [True, False], ids=["recvmmsg", "recv-each"])
@@ -131,30 +141,15 @@ def test_a_burst_from_the_kernel_arrives_byte_exact_in_order(lab: Lab, batched: 
     up to 64 datagrams a call; without it, the fallback: one ``recv`` each): a burst of
     varied sizes, empty and maximum-size datagrams among them, reaches the far kernel
     port byte for byte and in order, none lost, merged, split or truncated."""
-    a, b = lab.add_public_host("a"), lab.add_public_host("b")
-    ka, kb = PrivateKey.generate().public, PrivateKey.generate().public
-    wg_a, wg_b = _wg_ports(a, b)
     sizes = ([0, MAX_UDP4, 1440, 1, 0, 148] + [1440] * 100 + [MAX_UDP4, 32, 0, 0]
              + [60] * 40 + [2000, 1439, 1441, 0])
     sent = [bytes([i % 251 + 1]) * n for i, n in enumerate(sizes)]
-    try:
-        with BridgePair(a.ns, 51820, ka, b.ns, 51821, kb, b.ip, batched=batched) as pair:
-            assert (pair.a._rx is not None) == batched  # the path under test is the one taken
-            ep_b_at_a = pair.a.add(kb)
-            pair.b.add(ka)
-
-            def burst_while_busy() -> None:  # runs on the loop: nothing is read meanwhile
-                for p in sent:
-                    wg_a.sendto(p, ep_b_at_a)
-            pair.on_loop(burst_while_busy)
-            got = [wg_b.recv(MAX_UDP4 + 1) for _ in sent]
-            assert [len(d) for d in got] == sizes
-            assert got == sent
-            assert pair.a.counters(kb).to_relay == len(sent)
-            assert pair.a.counters(kb).dropped == 0
-    finally:
-        wg_a.close()
-        wg_b.close()
+    got, counters, took_batches = _burst_while_busy(lab, sent, batched=batched)
+    assert took_batches == batched  # the path under test is the one taken
+    assert [len(d) for d in got] == sizes
+    assert got == sent
+    assert counters.to_relay == len(sent)
+    assert counters.dropped == 0
 
 
 def test_bridge_over_the_real_relay(lab: Lab) -> None:
