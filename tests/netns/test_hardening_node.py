@@ -14,6 +14,7 @@ from polling import wait_for
 from wgsides import PORT, Side, two_sides
 
 from wgmesh.lab.network import Host, Lab
+from wgmesh.wireguard.uapi import format_endpoint
 
 pytestmark = pytest.mark.netns
 
@@ -61,12 +62,11 @@ def test_replies_leave_from_the_address_the_peer_reached(lab: Lab, tmp_path: Pat
         # failed (ENETUNREACH for IPv4, EINVAL for IPv6) and, for IPv4, dropped every
         # packet to b until b's packets arrived elsewhere, which they could not.
         for second, b_ip, prefix in ((second4, b.host.ip, 24), (second6, b.host.ip6, 64)):
-            host = f"[{second}]" if ":" in second else second
-            assert _reached_at(a, b, second) == f"{host}:{PORT}"
+            assert _reached_at(a, b, second) == format_endpoint((second, PORT))
             lab.run(a.host, ["ip", "addr", "del", f"{second}/{prefix}", "dev", "eth0"])
             a.ping(b)
             src = _route_src(lab, a.host, b_ip)
-            assert b.endpoint() == (f"[{src}]:{PORT}" if ":" in src else f"{src}:{PORT}")
+            assert b.endpoint() == format_endpoint((src, PORT))
 
 
 def test_tun_moved_to_another_namespace_keeps_working(lab: Lab, tmp_path: Path) -> None:

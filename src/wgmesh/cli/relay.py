@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import resource
@@ -15,6 +14,7 @@ from pathlib import Path
 from wgmesh import stun
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import load_or_create_private_key
+from wgmesh.libc import LIBC
 
 __all__ = ["add_parser"]
 
@@ -29,10 +29,9 @@ def _steady_heap() -> None:
     (measured: 60,000-120,000 faults a second in a busy relay process, ~1.5 per page
     forwarded; ``benchmarks/README.md``, relay workers). The price: a process keeps up to
     8 MiB of freed memory for reuse. Another libc: nothing changes."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)  # reads of 256 KiB come from the heap
-        libc.mallopt(_M_TRIM_THRESHOLD, 8 << 20)
+    with contextlib.suppress(AttributeError):
+        LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)  # reads of 256 KiB come from the heap
+        LIBC.mallopt(_M_TRIM_THRESHOLD, 8 << 20)
 
 
 def _serve(a: argparse.Namespace) -> int:

@@ -143,14 +143,12 @@ class ControlClient:
         if sock is None:
             return
         try:
-            gone = plain_ip(sock.getsockname()[0]) not in local
-            if gone:
-                sock.shutdown(socket.SHUT_RDWR)
+            if plain_ip(sock.getsockname()[0]) in local:
+                return
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             return  # closed meanwhile: the stream is ending anyway
-        if gone:
-            log.info("control %s: our address is gone; reconnecting the netmap stream",
-                     self.url)
+        log.info("control %s: our address is gone; reconnecting the netmap stream", self.url)
 
     def __enter__(self) -> ControlClient:
         return self

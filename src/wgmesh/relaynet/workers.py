@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -38,6 +37,7 @@ import time
 from collections.abc import Callable
 
 from wgmesh.errors import WgmeshError
+from wgmesh.libc import LIBC
 from wgmesh.relaynet.admission import SharedAdmission
 from wgmesh.relaynet.server import RelayServer
 
@@ -222,8 +222,8 @@ class RelayWorkers:
     # ---- worker --------------------------------------------------------------------------
     def _worker(self, i: int) -> int:
         """In worker ``i``'s process: keep only its own sockets, serve until SIGTERM."""
-        with contextlib.suppress(OSError, AttributeError):  # die with the supervisor
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        with contextlib.suppress(AttributeError):  # die with the supervisor
+            LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a ^C stops us through the supervisor
         for j in range(self.workers):

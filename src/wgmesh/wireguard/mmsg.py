@@ -2,16 +2,17 @@
 
 Python's socket module reads one datagram per call, and for the relay bridge's near
 side, fed by the kernel at ~100,000 datagrams/s, that read was the largest single cost
-(py-spy: 38 % of the process). :class:`BatchReceiver` drains up to ``batch`` datagrams with one syscall into a
-fixed ring of slots and hands them back as ``bytes`` (one copy each: the caller
-keeps them past the next read). Each slot holds a whole UDP payload, so nothing is
+(py-spy: 38 % of the process). :class:`BatchReceiver` drains up to ``batch`` datagrams
+with one syscall into a fixed ring of slots and hands them back as ``bytes`` (one copy
+each: the caller keeps them past the next read). Each slot holds a whole UDP payload, so nothing is
 ever truncated. :func:`batch_receiver` gives ``None`` where libc has no
 ``recvmmsg`` (the caller then reads one datagram per ``recv``).
 
 On this machine a 1,440-byte datagram costs ~1.2 us by ``recv`` and ~0.95 us by
 ``recvmmsg`` plus the copy out: the syscall is shared, the kernel's per-datagram work
-(dequeue, copy, free) is not. The slots are anonymous memory the kernel backs lazily: a 1,440-byte datagram
-touches one page of its 64 KiB slot, so 64 slots cost ~256 KiB resident, not 4 MiB.
+(dequeue, copy, free) is not. The slots are anonymous memory the kernel backs lazily: a
+1,440-byte datagram touches one page of its 64 KiB slot, so 64 slots cost ~256 KiB
+resident, not 4 MiB.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import mmap
-import os
 from collections.abc import Callable
+
+from wgmesh.libc import LIBC, errno_error
 
 __all__ = ["BatchReceiver", "batch_receiver"]
 
@@ -45,9 +47,8 @@ class _MMsgHdr(ctypes.Structure):
 
 def _recvmmsg() -> Callable[..., int] | None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)  # the C library this process runs on
-        fn = libc.recvmmsg
-    except (OSError, AttributeError):
+        fn = LIBC.recvmmsg
+    except AttributeError:
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
     fn.restype = ctypes.c_int
@@ -91,12 +92,13 @@ class BatchReceiver:
         Raises :class:`OSError` as ``recv`` would (e.g. a pending ICMP error)."""
         n = self._fn(fd, self._hdrs_addr, self.batch, MSG_DONTWAIT, None)
         if n < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+            e = errno_error()
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
                 return []
-            raise OSError(err, os.strerror(err))
+            raise e
         buf = self._buf
-        return [buf[s:s + m] for s, m in zip(self._starts[:n], self._lens[:n].tolist(), strict=True)]
+        return [buf[s:s + m]
+                for s, m in zip(self._starts[:n], self._lens[:n].tolist(), strict=True)]
 
 
 def batch_receiver(batch: int = 64) -> BatchReceiver | None:

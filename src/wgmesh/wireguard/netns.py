@@ -11,12 +11,13 @@ forked. :func:`enter` moves the calling thread for good (a node's loop thread).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
+
+from wgmesh.libc import LIBC, errno_error
 
 __all__ = ["call_in", "enter", "netns_path", "socket_in"]
 
@@ -36,10 +37,8 @@ def enter(netns: str) -> None:
     """
     fd = os.open(netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({netns}): {os.strerror(err)}")
+        if LIBC.setns(fd, CLONE_NEWNET) != 0:
+            raise errno_error(f"setns({netns})")
     finally:
         os.close(fd)
 

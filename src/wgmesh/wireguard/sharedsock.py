@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import ctypes
 import ipaddress
-import os
 import selectors
 import socket
 import struct
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from wgmesh.disco import MAGIC as DISCO_MAGIC
 from wgmesh.errors import WgmeshError
+from wgmesh.libc import LIBC, errno_error
 from wgmesh.stun import MAGIC_COOKIE
 from wgmesh.wireguard.netns import socket_in
 
@@ -198,7 +198,6 @@ def _attach(sock: socket.socket, program: list[Insn]) -> None:
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
 _UNSPEC = (ctypes.c_ubyte * 28)()  # a zeroed sockaddr: family AF_UNSPEC
 
 
@@ -206,9 +205,8 @@ def _disconnect(sock: socket.socket) -> None:
     """``connect(AF_UNSPEC)``: dissolve a UDP socket's association and, as it was not
     bound to an address, the source address its last ``connect`` chose (Python's
     ``connect`` has no way to pass AF_UNSPEC)."""
-    if _LIBC.connect(sock.fileno(), ctypes.byref(_UNSPEC), ctypes.sizeof(_UNSPEC)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    if LIBC.connect(sock.fileno(), ctypes.byref(_UNSPEC), ctypes.sizeof(_UNSPEC)) != 0:
+        raise errno_error()
 
 
 # ---- the driver ----------------------------------------------------------------------
