@@ -14,7 +14,7 @@ import pytest
 from polling import wait_for
 
 from wgmesh.lab.natprobe import check_kinds
-from wgmesh.lab.network import Lab, LabError, list_namespaces
+from wgmesh.lab.network import Host, Lab, LabError, list_namespaces
 
 pytestmark = pytest.mark.netns
 WGMESH = [sys.executable, "-m", "wgmesh"]
@@ -254,3 +254,27 @@ def test_hosts_on_one_lan_reach_each_other_directly(lab: Lab) -> None:
     nat = lab.add_nat("office", "symmetric")
     a, b = lab.add_host("a", nat), lab.add_host("b", nat)
     lab.run(a, ["ping", "-c1", "-W2", b.ip])  # bridged on the LAN, never NATed
+
+
+def _mac(lab: Lab, host: Host, dev: str) -> str:
+    return str(json.loads(lab.run(host, ["ip", "-j", "link", "show", dev]).stdout)[0]["address"])
+
+
+def test_gateways_keep_their_mac_while_hosts_join(lab: Lab) -> None:
+    """Linux gives a bridge its lowest port's MAC unless it has one of its own, and then
+    drops frames sent to the old one: a host that resolved its gateway before others
+    joined would be cut off until its ARP entry expired (an agent's first connection to
+    control timed out in CI that way). The internet's and each LAN's bridges keep theirs.
+    """
+    srv = lab.add_public_host("srv")
+    nat = lab.add_nat("home", "eim")
+    first = lab.add_host("first", nat)
+    lab.run(first, ["ping", "-c1", "-W2", srv.ip])  # resolves its router and the router ours
+    internet, lan = _mac(lab, lab.internet, "br0"), _mac(lab, nat, "lan0")
+    # Enough ports that, with random MACs, one is all but sure to be lower than the rest.
+    for i in range(12):
+        lab.add_public_host(f"pub{i}")
+        lab.add_host(f"lan{i}", nat)
+    assert (_mac(lab, lab.internet, "br0"), _mac(lab, nat, "lan0")) == (internet, lan)
+    # And the first host still gets through at once, through both gateways.
+    lab.run(first, ["ping", "-c1", "-W1", srv.ip])

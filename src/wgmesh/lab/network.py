@@ -399,6 +399,17 @@ class Lab:
     def _sysctl(self, ns: str, *settings: str) -> None:
         _sh(["ip", "netns", "exec", ns, "sysctl", "-qw", *settings])
 
+    def _bridge(self, ns: str, name: str) -> None:
+        """A bridge with a MAC address of its own. Without one, Linux gives a bridge its
+        lowest port's MAC and changes it when a port with a lower one joins; the stack
+        then drops (as PACKET_OTHERHOST) frames sent to the old MAC, so a host that
+        resolved its gateway before the change is cut off until its ARP entry expires.
+        Hosts joining a LAN or the internet while others run made that a lab flake:
+        an agent's first connection to control timed out."""
+        mac = bytearray(secrets.token_bytes(6))
+        mac[0] = (mac[0] & 0xFC) | 0x02  # locally administered, unicast
+        self._ip(ns, "link", "add", name, "address", mac.hex(":"), "type", "bridge")
+
     def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
         _sh(["ip", "link", "add", name_a, "netns", ns_a, "type", "veth",
              "peer", "name", name_b, "netns", ns_b])
@@ -408,7 +419,7 @@ class Lab:
         _sh(["ip", "netns", "add", ns])
         self._namespaces.append(ns)
         self._ns_setup(ns)
-        self._ip(ns, "link", "add", "br0", "type", "bridge")
+        self._bridge(ns, "br0")
         for addr in (f"{PUBLIC_NET}.1/24", f"{ALT_NET}.1/24", f"{WAN_NET}.1/24",
                      f"{PUBLIC_V6}1/64"):
             self._ip(ns, "addr", "add", addr, "dev", "br0")
@@ -472,7 +483,7 @@ class Lab:
             self._attach_to_internet(ns, f"w{w}")
             self._ip(ns, "addr", "add", f"{wan}/24", "dev", "eth0")
             self._ip(ns, "route", "add", "default", "via", f"{WAN_NET}.1")
-            self._ip(ns, "link", "add", "lan0", "type", "bridge")
+            self._bridge(ns, "lan0")
             self._ip(ns, "addr", "add", f"10.{idx}.0.1/24", "dev", "lan0")
             self._ip(ns, "link", "set", "lan0", "up")
             self._sysctl(ns, "net.ipv4.ip_forward=1")
@@ -620,7 +631,7 @@ class Lab:
         routes into it from elsewhere; its default route is the first router."""
         with self._lock:
             ns = self._ns(name)
-            self._ip(ns, "link", "add", "br0", "type", "bridge")
+            self._bridge(ns, "br0")
             self._ip(ns, "addr", "add", f"{prefix}.10/24", "dev", "br0")
             self._ip(ns, "link", "set", "br0", "up")
             for i, r in enumerate(routers, 1):
