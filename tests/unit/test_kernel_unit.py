@@ -9,8 +9,11 @@ peer semantics, so "diff, encode, apply" is checked to land on the desired state
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
+from collections import Counter
 
+import attrs
 import pytest
 from budget import examples
 from hypothesis import given, settings
@@ -23,9 +26,11 @@ from wgmesh.wireguard.kernel import (
     WGPEER_F_REMOVE_ME,
     WGPEER_F_REPLACE_ALLOWEDIPS,
     WGPEER_F_UPDATE_ONLY,
+    endpoint_diffs,
     parse_device,
     peer_messages,
     redacted_socket_class,
+    route_changes,
     routes_for,
     set_device_message,
 )
@@ -239,3 +244,95 @@ def test_a_peer_without_an_endpoint_keeps_the_one_the_data_plane_gave_it() -> No
     assert diff.update == (PeerConfig(KEYS[0], wider.allowed_ips, roamed.endpoint, 25),)
     (batch,) = peer_messages({KEYS[0]: roamed}, diff)
     assert "WGPEER_A_ENDPOINT" not in [a[0] for a in batch[0]["attrs"]]
+
+
+MESH = [ipaddress.ip_interface("100.64.0.1/10"), ipaddress.ip_interface("fd7a::1/48")]
+#: 500 peers as a first netmap gives them: mesh addresses, no endpoint yet.
+NETMAP = [PeerConfig(Key.from_raw(i.to_bytes(32, "big")),
+                     [f"100.64.{i // 250}.{i % 250 + 1}/32", f"fd7a::{i:x}/128"], None, 25)
+          for i in range(1, 501)]
+BRIDGE = {p.public_key: ("127.0.0.1", 40000 + n) for n, p in enumerate(NETMAP)}
+#: A peer nest carrying only an endpoint move (wireguard.h): the nest's header, the
+#: public key (4 + 32), the flags (4 + 4) and an IPv4 sockaddr_in (4 + 16).
+MOVE_BYTES = 4 + 36 + 8 + 20
+
+
+def test_a_netmap_of_relayed_peers_moves_in_as_few_messages_as_fit() -> None:
+    """The first netmap sends all 500 peers to the relay: their bridge endpoints go out
+    together, as many per message as fit, each nest carrying the key, UPDATE_ONLY and
+    the endpoint, nothing else (was: one message per peer)."""
+    current = {p.public_key: p for p in NETMAP}
+    (diff,) = endpoint_diffs(current, BRIDGE)
+    assert (len(diff.add), len(diff.update), len(diff.remove)) == (0, 500, 0)
+    for limit in (MAX_MESSAGE_BYTES, 10_000):
+        batches = peer_messages(current, diff, limit=limit)
+        per_message = (limit - 32) // MOVE_BYTES  # 32: the headers and the peers nest
+        assert len(batches) == math.ceil(500 / per_message)
+        model = _model(NETMAP)
+        for batch in batches:
+            data, back = _wire(batch)
+            assert len(data) <= limit
+            for peer in back.get_attr("WGDEVICE_A_PEERS"):
+                assert [a[0] for a in peer["attrs"]] == [
+                    "WGPEER_A_PUBLIC_KEY", "WGPEER_A_ENDPOINT", "WGPEER_A_FLAGS"]
+                assert peer.get_attr("WGPEER_A_FLAGS") == WGPEER_F_UPDATE_ONLY
+            _apply(model, back)
+        assert {k: m["endpoint"] for k, m in model.items()} == BRIDGE
+    assert len(peer_messages(current, diff)) == 1  # 500 x 68 bytes fit in one
+
+
+def test_one_move_among_500_peers_is_one_peer_nest() -> None:
+    current = {p.public_key: attrs.evolve(p, endpoint=BRIDGE[p.public_key]) for p in NETMAP}
+    key = NETMAP[7].public_key
+    (diff,) = endpoint_diffs(current, {key: ("198.51.100.7", 4242)})
+    assert [p.public_key for p in diff.update] == [key] and not diff.add and not diff.remove
+    ((peer,),) = peer_messages(current, diff)
+    assert peer["attrs"][1] == ["WGPEER_A_ENDPOINT", {"addr": "198.51.100.7", "port": 4242}]
+    # a move to where the peer already is, and one for a peer gone meanwhile: nothing
+    assert endpoint_diffs(current, {key: BRIDGE[key], KEYS[0]: ("198.51.100.7", 1)}) == []
+
+
+def test_a_re_add_removes_then_adds_the_peer_with_its_new_endpoint() -> None:
+    """Kernel WireGuard's only way to handshake at once: the peer goes and comes back whole
+    (allowed IPs, keepalive) on the new endpoint; other moves of the batch stay updates."""
+    current = {p.public_key: p for p in NETMAP[:3]}
+    k0, k1 = NETMAP[0].public_key, NETMAP[1].public_key
+    moves = {k0: ("203.0.113.5", 51820), k1: ("127.0.0.1", 40001)}
+    first, second = endpoint_diffs(current, moves, readd={k0})
+    assert first.remove == (k0,) and [p.public_key for p in first.update] == [k1]
+    assert second.add == (attrs.evolve(NETMAP[0], endpoint=("203.0.113.5", 51820)),)
+    model = _model(NETMAP[:3])
+    for diff in (first, second):
+        for batch in peer_messages(current, diff):
+            _apply(model, _wire(batch)[1])
+        current = {**{k: v for k, v in current.items() if k not in diff.remove},
+                   **{p.public_key: p for p in (*diff.add, *diff.update)}}
+    assert model == _model([attrs.evolve(NETMAP[0], endpoint=moves[k0]),
+                            attrs.evolve(NETMAP[1], endpoint=moves[k1]), NETMAP[2]])
+
+
+def test_a_one_peer_change_touches_only_that_peers_routes() -> None:
+    """Routes are counted per peer, so a change costs its own prefixes, not a recount of
+    every peer; a prefix two peers route (a subnet behind two routers) stays while one does."""
+    routers = [PeerConfig(p.public_key, [*p.allowed_ips, f"10.{n // 250}.{n % 250}.0/24"])
+               for n, p in enumerate(NETMAP)]
+    twin = PeerConfig(KEYS[0], ["10.0.1.0/24"])  # also routes routers[1]'s subnet
+    refs: Counter = Counter()
+    assert route_changes(refs, (), [*routers, twin], MESH) == routes_for(routers, MESH)
+    assert set(refs) == routes_for(routers, MESH) and len(refs) == 500
+    assert route_changes(refs, [routers[5]], (), MESH) == {ipaddress.ip_network("10.0.5.0/24")}
+    assert ipaddress.ip_network("10.0.5.0/24") not in refs
+    assert route_changes(refs, [twin], (), MESH) == {ipaddress.ip_network("10.0.1.0/24")}
+    assert refs[ipaddress.ip_network("10.0.1.0/24")] == 1  # routers[1] still needs it
+    assert route_changes(refs, [NETMAP[0]], [NETMAP[0]], MESH) == set()  # mesh: no routes
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(peer_sets, peer_sets)
+def test_counted_routes_are_the_routes_of_the_peers_now(cur: dict, want: dict) -> None:
+    before, after = _peers(cur), _peers(want)
+    refs: Counter = Counter()
+    route_changes(refs, (), before, MESH)
+    touched = route_changes(refs, before, after, MESH)
+    assert set(refs) == routes_for(after, MESH)
+    assert routes_for(before, MESH) ^ routes_for(after, MESH) <= touched

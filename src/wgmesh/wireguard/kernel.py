@@ -42,8 +42,9 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -53,6 +54,7 @@ from wgmesh.wireguard.backend import (
     Addr,
     BackendError,
     InterfaceConfig,
+    IPInterface,
     IPNetwork,
     PeerConfig,
     PeerDiff,
@@ -76,9 +78,11 @@ __all__ = [
     "DeviceInfo",
     "KernelBackend",
     "KernelPort",
+    "endpoint_diffs",
     "parse_device",
     "peer_messages",
     "redacted_socket_class",
+    "route_changes",
     "routes_for",
     "set_device_message",
 ]
@@ -192,6 +196,51 @@ def peer_messages(current: Mapping[Key, PeerConfig], diff: PeerDiff,
     if batch:
         messages.append(batch)
     return messages
+
+
+def endpoint_diffs(current: Mapping[Key, PeerConfig], moves: Mapping[Key, Addr],
+                   readd: Collection[Key] = ()) -> list[PeerDiff]:
+    """The diffs that give each peer in ``moves`` its new endpoint, for :func:`peer_messages`:
+    all of them in one diff of endpoint-only updates, so a netmap's worth of relayed peers
+    costs a message per ~900 peers, not one each. A peer in ``readd`` is removed, then
+    added back with its endpoint (a second diff): kernel WireGuard's only way to make a
+    peer handshake at once. Peers no longer configured are left out."""
+    update: list[PeerConfig] = []
+    gone: list[Key] = []
+    back: list[PeerConfig] = []
+    for key, endpoint in moves.items():
+        if (cur := current.get(key)) is None:
+            continue
+        new = attrs.evolve(cur, endpoint=endpoint)
+        if key in readd:
+            gone.append(key)
+            back.append(new)
+        elif new != cur:
+            update.append(new)
+    diffs = [PeerDiff((), tuple(update), tuple(gone)), PeerDiff(tuple(back), (), ())]
+    return [d for d in diffs if d]
+
+
+def route_changes(refs: Counter[IPNetwork], gone: Iterable[PeerConfig],
+                  came: Iterable[PeerConfig], addresses: Iterable[IPInterface]
+                  ) -> set[IPNetwork]:
+    """Count peers ``gone`` out of and ``came`` into ``refs`` (routed prefix -> how many
+    peers need it; updated in place) and return the prefixes whose count changed, the
+    only ones whose route may need adding or deleting. A prefix two peers need (a subnet
+    behind two routers) keeps its route while either does. Costs O(peers changed): at
+    500 peers a full recount per endpoint move was most of a first netmap's apply."""
+    addresses = tuple(addresses)
+    delta: Counter[IPNetwork] = Counter()
+    for p in gone:
+        delta.subtract(routes_for([p], addresses))
+    for p in came:
+        delta.update(routes_for([p], addresses))
+    for net, d in delta.items():
+        if (n := refs[net] + d) > 0:
+            refs[net] = n
+        else:
+            refs.pop(net, None)
+    return {net for net, d in delta.items() if d}
 
 
 @functools.cache
@@ -326,14 +375,20 @@ class KernelBackend:
         self.name = name
         self.netns = netns
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wgmesh-nl-{name}")
+        # Stats dumps get a thread and socket of their own: a 500-peer dump takes seconds
+        # under emulation, and a peer change queued behind it held the node's loop as long.
+        self._reader = ThreadPoolExecutor(max_workers=1,
+                                          thread_name_prefix=f"wgmesh-nlstats-{name}")
         self._open_worker = True
         self._ipr: Any = None
         self._wg: Any = None
+        self._wg_stats: Any = None
         self._ifindex = 0
         self._listen_port = 0
         self._addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
         self._peers: dict[Key, PeerConfig] = {}
         self._routes: set[IPNetwork] = set()
+        self._route_refs: Counter[IPNetwork] = Counter()  # prefix -> peers that need it
         self._filter = NftFilter(name, netns=netns)
         self.messages_sent = 0  # WG_CMD_SET_DEVICE messages, for the bulk-path tests
 
@@ -343,9 +398,14 @@ class KernelBackend:
 
     # -- plumbing
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._submit(fn, *args).result()
+
+    def _submit(self, fn: Callable[..., T], *args: Any,
+                worker: ThreadPoolExecutor | None = None) -> Future[T]:
+        """Queue ``fn`` on the netlink worker (one at a time, in order), not waiting."""
         if not self._open_worker:
             raise BackendError(f"{self.name}: backend is down")
-        return self._worker.submit(self._guarded, fn, *args).result()
+        return (worker or self._worker).submit(self._guarded, fn, *args)
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -369,12 +429,18 @@ class KernelBackend:
         # made in the namespace by a short-lived thread, handed over by fd, cannot.
         rt = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
         self._ipr = IPRoute(fileno=rt.detach(), groups=0)
-        gn = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_GENERIC)
         try:
-            self._wg = redacted_socket_class()(fileno=gn.detach())
-        except Exception as e:
+            self._wg = self._wireguard_socket()
+        except BackendError:
             self._ipr.close()
             self._ipr = None
+            raise
+
+    def _wireguard_socket(self) -> Any:
+        gn = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_GENERIC)
+        try:
+            return redacted_socket_class()(fileno=gn.detach())
+        except Exception as e:
             raise BackendError("the kernel has no 'wireguard' generic netlink family "
                                f"(module not loaded or not built): {e}") from None
 
@@ -397,15 +463,28 @@ class KernelBackend:
                 msg.data[:] = bytes(len(msg.data))  # the private key may be in there
         self.messages_sent += 1
 
-    def _dump(self) -> DeviceInfo:
+    def _dump(self, wg: Any = None) -> DeviceInfo:
         from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
         from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, wgmsg
 
+        wg = wg or self._wg
         msg = wgmsg()
         msg["cmd"] = WG_CMD_GET_DEVICE
         msg["attrs"].append(["WGDEVICE_A_IFINDEX", self._ifindex])
-        return parse_device(self._wg.nlm_request(msg, msg_type=self._wg.prid,
-                                                 msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
+        return parse_device(wg.nlm_request(msg, msg_type=wg.prid,
+                                           msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
+
+    def _read_dump(self) -> DeviceInfo:
+        """A dump on the stats thread's own socket (opened there, on first use)."""
+        if self._wg_stats is None:
+            self._wg_stats = self._wireguard_socket()
+        return self._dump(self._wg_stats)
+
+    def _close_reader(self) -> None:
+        if self._wg_stats is not None:
+            with contextlib.suppress(Exception):
+                self._wg_stats.close()
+            self._wg_stats = None
 
     # -- life cycle
     def up(self, config: InterfaceConfig) -> None:
@@ -448,7 +527,9 @@ class KernelBackend:
         self._listen_port = dev.listen_port
         self._peers = {k: _config_from_stats(s) for k, s in dev.peers.items()}
         self._routes = self._installed_routes()
-        self._sync_routes()
+        self._route_refs = Counter()
+        route_changes(self._route_refs, (), self._peers.values(), self._addresses)
+        self._reconcile_routes(self._routes | set(self._route_refs))
 
     def set_mtu(self, mtu: int) -> None:
         self._call(lambda: self._ipr.link("set", index=self._ifindex, mtu=mtu))
@@ -462,6 +543,7 @@ class KernelBackend:
             self._close()
             self._ifindex = 0
         if self._open_worker:
+            self._stop_reader()
             self._call(_down)
             self._worker.shutdown()
             self._open_worker = False
@@ -476,9 +558,14 @@ class KernelBackend:
         """Let go of the netlink sockets but leave the interface (and its filter) running,
         so a restarted agent can adopt it without dropping a single tunnel packet."""
         if self._open_worker:
+            self._stop_reader()
             self._call(self._close)
             self._worker.shutdown()
             self._open_worker = False
+
+    def _stop_reader(self) -> None:
+        self._submit(self._close_reader, worker=self._reader).result()
+        self._reader.shutdown()
 
     def __enter__(self) -> KernelBackend:
         return self
@@ -532,16 +619,19 @@ class KernelBackend:
                     found.add(ipaddress.ip_network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}"))
         return found
 
-    def _sync_routes(self) -> None:
-        want = routes_for(self._peers.values(), self._addresses)
-        for net in sorted(want - self._routes, key=str):
-            self._ipr.route("replace", dst=str(net), oif=self._ifindex, proto=RTPROT_WGMESH,
-                            family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
-        for net in sorted(self._routes - want, key=str):
-            with contextlib.suppress(Exception):
-                self._ipr.route("del", dst=str(net), oif=self._ifindex, proto=RTPROT_WGMESH,
-                                family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
-        self._routes = want
+    def _reconcile_routes(self, nets: Iterable[IPNetwork]) -> None:
+        """Install or delete the routes of ``nets`` so they match ``_route_refs``."""
+        for net in sorted(nets, key=str):
+            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+            if self._route_refs[net] > 0 and net not in self._routes:
+                self._ipr.route("replace", dst=str(net), oif=self._ifindex,
+                                proto=RTPROT_WGMESH, family=family)
+                self._routes.add(net)
+            elif self._route_refs[net] <= 0 and net in self._routes:
+                with contextlib.suppress(Exception):
+                    self._ipr.route("del", dst=str(net), oif=self._ifindex,
+                                    proto=RTPROT_WGMESH, family=family)
+                self._routes.discard(net)
 
     @property
     def routes(self) -> frozenset[IPNetwork]:
@@ -550,28 +640,45 @@ class KernelBackend:
 
     # -- peers
     def set_peers(self, desired: Sequence[PeerConfig]) -> PeerDiff:
-        diff = diff_peers(self._peers, desired)
+        diff = self._call(self._set_peers, desired)
         if diff:
-            self._call(self._apply, diff)
             log.debug("%s: peers +%d ~%d -%d", self.name, len(diff.add), len(diff.update),
                       len(diff.remove))
+        return diff
+
+    def _set_peers(self, desired: Sequence[PeerConfig]) -> PeerDiff:
+        # Diffed on the worker: the peer state is only ever read and written there.
+        diff = diff_peers(self._peers, desired)
+        if diff:
+            self._apply(diff)
         return diff
 
     def _apply(self, diff: PeerDiff) -> None:
         for batch in peer_messages(self._peers, diff):
             self._set_device([], batch)
+        gone = [self._peers[k] for k in diff.remove if k in self._peers]
+        came = list(diff.add)
+        for p in diff.update:
+            if (old := self._peers[p.public_key]).allowed_ips != p.allowed_ips:
+                gone.append(old)
+                came.append(p)
         for key in diff.remove:
             self._peers.pop(key, None)
         for p in (*diff.add, *diff.update):
             self._peers[p.public_key] = p
-        self._sync_routes()
+        if gone or came:
+            self._reconcile_routes(route_changes(self._route_refs, gone, came,
+                                                 self._addresses))
 
     def set_endpoint(self, key: Key, endpoint: tuple[str, int]) -> None:
-        old = self._peers.get(key)
-        if old is None:
+        if key not in self._peers:
             raise BackendError(f"no peer {key.short()} on {self.name}")
-        new = attrs.evolve(old, endpoint=endpoint)
-        self._call(self._apply, PeerDiff(add=(), update=(new,), remove=()))
+        self._call(self._move, {key: endpoint}, ())
+
+    def _move(self, moves: Mapping[Key, Addr], readd: Collection[Key]) -> None:
+        """On the worker: new endpoints for ``moves``, re-adding the peers in ``readd``."""
+        for diff in endpoint_diffs(self._peers, moves, readd):
+            self._apply(diff)
 
     def peers(self) -> dict[Key, PeerConfig]:
         """The peer state the next diff starts from."""
@@ -579,7 +686,7 @@ class KernelBackend:
 
     def info(self) -> DeviceInfo:
         """The device as the kernel sees it now (never the private key)."""
-        return self._call(self._dump)
+        return self._submit(self._read_dump, worker=self._reader).result()
 
     def stats(self) -> dict[Key, PeerStats]:
         return self.info().peers
@@ -588,7 +695,13 @@ class KernelBackend:
 # ---- the port traversal drives -------------------------------------------------------------
 class KernelPort:
     """Kernel WireGuard: STUN/disco through sharedsock on its port, relayed peers through
-    loopback endpoints of the relay bridge. Python never sees a direct-path packet."""
+    loopback endpoints of the relay bridge. Python never sees a direct-path packet.
+
+    Endpoint moves are collected over one turn of the loop and carried out together on
+    the backend's netlink worker: a first netmap of 500 peers sends every one of them
+    to the relay, and done one by one on the loop (a bridge socket and a netlink
+    message each) that held the loop 53 s under the kernel tier's emulation, long
+    enough for the peers' traversal to give up on this node's paths."""
 
     def __init__(self, backend: KernelBackend, loop: asyncio.AbstractEventLoop) -> None:
         from wgmesh.wireguard.sharedsock import SharedSocket
@@ -597,6 +710,8 @@ class KernelPort:
         self.loop = loop
         self.shared = SharedSocket.for_backend(backend)
         self.bridge: RelayBridge | None = None
+        self._moves: dict[Key, Addr | None] = {}  # None: to the relay
+        self._readd: set[Key] = set()
 
     def _bridge(self) -> RelayBridge:
         if self.bridge is None:
@@ -615,21 +730,48 @@ class KernelPort:
         self.shared.send(data, addr)
 
     def use_relay(self, key: Key) -> None:
-        self._bridge().use_relay(self.backend, key)
+        self._bridge()
+        self._queue(key, None)
 
     def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
         # Not bridge.use_direct: relayed packets must keep flowing until traversal trusts
         # the direct path (RelayIngress), which the data plane enforces.
-        if handshake and (pc := self.backend.peers().get(key)) is not None:
+        self._queue(key, addr)
+        if handshake:
             # A fresh peer entry has no session, and its persistent keepalive makes the
             # kernel handshake at once, on the new endpoint: the proof traversal waits for.
             log.debug("%s: re-adding peer %s to handshake on %s (its session and counters "
                       "start over)", self.backend.name, key.short(), addr)
-            others = [c for k, c in self.backend.peers().items() if k != key]
-            self.backend.set_peers(others)
-            self.backend.set_peers([*others, attrs.evolve(pc, endpoint=addr)])
+            self._readd.add(key)
+
+    def _queue(self, key: Key, addr: Addr | None) -> None:
+        """The latest move per peer wins; a re-add asked for stays asked for while the
+        peer stays direct."""
+        if not self._moves:
+            self.loop.call_soon(self._flush)
+        self._moves[key] = addr
+        if addr is None:
+            self._readd.discard(key)
+
+    def _flush(self) -> None:
+        if not self._moves:  # the port closed meanwhile
             return
-        self.backend.set_endpoint(key, addr)
+        moves, readd = self._moves, self._readd
+        self._moves, self._readd = {}, set()
+        try:
+            done = self.backend._submit(self._move, moves, readd)
+        except BackendError as e:  # the backend went down meanwhile
+            log.warning("%s: %d endpoint move(s) not made: %s", self.backend.name,
+                        len(moves), e)
+            return
+        done.add_done_callback(functools.partial(_report_moves, self.backend.name, len(moves)))
+
+    def _move(self, moves: Mapping[Key, Addr | None], readd: Collection[Key]) -> None:
+        """On the backend's worker: bridge endpoints for the relayed peers (their sockets
+        made in one go), then every new endpoint in as few netlink messages as fit."""
+        relayed = self._bridge().add_many([k for k, a in moves.items() if a is None])
+        self.backend._move({k: relayed[k] if a is None else a for k, a in moves.items()},
+                           readd)
 
     def use_socket(self, key: Key, send: Callable[[bytes], None]) -> None:
         raise BackendError("kernel WireGuard sends from its own port only "
@@ -646,7 +788,14 @@ class KernelPort:
         return endpoint
 
     def close(self) -> None:
+        self._moves.clear()
         self.shared.remove_reader(self.loop)
         self.shared.close()
         if self.bridge is not None:
             self.bridge.close()
+
+
+def _report_moves(name: str, count: int, done: Future[None]) -> None:
+    """Log a batch of endpoint moves that failed (on the worker; nobody waits for it)."""
+    if (e := done.exception()) is not None:
+        log.warning("%s: %d endpoint move(s) failed: %s", name, count, e)
