@@ -621,11 +621,11 @@ class KernelBackend:
                 msg.data[:] = bytes(len(msg.data))  # the private key may be in there
         self.messages_sent += 1
 
-    def _dump(self, wg: Any = None) -> DeviceInfo:
+    def _dump(self) -> DeviceInfo:
         from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
         from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, wgmsg
 
-        wg = wg or self._wg
+        wg = self._wg
         msg = wgmsg()
         msg["cmd"] = WG_CMD_GET_DEVICE
         msg["attrs"].append(["WGDEVICE_A_IFINDEX", self._ifindex])
