@@ -35,7 +35,11 @@ re-adding the peer with a keepalive), or (``confirm_by_rx``) received bytes
 growing between two samples that both show the endpoint on the path: WireGuard
 moves the endpoint to the source of every authenticated packet, so the last one
 came from the path. Without one within ``handshake_timeout``
-the path is marked bad until the next round and the peer returns to the relay.
+the path is marked bad until the next round and the peer returns to the relay;
+the evidence is a stats reading *taken* after that deadline (``sampled``) that
+still shows none, so a node too busy to read its stats in time (a 500-peer dump
+takes seconds under emulation) does not count its own slowness against the path.
+Without any such reading (a stuck stats feed) it gives up ``stats_grace`` later.
 That is for leaving the relay: a move between two direct paths is trusted at once
 and forces no handshake (a forced one ends the session the peer has).
 WireGuard roams to the source of the latest authenticated packet, so while
@@ -175,6 +179,9 @@ class TraversalConfig:
     #: stayed on it across two stats samples (for drivers that cannot force a handshake).
     confirm_by_rx: bool = True
     handshake_timeout: float = 5.0
+    #: How long past ``handshake_timeout`` a pending path waits for a stats reading taken
+    #: after it before giving up without one (a stats feed that stopped).
+    stats_grace: float = 30.0
     stop_relay_ingress: bool = True
     port_search: bool = True
     many_ports: bool = True
@@ -555,6 +562,7 @@ class PeerPath:
         self._last_hs: float | None = None
         self._hs_baseline: float | None = None
         self._pending_deadline: float | None = None
+        self._sampled = float("-inf")  # when the latest stats reading was taken
         self._hs_elsewhere = False
         self._rx_baseline: int | None = None
         self._last_reassert = float("-inf")
@@ -644,8 +652,8 @@ class PeerPath:
             t.append(max(self._search.next_at, self._search.start_at))
         if self._close_socks_at is not None:
             t.append(self._close_socks_at)
-        if self._pending_deadline is not None:
-            t.append(self._pending_deadline)
+        if (expiry := self._pending_expiry()) is not None:
+            t.append(expiry)
         t.append(self.mtu_relay.next_wakeup())
         if self.state is PathState.DIRECT:
             t.append(self.mtu_direct.next_wakeup() if self._mtu_path == self.best else 0.0)
@@ -934,12 +942,14 @@ class PeerPath:
     # ---- WireGuard stats ----------------------------------------------------------
     def on_wg_stats(self, now: float, endpoint: Addr | _Relay | None,
                     last_handshake: float | None, rx_bytes: int = 0,
-                    tx_bytes: int = 0) -> list[_Out]:
+                    tx_bytes: int = 0, sampled: float | None = None) -> list[_Out]:
         """Peer stats from the data plane; feed them about once a second.
 
         ``endpoint`` as the data plane reports it, with the relay bridge given as
         :data:`RELAY`. ``last_handshake`` in any clock, compared only with itself.
+        ``sampled``: when the reading was taken, if before ``now`` (a slow read).
         """
+        self._sampled = now if sampled is None else sampled
         io = (rx_bytes, tx_bytes)
         if self._last_io is not None and io != self._last_io:
             self._last_active = now
@@ -1099,7 +1109,7 @@ class PeerPath:
                 self._suspect_probed = best.unanswered_since
                 self.counters["suspect"] += 1
                 out += self._start_round(now, "suspect")
-            if self._pending_deadline is not None and now >= self._pending_deadline:
+            if (expiry := self._pending_expiry()) is not None and now >= expiry:
                 if self._hs_elsewhere:  # WireGuard works; the peer just had not switched
                     self.counters["handshake_via_relay"] += 1
                     return out + self._to_relay(now, "peer-on-relay") + self._select(now)
@@ -1109,6 +1119,13 @@ class PeerPath:
             if self._active(now) and now >= self._heartbeat_due(best):
                 out.append(self._ping(best, now))
         return out + self._mtu_probes(now)
+
+    def _pending_expiry(self) -> float | None:
+        """When a pending path without a handshake goes back to the relay: at the deadline
+        once a stats reading taken since shows none, else a grace period later."""
+        if (d := self._pending_deadline) is None:
+            return None
+        return d if self._sampled >= d else d + self.cfg.stats_grace
 
     def _suspect_at(self, best: _Cand) -> float | None:
         """When the best path's unanswered ping makes it suspect (None: not pending, or
@@ -1284,13 +1301,13 @@ class Traversal:
         return self._wire(peer, peer.on_call_me_maybe(msg, now))
 
     def on_wg_stats(self, node_key: Key, now: float, endpoint: Addr | _Relay | None,
-                    last_handshake: float | None, rx_bytes: int = 0, tx_bytes: int = 0
-                    ) -> list[Action]:
+                    last_handshake: float | None, rx_bytes: int = 0, tx_bytes: int = 0,
+                    sampled: float | None = None) -> list[Action]:
         peer = self.peers.get(node_key)
         if peer is None:
             return []
         return self._wire(peer, peer.on_wg_stats(now, endpoint, last_handshake,
-                                                 rx_bytes, tx_bytes))
+                                                 rx_bytes, tx_bytes, sampled))
 
     def on_traffic(self, node_key: Key, now: float) -> None:
         if (peer := self.peers.get(node_key)) is not None:

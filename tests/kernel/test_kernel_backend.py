@@ -9,11 +9,13 @@ fwmark, stats, key hygiene.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 import attrs
 import pytest
+from polling import wait_for
 
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.lab.network import Lab
@@ -94,6 +96,28 @@ def test_kernel_backend_lifecycle(lab: Lab, caplog: pytest.LogCaptureFixture) ->
         dump = lab.run(a, ["wg", "show", "wg0", "endpoints"]).stdout
         assert f"{extra[1].public_key.b64()}\t198.51.100.78:1" in dump
         assert extra[0].public_key.b64() not in dump
+
+        # The data plane's port sends 299 peers to the relay in one loop turn (a first
+        # netmap does that): their bridge endpoints go out in one message, off the loop.
+        loop = asyncio.new_event_loop()
+        port = wa.open_port(loop)
+        try:
+            port.start(lambda data, addr: None, lambda key, data: None)
+            sent = wa.messages_sent
+            for p in moved[:-1]:
+                port.use_relay(p.public_key)
+            loop.run_until_complete(asyncio.sleep(0))
+            wait_for(lambda: wa.messages_sent > sent, 30, "the relay endpoints' message")
+            bridged = {ln.split("\t")[0]: ln.split("\t")[1] for ln in lab.run(
+                a, ["wg", "show", "wg0", "endpoints"]).stdout.splitlines()}
+            assert wa.messages_sent == sent + 1
+            assert {k for k, ep in bridged.items() if ep.startswith("127.0.0.1:")} == {
+                p.public_key.b64() for p in moved[:-1]}
+            assert len(set(bridged.values())) == len(moved)  # one bridge socket each
+        finally:
+            port.close()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
 
         # Adoption: a second backend on the live interface starts from the kernel's state.
         again = KernelBackend("wg0", netns=a.ns)

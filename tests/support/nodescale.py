@@ -115,3 +115,8 @@ def check_a_change_is_applied_as_a_diff(lab: Lab, backend: str) -> None:
                            f"b's path changes: {moves}")
     wait_for(lambda: a.ping(b.name)["rtt_ms"] is not None, 30 * TIME_SCALE,
              "a ping through the tunnel to b, after the changes")
+    # The figures for docs/reliability.md (shown with -rA; the VM tier keeps them with
+    # WGMESH_VM_OUTPUT): how long each netmap's apply held a's loop.
+    print("netmaps on a (seq, added, updated, removed, apply_s):",
+          [(e["seq"], e["added"], e["updated"], e["removed"], e["apply_s"])
+           for e in _netmap_events(a)])

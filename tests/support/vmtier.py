@@ -159,6 +159,9 @@ class VMRunner:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         inner = out.read_text(errors="replace") if out.exists() else ""
+        if keep := os.environ.get("WGMESH_VM_OUTPUT"):  # the VMs' pytest output, prints too
+            with open(keep, "a") as f:
+                f.write(f"--- {self.name} ---\n{inner}")
         if results.exists():
             self.results = json.loads(results.read_text())
         else:

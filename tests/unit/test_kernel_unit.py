@@ -8,24 +8,34 @@ peer semantics, so "diff, encode, apply" is checked to land on the desired state
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import math
 import socket
+import struct
+from collections import Counter
 
+import attrs
 import pytest
 from budget import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wgmesh.keys import Key, PrivateKey
-from wgmesh.wireguard.backend import PeerConfig, diff_peers
+from wgmesh.wireguard.backend import BackendError, PeerConfig, diff_peers
 from wgmesh.wireguard.kernel import (
     MAX_MESSAGE_BYTES,
     WGPEER_F_REMOVE_ME,
     WGPEER_F_REPLACE_ALLOWEDIPS,
     WGPEER_F_UPDATE_ONLY,
+    dump_done,
+    dump_request,
+    endpoint_diffs,
     parse_device,
+    parse_dump,
     peer_messages,
     redacted_socket_class,
+    route_changes,
     routes_for,
     set_device_message,
 )
@@ -167,19 +177,23 @@ def test_many_allowed_ips_are_continued_in_fragments() -> None:
                      WGPEER_F_UPDATE_ONLY, WGPEER_F_UPDATE_ONLY]
 
 
-def _dump_part(priv: PrivateKey, peers: list) -> object:
-    """A GET_DEVICE reply as the kernel sends it, decoded as the backend's socket does."""
+def _dump_part(priv: PrivateKey, peers: list, seq: int = 0, raw: bool = False) -> object:
+    """A GET_DEVICE reply as the kernel sends it, decoded as the backend's socket does
+    (``raw``: its bytes, encoded by pyroute2)."""
     from pyroute2.netlink.generic.wireguard import wgmsg
 
     msg = wgmsg()
     msg["cmd"], msg["version"] = 0, 1
     msg["header"]["type"], msg["header"]["flags"] = 0x20, 2
+    msg["header"]["sequence_number"] = seq
     msg["attrs"] += [["WGDEVICE_A_IFINDEX", 9], ["WGDEVICE_A_IFNAME", "wg0"],
                      ["WGDEVICE_A_PRIVATE_KEY", priv.b64()],
                      ["WGDEVICE_A_PUBLIC_KEY", priv.public.b64()],
                      ["WGDEVICE_A_LISTEN_PORT", 51820], ["WGDEVICE_A_FWMARK", 0x51],
                      ["WGDEVICE_A_PEERS", peers]]
     msg.encode()
+    if raw:
+        return bytes(msg.data)
     back = redacted_socket_class().dump_class(bytes(msg.data))
     back.decode()
     # pyroute2 logs decoded replies with %s at DEBUG: the key must not be in that text
@@ -239,3 +253,163 @@ def test_a_peer_without_an_endpoint_keeps_the_one_the_data_plane_gave_it() -> No
     assert diff.update == (PeerConfig(KEYS[0], wider.allowed_ips, roamed.endpoint, 25),)
     (batch,) = peer_messages({KEYS[0]: roamed}, diff)
     assert "WGPEER_A_ENDPOINT" not in [a[0] for a in batch[0]["attrs"]]
+
+
+MESH = [ipaddress.ip_interface("100.64.0.1/10"), ipaddress.ip_interface("fd7a::1/48")]
+#: 500 peers as a first netmap gives them: mesh addresses, no endpoint yet.
+NETMAP = [PeerConfig(Key.from_raw(i.to_bytes(32, "big")),
+                     [f"100.64.{i // 250}.{i % 250 + 1}/32", f"fd7a::{i:x}/128"], None, 25)
+          for i in range(1, 501)]
+BRIDGE = {p.public_key: ("127.0.0.1", 40000 + n) for n, p in enumerate(NETMAP)}
+#: A peer nest carrying only an endpoint move (wireguard.h): the nest's header, the
+#: public key (4 + 32), the flags (4 + 4) and an IPv4 sockaddr_in (4 + 16).
+MOVE_BYTES = 4 + 36 + 8 + 20
+
+
+def test_a_netmap_of_relayed_peers_moves_in_as_few_messages_as_fit() -> None:
+    """The first netmap sends all 500 peers to the relay: their bridge endpoints go out
+    together, as many per message as fit, each nest carrying the key, UPDATE_ONLY and
+    the endpoint, nothing else (was: one message per peer)."""
+    current = {p.public_key: p for p in NETMAP}
+    (diff,) = endpoint_diffs(current, BRIDGE)
+    assert (len(diff.add), len(diff.update), len(diff.remove)) == (0, 500, 0)
+    for limit in (MAX_MESSAGE_BYTES, 10_000):
+        batches = peer_messages(current, diff, limit=limit)
+        per_message = (limit - 32) // MOVE_BYTES  # 32: the headers and the peers nest
+        assert len(batches) == math.ceil(500 / per_message)
+        model = _model(NETMAP)
+        for batch in batches:
+            data, back = _wire(batch)
+            assert len(data) <= limit
+            for peer in back.get_attr("WGDEVICE_A_PEERS"):
+                assert [a[0] for a in peer["attrs"]] == [
+                    "WGPEER_A_PUBLIC_KEY", "WGPEER_A_ENDPOINT", "WGPEER_A_FLAGS"]
+                assert peer.get_attr("WGPEER_A_FLAGS") == WGPEER_F_UPDATE_ONLY
+            _apply(model, back)
+        assert {k: m["endpoint"] for k, m in model.items()} == BRIDGE
+    assert len(peer_messages(current, diff)) == 1  # 500 x 68 bytes fit in one
+
+
+def test_one_move_among_500_peers_is_one_peer_nest() -> None:
+    current = {p.public_key: attrs.evolve(p, endpoint=BRIDGE[p.public_key]) for p in NETMAP}
+    key = NETMAP[7].public_key
+    (diff,) = endpoint_diffs(current, {key: ("198.51.100.7", 4242)})
+    assert [p.public_key for p in diff.update] == [key] and not diff.add and not diff.remove
+    ((peer,),) = peer_messages(current, diff)
+    assert peer["attrs"][1] == ["WGPEER_A_ENDPOINT", {"addr": "198.51.100.7", "port": 4242}]
+    # a move to where the peer already is, and one for a peer gone meanwhile: nothing
+    assert endpoint_diffs(current, {key: BRIDGE[key], KEYS[0]: ("198.51.100.7", 1)}) == []
+
+
+def test_a_re_add_removes_then_adds_the_peer_with_its_new_endpoint() -> None:
+    """Kernel WireGuard's only way to handshake at once: the peer goes and comes back whole
+    (allowed IPs, keepalive) on the new endpoint; other moves of the batch stay updates."""
+    current = {p.public_key: p for p in NETMAP[:3]}
+    k0, k1 = NETMAP[0].public_key, NETMAP[1].public_key
+    moves = {k0: ("203.0.113.5", 51820), k1: ("127.0.0.1", 40001)}
+    first, second = endpoint_diffs(current, moves, readd={k0})
+    assert first.remove == (k0,) and [p.public_key for p in first.update] == [k1]
+    assert second.add == (attrs.evolve(NETMAP[0], endpoint=("203.0.113.5", 51820)),)
+    model = _model(NETMAP[:3])
+    for diff in (first, second):
+        for batch in peer_messages(current, diff):
+            _apply(model, _wire(batch)[1])
+        current = {**{k: v for k, v in current.items() if k not in diff.remove},
+                   **{p.public_key: p for p in (*diff.add, *diff.update)}}
+    assert model == _model([attrs.evolve(NETMAP[0], endpoint=moves[k0]),
+                            attrs.evolve(NETMAP[1], endpoint=moves[k1]), NETMAP[2]])
+
+
+def test_a_one_peer_change_touches_only_that_peers_routes() -> None:
+    """Routes are counted per peer, so a change costs its own prefixes, not a recount of
+    every peer; a prefix two peers route (a subnet behind two routers) stays while one does."""
+    routers = [PeerConfig(p.public_key, [*p.allowed_ips, f"10.{n // 250}.{n % 250}.0/24"])
+               for n, p in enumerate(NETMAP)]
+    twin = PeerConfig(KEYS[0], ["10.0.1.0/24"])  # also routes routers[1]'s subnet
+    refs: Counter = Counter()
+    assert route_changes(refs, (), [*routers, twin], MESH) == routes_for(routers, MESH)
+    assert set(refs) == routes_for(routers, MESH) and len(refs) == 500
+    assert route_changes(refs, [routers[5]], (), MESH) == {ipaddress.ip_network("10.0.5.0/24")}
+    assert ipaddress.ip_network("10.0.5.0/24") not in refs
+    assert route_changes(refs, [twin], (), MESH) == {ipaddress.ip_network("10.0.1.0/24")}
+    assert refs[ipaddress.ip_network("10.0.1.0/24")] == 1  # routers[1] still needs it
+    assert route_changes(refs, [NETMAP[0]], [NETMAP[0]], MESH) == set()  # mesh: no routes
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(peer_sets, peer_sets)
+def test_counted_routes_are_the_routes_of_the_peers_now(cur: dict, want: dict) -> None:
+    before, after = _peers(cur), _peers(want)
+    refs: Counter = Counter()
+    route_changes(refs, (), before, MESH)
+    touched = route_changes(refs, before, after, MESH)
+    assert set(refs) == routes_for(after, MESH)
+    assert routes_for(before, MESH) ^ routes_for(after, MESH) <= touched
+
+
+def _done(seq: int, error: int = 0) -> bytes:
+    """NLMSG_DONE (``error``: an NLMSG_ERROR with that errno) for dump ``seq``."""
+    kind = 2 if error else 3
+    return struct.pack("=IHHIIi", 20, kind, 2, seq, 0, -error)
+
+
+def _parse_both(priv: PrivateKey, parts: list[list]) -> tuple:
+    seq = 77
+    stale = _dump_part(priv, [{"attrs": [["WGPEER_A_PUBLIC_KEY", KEYS[9].b64()]]}], seq=76,
+                       raw=True)  # an earlier dump's late part: not this one's
+    raws = [_dump_part(priv, p, seq=seq, raw=True) for p in parts]
+    replies = [stale + raws[0], *raws[1:], _done(seq)]  # two messages in the first recv
+    assert [dump_done(r, seq) for r in replies] == [False] * len(raws) + [True]
+    return parse_dump(replies, seq), parse_device([_dump_part(priv, p) for p in parts])
+
+
+def test_the_raw_dump_parser_reads_what_pyroute2_decodes() -> None:
+    """The stats read parses the kernel's bytes itself (pyroute2's decoder was most of an
+    agent's CPU at 500 peers in the VM); it must read exactly what pyroute2 reads, split
+    peers merged, other dumps' parts ignored, and never the private key."""
+    priv = PrivateKey.generate()
+    k = KEYS[3]
+    first = {"attrs": [["WGPEER_A_PUBLIC_KEY", k.b64()],
+                       ["WGPEER_A_ENDPOINT", {"addr": "2001:db8::7", "port": 41641}],
+                       ["WGPEER_A_LAST_HANDSHAKE_TIME", {"tv_sec": 1700000000, "tv_nsec": 5e8}],
+                       ["WGPEER_A_RX_BYTES", 1234], ["WGPEER_A_TX_BYTES", 2**40 + 99],
+                       ["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", 25],
+                       ["WGPEER_A_ALLOWEDIPS", [_ip("100.64.0.2/32"), _ip("10.1.0.0/16")]]]}
+    cont = {"attrs": [["WGPEER_A_PUBLIC_KEY", k.b64()],
+                      ["WGPEER_A_ALLOWEDIPS", [_ip("fd7a::2/128")]]]}
+    never = {"attrs": [["WGPEER_A_PUBLIC_KEY", KEYS[4].b64()],
+                       ["WGPEER_A_ENDPOINT", {"addr": "198.51.100.10", "port": 1}]]}
+    ours, theirs = _parse_both(priv, [[first], [cont, never]])
+    assert ours == theirs and KEYS[9] not in ours.peers
+    assert ours.peers[k].allowed_ips == tuple(
+        ipaddress.ip_network(n) for n in ("100.64.0.2/32", "10.1.0.0/16", "fd7a::2/128"))
+    assert ours.peers[k].tx_bytes == 2**40 + 99 and ours.public_key == priv.public
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(peer_sets, st.integers(0, 2**63), st.integers(0, 2**40))
+def test_the_raw_dump_parser_agrees_on_any_peers(spec: dict, hs: int, rx: int) -> None:
+    peers = [{"attrs": [["WGPEER_A_PUBLIC_KEY", p.public_key.b64()],
+                        ["WGPEER_A_ENDPOINT", {"addr": p.endpoint[0], "port": p.endpoint[1]}],
+                        ["WGPEER_A_LAST_HANDSHAKE_TIME", {"tv_sec": hs % 2**40, "tv_nsec": 0}],
+                        ["WGPEER_A_RX_BYTES", rx], ["WGPEER_A_TX_BYTES", hs],
+                        ["WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL", p.persistent_keepalive],
+                        ["WGPEER_A_ALLOWEDIPS", [_ip(str(n)) for n in p.allowed_ips]]]}
+             for p in _peers(spec)]
+    ours, theirs = _parse_both(PrivateKey.generate(), [peers])
+    assert ours == theirs
+
+
+def test_dump_request_is_what_pyroute2_encodes_and_errors_are_reported() -> None:
+    from pyroute2.netlink.generic.wireguard import wgmsg
+
+    msg = wgmsg()
+    msg["cmd"], msg["version"] = 0, 1
+    msg["header"]["type"], msg["header"]["flags"] = 0x1d, 0x301
+    msg["header"]["sequence_number"] = 5
+    msg["attrs"].append(["WGDEVICE_A_IFINDEX", 9])
+    msg.encode()
+    assert dump_request(0x1d, 9, 5) == bytes(msg.data)
+    with pytest.raises(BackendError, match="No such device"):
+        parse_dump([_done(5, errno.ENODEV)], 5)
+    assert parse_dump([b"\x05\x00", _done(5)], 5).peers == {}  # garbage: nothing, no crash

@@ -263,6 +263,40 @@ def test_kernel_moves_between_direct_paths_without_forcing_a_handshake() -> None
     assert any(isinstance(a, PathChanged) and a.reason == "better" for a in res)
 
 
+def test_kernel_does_not_blame_the_path_for_its_own_slow_stats_read() -> None:
+    """Committed at 0.51, the handshake is due by 5.51. A stats read that started at 1.0
+    and, the node being busy (a 500-peer kernel dump takes seconds under emulation), ended
+    at 6.0 shows none: it was taken before the deadline, so it is no evidence, and the next
+    reading's handshake confirms the path. Without ``sampled`` the same reading rolls the
+    peer back to the relay."""
+    p = make(TraversalConfig.kernel(active_timeout=None))
+    answer(p, p.tick(0.5), PUB4, 0.51)
+    assert p.on_wg_stats(6.0, PUB4, None, sampled=1.0) == []
+    assert SetEndpoint(PEER, RELAY) not in p.tick(6.0) and p.state is PathState.PENDING
+    assert p.next_wakeup() > 6.0  # waiting for a reading, not spinning on the deadline
+    res = p.on_wg_stats(6.5, PUB4, 101.0, sampled=6.0)
+    assert p.state is PathState.DIRECT
+    assert any(isinstance(a, PathChanged) and a.reason == "handshake" for a in res)
+
+    q = make(TraversalConfig.kernel(active_timeout=None))
+    answer(q, q.tick(0.5), PUB4, 0.51)
+    q.on_wg_stats(6.0, PUB4, None)
+    assert SetEndpoint(PEER, RELAY) in q.tick(6.0) and q.counters["no_handshake"] == 1
+
+
+def test_kernel_gives_up_on_a_pending_path_when_stats_stop_coming() -> None:
+    p = make(TraversalConfig.kernel(active_timeout=None, stats_grace=10.0))
+    out = p.tick(0.5)
+    t = 0.51
+    answer(p, out, PUB4, t)
+    while p.state is PathState.PENDING:  # pings answered, no stats reading at all
+        t = p.next_wakeup()
+        out = p.tick(t)
+        if (0, PUB4) in pings(out):
+            answer(p, out, PUB4, t + 0.01)
+    assert t == pytest.approx(5.51 + 10.0) and p.counters["no_handshake"] == 1
+
+
 def test_kernel_trusts_wireguard_traffic_that_stays_on_the_path() -> None:
     p = make(TraversalConfig.kernel(active_timeout=None))
     p.on_wg_stats(0.2, RELAY, 100.0, 1000, 1000)
@@ -287,9 +321,9 @@ def test_kernel_without_handshake_rolls_back_and_marks_the_path_bad() -> None:
     answer(p, p.tick(0.5), PUB4, 0.51)
     out: list = []
     t = 0.51
-    while p.state is not PathState.RELAY:
-        t = p.next_wakeup()
-        out += p.tick(t)
+    while p.state is not PathState.RELAY:  # stats read every 0.25 s, none with a handshake
+        t = round(t + 0.25, 2)
+        out += p.on_wg_stats(t, PUB4, None) + p.tick(t)
     assert t == pytest.approx(5.51)
     assert SetEndpoint(PEER, RELAY) in out and p.counters["no_handshake"] == 1
     assert not pings(p.kick(6.0))  # bad until the next regular round (kick moved it to 66)

@@ -42,7 +42,7 @@ from wgmesh.node.lifecycle import KeyExpiryWatch, self_state
 from wgmesh.node.meshlock import NodeLock
 from wgmesh.node.names import MeshNames
 from wgmesh.node.routes import FWMARK, Routing
-from wgmesh.node.state import StateDir
+from wgmesh.node.state import LatestSaver, StateDir
 from wgmesh.node.status import (
     PeerStatus,
     PingResult,
@@ -111,6 +111,7 @@ class AsyncNode:
         #: The last thing from control that failed verification (None: nothing yet).
         self.control_rejected: str | None = None
         self.state = StateDir(state_dir)
+        self._netmap_saver = LatestSaver(self.state.save_netmap, "netmap cache")
         self.backend_kind = backend
         self.hostname = hostname or socket.gethostname()
         self.ifname = ifname
@@ -333,6 +334,7 @@ class AsyncNode:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self._netmap_saver.flush()
         if self.peer_api is not None:
             await self.peer_api.close()
         if self.dataplane is not None:
@@ -412,8 +414,7 @@ class AsyncNode:
         self.netmap = netmap
         self.expiry_watch.update(netmap.self_node.key_expiry)
         self.control_online = self.control_online or live
-        with contextlib.suppress(OSError):
-            self.state.save_netmap(netmap)
+        self._netmap_saver.submit(netmap)
         now = time.time()
         if self.lock.needs_sync(netmap.lock_head):
             self._sync_lock(netmap.lock_head)

@@ -222,6 +222,7 @@ class DataPlane:
         meanwhile, so their RTTs grew at random; traversal then switched between a
         peer's equally good paths, and kernel WireGuard re-adds the peer on every switch
         (to force a handshake), so its session and counters started over."""
+        sampled = time.monotonic()  # the reading shows the peers as of this or later
         try:
             stats = await asyncio.to_thread(self.backend.stats)
         except Exception as e:  # a vanished interface must not kill the loop
@@ -233,7 +234,7 @@ class DataPlane:
                 continue
             ep = self.port.seen_endpoint(st.endpoint, self.paths[key].path)
             self._do(self.trav.on_wg_stats(key, now, ep, st.last_handshake, st.rx_bytes,
-                                           st.tx_bytes))
+                                           st.tx_bytes, sampled))
         self._sync_mtu()
 
     def _sync_mtu(self) -> None:

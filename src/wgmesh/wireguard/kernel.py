@@ -42,8 +42,10 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import struct
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
@@ -53,6 +55,7 @@ from wgmesh.wireguard.backend import (
     Addr,
     BackendError,
     InterfaceConfig,
+    IPInterface,
     IPNetwork,
     PeerConfig,
     PeerDiff,
@@ -76,9 +79,13 @@ __all__ = [
     "DeviceInfo",
     "KernelBackend",
     "KernelPort",
+    "dump_request",
+    "endpoint_diffs",
     "parse_device",
+    "parse_dump",
     "peer_messages",
     "redacted_socket_class",
+    "route_changes",
     "routes_for",
     "set_device_message",
 ]
@@ -192,6 +199,51 @@ def peer_messages(current: Mapping[Key, PeerConfig], diff: PeerDiff,
     if batch:
         messages.append(batch)
     return messages
+
+
+def endpoint_diffs(current: Mapping[Key, PeerConfig], moves: Mapping[Key, Addr],
+                   readd: Collection[Key] = ()) -> list[PeerDiff]:
+    """The diffs that give each peer in ``moves`` its new endpoint, for :func:`peer_messages`:
+    all of them in one diff of endpoint-only updates, so a netmap's worth of relayed peers
+    costs a message per ~900 peers, not one each. A peer in ``readd`` is removed, then
+    added back with its endpoint (a second diff): kernel WireGuard's only way to make a
+    peer handshake at once. Peers no longer configured are left out."""
+    update: list[PeerConfig] = []
+    gone: list[Key] = []
+    back: list[PeerConfig] = []
+    for key, endpoint in moves.items():
+        if (cur := current.get(key)) is None:
+            continue
+        new = attrs.evolve(cur, endpoint=endpoint)
+        if key in readd:
+            gone.append(key)
+            back.append(new)
+        elif new != cur:
+            update.append(new)
+    diffs = [PeerDiff((), tuple(update), tuple(gone)), PeerDiff(tuple(back), (), ())]
+    return [d for d in diffs if d]
+
+
+def route_changes(refs: Counter[IPNetwork], gone: Iterable[PeerConfig],
+                  came: Iterable[PeerConfig], addresses: Iterable[IPInterface]
+                  ) -> set[IPNetwork]:
+    """Count peers ``gone`` out of and ``came`` into ``refs`` (routed prefix -> how many
+    peers need it; updated in place) and return the prefixes whose count changed, the
+    only ones whose route may need adding or deleting. A prefix two peers need (a subnet
+    behind two routers) keeps its route while either does. Costs O(peers changed): at
+    500 peers a full recount per endpoint move was most of a first netmap's apply."""
+    addresses = tuple(addresses)
+    delta: Counter[IPNetwork] = Counter()
+    for p in gone:
+        delta.subtract(routes_for([p], addresses))
+    for p in came:
+        delta.update(routes_for([p], addresses))
+    for net, d in delta.items():
+        if (n := refs[net] + d) > 0:
+            refs[net] = n
+        else:
+            refs.pop(net, None)
+    return {net for net, d in delta.items() if d}
 
 
 @functools.cache
@@ -308,6 +360,160 @@ def parse_device(msgs: Iterable[Any]) -> DeviceInfo:
                       fwmark=head.get("WGDEVICE_A_FWMARK", 0), peers=stats)
 
 
+# ---- pure: the stats dump, read straight from the netlink bytes ---------------------------
+NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+WG_CMD_GET_DEVICE = 0
+_NLMSG = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
+_NLA = struct.Struct("=HH")
+_GENL_HEADER = 4
+_NLA_TYPE = 0x3FFF  # without the nested and byte-order flags
+# wireguard.h attribute numbers
+_DEV_IFINDEX, _DEV_IFNAME, _DEV_PUBLIC_KEY, _DEV_LISTEN_PORT, _DEV_FWMARK, _DEV_PEERS = (
+    1, 2, 4, 6, 7, 8)
+_PEER_PUBLIC_KEY, _PEER_ENDPOINT, _PEER_KEEPALIVE, _PEER_HANDSHAKE = 1, 4, 5, 6
+_PEER_RX, _PEER_TX, _PEER_ALLOWEDIPS = 7, 8, 9
+_IP_FAMILY, _IP_ADDR, _IP_CIDR = 1, 2, 3
+
+
+def dump_request(family: int, ifindex: int, seq: int) -> bytes:
+    """A ``WG_CMD_GET_DEVICE`` dump request for ``ifindex`` (``family``: the generic
+    netlink id of ``wireguard``)."""
+    body = struct.pack("=BBH", WG_CMD_GET_DEVICE, 1, 0) + _NLA.pack(8, _DEV_IFINDEX) \
+        + struct.pack("=I", ifindex)
+    return _NLMSG.pack(_NLMSG.size + len(body), family, NLM_F_REQUEST | NLM_F_DUMP, seq,
+                       0) + body
+
+
+def _nlas(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(type, payload start, payload end) of each attribute in ``buf[start:end]``; a
+    malformed one ends the walk."""
+    while start + _NLA.size <= end:
+        length, kind = _NLA.unpack_from(buf, start)
+        if length < _NLA.size or start + length > end:
+            return
+        yield kind & _NLA_TYPE, start + _NLA.size, start + length
+        start += (length + 3) & ~3
+
+
+def _dump_messages(replies: Iterable[bytes], seq: int) -> Iterator[tuple[bytes, int, int]]:
+    """(buffer, attributes start, end) of each GET_DEVICE part answering ``seq``; stops at
+    NLMSG_DONE, raises :class:`BackendError` on an NLMSG_ERROR."""
+    for buf in replies:
+        pos = 0
+        while pos + _NLMSG.size <= len(buf):
+            length, kind, _flags, mseq, _pid = _NLMSG.unpack_from(buf, pos)
+            if length < _NLMSG.size or pos + length > len(buf):
+                break
+            if mseq == seq:
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", buf, pos + _NLMSG.size)
+                    raise BackendError(f"netlink: {os.strerror(-code)} (in the stats dump)")
+                yield buf, pos + _NLMSG.size + _GENL_HEADER, pos + length
+            pos += (length + 3) & ~3
+
+
+def dump_done(buf: bytes, seq: int) -> bool:
+    """Whether ``buf`` (one ``recv``) ends the dump ``seq`` (NLMSG_DONE or an error)."""
+    pos = 0
+    while pos + _NLMSG.size <= len(buf):
+        length, kind, _flags, mseq, _pid = _NLMSG.unpack_from(buf, pos)
+        if length < _NLMSG.size:
+            return True  # malformed: nothing more to wait for
+        if mseq == seq and kind in (NLMSG_DONE, NLMSG_ERROR):
+            return True
+        pos += (length + 3) & ~3
+    return False
+
+
+def _sockaddr(buf: bytes, start: int, end: int) -> tuple[str, int] | None:
+    if end - start < 8:
+        return None
+    family, port = struct.unpack_from("=H", buf, start)[0], \
+        struct.unpack_from("!H", buf, start + 2)[0]
+    if family == socket.AF_INET:
+        addr = socket.inet_ntop(family, buf[start + 4:start + 8])
+    elif family == socket.AF_INET6 and end - start >= 24:
+        addr = socket.inet_ntop(family, buf[start + 8:start + 24])
+    else:
+        return None
+    return None if not port or addr in ("0.0.0.0", "::") else (addr, port)
+
+
+def parse_dump(replies: Iterable[bytes], seq: int) -> DeviceInfo:
+    """:func:`parse_device` for the raw bytes of a dump (each ``recv``, in order), with
+    ``struct`` instead of pyroute2's generic decoder: a second-by-second read of 500
+    peers was most of an agent's CPU in the VM, competing with its loop for the GIL.
+    Same result, same merging of split peers; the private key's attribute is skipped."""
+    head: dict[int, Any] = {}
+    peers: dict[bytes, dict[str, Any]] = {}
+    u16, u32, u64 = struct.Struct("=H"), struct.Struct("=I"), struct.Struct("=Q")
+    for buf, start, end in _dump_messages(replies, seq):
+        for kind, a, b in _nlas(buf, start, end):
+            if kind in (_DEV_IFINDEX, _DEV_FWMARK):
+                head.setdefault(kind, u32.unpack_from(buf, a)[0])
+            elif kind == _DEV_LISTEN_PORT:
+                head.setdefault(kind, u16.unpack_from(buf, a)[0])
+            elif kind == _DEV_IFNAME:
+                head.setdefault(kind, buf[a:b].split(b"\0", 1)[0].decode(errors="replace"))
+            elif kind == _DEV_PUBLIC_KEY:
+                head.setdefault(kind, bytes(buf[a:b]))
+            elif kind == _DEV_PEERS:
+                for _i, pa, pb in _nlas(buf, a, b):
+                    _parse_peer(buf, pa, pb, peers, u16, u64)
+    pub = head.get(_DEV_PUBLIC_KEY)
+    stats = {}
+    for raw, e in peers.items():
+        key = Key.from_raw(raw)
+        stats[key] = PeerStats(public_key=key, endpoint=e.get("endpoint"),
+                               last_handshake=e.get("handshake"), rx_bytes=e.get("rx", 0),
+                               tx_bytes=e.get("tx", 0), allowed_ips=tuple(e["ips"]),
+                               persistent_keepalive=e.get("keepalive", 0))
+    return DeviceInfo(ifindex=head.get(_DEV_IFINDEX, 0), ifname=head.get(_DEV_IFNAME, ""),
+                      public_key=Key.from_raw(pub) if pub and pub != _ZERO_KEY else None,
+                      listen_port=head.get(_DEV_LISTEN_PORT, 0),
+                      fwmark=head.get(_DEV_FWMARK, 0), peers=stats)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _network(packed: bytes, prefixlen: int) -> IPNetwork:
+    """Cached: the same allowed IPs come back in every stats read, and building the
+    ``ipaddress`` objects was most of a read."""
+    return ipaddress.ip_network((ipaddress.ip_address(packed), prefixlen), strict=False)
+
+
+def _parse_peer(buf: bytes, start: int, end: int, peers: dict[bytes, dict[str, Any]],
+                u16: struct.Struct, u64: struct.Struct) -> None:
+    attrs_ = {kind: (a, b) for kind, a, b in _nlas(buf, start, end)}
+    if (k := attrs_.get(_PEER_PUBLIC_KEY)) is None or k[1] - k[0] != 32:
+        return
+    entry = peers.setdefault(bytes(buf[k[0]:k[1]]), {"ips": []})
+    if (ips := attrs_.get(_PEER_ALLOWEDIPS)) is not None:
+        for _i, ia, ib in _nlas(buf, *ips):
+            ip = {kind: (a, b) for kind, a, b in _nlas(buf, ia, ib)}
+            if _IP_ADDR in ip and _IP_CIDR in ip:
+                a, b = ip[_IP_ADDR]
+                with contextlib.suppress(ValueError):
+                    entry["ips"].append(_network(bytes(buf[a:b]), buf[ip[_IP_CIDR][0]]))
+    if "rx" in entry:
+        return  # a continuation: only more allowed IPs
+    hs = attrs_.get(_PEER_HANDSHAKE)
+    secs = 0.0
+    if hs is not None and hs[1] - hs[0] >= 16:
+        sec, nsec = struct.unpack_from("=qq", buf, hs[0])
+        secs = sec + nsec / 1e9
+    ep = attrs_.get(_PEER_ENDPOINT)
+    entry.update(
+        endpoint=_sockaddr(buf, *ep) if ep is not None else None,
+        handshake=secs or None,
+        rx=u64.unpack_from(buf, attrs_[_PEER_RX][0])[0] if _PEER_RX in attrs_ else 0,
+        tx=u64.unpack_from(buf, attrs_[_PEER_TX][0])[0] if _PEER_TX in attrs_ else 0,
+        keepalive=u16.unpack_from(buf, attrs_[_PEER_KEEPALIVE][0])[0]
+        if _PEER_KEEPALIVE in attrs_ else 0)
+
+
 def _config_from_stats(s: PeerStats) -> PeerConfig:
     return PeerConfig(public_key=s.public_key, allowed_ips=s.allowed_ips, endpoint=s.endpoint,
                       persistent_keepalive=s.persistent_keepalive)
@@ -326,14 +532,21 @@ class KernelBackend:
         self.name = name
         self.netns = netns
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wgmesh-nl-{name}")
+        # Stats dumps get a thread and socket of their own: a 500-peer dump takes seconds
+        # under emulation, and a peer change queued behind it held the node's loop as long.
+        self._reader = ThreadPoolExecutor(max_workers=1,
+                                          thread_name_prefix=f"wgmesh-nlstats-{name}")
         self._open_worker = True
         self._ipr: Any = None
         self._wg: Any = None
+        self._stats_sock: socket.socket | None = None
+        self._stats_seq = 0
         self._ifindex = 0
         self._listen_port = 0
         self._addresses: tuple[ipaddress.IPv4Interface | ipaddress.IPv6Interface, ...] = ()
         self._peers: dict[Key, PeerConfig] = {}
         self._routes: set[IPNetwork] = set()
+        self._route_refs: Counter[IPNetwork] = Counter()  # prefix -> peers that need it
         self._filter = NftFilter(name, netns=netns)
         self.messages_sent = 0  # WG_CMD_SET_DEVICE messages, for the bulk-path tests
 
@@ -343,9 +556,14 @@ class KernelBackend:
 
     # -- plumbing
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return self._submit(fn, *args).result()
+
+    def _submit(self, fn: Callable[..., T], *args: Any,
+                worker: ThreadPoolExecutor | None = None) -> Future[T]:
+        """Queue ``fn`` on the netlink worker (one at a time, in order), not waiting."""
         if not self._open_worker:
             raise BackendError(f"{self.name}: backend is down")
-        return self._worker.submit(self._guarded, fn, *args).result()
+        return (worker or self._worker).submit(self._guarded, fn, *args)
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         from pyroute2.netlink.exceptions import NetlinkError
@@ -369,12 +587,18 @@ class KernelBackend:
         # made in the namespace by a short-lived thread, handed over by fd, cannot.
         rt = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_ROUTE)
         self._ipr = IPRoute(fileno=rt.detach(), groups=0)
-        gn = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_GENERIC)
         try:
-            self._wg = redacted_socket_class()(fileno=gn.detach())
-        except Exception as e:
+            self._wg = self._wireguard_socket()
+        except BackendError:
             self._ipr.close()
             self._ipr = None
+            raise
+
+    def _wireguard_socket(self) -> Any:
+        gn = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_GENERIC)
+        try:
+            return redacted_socket_class()(fileno=gn.detach())
+        except Exception as e:
             raise BackendError("the kernel has no 'wireguard' generic netlink family "
                                f"(module not loaded or not built): {e}") from None
 
@@ -401,11 +625,40 @@ class KernelBackend:
         from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
         from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, wgmsg
 
+        wg = self._wg
         msg = wgmsg()
         msg["cmd"] = WG_CMD_GET_DEVICE
         msg["attrs"].append(["WGDEVICE_A_IFINDEX", self._ifindex])
-        return parse_device(self._wg.nlm_request(msg, msg_type=self._wg.prid,
-                                                 msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
+        return parse_device(wg.nlm_request(msg, msg_type=wg.prid,
+                                           msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
+
+    def _read_dump(self) -> DeviceInfo:
+        """A dump on the stats thread's own plain netlink socket (opened there, on first
+        use), parsed by :func:`parse_dump`."""
+        if self._stats_sock is None:
+            sock = socket_in(self.netns, socket.AF_NETLINK, socket.SOCK_DGRAM,
+                             NETLINK_GENERIC)
+            sock.bind((0, 0))
+            sock.settimeout(10.0)  # a kernel that never answers must not wedge the reads
+            self._stats_sock = sock
+        sock = self._stats_sock
+        if self._wg is None:
+            raise BackendError(f"{self.name}: the interface is not up")
+        self._stats_seq = seq = (self._stats_seq + 1) & 0xFFFFFFFF
+        try:
+            sock.send(dump_request(self._wg.prid, self._ifindex, seq))
+            replies = [sock.recv(1 << 16)]
+            while not dump_done(replies[-1], seq):
+                replies.append(sock.recv(1 << 16))
+        except OSError as e:
+            raise BackendError(f"{self.name}: the stats dump failed: "
+                               f"{e.strerror or type(e).__name__}") from None
+        return parse_dump(replies, seq)
+
+    def _close_reader(self) -> None:
+        if self._stats_sock is not None:
+            self._stats_sock.close()
+            self._stats_sock = None
 
     # -- life cycle
     def up(self, config: InterfaceConfig) -> None:
@@ -448,7 +701,9 @@ class KernelBackend:
         self._listen_port = dev.listen_port
         self._peers = {k: _config_from_stats(s) for k, s in dev.peers.items()}
         self._routes = self._installed_routes()
-        self._sync_routes()
+        self._route_refs = Counter()
+        route_changes(self._route_refs, (), self._peers.values(), self._addresses)
+        self._reconcile_routes(self._routes | set(self._route_refs))
 
     def set_mtu(self, mtu: int) -> None:
         self._call(lambda: self._ipr.link("set", index=self._ifindex, mtu=mtu))
@@ -462,6 +717,7 @@ class KernelBackend:
             self._close()
             self._ifindex = 0
         if self._open_worker:
+            self._stop_reader()
             self._call(_down)
             self._worker.shutdown()
             self._open_worker = False
@@ -476,9 +732,14 @@ class KernelBackend:
         """Let go of the netlink sockets but leave the interface (and its filter) running,
         so a restarted agent can adopt it without dropping a single tunnel packet."""
         if self._open_worker:
+            self._stop_reader()
             self._call(self._close)
             self._worker.shutdown()
             self._open_worker = False
+
+    def _stop_reader(self) -> None:
+        self._submit(self._close_reader, worker=self._reader).result()
+        self._reader.shutdown()
 
     def __enter__(self) -> KernelBackend:
         return self
@@ -532,16 +793,19 @@ class KernelBackend:
                     found.add(ipaddress.ip_network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}"))
         return found
 
-    def _sync_routes(self) -> None:
-        want = routes_for(self._peers.values(), self._addresses)
-        for net in sorted(want - self._routes, key=str):
-            self._ipr.route("replace", dst=str(net), oif=self._ifindex, proto=RTPROT_WGMESH,
-                            family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
-        for net in sorted(self._routes - want, key=str):
-            with contextlib.suppress(Exception):
-                self._ipr.route("del", dst=str(net), oif=self._ifindex, proto=RTPROT_WGMESH,
-                                family=socket.AF_INET if net.version == 4 else socket.AF_INET6)
-        self._routes = want
+    def _reconcile_routes(self, nets: Iterable[IPNetwork]) -> None:
+        """Install or delete the routes of ``nets`` so they match ``_route_refs``."""
+        for net in sorted(nets, key=str):
+            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+            if self._route_refs[net] > 0 and net not in self._routes:
+                self._ipr.route("replace", dst=str(net), oif=self._ifindex,
+                                proto=RTPROT_WGMESH, family=family)
+                self._routes.add(net)
+            elif self._route_refs[net] <= 0 and net in self._routes:
+                with contextlib.suppress(Exception):
+                    self._ipr.route("del", dst=str(net), oif=self._ifindex,
+                                    proto=RTPROT_WGMESH, family=family)
+                self._routes.discard(net)
 
     @property
     def routes(self) -> frozenset[IPNetwork]:
@@ -550,28 +814,45 @@ class KernelBackend:
 
     # -- peers
     def set_peers(self, desired: Sequence[PeerConfig]) -> PeerDiff:
-        diff = diff_peers(self._peers, desired)
+        diff = self._call(self._set_peers, desired)
         if diff:
-            self._call(self._apply, diff)
             log.debug("%s: peers +%d ~%d -%d", self.name, len(diff.add), len(diff.update),
                       len(diff.remove))
+        return diff
+
+    def _set_peers(self, desired: Sequence[PeerConfig]) -> PeerDiff:
+        # Diffed on the worker: the peer state is only ever read and written there.
+        diff = diff_peers(self._peers, desired)
+        if diff:
+            self._apply(diff)
         return diff
 
     def _apply(self, diff: PeerDiff) -> None:
         for batch in peer_messages(self._peers, diff):
             self._set_device([], batch)
+        gone = [self._peers[k] for k in diff.remove if k in self._peers]
+        came = list(diff.add)
+        for p in diff.update:
+            if (old := self._peers[p.public_key]).allowed_ips != p.allowed_ips:
+                gone.append(old)
+                came.append(p)
         for key in diff.remove:
             self._peers.pop(key, None)
         for p in (*diff.add, *diff.update):
             self._peers[p.public_key] = p
-        self._sync_routes()
+        if gone or came:
+            self._reconcile_routes(route_changes(self._route_refs, gone, came,
+                                                 self._addresses))
 
     def set_endpoint(self, key: Key, endpoint: tuple[str, int]) -> None:
-        old = self._peers.get(key)
-        if old is None:
+        if key not in self._peers:
             raise BackendError(f"no peer {key.short()} on {self.name}")
-        new = attrs.evolve(old, endpoint=endpoint)
-        self._call(self._apply, PeerDiff(add=(), update=(new,), remove=()))
+        self._call(self._move, {key: endpoint}, ())
+
+    def _move(self, moves: Mapping[Key, Addr], readd: Collection[Key]) -> None:
+        """On the worker: new endpoints for ``moves``, re-adding the peers in ``readd``."""
+        for diff in endpoint_diffs(self._peers, moves, readd):
+            self._apply(diff)
 
     def peers(self) -> dict[Key, PeerConfig]:
         """The peer state the next diff starts from."""
@@ -579,7 +860,7 @@ class KernelBackend:
 
     def info(self) -> DeviceInfo:
         """The device as the kernel sees it now (never the private key)."""
-        return self._call(self._dump)
+        return self._submit(self._read_dump, worker=self._reader).result()
 
     def stats(self) -> dict[Key, PeerStats]:
         return self.info().peers
@@ -588,7 +869,13 @@ class KernelBackend:
 # ---- the port traversal drives -------------------------------------------------------------
 class KernelPort:
     """Kernel WireGuard: STUN/disco through sharedsock on its port, relayed peers through
-    loopback endpoints of the relay bridge. Python never sees a direct-path packet."""
+    loopback endpoints of the relay bridge. Python never sees a direct-path packet.
+
+    Endpoint moves are collected over one turn of the loop and carried out together on
+    the backend's netlink worker: a first netmap of 500 peers sends every one of them
+    to the relay, and done one by one on the loop (a bridge socket and a netlink
+    message each) that held the loop 53 s under the kernel tier's emulation, long
+    enough for the peers' traversal to give up on this node's paths."""
 
     def __init__(self, backend: KernelBackend, loop: asyncio.AbstractEventLoop) -> None:
         from wgmesh.wireguard.sharedsock import SharedSocket
@@ -597,6 +884,8 @@ class KernelPort:
         self.loop = loop
         self.shared = SharedSocket.for_backend(backend)
         self.bridge: RelayBridge | None = None
+        self._moves: dict[Key, Addr | None] = {}  # None: to the relay
+        self._readd: set[Key] = set()
 
     def _bridge(self) -> RelayBridge:
         if self.bridge is None:
@@ -615,21 +904,48 @@ class KernelPort:
         self.shared.send(data, addr)
 
     def use_relay(self, key: Key) -> None:
-        self._bridge().use_relay(self.backend, key)
+        self._bridge()
+        self._queue(key, None)
 
     def use_direct(self, key: Key, addr: Addr, handshake: bool = False) -> None:
         # Not bridge.use_direct: relayed packets must keep flowing until traversal trusts
         # the direct path (RelayIngress), which the data plane enforces.
-        if handshake and (pc := self.backend.peers().get(key)) is not None:
+        self._queue(key, addr)
+        if handshake:
             # A fresh peer entry has no session, and its persistent keepalive makes the
             # kernel handshake at once, on the new endpoint: the proof traversal waits for.
             log.debug("%s: re-adding peer %s to handshake on %s (its session and counters "
                       "start over)", self.backend.name, key.short(), addr)
-            others = [c for k, c in self.backend.peers().items() if k != key]
-            self.backend.set_peers(others)
-            self.backend.set_peers([*others, attrs.evolve(pc, endpoint=addr)])
+            self._readd.add(key)
+
+    def _queue(self, key: Key, addr: Addr | None) -> None:
+        """The latest move per peer wins; a re-add asked for stays asked for while the
+        peer stays direct."""
+        if not self._moves:
+            self.loop.call_soon(self._flush)
+        self._moves[key] = addr
+        if addr is None:
+            self._readd.discard(key)
+
+    def _flush(self) -> None:
+        if not self._moves:  # the port closed meanwhile
             return
-        self.backend.set_endpoint(key, addr)
+        moves, readd = self._moves, self._readd
+        self._moves, self._readd = {}, set()
+        try:
+            done = self.backend._submit(self._move, moves, readd)
+        except BackendError as e:  # the backend went down meanwhile
+            log.warning("%s: %d endpoint move(s) not made: %s", self.backend.name,
+                        len(moves), e)
+            return
+        done.add_done_callback(functools.partial(_report_moves, self.backend.name, len(moves)))
+
+    def _move(self, moves: Mapping[Key, Addr | None], readd: Collection[Key]) -> None:
+        """On the backend's worker: bridge endpoints for the relayed peers (their sockets
+        made in one go), then every new endpoint in as few netlink messages as fit."""
+        relayed = self._bridge().add_many([k for k, a in moves.items() if a is None])
+        self.backend._move({k: relayed[k] if a is None else a for k, a in moves.items()},
+                           readd)
 
     def use_socket(self, key: Key, send: Callable[[bytes], None]) -> None:
         raise BackendError("kernel WireGuard sends from its own port only "
@@ -646,7 +962,14 @@ class KernelPort:
         return endpoint
 
     def close(self) -> None:
+        self._moves.clear()
         self.shared.remove_reader(self.loop)
         self.shared.close()
         if self.bridge is not None:
             self.bridge.close()
+
+
+def _report_moves(name: str, count: int, done: Future[None]) -> None:
+    """Log a batch of endpoint moves that failed (on the worker; nobody waits for it)."""
+    if (e := done.exception()) is not None:
+        log.warning("%s: %d endpoint move(s) failed: %s", name, count, e)

@@ -42,14 +42,14 @@ import errno
 import socket
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
 from wgmesh.keys import KEY_LEN, Key
 from wgmesh.wireguard.backend import Backend
 from wgmesh.wireguard.mmsg import batch_receiver
-from wgmesh.wireguard.netns import socket_in
+from wgmesh.wireguard.netns import call_in
 from wgmesh.wireguard.offload import (
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
@@ -124,25 +124,47 @@ class RelayBridge:
     # -- endpoints
     def add(self, key: Key) -> Address:
         """The loopback endpoint for ``key`` (created on first use)."""
+        return self.add_many([key])[key]
+
+    def add_many(self, keys: Sequence[Key]) -> dict[Key, Address]:
+        """The loopback endpoints for ``keys``, the missing ones made in one go: one trip
+        into the namespace and one hand-over to the loop for all of them (a first netmap
+        sends hundreds of peers to the relay at once)."""
         with self._lock:
-            port = self._ports.get(key.raw)
-            if port is None:
-                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-                sock = socket_in(self.netns, family, socket.SOCK_DGRAM)
+            new = list({k.raw: k for k in keys if k.raw not in self._ports}.values())
+            if new:
+                socks = call_in(self.netns, self._sockets, len(new))
+                added = [_Port(k, s) for k, s in zip(new, socks, strict=True)]
+                self._ports.update((p.key.raw, p) for p in added)
+                self.loop.call_soon_threadsafe(self._watch, added)
+            ports = [self._ports[k.raw] for k in keys]
+        return {p.key: _local(p.sock) for p in ports}
+
+    def _sockets(self, count: int) -> list[socket.socket]:
+        """``count`` endpoint sockets, each connected to the kernel's port (all or none)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        made: list[socket.socket] = []
+        try:
+            for _ in range(count):
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                made.append(sock)
                 _grow_rcvbuf(sock)
                 sock.bind((self.host, 0))
                 sock.connect((self.host, self.wg_port))
                 sock.setblocking(False)
-                port = self._ports[key.raw] = _Port(key, sock)
-                self.loop.call_soon_threadsafe(self.loop.add_reader, sock.fileno(),
-                                               self._readable, port)
-        host, pnum = port.sock.getsockname()[:2]
-        return (host, pnum)
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        return made
+
+    def _watch(self, ports: list[_Port]) -> None:
+        for port in ports:
+            if self._ports.get(port.key.raw) is port:  # not removed meanwhile
+                self.loop.add_reader(port.sock.fileno(), self._readable, port)
 
     def endpoint(self, key: Key) -> Address:
-        port = self._ports[key.raw]
-        host, pnum = port.sock.getsockname()[:2]
-        return (host, pnum)
+        return _local(self._ports[key.raw].sock)
 
     def remove(self, key: Key) -> None:
         with self._lock:
@@ -276,6 +298,11 @@ class RelayBridge:
     def close(self) -> None:
         for port in list(self._ports.values()):
             self.remove(port.key)
+
+
+def _local(sock: socket.socket) -> Address:
+    host, port = sock.getsockname()[:2]
+    return (host, port)
 
 
 def _grow_rcvbuf(sock: socket.socket) -> None:
