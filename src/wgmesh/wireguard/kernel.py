@@ -625,12 +625,11 @@ class KernelBackend:
         from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
         from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, wgmsg
 
-        wg = self._wg
         msg = wgmsg()
         msg["cmd"] = WG_CMD_GET_DEVICE
         msg["attrs"].append(["WGDEVICE_A_IFINDEX", self._ifindex])
-        return parse_device(wg.nlm_request(msg, msg_type=wg.prid,
-                                           msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
+        return parse_device(self._wg.nlm_request(msg, msg_type=self._wg.prid,
+                                                 msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
 
     def _read_dump(self) -> DeviceInfo:
         """A dump on the stats thread's own plain netlink socket (opened there, on first
