@@ -101,6 +101,11 @@ def proc_cpu_s(pid: int) -> float:
     return sum(proc_cpu_user_sys(pid))
 
 
+def proc_minflt(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far (/proc/PID/stat field 10)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores spent not idle so far (/proc/stat: everything but idle and
     iowait), to tell a run that had the machine to itself from one that shared it."""

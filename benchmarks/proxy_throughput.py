@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import resource
 import signal
 import socket
 import statistics
@@ -59,10 +60,11 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from _bench import Report, proc_cpu_s, round_ratios, run_abba
+from _bench import Report, proc_cpu_s, proc_minflt, round_ratios, run_abba
 from relay_throughput import relay_lab
 from userspace_throughput import PORT, iperf, link_up, start
 from wgmesh.keys import Key, PrivateKey
+from wgmesh.libc import steady_heap
 
 if TYPE_CHECKING:
     from wgmesh.lab.network import Process
@@ -96,6 +98,9 @@ class Run:
     cpu_s_per_packet: float
     relay_cpu_s_per_packet: float
     standin_cpu_s_per_packet: float = 0.0  # the UDP sender and counter (bridge runs)
+    offered: float = 0.0  # packets the source sent (or queued) per packet that arrived
+    source_dropped: float = 0.0  # the share of them the client's own link queue dropped
+    faults: float = 0.0  # minor page faults per packet of the processes under test
 
     @property
     def cpu_us(self) -> float:
@@ -132,24 +137,36 @@ async def bridge(url: str, keyfile: str, wg_port: int, peer: str) -> None:
 
 
 async def pump_sink(url: str) -> None:
+    """The reference's receiver: counts packets; the clock, CPU and page-fault readings are
+    taken every 20 ms, not per packet (a per-packet ``process_time`` is a system call the
+    bridge's counter does not pay)."""
     from wgmesh.relaynet.client import RelayClient
 
     key = PrivateKey.generate()
-    got = {"packets": 0, "first": 0.0, "last": 0.0}
+    count = [0]
 
     def on_packet(src: Key, pkt: bytes) -> None:
-        now = time.monotonic()
-        if not got["packets"]:
-            got["first"], got["cpu_first"] = now, time.process_time()
-        got["packets"] += 1
-        got["last"], got["cpu_last"] = now, time.process_time()
+        count[0] += 1
+
+    def reading() -> tuple[int, float, float, int]:
+        return count[0], time.monotonic(), time.process_time(), _minflt()
 
     async with RelayClient(key, [url], on_packet=on_packet) as _client:
         emit(ready=True, key=key.public.b64())
-        while not got["packets"] or time.monotonic() - got["last"] < 1.0:
-            await asyncio.sleep(0.1)
-    emit(pps=got["packets"] / max(got["last"] - got["first"], 1e-9), packets=got["packets"],
-         cpu_s=got["cpu_last"] - got["cpu_first"])
+        while not count[0]:
+            await asyncio.sleep(0.02)
+        first = last = reading()
+        while time.monotonic() - last[1] < 1.0:
+            await asyncio.sleep(0.02)
+            if count[0] > last[0]:
+                last = reading()
+    packets = last[0] - first[0]
+    emit(pps=packets / max(last[1] - first[1], 1e-9), packets=packets,
+         cpu_s=last[2] - first[2], faults=last[3] - first[3])
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 async def pump_source(url: str, dst: str, seconds: float) -> None:
@@ -157,14 +174,15 @@ async def pump_source(url: str, dst: str, seconds: float) -> None:
 
     packet, peer = bytes(PACKET), Key(dst)
     async with RelayClient(PrivateKey.generate(), [url], on_packet=lambda *_: None) as c:
-        end, cpu = time.monotonic() + seconds, time.process_time()
+        end, cpu, faults, sent = time.monotonic() + seconds, time.process_time(), _minflt(), 0
         while time.monotonic() < end:
             for _ in range(64):
                 c.send_nowait(peer, packet)
+            sent += 64
             await asyncio.sleep(0)
-        cpu = time.process_time() - cpu
+        cpu, faults = time.process_time() - cpu, _minflt() - faults
         await asyncio.sleep(0.5)
-    emit(cpu_s=cpu)
+    emit(cpu_s=cpu, faults=faults, sent=sent, dropped=sum(c.drops.values()))
 
 
 def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
@@ -186,8 +204,8 @@ def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
             continue
         with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
             s.sendmsg([burst], gso)
-        sent += 44
-    emit(cpu_s=time.process_time() - cpu)
+            sent += 44
+    emit(cpu_s=time.process_time() - cpu, sent=sent)
 
 
 def udp_count(port: int) -> None:
@@ -214,6 +232,7 @@ def udp_count(port: int) -> None:
 
 def role(argv: list[str]) -> None:
     r, *args = argv
+    steady_heap()  # every role as ``wgmesh up`` runs the agent: both sides alike
     if r == "bridge":
         asyncio.run(bridge(args[0], args[1], int(args[2]), args[3]))
     elif r == "pump-sink":
@@ -266,7 +285,10 @@ def main() -> None:
             sink.wait(60)
             got, sent = _last(sink), _last(source)
             return Run(got["pps"], (got["cpu_s"] + sent["cpu_s"]) / got["packets"],
-                       (proc_cpu_s(relay.pid) - relay0) / got["packets"])
+                       (proc_cpu_s(relay.pid) - relay0) / got["packets"],
+                       offered=sent["sent"] / got["packets"],
+                       source_dropped=sent["dropped"] / sent["sent"],
+                       faults=(got["faults"] + sent["faults"]) / got["packets"])
 
         # 1. The bridge itself: plain UDP sockets on the kernel ports, against the client.
         udp_bridges, udp_eps = bridge_pair(UDP_PORT)
@@ -275,15 +297,18 @@ def main() -> None:
             count = lab.python(hb, me, "udp-count", str(UDP_PORT))
             count.wait_for_output('"ready"', timeout=60)
             cpu0 = [proc_cpu_s(p.pid) for p in (*udp_bridges, relay)]
+            faults0 = sum(proc_minflt(p.pid) for p in udp_bridges)
             blast = lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
                                str(a.seconds), str(a.blast_pps))
             blast.wait(a.seconds + 60)
             count.wait(60)
             near, far, rel = (proc_cpu_s(p.pid) - c for p, c in zip((*udp_bridges, relay), cpu0,
                                                                      strict=True))
-            got = _last(count)
+            faults = sum(proc_minflt(p.pid) for p in udp_bridges) - faults0
+            got, sent = _last(count), _last(blast)
             return Run(got["pps"], (near + far) / got["packets"], rel / got["packets"],
-                       (_last(blast)["cpu_s"] + got["cpu_s"]) / got["packets"])
+                       (sent["cpu_s"] + got["cpu_s"]) / got["packets"],
+                       sent["sent"] / got["packets"], faults=faults / got["packets"])
 
         br_runs, ref_runs = run_abba(a.rounds, via_bridge_udp, client_alone)
         br, ref = [r.pps for r in br_runs], [r.pps for r in ref_runs]
@@ -332,6 +357,11 @@ def main() -> None:
                  **round_ratios([r.cpu_us for r in ref_runs], [r.cpu_us for r in br_runs],
                                 "cpu_ratio"),
                  "standin_cpu_us_per_packet": [round(r.standin_cpu_us, 2) for r in br_runs],
+                 "offered_per_delivered": {"bridge_runs": [round(r.offered, 2) for r in br_runs],
+                                           "client_runs": [round(r.offered, 2) for r in ref_runs]},
+                 "client_source_dropped": [round(r.source_dropped, 3) for r in ref_runs],
+                 "faults_per_packet": {"bridge_runs": [round(r.faults, 3) for r in br_runs],
+                                       "client_runs": [round(r.faults, 3) for r in ref_runs]},
                  "relay_cpu_us_per_packet": {
                      "bridge_runs": [round(r.relay_cpu_us, 2) for r in br_runs],
                      "client_runs": [round(r.relay_cpu_us, 2) for r in ref_runs]},

@@ -874,6 +874,35 @@ def test_cross_region_reaches_the_peers_home_relay() -> None:
     run(main())
 
 
+def test_client_counts_what_its_backed_up_link_drops() -> None:
+    """A relay link that cannot write drops its oldest frames (as UDP may); the node
+    must see that in the client's status, not in a connection object it replaces on
+    every reconnect."""
+    async def main() -> None:
+        srv, url = await serving()
+        ka, kb = PrivateKey.generate(), PrivateKey.generate()
+        a = RelayClient(ka, [url], queue_frames=16, on_packet=lambda s, d: None)
+        await a.start()
+        await until(lambda: ka.public.raw in srv._clients)
+        conn = srv._clients[ka.public.raw]
+        assert conn.transport is not None
+        conn.transport.pause_reading()  # the relay stops reading a: a's socket backs up
+        packet = bytes(1400)
+        sent = 20000  # 28 MB: past every kernel and transport buffer of a's socket
+        for i in range(sent):
+            assert a.send_nowait(kb.public, packet)
+            if i % 100 == 0:
+                await asyncio.sleep(0)  # let the transport write what it can
+        await until(lambda: a.status()["drops"].get("queue_full", 0) > 0,
+                    what="queue_full drops at a's backed-up link")
+        drops = a.status()["drops"]["queue_full"]
+        assert 0 < drops < sent
+        await a.close()
+        await srv.close()
+
+    run(main())
+
+
 def test_relay_map_arrives_later_and_changes() -> None:
     async def main() -> None:
         s1, u1 = await serving()

@@ -29,6 +29,7 @@ __all__ = ["add_parser", "resolve_peer"]
 
 
 def _up(a: argparse.Namespace) -> int:
+    from wgmesh.libc import steady_heap
     from wgmesh.node.agent import run_agent
 
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
@@ -38,6 +39,7 @@ def _up(a: argparse.Namespace) -> int:
         print(f"wgmesh up: {st.name} {st.ipv4} ({st.backend_reason}); "
               f"local API {a.socket}", flush=True)
 
+    steady_heap()  # relayed packets arrive in big reads (the relay bridge, the device)
     asyncio.run(run_agent(a.control, authkey=a.authkey, state_dir=a.state_dir,
                           backend=a.backend, hostname=a.hostname, ifname=a.ifname,
                           listen_port=a.port, socket_path=a.socket, on_up=announce,

@@ -14,25 +14,9 @@ from pathlib import Path
 from wgmesh import stun
 from wgmesh.errors import WgmeshError
 from wgmesh.keys import load_or_create_private_key
-from wgmesh.libc import LIBC
+from wgmesh.libc import steady_heap
 
 __all__ = ["add_parser"]
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-def _steady_heap() -> None:
-    """Have glibc keep freed heap memory instead of giving it back to the kernel after every
-    big free. A relay allocates and frees big buffers all the time (256 KiB socket reads,
-    runs of frames of up to 32 KiB); with glibc's defaults freeing them often shrinks the
-    heap, so the next ones are fresh pages the kernel faults in and zeroes one by one
-    (measured: 60,000-120,000 faults a second in a busy relay process, ~1.5 per page
-    forwarded; ``benchmarks/README.md``, relay workers). The price: a process keeps up to
-    8 MiB of freed memory for reuse. Another libc: nothing changes."""
-    with contextlib.suppress(AttributeError):
-        LIBC.mallopt(_M_MMAP_THRESHOLD, 1 << 20)  # reads of 256 KiB come from the heap
-        LIBC.mallopt(_M_TRIM_THRESHOLD, 8 << 20)
-
 
 def _serve(a: argparse.Namespace) -> int:
     from wgmesh.relaynet.admission import Admission
@@ -46,7 +30,7 @@ def _serve(a: argparse.Namespace) -> int:
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE,
                            (want if hard == resource.RLIM_INFINITY else min(hard, want), hard))
-    _steady_heap()  # before the workers fork: they inherit it
+    steady_heap()  # before the workers fork: they inherit it
     key = load_or_create_private_key(a.key_file)
     mesh_key = load_mesh_key(a.mesh_key_file) if a.mesh_key_file else None
     credential = (Path(a.relay_credential_file).read_text().strip()

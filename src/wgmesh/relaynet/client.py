@@ -130,7 +130,8 @@ class _RegionLink(ConnectionKeeper):
     def __init__(self, client: RelayClient, region: int, home: bool) -> None:
         self.client = client
         self.region = region
-        self.home = home
+        if home:
+            client._home = self
         self.conn: RelayConnection | None = None
         self.ready = asyncio.Event()
         self.last_used = time.monotonic()
@@ -158,7 +159,7 @@ class _RegionLink(ConnectionKeeper):
                         url, c.private_key, ssl=c.ssl, on_recv=c._on_recv,
                         on_peer=c._on_peer, keepalive=c.keepalive, idle_timeout=c.idle_timeout,
                         queue_frames=c.queue_frames, timeout=c.connect_timeout,
-                        make_socket=c.make_socket)
+                        make_socket=c.make_socket, drops=c.drops)
                     break
                 except RelayConnectError as e:
                     c.node_rtt[url] = None
@@ -182,8 +183,15 @@ class _RegionLink(ConnectionKeeper):
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, c.backoff_max)
 
+    @property
+    def home(self) -> bool:
+        return self.client._home is self
+
     def set_home(self, home: bool) -> None:
-        self.home = home
+        if home:
+            self.client._home = self
+        elif self.home:
+            self.client._home = None
         if self.conn is not None:
             self.conn.note_preferred(home)
 
@@ -230,6 +238,8 @@ class RelayClient:
         self.drops: collections.Counter[str] = collections.Counter()
         self._fixed_home = home_region
         self._links: dict[int, _RegionLink] = {}
+        # The home link, kept apart: every packet sent looks it up.
+        self._home: _RegionLink | None = None
         self._peer_region: dict[Key, int] = {}
         self._rx: collections.deque[tuple[Key, bytes]] = collections.deque(maxlen=rx_queue)
         self._rx_event = asyncio.Event()
@@ -256,6 +266,7 @@ class RelayClient:
         for link in list(self._links.values()):
             await link.close()
         self._links.clear()
+        self._home = None
         self._rx_event.set()
 
     async def __aenter__(self) -> RelayClient:
@@ -293,11 +304,11 @@ class RelayClient:
 
     @property
     def home_region(self) -> int | None:
-        return next((r for r, lk in self._links.items() if lk.home), None)
+        return self._home.region if self._home is not None else None
 
     def _home_link(self) -> _RegionLink | None:
         """``None`` before :meth:`start` or while the relay map is empty."""
-        return next((lk for lk in self._links.values() if lk.home), None)
+        return self._home
 
     async def _maintain(self) -> None:
         """Re-probe now and then; move home only past the hysteresis; close idle links."""
@@ -333,7 +344,10 @@ class RelayClient:
         """A new relay map (netmap delta): drop vanished regions, re-home if ours went."""
         self.regions = regions_of(relays)
         for region in [r for r in self._links if r not in self.regions]:
-            await self._links.pop(region).close()
+            link = self._links.pop(region)
+            if self._home is link:
+                self._home = None
+            await link.close()
         self.selector.rtt = {r: t for r, t in self.selector.rtt.items() if r in self.regions}
         if self.regions and self.home_region is None:
             await self._probe()

@@ -83,11 +83,12 @@ class RelayConnection(FrameStream):
 
     def __init__(self, url: RelayURL, private_key: PrivateKey, mesh_key: bytes | None, *,
                  on_recv: OnRecv | None, on_peer: OnPeer | None, keepalive: float,
-                 idle_timeout: float, queue_frames: int, write_timeout: float) -> None:
+                 idle_timeout: float, queue_frames: int, write_timeout: float,
+                 drops: Counter[str] | None = None) -> None:
         super().__init__(queue_frames=queue_frames, write_timeout=write_timeout,
                          on_drop=self._count_drop)
         self.url = url
-        self.drops: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter() if drops is None else drops
         self.server_key: Key | None = None
         self.server_info: dict[str, Any] = {}
         self.close_reason = ""
@@ -121,13 +122,16 @@ class RelayConnection(FrameStream):
                    timeout: float = 10.0, keepalive: float = 20.0, idle_timeout: float = 65.0,
                    queue_frames: int = 256, write_timeout: float = 5.0,
                    make_socket: MakeSocket | None = None,
-                   unix: str | None = None) -> RelayConnection:
+                   unix: str | None = None,
+                   drops: Counter[str] | None = None) -> RelayConnection:
         """Connect, upgrade and authenticate; raises :class:`RelayConnectError`.
 
         ``make_socket(family)`` supplies the unconnected TCP socket, e.g. one
         created inside another network namespace (the kernel bridge's case).
         ``unix``: reach the relay at this UNIX socket instead (the workers of one relay).
         ``mesh_key``: we are a relay dialling a mesh peer; both sides prove it.
+        ``drops``: count frames dropped and aborts here (an owner's counter kept across
+        reconnects) rather than in a counter of this connection's own.
         """
         u = url if isinstance(url, RelayURL) else RelayURL.parse(url)
         if u.tls and ssl is None:
@@ -137,7 +141,7 @@ class RelayConnection(FrameStream):
         def factory() -> RelayConnection:
             return cls(u, private_key, mesh_key, on_recv=on_recv, on_peer=on_peer,
                        keepalive=keepalive, idle_timeout=idle_timeout,
-                       queue_frames=queue_frames, write_timeout=write_timeout)
+                       queue_frames=queue_frames, write_timeout=write_timeout, drops=drops)
 
         conn: RelayConnection | None = None
         try:
