@@ -60,7 +60,14 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from _bench import Report, proc_cpu_s, proc_minflt, round_ratios, run_abba
+from _bench import (
+    Report,
+    proc_cpu_s,
+    proc_cpu_user_sys,
+    proc_minflt,
+    round_ratios,
+    run_abba,
+)
 from relay_throughput import relay_lab
 from userspace_throughput import PORT, iperf, link_up, start
 from wgmesh.keys import Key, PrivateKey
@@ -101,6 +108,7 @@ class Run:
     offered: float = 0.0  # packets the source sent (or queued) per packet that arrived
     source_dropped: float = 0.0  # the share of them the client's own link queue dropped
     faults: float = 0.0  # minor page faults per packet of the processes under test
+    sys_s_per_packet: float = 0.0  # the kernel's part of cpu_s_per_packet
 
     @property
     def cpu_us(self) -> float:
@@ -148,8 +156,8 @@ async def pump_sink(url: str) -> None:
     def on_packet(src: Key, pkt: bytes) -> None:
         count[0] += 1
 
-    def reading() -> tuple[int, float, float, int]:
-        return count[0], time.monotonic(), time.process_time(), _minflt()
+    def reading() -> tuple[int, float, tuple[float, float, int]]:
+        return count[0], time.monotonic(), _usage()
 
     async with RelayClient(key, [url], on_packet=on_packet) as _client:
         emit(ready=True, key=key.public.b64())
@@ -162,11 +170,19 @@ async def pump_sink(url: str) -> None:
                 last = reading()
     packets = last[0] - first[0]
     emit(pps=packets / max(last[1] - first[1], 1e-9), packets=packets,
-         cpu_s=last[2] - first[2], faults=last[3] - first[3])
+         **_used(first[2], last[2]))
 
 
-def _minflt() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _usage() -> tuple[float, float, int]:
+    """CPU seconds (user + system), system seconds and minor page faults so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, r.ru_stime, r.ru_minflt
+
+
+def _used(before: tuple[float, float, int], after: tuple[float, float, int]
+          ) -> dict[str, float]:
+    return {"cpu_s": after[0] - before[0], "sys_s": after[1] - before[1],
+            "faults": after[2] - before[2]}
 
 
 async def pump_source(url: str, dst: str, seconds: float) -> None:
@@ -174,15 +190,15 @@ async def pump_source(url: str, dst: str, seconds: float) -> None:
 
     packet, peer = bytes(PACKET), Key(dst)
     async with RelayClient(PrivateKey.generate(), [url], on_packet=lambda *_: None) as c:
-        end, cpu, faults, sent = time.monotonic() + seconds, time.process_time(), _minflt(), 0
+        end, before, sent = time.monotonic() + seconds, _usage(), 0
         while time.monotonic() < end:
             for _ in range(64):
                 c.send_nowait(peer, packet)
             sent += 64
             await asyncio.sleep(0)
-        cpu, faults = time.process_time() - cpu, _minflt() - faults
+        used = _used(before, _usage())
         await asyncio.sleep(0.5)
-    emit(cpu_s=cpu, faults=faults, sent=sent, dropped=sum(c.drops.values()))
+    emit(**used, sent=sent, dropped=sum(c.drops.values()))
 
 
 def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
@@ -288,7 +304,8 @@ def main() -> None:
                        (proc_cpu_s(relay.pid) - relay0) / got["packets"],
                        offered=sent["sent"] / got["packets"],
                        source_dropped=sent["dropped"] / sent["sent"],
-                       faults=(got["faults"] + sent["faults"]) / got["packets"])
+                       faults=(got["faults"] + sent["faults"]) / got["packets"],
+                       sys_s_per_packet=(got["sys_s"] + sent["sys_s"]) / got["packets"])
 
         # 1. The bridge itself: plain UDP sockets on the kernel ports, against the client.
         udp_bridges, udp_eps = bridge_pair(UDP_PORT)
@@ -298,6 +315,7 @@ def main() -> None:
             count.wait_for_output('"ready"', timeout=60)
             cpu0 = [proc_cpu_s(p.pid) for p in (*udp_bridges, relay)]
             faults0 = sum(proc_minflt(p.pid) for p in udp_bridges)
+            sys0 = sum(proc_cpu_user_sys(p.pid)[1] for p in udp_bridges)
             blast = lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
                                str(a.seconds), str(a.blast_pps))
             blast.wait(a.seconds + 60)
@@ -305,10 +323,12 @@ def main() -> None:
             near, far, rel = (proc_cpu_s(p.pid) - c for p, c in zip((*udp_bridges, relay), cpu0,
                                                                      strict=True))
             faults = sum(proc_minflt(p.pid) for p in udp_bridges) - faults0
+            sys = sum(proc_cpu_user_sys(p.pid)[1] for p in udp_bridges) - sys0
             got, sent = _last(count), _last(blast)
             return Run(got["pps"], (near + far) / got["packets"], rel / got["packets"],
                        (sent["cpu_s"] + got["cpu_s"]) / got["packets"],
-                       sent["sent"] / got["packets"], faults=faults / got["packets"])
+                       sent["sent"] / got["packets"], faults=faults / got["packets"],
+                       sys_s_per_packet=sys / got["packets"])
 
         br_runs, ref_runs = run_abba(a.rounds, via_bridge_udp, client_alone)
         br, ref = [r.pps for r in br_runs], [r.pps for r in ref_runs]
@@ -354,6 +374,10 @@ def main() -> None:
                  **round_ratios(br, ref),
                  "bridge_cpu_us_per_packet": [round(r.cpu_us, 2) for r in br_runs],
                  "client_cpu_us_per_packet": [round(r.cpu_us, 2) for r in ref_runs],
+                 "bridge_sys_us_per_packet": [round(r.sys_s_per_packet * 1e6, 2)
+                                              for r in br_runs],
+                 "client_sys_us_per_packet": [round(r.sys_s_per_packet * 1e6, 2)
+                                              for r in ref_runs],
                  **round_ratios([r.cpu_us for r in ref_runs], [r.cpu_us for r in br_runs],
                                 "cpu_ratio"),
                  "standin_cpu_us_per_packet": [round(r.standin_cpu_us, 2) for r in br_runs],

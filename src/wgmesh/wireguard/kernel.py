@@ -15,11 +15,13 @@ peer's allowed IPs). It is pure, so its output is unit-tested on a host
 without the module.
 
 The kernel's device dump carries the private key, and pyroute2 logs every
-decoded reply at DEBUG. So replies are decoded by a message class that leaves
-the key an undecoded blob (:func:`redacted_socket_class`), :func:`parse_device`
-turns them into :class:`DeviceInfo`, which has no field for it, and netlink
-errors are re-raised as :class:`BackendError` carrying only ``strerror``,
-never the request.
+decoded reply at DEBUG. So dumps are read on a plain netlink socket and parsed
+by :func:`parse_dump`, which skips the key's attribute, into
+:class:`DeviceInfo`, which has no field for it; pyroute2's socket (for the
+SET_DEVICE requests, whose error replies echo the request) decodes with a
+message class that leaves the key an undecoded blob
+(:func:`redacted_socket_class`); and netlink errors are re-raised as
+:class:`BackendError` carrying only ``strerror``, never the request.
 
 pyroute2's sync sockets run their own asyncio loop per thread and cannot be
 used from inside a running loop, so every netlink call of a backend runs on
@@ -81,7 +83,6 @@ __all__ = [
     "KernelPort",
     "dump_request",
     "endpoint_diffs",
-    "parse_device",
     "parse_dump",
     "peer_messages",
     "redacted_socket_class",
@@ -302,64 +303,6 @@ class DeviceInfo:
     peers: dict[Key, PeerStats] = attrs.field(factory=dict)
 
 
-def _endpoint(nla: Any) -> tuple[str, int] | None:
-    if nla is None:
-        return None
-    addr, port = nla.get("addr"), nla.get("port")
-    if not port or addr in (None, "0.0.0.0", "::"):
-        return None
-    return (str(addr), int(port))
-
-
-def parse_device(msgs: Iterable[Any]) -> DeviceInfo:
-    """Merge a (possibly multi-part) GET_DEVICE dump into one :class:`DeviceInfo`.
-
-    The kernel splits big devices across messages, repeating a peer whose allowed
-    IPs did not fit; those are merged. Only the attributes named here are read,
-    so the private key never leaves the pyroute2 objects, which the caller drops.
-    """
-    head: dict[str, Any] = {}
-    peers: dict[Key, dict[str, Any]] = {}
-    for msg in msgs:
-        for name in ("WGDEVICE_A_IFINDEX", "WGDEVICE_A_IFNAME", "WGDEVICE_A_LISTEN_PORT",
-                     "WGDEVICE_A_FWMARK", "WGDEVICE_A_PUBLIC_KEY"):
-            value = msg.get_attr(name)
-            if value is not None:
-                head.setdefault(name, value)
-        for peer in msg.get_attr("WGDEVICE_A_PEERS") or ():
-            raw = peer.get_attr("WGPEER_A_PUBLIC_KEY")
-            if raw is None:
-                continue
-            key = Key(raw)
-            entry = peers.setdefault(key, {"ips": []})
-            for ip in peer.get_attr("WGPEER_A_ALLOWEDIPS") or ():
-                if ip.get("addr"):
-                    entry["ips"].append(ip["addr"])
-            if "rx" in entry:
-                continue
-            hs = peer.get_attr("WGPEER_A_LAST_HANDSHAKE_TIME")
-            secs = (hs["tv_sec"] + hs["tv_nsec"] / 1e9) if hs else 0.0
-            entry.update(
-                endpoint=_endpoint(peer.get_attr("WGPEER_A_ENDPOINT")),
-                handshake=secs or None,
-                rx=peer.get_attr("WGPEER_A_RX_BYTES") or 0,
-                tx=peer.get_attr("WGPEER_A_TX_BYTES") or 0,
-                keepalive=peer.get_attr("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") or 0)
-    pub = head.get("WGDEVICE_A_PUBLIC_KEY")
-    pub_key = Key(pub) if pub is not None and Key(pub).raw != _ZERO_KEY else None
-    stats = {}
-    for key, e in peers.items():
-        nets = tuple(ipaddress.ip_network(s, strict=False) for s in e["ips"])
-        stats[key] = PeerStats(public_key=key, endpoint=e.get("endpoint"),
-                               last_handshake=e.get("handshake"), rx_bytes=e.get("rx", 0),
-                               tx_bytes=e.get("tx", 0), allowed_ips=nets,
-                               persistent_keepalive=e.get("keepalive", 0))
-    return DeviceInfo(ifindex=head.get("WGDEVICE_A_IFINDEX", 0),
-                      ifname=head.get("WGDEVICE_A_IFNAME", ""), public_key=pub_key,
-                      listen_port=head.get("WGDEVICE_A_LISTEN_PORT", 0),
-                      fwmark=head.get("WGDEVICE_A_FWMARK", 0), peers=stats)
-
-
 # ---- pure: the stats dump, read straight from the netlink bytes ---------------------------
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -396,36 +339,43 @@ def _nlas(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:
         start += (length + 3) & ~3
 
 
+def _messages(buf: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(offset, length, type, sequence) of each netlink message in one ``recv``; a
+    malformed header ends the walk (nothing after it can be trusted)."""
+    pos = 0
+    while pos + _NLMSG.size <= len(buf):
+        length, kind, _flags, mseq, _pid = _NLMSG.unpack_from(buf, pos)
+        if length < _NLMSG.size or pos + length > len(buf):
+            return
+        yield pos, length, kind, mseq
+        pos += (length + 3) & ~3
+
+
 def _dump_messages(replies: Iterable[bytes], seq: int) -> Iterator[tuple[bytes, int, int]]:
     """(buffer, attributes start, end) of each GET_DEVICE part answering ``seq``; stops at
     NLMSG_DONE, raises :class:`BackendError` on an NLMSG_ERROR."""
     for buf in replies:
-        pos = 0
-        while pos + _NLMSG.size <= len(buf):
-            length, kind, _flags, mseq, _pid = _NLMSG.unpack_from(buf, pos)
-            if length < _NLMSG.size or pos + length > len(buf):
-                break
-            if mseq == seq:
-                if kind == NLMSG_DONE:
-                    return
-                if kind == NLMSG_ERROR:
-                    (code,) = struct.unpack_from("=i", buf, pos + _NLMSG.size)
-                    raise BackendError(f"netlink: {os.strerror(-code)} (in the stats dump)")
-                yield buf, pos + _NLMSG.size + _GENL_HEADER, pos + length
-            pos += (length + 3) & ~3
+        for pos, length, kind, mseq in _messages(buf):
+            if mseq != seq:
+                continue
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                code = (struct.unpack_from("=i", buf, pos + _NLMSG.size)[0]
+                        if length >= _NLMSG.size + 4 else -errno.EIO)
+                raise BackendError(f"netlink: {os.strerror(-code)} (in the stats dump)")
+            yield buf, pos + _NLMSG.size + _GENL_HEADER, pos + length
 
 
 def dump_done(buf: bytes, seq: int) -> bool:
-    """Whether ``buf`` (one ``recv``) ends the dump ``seq`` (NLMSG_DONE or an error)."""
-    pos = 0
-    while pos + _NLMSG.size <= len(buf):
-        length, kind, _flags, mseq, _pid = _NLMSG.unpack_from(buf, pos)
-        if length < _NLMSG.size:
-            return True  # malformed: nothing more to wait for
+    """Whether ``buf`` (one ``recv``) ends the dump ``seq``: NLMSG_DONE, an error, or a
+    malformed message (nothing more to wait for)."""
+    end = 0
+    for pos, length, kind, mseq in _messages(buf):
         if mseq == seq and kind in (NLMSG_DONE, NLMSG_ERROR):
             return True
-        pos += (length + 3) & ~3
-    return False
+        end = pos + ((length + 3) & ~3)
+    return end + _NLMSG.size <= len(buf)
 
 
 def _sockaddr(buf: bytes, start: int, end: int) -> tuple[str, int] | None:
@@ -443,10 +393,12 @@ def _sockaddr(buf: bytes, start: int, end: int) -> tuple[str, int] | None:
 
 
 def parse_dump(replies: Iterable[bytes], seq: int) -> DeviceInfo:
-    """:func:`parse_device` for the raw bytes of a dump (each ``recv``, in order), with
-    ``struct`` instead of pyroute2's generic decoder: a second-by-second read of 500
-    peers was most of an agent's CPU in the VM, competing with its loop for the GIL.
-    Same result, same merging of split peers; the private key's attribute is skipped."""
+    """A GET_DEVICE dump (the raw bytes of each ``recv``, in order) as one
+    :class:`DeviceInfo`, parsed with ``struct`` rather than pyroute2's generic decoder: a
+    second-by-second read of 500 peers was most of an agent's CPU in the VM, competing
+    with its loop for the GIL. The kernel splits big devices across messages, repeating
+    a peer whose allowed IPs did not fit; those are merged. The private key's attribute
+    is never read."""
     head: dict[int, Any] = {}
     peers: dict[bytes, dict[str, Any]] = {}
     u16, u32, u64 = struct.Struct("=H"), struct.Struct("=I"), struct.Struct("=Q")
@@ -621,16 +573,6 @@ class KernelBackend:
                 msg.data[:] = bytes(len(msg.data))  # the private key may be in there
         self.messages_sent += 1
 
-    def _dump(self) -> DeviceInfo:
-        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
-        from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, wgmsg
-
-        msg = wgmsg()
-        msg["cmd"] = WG_CMD_GET_DEVICE
-        msg["attrs"].append(["WGDEVICE_A_IFINDEX", self._ifindex])
-        return parse_device(self._wg.nlm_request(msg, msg_type=self._wg.prid,
-                                                 msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
-
     def _read_dump(self) -> DeviceInfo:
         """A dump on the stats thread's own plain netlink socket (opened there, on first
         use), parsed by :func:`parse_dump`."""
@@ -696,7 +638,7 @@ class KernelBackend:
                           ["WGDEVICE_A_FWMARK", config.fwmark]])
         self._sync_addresses(config.addresses)
         ipr.link("set", index=self._ifindex, mtu=config.mtu, state="up")
-        dev = self._dump()
+        dev = self._submit(self._read_dump, worker=self._reader).result()
         self._listen_port = dev.listen_port
         self._peers = {k: _config_from_stats(s) for k, s in dev.peers.items()}
         self._routes = self._installed_routes()
