@@ -133,9 +133,12 @@ def test_kernel_backend_lifecycle(lab: Lab, caplog: pytest.LogCaptureFixture) ->
         lab.run(a, ["ping", "-c", "1", "-W", "5", "100.64.0.2"])
 
         secret = (ka.b64(), kb.b64())
-        assert any("WGDEVICE_A_PRIVATE_KEY" in m for m in seen)  # dumps were logged ...
+        # Device dumps no longer pass through pyroute2 (parse_dump reads the bytes and
+        # skips the key); whatever the loggers said, pyroute2's DEBUG included, and every
+        # repr must still be free of the key.
+        assert seen
         for text in (repr(wa), repr(wa.info()), repr(wa.stats()), caplog.text, *seen):
-            assert not any(s in text for s in secret)  # ... without the key
+            assert not any(s in text for s in secret)
     finally:
         logging.getLogger().removeHandler(tap)
         wa.down()
