@@ -29,6 +29,12 @@ median of per-round ratios:
    ``standin_cpu_us_per_packet``: the UDP sender's and counter's CPU per delivered packet,
    which the bridge runs spend on the same two cores and the client's runs do not (the
    sender's includes segmenting the datagrams the bridge's socket then drops).
+   ``*_sys_us_per_packet``: the kernel's part of each side's CPU per packet;
+   ``offered_per_delivered``: packets each source sent per packet that arrived (neither
+   is flow-controlled); ``client_source_dropped``: the share the pump's own link queue
+   dropped; ``faults_per_packet``: minor page faults of the processes under test. Every
+   role process tunes its heap as ``wgmesh up`` does (``libc.steady_heap``), and the
+   pump's sink reads its clocks every 20 ms, not per packet.
 2. ``wg_bridge_of_direct_ratio``: wireguard-go standing in for the kernel module at both
    ends (the issue's stand-in), an iperf3 UDP flood (1372-byte payloads) through the
    tunnel with the peers' endpoints on the bridges, against the same flood with direct
