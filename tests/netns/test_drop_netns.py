@@ -170,6 +170,7 @@ def test_killed_sender_resumes(mesh: tuple[Lab, WgNode, WgNode], work: Path) -> 
         cp = lab.run(b.host, argv, timeout=300)
         r = json.loads(cp.stdout)
         assert 0 < r["resumed_from"] < size and r["sent"] == size - r["resumed_from"]
+        assert 0 < r["hash_seconds"] < r["seconds"]
         assert r["sha256"] == file_digest(src) == file_digest(work / "inbox" / "big.bin")
         assert list(partials.iterdir()) == []
     finally:

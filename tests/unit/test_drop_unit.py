@@ -220,6 +220,7 @@ def test_send_and_clash_and_progress(serve: Callable[..., LoopServer], tmp_path:
     assert (r.name, r2.name) == ("f.bin", "f (1).bin")
     assert (s.server.inbox.dir / "f (1).bin").read_bytes() == data
     assert r.sha256 == hashlib.sha256(data).hexdigest() and r.resumed_from == 0
+    assert 0 < r.hash_seconds < r.seconds  # the up-front hash is part of the send's time
     assert seen[0] == (0, len(data)) and seen[-1] == (len(data), len(data))
     assert not any(s.server.inbox.partial_dir.iterdir())
 

@@ -37,7 +37,9 @@ __all__ = ["Connection", "Progress", "SendResult", "file_digest", "read_response
 
 @attrs.frozen
 class SendResult:
-    """What a finished drop reports: the name the receiver kept it under, and the bytes."""
+    """What a finished drop reports: the name the receiver kept it under, and the bytes.
+    ``seconds`` is the whole send; ``hash_seconds`` the part of it spent hashing the file
+    before offering it (the offer carries the digest)."""
 
     name: str
     size: int
@@ -45,6 +47,7 @@ class SendResult:
     resumed_from: int
     sent: int
     seconds: float
+    hash_seconds: float = 0.0
 
 
 #: ``progress(done, total)``, called as bytes go out.
@@ -141,6 +144,7 @@ def send_file(dest: str, path: str | os.PathLike[str], *, port: int = DEFAULT_PO
     with f:
         size = os.fstat(f.fileno()).st_size
         sha = hashlib.file_digest(f, "sha256").hexdigest()
+        hashed = time.monotonic() - t0
         q = {"name": name, "size": size, "sha256": sha}
         first_offset: int | None = None
         sent = 0
@@ -158,7 +162,7 @@ def send_file(dest: str, path: str | os.PathLike[str], *, port: int = DEFAULT_PO
                 sent += n
                 if status == 201:
                     return SendResult(str(body.get("name", name)), size, sha,
-                                      first_offset, sent, time.monotonic() - t0)
+                                      first_offset, sent, time.monotonic() - t0, hashed)
                 if status != 409:  # 409: the receiver holds less than it said; ask again
                     raise DropRefused(status, refusal_text(status, body, host))
             except (OSError, http.client.HTTPException) as e:
