@@ -90,9 +90,14 @@ def tail(xs: Sequence[float], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 on (after the command name, which may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def proc_cpu_user_sys(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
@@ -101,9 +106,13 @@ def proc_cpu_s(pid: int) -> float:
     return sum(proc_cpu_user_sys(pid))
 
 
-def proc_minflt(pid: int) -> int:
-    """Minor page faults of process ``pid`` so far (/proc/PID/stat field 10)."""
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+def proc_usage(pid: int) -> tuple[float, float, int]:
+    """CPU seconds (user + system), system seconds and minor page faults of process
+    ``pid`` so far, from one read of /proc/PID/stat."""
+    fields = _stat(pid)
+    tick = os.sysconf("SC_CLK_TCK")
+    user, sys_ = int(fields[11]) / tick, int(fields[12]) / tick
+    return user + sys_, sys_, int(fields[7])
 
 
 def machine_busy_s() -> float:

@@ -66,14 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from _bench import (
-    Report,
-    proc_cpu_s,
-    proc_cpu_user_sys,
-    proc_minflt,
-    round_ratios,
-    run_abba,
-)
+from _bench import Report, proc_cpu_s, proc_usage, round_ratios, run_abba
 from relay_throughput import relay_lab
 from userspace_throughput import PORT, iperf, link_up, start
 from wgmesh.keys import Key, PrivateKey
@@ -319,22 +312,20 @@ def main() -> None:
         def via_bridge_udp() -> Run:
             count = lab.python(hb, me, "udp-count", str(UDP_PORT))
             count.wait_for_output('"ready"', timeout=60)
-            cpu0 = [proc_cpu_s(p.pid) for p in (*udp_bridges, relay)]
-            faults0 = sum(proc_minflt(p.pid) for p in udp_bridges)
-            sys0 = sum(proc_cpu_user_sys(p.pid)[1] for p in udp_bridges)
+            procs = (*udp_bridges, relay)
+            before = [proc_usage(p.pid) for p in procs]
             blast = lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
                                str(a.seconds), str(a.blast_pps))
             blast.wait(a.seconds + 60)
             count.wait(60)
-            near, far, rel = (proc_cpu_s(p.pid) - c for p, c in zip((*udp_bridges, relay), cpu0,
-                                                                     strict=True))
-            faults = sum(proc_minflt(p.pid) for p in udp_bridges) - faults0
-            sys = sum(proc_cpu_user_sys(p.pid)[1] for p in udp_bridges) - sys0
+            near, far, rel = (_used(b, proc_usage(p.pid))
+                              for p, b in zip(procs, before, strict=True))
             got, sent = _last(count), _last(blast)
-            return Run(got["pps"], (near + far) / got["packets"], rel / got["packets"],
-                       (sent["cpu_s"] + got["cpu_s"]) / got["packets"],
-                       sent["sent"] / got["packets"], faults=faults / got["packets"],
-                       sys_s_per_packet=sys / got["packets"])
+            n = got["packets"]
+            return Run(got["pps"], (near["cpu_s"] + far["cpu_s"]) / n, rel["cpu_s"] / n,
+                       (sent["cpu_s"] + got["cpu_s"]) / n, sent["sent"] / n,
+                       faults=(near["faults"] + far["faults"]) / n,
+                       sys_s_per_packet=(near["sys_s"] + far["sys_s"]) / n)
 
         br_runs, ref_runs = run_abba(a.rounds, via_bridge_udp, client_alone)
         br, ref = [r.pps for r in br_runs], [r.pps for r in ref_runs]

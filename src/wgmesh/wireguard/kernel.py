@@ -638,7 +638,7 @@ class KernelBackend:
                           ["WGDEVICE_A_FWMARK", config.fwmark]])
         self._sync_addresses(config.addresses)
         ipr.link("set", index=self._ifindex, mtu=config.mtu, state="up")
-        dev = self._submit(self._read_dump, worker=self._reader).result()
+        dev = self.info()
         self._listen_port = dev.listen_port
         self._peers = {k: _config_from_stats(s) for k, s in dev.peers.items()}
         self._routes = self._installed_routes()
