@@ -25,7 +25,8 @@ class LoopServer:
         kw.setdefault("identify", lambda ip: BOB)
         kw.setdefault("authorize", lambda who: True)
         kw.setdefault("port", 0)
-        self.server = PeerAPIServer(inbox, list(addresses), **kw)  # type: ignore[arg-type]
+        cls: type[PeerAPIServer] = kw.pop("server_class", PeerAPIServer)  # type: ignore[assignment]
+        self.server = cls(inbox, list(addresses), **kw)  # type: ignore[arg-type]
         try:
             self.thread.call(self.server.start(), 30)
         except BaseException:
@@ -33,6 +34,9 @@ class LoopServer:
             raise
 
     def close(self) -> None:
+        """Stop the server and its loop; a second call does nothing."""
+        if self.thread.loop.is_closed():
+            return
         self.thread.call(self.server.close(), 30)
         self.thread.stop()
 
@@ -47,10 +51,10 @@ def raw_put(port: int, q: dict[str, object], body: bytes, *, host: str = "127.0.
         c.putheader("Content-Length", str(len(body)))
         c.endheaders()
         half = len(body) // 2
-        c.send(body[:half])
-        if midway is not None:
-            midway()
         with contextlib.suppress(OSError):  # refused mid-stream: the answer is still there
+            c.send(body[:half])
+            if midway is not None:
+                midway()
             c.send(body[half:])
         return read_response(c)
     finally:

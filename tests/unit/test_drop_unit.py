@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from budget import examples
@@ -22,7 +23,7 @@ from wgmesh.drop import protocol
 from wgmesh.drop.inbox import Inbox, suffixed
 from wgmesh.drop.protocol import BadName, check_name
 from wgmesh.drop.sender import Connection, read_response, request, send_file
-from wgmesh.drop.server import PeerAPIServer, _LowWater
+from wgmesh.drop.server import PeerAPIServer
 from wgmesh.keys import Key
 from wgmesh.netmap import CAP_FILE_SEND, Netmap, NodeInfo, Peer
 
@@ -220,7 +221,7 @@ def test_send_and_clash_and_progress(serve: Callable[..., LoopServer], tmp_path:
     assert (r.name, r2.name) == ("f.bin", "f (1).bin")
     assert (s.server.inbox.dir / "f (1).bin").read_bytes() == data
     assert r.sha256 == hashlib.sha256(data).hexdigest() and r.resumed_from == 0
-    assert 0 < r.hash_seconds < r.seconds  # the up-front hash is part of the send's time
+    assert r.hash_seconds == 0.0  # hashed as it streamed: nothing waited for the digest
     assert seen[0] == (0, len(data)) and seen[-1] == (len(data), len(data))
     assert not any(s.server.inbox.partial_dir.iterdir())
 
@@ -241,31 +242,6 @@ def test_write_behind_flushes_during_the_transfer(serve: Callable[..., LoopServe
     assert lazy.server.counters["received"] == 1
 
 
-def test_low_water_mark_never_clamps_the_tcp_window() -> None:
-    """A receive low-water mark above a quarter of the socket's buffer makes Linux grow the
-    buffer and clamp the TCP window to the mark, which held drops at a 256 KiB window
-    through the tunnel; the mark must stay under that, and follow the buffer as it grows."""
-    with socket.create_server(("127.0.0.1", 0)) as srv, \
-            socket.create_connection(srv.getsockname()):
-        conn, _ = srv.accept()
-        with conn:
-            body = 64 << 20
-            content = type("Content", (), {"total_bytes": 0})()
-            transport = type("Transport", (), {"get_extra_info": lambda self, k: conn})()
-            req = type("Request", (), {"content": content, "transport": transport})()
-            rcvbuf = conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-            lowat = _LowWater(req, body)
-            lowat.update()
-            assert 1 < lowat.mark <= rcvbuf // 4
-            assert conn.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == rcvbuf
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # as if autotuned
-            lowat.update()
-            assert lowat.mark == _LowWater.LOWAT
-            content.total_bytes = body - 1000  # never more than is still to come
-            lowat.update()
-            assert lowat.mark == 1000
-
-
 def test_denied_and_unknown_senders_get_403(serve: Callable[..., LoopServer],
                                             tmp_path: Path) -> None:
     src = _file(tmp_path, "f", b"x")
@@ -283,18 +259,131 @@ def _put(port: int, q: dict[str, object], body: bytes) -> tuple[int, dict[str, o
     return raw_put(port, q, body)
 
 
+@pytest.mark.parametrize("digest_first", [False, True])
 def test_resume_from_offset_rehashes_kept_bytes(serve: Callable[..., LoopServer],
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path, digest_first: bool) -> None:
+    """Both offers resume from what the receiver kept: a streamed one (the sender's) and
+    a digest-first one (earlier senders'), each keyed apart."""
     s = serve()
-    data = os.urandom(100_000)
+    data = os.urandom(3 * protocol.CHUNK + 100_000)
     sha = hashlib.sha256(data).hexdigest()
-    q = {"name": "r.bin", "size": len(data), "sha256": sha}
-    partial = s.server.inbox.partial_path(BOB.node_key.b64(), "r.bin", len(data), sha)
-    partial.write_bytes(data[:40_000])  # what an interrupted first attempt left
-    assert _put(s.server.port, {**q, "offset": 50_000}, data[50_000:])[0] == 409
-    r = send_file("127.0.0.1", _file(tmp_path, "r.bin", data), port=s.server.port)
-    assert (r.resumed_from, r.sent) == (40_000, 60_000)
+    q = {"name": "r.bin", "size": len(data), **({"sha256": sha} if digest_first else {})}
+    partial = s.server.inbox.partial_path(BOB.node_key.b64(), "r.bin", len(data),
+                                          sha if digest_first else "")
+    kept = protocol.CHUNK + 40_000
+    partial.write_bytes(data[:kept])  # what an interrupted first attempt left
+    status, body = _put(s.server.port, {**q, "offset": kept + 10_000}, data[kept + 10_000:])
+    assert (status, body["offset"]) == (409, kept)
+    if digest_first:
+        status, body = _put(s.server.port, {**q, "offset": kept}, data[kept:])
+        assert status == 201 and body["sha256"] == sha
+    else:
+        r = send_file("127.0.0.1", _file(tmp_path, "r.bin", data), port=s.server.port)
+        assert (r.resumed_from, r.sent, r.sha256) == (kept, len(data) - kept, sha)
+        assert r.hash_seconds > 0  # the kept prefix is read and hashed before sending
     assert (s.server.inbox.dir / "r.bin").read_bytes() == data and not partial.exists()
+
+
+def _commit(port: int, q: dict[str, object]) -> tuple[int, dict[str, object]]:
+    c = Connection("127.0.0.1", port, 10, None)
+    try:
+        return request(c, "POST", "/v1/commit", q)
+    finally:
+        c.close()
+
+
+def test_streamed_offer_is_held_until_a_matching_commit(serve: Callable[..., LoopServer]) -> None:
+    """A PUT without a digest leaves the file held, not published; only a commit naming
+    the right SHA-256 publishes it, a wrong one discards it, and a commit before all bytes
+    arrived says how many are held."""
+    s = serve()
+    port, inbox = s.server.port, s.server.inbox
+    data = os.urandom(200_000)
+    sha = hashlib.sha256(data).hexdigest()
+    q = {"name": "s.bin", "size": len(data)}
+    assert _put(port, {**q, "offset": 0}, data[:50_000] + b"x" * 150_000) == \
+        (200, {"offset": len(data)})
+    assert inbox.list() == [] and len(list(inbox.partial_dir.iterdir())) == 1
+    status, err = _commit(port, {**q, "sha256": sha})  # the bytes held are not this file
+    assert status == 422 and "hash to" in str(err["error"])
+    assert list(inbox.partial_dir.iterdir()) == [] and inbox.list() == []
+    assert _put(port, {**q, "offset": 0}, data[:120_000])[0] == 400  # short body
+    partial = inbox.partial_path(BOB.node_key.b64(), "s.bin", len(data), "")
+    partial.write_bytes(data[:120_000])
+    assert _commit(port, {**q, "sha256": sha}) == (409, {
+        "error": "the receiver holds only 120000 bytes of s.bin", "offset": 120_000})
+    assert _commit(port, q)[0] == 400  # a commit must name the digest
+    assert _put(port, {**q, "offset": 120_000}, data[120_000:]) == (200, {"offset": len(data)})
+    assert inbox.list() == []
+    status, body = _commit(port, {**q, "sha256": sha})
+    assert (status, body["name"], body["sha256"]) == (201, "s.bin", sha)
+    assert (inbox.dir / "s.bin").read_bytes() == data and not partial.exists()
+    assert _commit(port, {**q, "sha256": sha})[0] == 409  # nothing held any more
+
+
+def test_streamed_commit_after_a_restart_hashes_what_is_held(
+        serve: Callable[..., LoopServer]) -> None:
+    """The digest taken on the way in lives in memory; a receiver restarted between the
+    body and the commit hashes the held file itself."""
+    first = serve()
+    data = os.urandom(300_000)
+    q = {"name": "late.bin", "size": len(data)}
+    assert _put(first.server.port, {**q, "offset": 0}, data)[0] == 200
+    first.close()
+    again = serve()
+    status, body = _commit(again.server.port, {**q, "sha256": hashlib.sha256(data).hexdigest()})
+    assert (status, body["name"]) == (201, "late.bin")
+    assert (again.server.inbox.dir / "late.bin").read_bytes() == data
+
+
+def test_resume_onto_another_files_bytes_starts_over(serve: Callable[..., LoopServer],
+                                                    tmp_path: Path) -> None:
+    """A held prefix of another file of the same name and size fails the commit; the
+    sender then sends the whole file once more, and the right bytes arrive."""
+    s = serve()
+    data = os.urandom(2 * protocol.CHUNK)
+    partial = s.server.inbox.partial_path(BOB.node_key.b64(), "same.bin", len(data), "")
+    partial.write_bytes(os.urandom(protocol.CHUNK))  # an older version's first half
+    r = send_file("127.0.0.1", _file(tmp_path, "same.bin", data), port=s.server.port)
+    assert (r.resumed_from, r.sent) == (0, len(data) + protocol.CHUNK)
+    assert (s.server.inbox.dir / "same.bin").read_bytes() == data
+    assert s.server.counters["refused"] == 1  # the one 422
+
+
+def test_file_changed_while_sent_is_not_delivered(serve: Callable[..., LoopServer],
+                                                 tmp_path: Path) -> None:
+    s = serve()
+    src = _file(tmp_path, "live.log", os.urandom(3 * protocol.CHUNK))
+
+    def scribble(done: int, total: int) -> None:
+        if done == protocol.CHUNK:  # the first chunk is out: the file changes under us
+            with open(src, "r+b") as f:
+                f.write(b"changed")
+
+    with pytest.raises(protocol.DropError, match="changed while it was being sent"):
+        send_file("127.0.0.1", src, port=s.server.port, progress=scribble)
+    assert s.server.inbox.list() == []
+
+
+def test_sender_offers_the_digest_first_to_a_receiver_that_wants_it(
+        serve: Callable[..., LoopServer], tmp_path: Path) -> None:
+    """A receiver from before the commit (its offer check demands ``sha256``): the sender
+    hashes first and sends a digest-first PUT."""
+
+    class DigestFirst(PeerAPIServer):
+        async def _offset(self, request: Any) -> Any:
+            if "sha256" not in request.query:
+                from aiohttp import web
+                return web.json_response({"error": "sha256 must be 64 lowercase hex digits"},
+                                         status=400)
+            return await super()._offset(request)
+
+    s = serve(server_class=DigestFirst)
+    data = os.urandom(protocol.CHUNK + 5)
+    r = send_file("127.0.0.1", _file(tmp_path, "old.bin", data), port=s.server.port)
+    assert r.sha256 == hashlib.sha256(data).hexdigest() and r.hash_seconds > 0
+    assert (s.server.inbox.dir / "old.bin").read_bytes() == data
+    assert list(s.server.inbox.partial_dir.iterdir()) == []
 
 
 def test_bad_digest_quota_and_framing_leave_nothing(serve: Callable[..., LoopServer],
@@ -329,8 +418,7 @@ def _start_put(port: int, data: bytes, sent: int) -> socket.socket:
     """A PUT of ``data`` that stops after ``sent`` bytes, its connection left open."""
     from urllib.parse import urlencode
 
-    q = urlencode({"name": "cut.bin", "size": len(data), "offset": 0,
-                   "sha256": hashlib.sha256(data).hexdigest()})
+    q = urlencode({"name": "cut.bin", "size": len(data), "offset": 0})
     c = socket.create_connection(("127.0.0.1", port))
     c.sendall(f"PUT /v1/files?{q} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n"
               .encode() + data[:sent])
@@ -403,14 +491,14 @@ _QUERY_KEY = st.sampled_from(["name", "size", "sha256", "offset", "x"])
 
 
 @given(q=st.lists(st.tuples(_QUERY_KEY, st.text(max_size=40)), max_size=6),
-       body=st.binary(max_size=64), method=st.sampled_from(["PUT", "GET"]))
+       body=st.binary(max_size=64), method=st.sampled_from(["PUT", "GET", "POST"]))
 @settings(max_examples=examples(150), deadline=None)
 def test_live_server_fuzz(fuzz_server: LoopServer, q: list[tuple[str, str]], body: bytes,
                           method: str) -> None:
     """Arbitrary requests get a clear 4xx, never a 5xx, and leave nothing behind."""
     from urllib.parse import urlencode
 
-    path = "/v1/files" if method == "PUT" else "/v1/offset"
+    path = {"PUT": "/v1/files", "GET": "/v1/offset", "POST": "/v1/commit"}[method]
     c = Connection("127.0.0.1", fuzz_server.server.port, 10, None)
     try:
         c.putrequest(method, f"{path}?{urlencode(q)}")
@@ -422,4 +510,10 @@ def test_live_server_fuzz(fuzz_server: LoopServer, q: list[tuple[str, str]], bod
         c.close()
     inbox = fuzz_server.server.inbox
     assert status in (200, 400, 409, 413, 422) and (status == 200 or resp["error"])
-    assert inbox.list() == [] and list(inbox.partial_dir.iterdir()) == []
+    held = list(inbox.partial_dir.iterdir())
+    if method == "PUT" and status == 200:  # a well-formed streamed body: held, not published
+        assert len(held) == 1 and held[0].stat().st_size == int(dict(q)["size"])
+        held[0].unlink()
+    else:
+        assert held == []
+    assert inbox.list() == []

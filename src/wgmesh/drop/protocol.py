@@ -3,16 +3,25 @@
 Protocol (version 1, JSON errors ``{"error": "..."}``), spoken by
 :mod:`~wgmesh.drop.server` and :mod:`~wgmesh.drop.sender`::
 
-    GET /v1/whoami                                   -> {"name", "key", "may_send"}
-    GET /v1/offset?name=N&size=S&sha256=H            -> {"offset": K}   (admission check)
-    PUT /v1/files?name=N&size=S&sha256=H&offset=K    body: bytes K..S  -> 201 {"name", ...}
+    GET  /v1/whoami                                  -> {"name", "key", "may_send"}
+    GET  /v1/offset?name=N&size=S[&sha256=H]         -> {"offset": K}   (admission check)
+    PUT  /v1/files?name=N&size=S&offset=K            body: bytes K..S  -> 200 {"offset": S}
+    POST /v1/commit?name=N&size=S&sha256=H           -> 201 {"name", ...}
+    PUT  /v1/files?name=N&size=S&sha256=H&offset=K   body: bytes K..S  -> 201 {"name", ...}
 
-``offset`` is how much of this exact offer (sender, name, size, digest) the
-receiver already holds, so an interrupted transfer resumes where it stopped;
-the receiver re-hashes what it kept and checks the whole file's SHA-256 before
-the file appears. Refusals: 400 bad name or request, 403 not a peer or not
-allowed, 409 offset ahead of the receiver, 413 over quota, 422 digest mismatch,
-500 the receiver could not write, 507 disk full.
+A sender hashes the file as it streams it and names the digest last, in the
+commit: the bytes go out from the first moment, and a file is read from disk
+once. (The digest-first PUT, where the offer carries ``sha256`` and the
+receiver checks it as the body ends, is how earlier senders speak; it stays.)
+``offset`` is how much of this offer (sender, name, size, and the digest when
+it is offered) the receiver already holds, so an interrupted transfer resumes
+where it stopped. Either way the receiver hashes every byte it keeps and checks
+the whole file's SHA-256 before the file appears; a commit whose digest does
+not match discards what was held (422), so a resume onto another file's bytes
+costs a resend, never a wrong file. Refusals: 400 bad name or request, 403 not
+a peer or not allowed, 409 offset ahead of the receiver or a commit before all
+bytes arrived (the answer tells ``offset``), 413 over quota, 422 digest
+mismatch, 500 the receiver could not write, 507 disk full.
 
 Who is sending is decided by the receiver alone, from the source address of
 the TCP connection: WireGuard's cryptokey routing only admits a source address
@@ -196,7 +205,10 @@ def netmap_authorize(get_netmap: Callable[[], Netmap | None]) -> Authorize:
 
 @attrs.frozen
 class Offer:
-    """One request to deliver ``name`` (``size`` bytes, SHA-256 ``sha256``) from ``offset``."""
+    """One request to deliver ``name`` (``size`` bytes, SHA-256 ``sha256``) from ``offset``.
+
+    ``sha256`` is empty when the sender names it only in the commit.
+    """
 
     name: str
     size: int
@@ -215,8 +227,11 @@ def _int_param(q: Mapping[str, str], key: str, default: int | None = None) -> in
     return int(v)
 
 
-def parse_offer(q: Mapping[str, str], *, with_offset: bool) -> Offer:
-    """Validate query parameters into an :class:`Offer`; raise :class:`BadRequest`/``BadName``."""
+def parse_offer(q: Mapping[str, str], *, with_offset: bool, with_digest: bool = False) -> Offer:
+    """Validate query parameters into an :class:`Offer`; raise :class:`BadRequest`/``BadName``.
+
+    ``sha256`` may be left out (a streamed offer) unless ``with_digest``.
+    """
     name = q.get("name")
     if name is None:
         raise BadRequest("missing parameter 'name'")
@@ -225,7 +240,7 @@ def parse_offer(q: Mapping[str, str], *, with_offset: bool) -> Offer:
     if size > _MAX_SIZE:
         raise BadRequest("size is implausibly large")
     sha = q.get("sha256", "")
-    if not _SHA_RE.match(sha):
+    if (sha or with_digest) and not _SHA_RE.match(sha):
         raise BadRequest("sha256 must be 64 lowercase hex digits")
     offset = _int_param(q, "offset") if with_offset else 0
     if offset > size:
@@ -272,7 +287,8 @@ def not_allowed(who: PeerIdentity) -> Refusal:
 
 
 def behind(offer: Offer, have: int) -> Refusal:
-    """The sender offered to resume past what the receiver kept: it must ask again."""
+    """The sender offered to resume past what the receiver kept, or committed before all
+    bytes arrived: it must ask again."""
     return Refusal(409, f"the receiver holds only {have} bytes of {offer.name}", offset=have)
 
 

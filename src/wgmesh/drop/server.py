@@ -114,6 +114,9 @@ class PeerAPIServer:
         self.counters: dict[str, int] = {"received": 0, "refused": 0, "interrupted": 0,
                                          "early_flushes": 0}
         self._active: dict[Path, _Active] = {}
+        # Complete streamed partials awaiting their commit: the digest taken as the bytes
+        # arrived, valid while the file is unchanged (else the commit hashes it again).
+        self._held: dict[Path, _Held] = {}
         self._runner: Any = None
 
     async def start(self) -> None:
@@ -125,6 +128,7 @@ class PeerAPIServer:
         app.router.add_get("/v1/whoami", self._whoami)
         app.router.add_get("/v1/offset", self._offset)
         app.router.add_put("/v1/files", self._put)
+        app.router.add_post("/v1/commit", self._commit)
         # A deep read buffer: fewer pause/resume cycles per megabyte on a fast tunnel.
         runner = web.AppRunner(app, access_log=None, read_bufsize=4 * p.CHUNK,
                                shutdown_timeout=2.0)
@@ -147,6 +151,8 @@ class PeerAPIServer:
             try:
                 await asyncio.to_thread(self.inbox.prune_partials, self.partial_max_age,
                                         keep=list(self._active))
+                for path in [h for h in self._held if not h.exists()]:
+                    del self._held[path]
             except OSError as e:  # a passing disk error must not end pruning for good
                 log.warning("pruning %s: %s", self.inbox.partial_dir, e)
 
@@ -259,6 +265,7 @@ class PeerAPIServer:
         if old is not None:  # the sender reconnected before we saw the old connection die
             old.task.cancel()
             await old.done.wait()
+        self._held.pop(partial, None)
         have = _size_or_zero(partial)
         if offer.offset > have:
             raise p.behind(offer, have)
@@ -268,14 +275,55 @@ class PeerAPIServer:
                      sender)
         self._active[partial] = me
         try:
-            return await self._write(req, who, offer, partial)
+            digest = await self._write(req, offer, partial)
+            if not offer.sha256:  # streamed: the digest comes in the commit
+                try:
+                    self._held[partial] = _Held.of(partial, digest)
+                except OSError as e:
+                    raise _disk_refusal(e, offer, partial) from e
+                return 200, {"offset": offer.size}
+            return self._publish(who, offer, partial, digest)
         finally:
             if self._active.get(partial) is me:
                 del self._active[partial]
             me.done.set()
 
-    async def _write(self, req: Any, who: p.PeerIdentity, offer: p.Offer,
-                     partial: Path) -> tuple[int, dict[str, Any]]:
+    async def _commit(self, request: Any) -> Any:
+        async def fn(req: Any) -> tuple[int, dict[str, Any]]:
+            who = self._sender(req)
+            offer = p.parse_offer(req.query, with_offset=False, with_digest=True)
+            partial = self.inbox.partial_path(who.node_key.b64(), offer.name, offer.size, "")
+            have = _size_or_zero(partial)
+            if have != offer.size or partial in self._active:
+                raise p.behind(offer, have)
+            held = self._held.pop(partial, None)
+            digest = held.digest if held is not None and held.still(partial) else None
+            try:
+                if digest is None:  # the receiver restarted, or the file changed since
+                    digest = (await asyncio.to_thread(_hash_prefix, partial, have)).hexdigest()
+            except OSError as e:
+                raise _disk_refusal(e, offer, partial) from e
+            return self._publish(who, offer, partial, digest)
+        return await self._handle(request, fn)
+
+    def _publish(self, who: p.PeerIdentity, offer: p.Offer, partial: Path,
+                 digest: str) -> tuple[int, dict[str, Any]]:
+        """Check the whole file's digest and let it appear in the inbox: the 201."""
+        if digest != offer.sha256:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            raise p.digest_mismatch(offer, digest)
+        try:
+            final = self.inbox.commit(partial, offer.name)
+        except OSError as e:
+            raise _disk_refusal(e, offer, partial) from e
+        self.counters["received"] += 1
+        return 201, {"name": final.name, "size": offer.size, "sha256": offer.sha256,
+                     "from": who.name}
+
+    async def _write(self, req: Any, offer: p.Offer, partial: Path) -> str:
+        """Take the body into ``partial`` (flushed when ``fsync``); the whole partial's
+        SHA-256."""
         try:
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -287,19 +335,14 @@ class PeerAPIServer:
             os.lseek(fd, offer.offset, os.SEEK_SET)
             got = offer.offset
             unflushed = 0
-            lowat = _LowWater(req, offer.size - offer.offset)
-            lowat.update()
             while got < offer.size:
+                # Read as the bytes come, with no receive low-water mark: below its mark
+                # Linux ACKs every segment at once (__tcp_ack_snd_check), and through a
+                # tunnel every ACK is a packet to encrypt (benchmarks/README.md, file drop).
                 try:
-                    async with asyncio.timeout(lowat.GATHER if lowat.high else
-                                               self.idle_timeout):
+                    async with asyncio.timeout(self.idle_timeout):
                         chunk = await req.content.readany()
-                except TimeoutError:
-                    if lowat.high:  # the sender paused: take what the kernel holds
-                        lowat.set(1)
-                        continue
-                    chunk = b""
-                except OSError:
+                except (TimeoutError, OSError):
                     chunk = b""
                 if not chunk:
                     # The sender is gone (killed, or the path died): nobody is left to
@@ -317,10 +360,8 @@ class PeerAPIServer:
                     flushing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, fd))
                     self.counters["early_flushes"] += 1
                     unflushed = 0
-                lowat.update()
-            if digest.hexdigest() != offer.sha256:
-                os.unlink(partial)
-                raise p.digest_mismatch(offer, digest.hexdigest())
+            if offer.sha256 and digest.hexdigest() != offer.sha256:
+                return digest.hexdigest()  # refused unflushed: the partial goes
             if flushing is not None:
                 await flushing
             if self.fsync:
@@ -332,13 +373,7 @@ class PeerAPIServer:
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(flushing)
             os.close(fd)
-        try:
-            final = self.inbox.commit(partial, offer.name)
-        except OSError as e:
-            raise _disk_refusal(e, offer, partial) from e
-        self.counters["received"] += 1
-        return 201, {"name": final.name, "size": offer.size, "sha256": offer.sha256,
-                     "from": who.name}
+        return digest.hexdigest()
 
 
 def _disk_refusal(e: OSError, offer: p.Offer, partial: Path) -> p.Refusal:
@@ -354,47 +389,25 @@ class _Interrupted(Exception):
     pass
 
 
-class _LowWater:
-    """Wake for the body only once ``LOWAT`` bytes wait in the socket (``SO_RCVLOWAT``).
+@attrs.frozen
+class _Held:
+    """A complete streamed partial's digest, and the file state it was taken from."""
 
-    Through a tunnel TCP data trickles in as many small reads; each costs a
-    loop wake-up and a Python iteration. Letting the kernel gather up to 256 KiB
-    first cuts the receiver's CPU per byte. The mark never exceeds what is still to
-    come, and if the sender pauses for ``GATHER`` seconds it drops to one byte,
-    so no byte waits in the kernel for long. Nor does it exceed a quarter of the
-    socket's receive buffer: a larger mark makes Linux grow the buffer itself and
-    clamp the TCP window to the mark (``tcp_set_rcvlowat``), and autotuning then
-    never widened it. That held a drop's window at 256 KiB (the sender was
-    receive-window-limited 35-52 % of the time, ``ss -ti``) and its rate at ~70 %
-    of iperf3's over the same tunnel. Under the cap, autotuning grows the buffer
-    as the transfer speeds up, and the mark follows.
-    """
+    digest: str
+    size: int
+    mtime_ns: int
 
-    LOWAT = 256 << 10
-    GATHER = 0.05
+    @classmethod
+    def of(cls, path: Path, digest: str) -> _Held:
+        st = os.stat(path, follow_symlinks=False)
+        return cls(digest, st.st_size, st.st_mtime_ns)
 
-    def __init__(self, req: Any, body: int) -> None:
-        self.content, self.body, self.mark = req.content, body, 1
-        self.sock = req.transport.get_extra_info("socket") if req.transport else None
-
-    @property
-    def high(self) -> bool:
-        return self.mark > 1
-
-    def update(self) -> None:
-        if self.sock is None:
-            return
+    def still(self, path: Path) -> bool:
         try:
-            room = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 4
-        except OSError:
-            return
-        self.set(max(1, min(self.LOWAT, room, self.body - self.content.total_bytes)))
-
-    def set(self, mark: int) -> None:
-        if self.sock is not None and mark != self.mark:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-                self.mark = mark
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == (self.size, self.mtime_ns)
 
 
 def _size_or_zero(path: Path) -> int:
