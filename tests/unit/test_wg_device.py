@@ -500,3 +500,43 @@ def test_allowed_ips_scale_and_reassignment() -> None:
             assert set(table.networks(owner)) == {n for n, o in model.items() if o == owner}
 
     matches_model()
+
+
+def test_seal_many_seals_a_drain_as_packet_by_packet_would() -> None:
+    """A TUN drain mixing destinations: each routable packet sealed back to back and
+    readable at the peer, the others dropped and counted, the send timers armed once."""
+    p = Pair()
+    p.b.allowed.insert("fd00::1/128", p.pb)
+    p.a_to_b(b"hello")  # a handshake, so a holds a fresh key
+    packets = [ip_packet("10.0.0.1", "10.0.0.2", b"one"),
+               ip_packet("fd00::1", "fd00::2", b"v6"),
+               ip_packet("10.0.0.1", "10.9.9.9", b"nowhere"),
+               b"\x45\x00\x00",  # too short to be IPv4
+               b"\x00" * 40,  # not IP at all: its bytes 24..40 are no v6 address
+               ip_packet("10.0.0.1", "10.0.0.2", b"x" * 100)]
+    bufs = [bytearray(pkt) + bytearray(16) for pkt in packets]
+    out = memoryview(bytearray(4096))
+    p.pa.t_new_handshake = None
+    sealed = p.a.seal_many(bufs, [len(x) for x in packets], out, p.now)
+    assert [d for _, _, d in sealed] == [ADDR_B] * 3
+    assert [o for o, _, _ in sealed] == [0, sealed[0][1], sealed[0][1] + sealed[1][1]]
+    assert p.a.drops["no_route"] == 3 and p.a.out_udp == []
+    assert p.pa.t_new_handshake is not None  # data_sent ran: expect an answer
+    tmv = memoryview(bytearray(4096))
+    got = []
+    for off, length, _ in sealed:
+        n = p.b.open_transport(out[off:off + length], ADDR_A, p.now, tmv)
+        got.append(bytes(tmv[:n]))
+    assert got == [packets[0], packets[1], packets[5]]
+
+
+def test_seal_many_stages_a_drain_with_no_key_and_starts_one_handshake() -> None:
+    p = Pair()
+    packets = [ip_packet("10.0.0.1", "10.0.0.2", bytes([i]) * 10) for i in range(3)]
+    bufs = [bytearray(pkt) + bytearray(16) for pkt in packets]
+    sealed = p.a.seal_many(bufs, [len(x) for x in packets], memoryview(bytearray(4096)),
+                           p.now)
+    assert sealed == [] and len(p.pa.staged) == 3
+    assert [d[0] for d, _ in p.a.out_udp] == [1]  # one initiation
+    p.pump()  # the handshake completes and the staged drain follows, in order
+    assert p.tun_b == packets

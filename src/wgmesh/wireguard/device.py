@@ -23,7 +23,7 @@ import secrets
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -52,6 +52,8 @@ from wgmesh.wireguard.timers import (
 __all__ = ["Destination", "Device", "RateLimiter", "RelaySource"]
 
 Destination = tuple[str, int] | Callable[[bytes], object]
+#: One packet of :meth:`Device.seal_many`: where it starts in ``out``, its length, where it goes.
+Sealed = tuple[int, int, Destination]
 _U32 = struct.Struct("<I")
 _ZEROS = bytes(16)
 MAX_PACKET = 65535
@@ -419,39 +421,73 @@ class Device:
         if r is not None:
             self.out_udp.append((bytes(self._scratch[:r[0]]), r[1]))
 
-    def seal(self, buf: bytearray, n: int, out: memoryview, now: float
+    def seal(self, buf: bytearray | memoryview, n: int, out: memoryview, now: float
              ) -> tuple[int, Destination] | None:
-        """Fast path for one IP packet ``buf[:n]`` from TUN.
+        """One IP packet ``buf[:n]`` from TUN: :meth:`seal_many` of one. Returns (length,
+        destination), or None when there is nothing to send now."""
+        sealed = self.seal_many((buf,), (n,), out, now)
+        return (sealed[0][1], sealed[0][2]) if sealed else None
 
-        Pads it in place (``buf`` needs 16 spare bytes), encrypts it into ``out`` and
-        returns (length, destination). None when there is nothing to send now: no
-        route or endpoint (counted), or no fresh key (the packet is staged and a
-        handshake starts; look at :attr:`out_udp`)."""
-        peer = self.allowed.lookup_packet_dst(memoryview(buf)[:n])
-        if peer is None:
-            self.drops["no_route"] += 1
-            return None
-        if self.packet_filter is not None:
-            self.packet_filter.outbound(memoryview(buf)[:n], now)
-        dest = peer.relay or peer.endpoint
-        if dest is None:
-            self.drops["no_endpoint"] += 1
-            return None
-        p = padded_len(n, self.mtu)
-        if p > n:
-            buf[n:p] = _ZEROS[:p - n]
-        kp = peer.current
-        if kp is None or now - kp.birth >= self.timing.reject_after_time or \
-                kp.send_counter >= REJECT_AFTER_MESSAGES:
-            peer.staged.append(bytes(buf[:p]))
-            self._initiate(peer, now, retry=False)
-            return None
-        length = kp.encrypt_into(out, memoryview(buf)[:p])
-        peer.tx_bytes += length
-        self.authenticated_sent(peer, now)
-        self.data_sent(peer, now)
-        self.keep_key_fresh(peer, kp, now)
-        return length, dest
+    def seal_many(self, bufs: Sequence[bytearray | memoryview], lens: Sequence[int],
+                  out: memoryview,
+                  now: float) -> list[Sealed]:
+        """Fast path for a drain of IP packets from TUN, ``bufs[i][:lens[i]]`` (spare
+        buffers past the last length are ignored).
+
+        Pads each in place (a buffer needs 16 spare bytes) and encrypts them into ``out``
+        back to back (room for every packet plus 32 bytes each); returns (offset,
+        length, destination) per packet sent. A packet with no route or endpoint is
+        dropped and counted; one with no fresh key is staged and a handshake starts
+        (look at :attr:`out_udp`). ``now`` is one instant for the whole drain, so the
+        route, endpoint and key are found once per destination address and the send
+        timers run once per peer at the end: per packet there is the filter, the
+        counter and the cipher, which is what lets one Python thread keep up.
+        """
+        sealed: list[Sealed] = []
+        routes: dict[bytes, tuple[Peer, Keypair, Destination]] = {}
+        used = 0
+        pf, mtu, lookup = self.packet_filter, self.mtu, self.allowed.lookup_packet_dst
+        for buf, n in zip(bufs, lens, strict=False):  # more buffers than packets is fine
+            pkt = memoryview(buf)[:n]
+            v = buf[0] >> 4 if n else 0
+            # The destination address is the route's key; a packet too short or not IP
+            # has none, and the lookup below drops it.
+            dst = (bytes(pkt[16:20]) if v == 4 and n >= 20 else
+                   bytes(pkt[24:40]) if v == 6 and n >= 40 else b"")
+            route = routes.get(dst) if dst else None
+            if route is None:
+                peer = lookup(pkt)
+                if peer is None:
+                    self.drops["no_route"] += 1
+                    continue
+            else:
+                peer = route[0]
+            if pf is not None:
+                pf.outbound(pkt, now)
+            p = padded_len(n, mtu)
+            if p > n:
+                buf[n:p] = _ZEROS[:p - n]
+            if route is None or route[1].send_counter >= REJECT_AFTER_MESSAGES:
+                dest = peer.relay or peer.endpoint
+                if dest is None:
+                    self.drops["no_endpoint"] += 1
+                    continue
+                kp = self.valid_send_keypair(peer, now)
+                if kp is None:
+                    peer.staged.append(bytes(buf[:p]))
+                    self._initiate(peer, now, retry=False)
+                    continue
+                route = routes[dst] = (peer, kp, dest)
+            _, kp, dest = route
+            length = kp.encrypt_into(out[used:], memoryview(buf)[:p])
+            peer.tx_bytes += length
+            sealed.append((used, length, dest))
+            used += length
+        for peer, kp, _ in {id(r[0]): r for r in routes.values()}.values():
+            self.authenticated_sent(peer, now)
+            self.data_sent(peer, now)
+            self.keep_key_fresh(peer, kp, now)
+        return sealed
 
     def valid_send_keypair(self, peer: Peer, now: float) -> Keypair | None:
         kp = peer.current

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import select
 import socket
@@ -81,6 +82,8 @@ __all__ = ["UserspaceBackend", "UserspacePort"]
 log = logging.getLogger("wgmesh.userspace")
 
 BATCH = 64
+_MAX_IP = 65535
+_SLOT = _MAX_IP + 16  # room to pad the largest packet to a multiple of 16
 TICK = 0.1  # seconds between timer passes at most
 SO_MARK = 36
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
@@ -131,18 +134,17 @@ class UserspaceBackend:
         self.io_errors = 0
         self.gso_too_big = 0  # GSO batches sent one by one: segments over the path MTU
         self._gso = True
-        self._inbuf = bytearray(1 << 16)
-        self._inmv = memoryview(self._inbuf)[:65535]
-        self._omv = memoryview(bytearray(GSO_MAX_BYTES + (1 << 16) + 64))
+        # A TUN drain lands in BATCH slots and is sealed back to back into _omv: each
+        # slot and sealed packet has room for the largest IP packet, in anonymous maps
+        # whose pages the kernel backs only when a packet touches them.
+        slots = memoryview(mmap.mmap(-1, BATCH * _SLOT))
+        self._slots = [slots[i * _SLOT:(i + 1) * _SLOT] for i in range(BATCH)]
+        self._omv = memoryview(mmap.mmap(-1, BATCH * (_SLOT + 32)))
         self._rmv = memoryview(bytearray(1 << 16))
         self._tmv = memoryview(bytearray(1 << 16))
         self._hdrmv = memoryview(bytearray(VNET_HDR_LEN))
         self._coalescer = Coalescer(self._write_tun)
         self._tun_fd = -1
-        self._now = 0.0
-        self._b_used = self._b_count = self._b_seg = 0
-        self._b_dest: Destination | None = None
-        self._b_short = False
 
     # ---- life cycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -546,54 +548,54 @@ class UserspaceBackend:
                 self._flush()
 
     def _read_tun(self, fd: int, now: float) -> bool:
-        """Drain TUN: encrypt each packet straight into a UDP GSO batch (one ``sendmsg``
-        for up to 64 datagrams of one size to one destination). False: TUN is gone."""
-        inbuf, inmv = self._inbuf, self._inmv
-        iov = [self._hdrmv, inmv] if self._tun is not None and self._tun.vnet else [inmv]
-        skip = len(iov[0]) if len(iov) == 2 else 0
+        """Drain TUN (up to BATCH packets), seal the drain in one go and send it: one
+        ``sendmsg`` per run of datagrams of one size to one destination (UDP GSO, up to
+        64). False: TUN is gone."""
+        slots, lens = self._slots, list[int]()
+        hdr = [self._hdrmv] if self._tun is not None and self._tun.vnet else []
+        skip = len(hdr[0]) if hdr else 0
         alive = True
-        self._now = now
         for _ in range(BATCH):
             try:
-                n = os.readv(fd, iov) - skip  # the virtio-net header lands apart
-            except BlockingIOError:
+                n = os.readv(fd, [*hdr, slots[len(lens)]]) - skip  # the virtio-net header
+            except BlockingIOError:  # lands apart
                 break
             except OSError as e:
                 alive = e.errno not in (errno.EBADFD, errno.EIO, errno.ENXIO)
                 break
             if n > 0:
-                self._seal(inbuf, n)
-        self._end_batch()
+                lens.append(min(n, _MAX_IP))
+        if lens:
+            self._send_sealed(self.device.seal_many(slots, lens, self._omv, now))
         return alive
 
-    def _seal(self, buf: bytearray, n: int) -> None:
-        """Encrypt one packet into the pending GSO batch, sending the batch when it ends."""
-        omv, used = self._omv, self._b_used
-        r = self.device.seal(buf, n, omv[used:], self._now)
-        if r is None:
-            return
-        length, d = r
-        if callable(d):
-            d(bytes(omv[used:used + length]))
-            return
-        count = self._b_count
-        if count and (d != self._b_dest or length > self._b_seg or self._b_short
-                      or count >= GSO_MAX_SEGMENTS or used + length > GSO_MAX_BYTES):
-            self._send_batch(used, self._b_seg, count, self._b_dest)
-            omv[:length] = omv[used:used + length]
-            used = count = 0
-        if count == 0:
-            self._b_dest, self._b_seg, self._b_short = d, length, False
-        elif length < self._b_seg:
-            self._b_short = True  # GSO: only the last datagram may be shorter
-        self._b_used, self._b_count = used + length, count + 1
+    def _send_sealed(self, sealed: list[tuple[int, int, Destination]]) -> None:
+        """Send sealed packets (back to back in _omv) in runs for UDP GSO: one destination,
+        one size, only the last shorter."""
+        omv = self._omv
+        start = end = seg = count = 0
+        dest: Destination | None = None
+        for off, length, d in sealed:
+            if callable(d):  # relayed: the relay client takes each packet
+                d(bytes(omv[off:off + length]))
+                continue
+            if count and (d != dest or length > seg or off != end or count >= GSO_MAX_SEGMENTS
+                          or off + length - start > GSO_MAX_BYTES):
+                self._send_batch(start, end, seg, count, dest)
+                count = 0
+            if count == 0:
+                start, seg, dest = off, length, d
+            count += 1
+            end = off + length
+            if length < seg:  # GSO: only the last datagram may be shorter
+                self._send_batch(start, end, seg, count, dest)
+                count = 0
+        if count:
+            self._send_batch(start, end, seg, count, dest)
 
-    def _end_batch(self) -> None:
-        if self._b_count:
-            self._send_batch(self._b_used, self._b_seg, self._b_count, self._b_dest)
-        self._b_used = self._b_count = 0
-
-    def _send_batch(self, used: int, seg: int, count: int, dest: Destination | None) -> None:
+    def _send_batch(self, start: int, end: int, seg: int, count: int,
+                    dest: Destination | None) -> None:
+        """Datagrams ``_omv[start:end]`` of ``seg`` bytes (the last maybe fewer) to ``dest``."""
         assert isinstance(dest, tuple)
         omv = self._omv
         if count > 1 and self._gso:
@@ -602,8 +604,8 @@ class UserspaceBackend:
                 self.io_errors += 1
                 return
             try:
-                self._sendmsg(s, omv[:used], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))],
-                              dest)
+                self._sendmsg(s, omv[start:end],
+                              [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seg))], dest)
                 return
             except BlockingIOError:
                 self.io_errors += 1
@@ -619,8 +621,8 @@ class UserspaceBackend:
                     return
                 else:
                     self._gso = False  # no UDP GSO here: send one by one from now on
-        for off in range(0, used, seg):
-            self._sendto(omv[off:min(off + seg, used)], dest)
+        for off in range(start, end, seg):
+            self._sendto(omv[off:min(off + seg, end)], dest)
 
 
     def _read_udp(self, sock: socket.socket, tun_fd: int, now: float) -> None:
