@@ -523,10 +523,9 @@ def test_seal_many_seals_a_drain_as_packet_by_packet_would() -> None:
     assert p.a.drops["no_route"] == 3 and p.a.out_udp == []
     assert p.pa.t_new_handshake is not None  # data_sent ran: expect an answer
     tmv = memoryview(bytearray(4096))
-    got = []
-    for off, length, _ in sealed:
-        n = p.b.open_transport(out[off:off + length], ADDR_A, p.now, tmv)
-        got.append(bytes(tmv[:n]))
+    got: list[bytes] = []
+    p.b.open_many((out[off:off + length] for off, length, _ in sealed), ADDR_A, p.now, tmv,
+                  lambda plain, n: got.append(bytes(plain[:n])))
     assert got == [packets[0], packets[1], packets[5]]
 
 
@@ -540,3 +539,41 @@ def test_seal_many_stages_a_drain_with_no_key_and_starts_one_handshake() -> None
     assert [d[0] for d, _ in p.a.out_udp] == [1]  # one initiation
     p.pump()  # the handshake completes and the staged drain follows, in order
     assert p.tun_b == packets
+
+
+def test_open_many_confirms_a_key_once_and_drops_a_replay_in_the_batch() -> None:
+    """One GRO batch under the responder's unconfirmed key: the first message confirms it
+    (once) and flushes what b had staged; every packet arrives, a replayed copy does not,
+    and a message that is not transport inside the batch costs the next one nothing."""
+    p = Pair()
+    p.drop = lambda side, d: side == "a" and d[0] == 4  # b hears the initiation only
+    p.a.send(ip_packet("10.0.0.1", "10.0.0.2", b"first"), p.now)
+    p.pump()
+    assert p.pb.next is not None and p.pb.current is None
+    p.b.send(ip_packet("10.0.0.2", "10.0.0.1", b"staged"), p.now)  # b waits for a's data
+    assert len(p.pb.staged) == 1
+    p.b.drain()
+    batch = []
+    for i in range(3):
+        p.a.send(ip_packet("10.0.0.1", "10.0.0.2", bytes([i]) * 30), p.now)
+        batch += [d for d, _ in p.a.drain()[0]]
+    batch.insert(2, batch[0])  # a replay inside the batch
+    assert [d[0] for d in batch] == [4] * 4
+    confirmed = p.pb.handshakes_completed
+    got: list[bytes] = []
+    tmv = memoryview(bytearray(2048))
+    p.b.open_many((memoryview(d) for d in batch), ADDR_A, p.now, tmv,
+                  lambda plain, n: got.append(bytes(plain[:n])))
+    assert got == [ip_packet("10.0.0.1", "10.0.0.2", bytes([i]) * 30) for i in range(3)]
+    assert p.pb.current is not None and p.pb.next is None
+    assert p.pb.handshakes_completed == confirmed + 1 and not p.pb.staged
+    assert p.b.drops["bad_transport"] == 1
+    udp, _ = p.b.drain()
+    assert [d[0] for d, _ in udp] == [4]  # the staged packet, now sent
+    # A message that is not transport between two that are: both still arrive.
+    p.a.send(ip_packet("10.0.0.1", "10.0.0.2", b"late"), p.now)
+    late = p.a.drain()[0][0][0]
+    got.clear()
+    p.b.open_many((memoryview(d) for d in (b"\x01\x00\x00\x00junk", late)), ADDR_A, p.now,
+                  tmv, lambda plain, n: got.append(bytes(plain[:n])))
+    assert got == [ip_packet("10.0.0.1", "10.0.0.2", b"late")]

@@ -8,7 +8,7 @@ A destination is a ``(host, port)`` tuple, or a callable for a peer routed via a
 relay (call it with the bytes). Nothing here blocks or touches a socket, so tests
 drive every timer with a fake clock. The data path also has allocation-free
 forms that work on the caller's buffers: :meth:`Device.seal` (TUN packet ->
-transport message) and :meth:`Device.open_transport` (the reverse).
+transport message) and :meth:`Device.open_many` (the reverse).
 
 Behaviour follows the kernel module (``send.c``, ``receive.c``, ``timers.c``,
 ``cookie.c``, ``ratelimiter.c``). Bad input never raises: it is dropped and
@@ -23,7 +23,7 @@ import secrets
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
@@ -336,57 +336,82 @@ class Device:
 
     def _receive_transport(self, data: bytes | memoryview, src: tuple[str, int] | RelaySource,
                            now: float) -> None:
-        n = self.open_transport(memoryview(data), src, now, self._scratch)
-        if n:
-            self.out_tun.append(bytes(self._scratch[:n]))
+        self.open_many((memoryview(data),), src, now, self._scratch,
+                       lambda out, n: self.out_tun.append(bytes(out[:n])))
 
-    def open_transport(self, data: memoryview, src: tuple[str, int] | RelaySource, now: float,
-                       out: memoryview) -> int:
-        """Fast path for a transport message: decrypt into ``out``, run the receive-side
-        timers, and check the inner packet. Returns the IP packet's length in ``out``, or
-        0 when there is nothing for TUN (keepalive, or dropped and counted)."""
-        (receiver,) = _U32.unpack_from(data, 4)
-        entry = self.index.get(receiver)
-        if entry is None or (kp := entry[1]) is None:
-            self.drops["unknown_index"] += 1
-            return 0
-        peer = entry[0]
-        if now - kp.birth >= self.timing.reject_after_time or \
-                kp.replay.greatest >= REJECT_AFTER_MESSAGES:
-            self.drops["expired_key"] += 1
-            return 0
-        if len(out) < len(data):
-            self.drops["too_big"] += 1
-            return 0
-        n = kp.decrypt_into(data, out)
-        if n < 0:
-            self.drops["bad_transport"] += 1
-            return 0
-        peer.rx_bytes += len(data)
-        if kp is peer.next:
-            for old in peer.received_with(kp) or ():
-                self._drop_keypair(old)
-            self._handshake_complete(peer, now)
-            if peer.staged:
-                self._flush_staged(peer, now)
-        self._roam(peer, src)
-        self._authenticated_received(peer, now)
-        if kp.initiator and not peer.sent_lastminute_handshake and \
-                now - kp.birth >= self.timing.initiator_rekey_on_receive:
-            peer.sent_lastminute_handshake = True
-            self._initiate(peer, now, retry=False)
-        if n == 0:
-            return 0  # keepalive
-        if peer.t_send_keepalive is None:
-            peer.t_send_keepalive = now + self.timing.keepalive_timeout
-        else:
-            peer.need_another_keepalive = True
-        ln = self._check_inner(peer, out, n)
-        pf = self.packet_filter
-        if ln and pf is not None and not pf.inbound(out[:ln], now):
-            self.drops["filtered"] += 1
-            return 0
-        return ln
+    def open_many(self, datagrams: Iterable[memoryview], src: tuple[str, int] | RelaySource,
+                  now: float, out: memoryview, deliver: Callable[[memoryview, int], object]
+                  ) -> None:
+        """Fast path for what one read from ``src`` brought (a UDP GRO batch): each
+        transport message is decrypted into ``out`` and its inner IP packet handed to
+        ``deliver(out, length)`` before the next; any other message goes to
+        :meth:`receive`. Drops are counted.
+
+        The first message a key opens in the batch takes the whole path (key
+        confirmation, roaming, the receive timers); the rest under that key, from the
+        same source at the same instant, need only the cipher, the replay window, the
+        keepalive and the inner source check. Any other message in between (a
+        handshake may replace keys) makes the next transport message take the whole
+        path again.
+        """
+        opened: dict[int, tuple[Peer, Keypair]] = {}
+        pf, timing = self.packet_filter, self.timing
+        for data in datagrams:
+            if message_type(data) != MSG_TRANSPORT:
+                self.receive(data, src, now)
+                opened.clear()
+                continue
+            (receiver,) = _U32.unpack_from(data, 4)
+            known = opened.get(receiver)
+            if known is None:
+                entry = self.index.get(receiver)
+                if entry is None or (kp := entry[1]) is None:
+                    self.drops["unknown_index"] += 1
+                    continue
+                peer = entry[0]
+                if now - kp.birth >= timing.reject_after_time:
+                    self.drops["expired_key"] += 1
+                    continue
+            else:
+                peer, kp = known
+            if kp.replay.greatest >= REJECT_AFTER_MESSAGES:
+                self.drops["expired_key"] += 1
+                continue
+            if len(out) < len(data):
+                self.drops["too_big"] += 1
+                continue
+            n = kp.decrypt_into(data, out)
+            if n < 0:
+                self.drops["bad_transport"] += 1
+                continue
+            peer.rx_bytes += len(data)
+            if known is None:
+                opened[receiver] = (peer, kp)
+                if kp is peer.next:
+                    for old in peer.received_with(kp) or ():
+                        self._drop_keypair(old)
+                    self._handshake_complete(peer, now)
+                    if peer.staged:
+                        self._flush_staged(peer, now)
+                self._roam(peer, src)
+                self._authenticated_received(peer, now)
+                if kp.initiator and not peer.sent_lastminute_handshake and \
+                        now - kp.birth >= timing.initiator_rekey_on_receive:
+                    peer.sent_lastminute_handshake = True
+                    self._initiate(peer, now, retry=False)
+            if n == 0:
+                continue  # keepalive
+            if peer.t_send_keepalive is None:
+                peer.t_send_keepalive = now + timing.keepalive_timeout
+            else:
+                peer.need_another_keepalive = True
+            ln = self._check_inner(peer, out, n)
+            if not ln:
+                continue
+            if pf is not None and not pf.inbound(out[:ln], now):
+                self.drops["filtered"] += 1
+                continue
+            deliver(out, ln)
 
     def _check_inner(self, peer: Peer, plain: memoryview, n: int) -> int:
         """Length without padding, if the inner source is one this peer may use; else 0."""

@@ -56,7 +56,6 @@ from wgmesh.wireguard.backend import (
 )
 from wgmesh.wireguard.device import Destination, Device, RelaySource
 from wgmesh.wireguard.filter import PacketFilter
-from wgmesh.wireguard.noise import MSG_TRANSPORT, message_type
 from wgmesh.wireguard.offload import (
     GSO_MAX_BYTES,
     GSO_MAX_SEGMENTS,
@@ -631,6 +630,7 @@ class UserspaceBackend:
         dev = self.device
         rmv, tmv = self._rmv, self._tmv
         coalescer = self._coalescer if self._tun is not None and self._tun.vnet else None
+        deliver = coalescer.add if coalescer is not None else self._deliver_plain
         for _ in range(BATCH):
             try:
                 nbytes, anc, _flags, addr = sock.recvmsg_into([rmv], _CMSG_SPACE)
@@ -650,20 +650,13 @@ class UserspaceBackend:
                 elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and \
                         len(data) >= 16:
                     dev.arrived_at = bytes(data[:16])
-            for off in range(0, nbytes, seg):
-                d = rmv[off:min(off + seg, nbytes)]
-                if message_type(d) != MSG_TRANSPORT:
-                    dev.receive(d, src, now)
-                    continue
-                n = dev.open_transport(d, src, now, tmv)
-                if not n:
-                    continue
-                if coalescer is not None:
-                    coalescer.add(tmv, n)
-                else:
-                    self._write_tun(tmv[:n])
+            dev.open_many((rmv[off:min(off + seg, nbytes)] for off in range(0, nbytes, seg)),
+                          src, now, tmv, deliver)
         if coalescer is not None:
             coalescer.flush()
+
+    def _deliver_plain(self, pkt: memoryview, n: int) -> None:
+        self._write_tun(pkt[:n])
 
     def _write_tun(self, pkt: bytes | memoryview) -> None:
         """One packet (with its virtio-net header when coalescing is on) to TUN."""
