@@ -6,9 +6,10 @@ a monotonic clock. It appends what to do to :attr:`Device.out_udp` (``(bytes,
 destination)``) and :attr:`Device.out_tun` (IP packets); the driver drains both.
 A destination is a ``(host, port)`` tuple, or a callable for a peer routed via a
 relay (call it with the bytes). Nothing here blocks or touches a socket, so tests
-drive every timer with a fake clock. The data path also has allocation-free
-forms that work on the caller's buffers: :meth:`Device.seal` (TUN packet ->
-transport message) and :meth:`Device.open_many` (the reverse).
+drive every timer with a fake clock. The data path also has batch forms that
+work on the caller's buffers: :meth:`Device.seal_many` (a drain of TUN packets ->
+transport messages, back to back) and :meth:`Device.open_many` (a receive batch ->
+inner packets), which do the per-peer work once per batch.
 
 Behaviour follows the kernel module (``send.c``, ``receive.c``, ``timers.c``,
 ``cookie.c``, ``ratelimiter.c``). Bad input never raises: it is dropped and

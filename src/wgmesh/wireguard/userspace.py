@@ -3,8 +3,10 @@
 One thread owns the data path. It ``poll``s the TUN fd and the UDP sockets and
 drains each in batches with non-blocking ``readv``/``recvmsg_into`` into buffers
 allocated once: on this machine that is several times faster than asyncio
-datagram endpoints. Sends use UDP GSO (one ``sendmsg`` per burst to a peer),
-receives UDP GRO, and TCP segments are merged before the TUN write
+datagram endpoints. A TUN drain is sealed in one call and a receive batch opened
+in one (:meth:`Device.seal_many`, :meth:`Device.open_many`). Sends use UDP GSO
+(one ``sendmsg`` per burst to a peer), receives UDP GRO, and TCP segments are
+merged before the TUN write
 (:mod:`wgmesh.wireguard.offload`); ``benchmarks/README.md`` has the figures.
 Configuration (the :class:`Backend` API, or the stock ``wg`` tool over the UAPI
 socket) takes the same lock for a moment. ``counters()`` reports every drop.
