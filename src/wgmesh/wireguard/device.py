@@ -50,7 +50,7 @@ from wgmesh.wireguard.timers import (
     Timing,
 )
 
-__all__ = ["Destination", "Device", "RateLimiter", "RelaySource"]
+__all__ = ["Destination", "Device", "RateLimiter", "RelaySource", "Sealed"]
 
 Destination = tuple[str, int] | Callable[[bytes], object]
 #: One packet of :meth:`Device.seal_many`: where it starts in ``out``, its length, where it goes.
@@ -455,8 +455,7 @@ class Device:
         return (sealed[0][1], sealed[0][2]) if sealed else None
 
     def seal_many(self, bufs: Sequence[bytearray | memoryview], lens: Sequence[int],
-                  out: memoryview,
-                  now: float) -> list[Sealed]:
+                  out: memoryview, now: float) -> list[Sealed]:
         """Fast path for a drain of IP packets from TUN, ``bufs[i][:lens[i]]`` (spare
         buffers past the last length are ignored).
 

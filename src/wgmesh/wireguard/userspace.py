@@ -56,7 +56,7 @@ from wgmesh.wireguard.backend import (
     diff_peers,
     routes_for,
 )
-from wgmesh.wireguard.device import Destination, Device, RelaySource
+from wgmesh.wireguard.device import Destination, Device, RelaySource, Sealed
 from wgmesh.wireguard.filter import PacketFilter
 from wgmesh.wireguard.offload import (
     GSO_MAX_BYTES,
@@ -146,12 +146,18 @@ class UserspaceBackend:
         self._hdrmv = memoryview(bytearray(VNET_HDR_LEN))
         self._coalescer = Coalescer(self._write_tun)
         self._tun_fd = -1
+        self._tun_iovs: list[list[memoryview]] = []
+        self._tun_skip = 0
 
     # ---- life cycle ----------------------------------------------------------------
     def start(self) -> None:
         """Create the TUN interface, bind UDP, start the data thread and UAPI."""
         self._tun = Tun(self.name, vnet=self._vnet)
         self._tun_fd = self._tun.fd
+        # Each slot's read, with the virtio-net header landing apart when TUN has one.
+        hdr = [self._hdrmv] if self._tun.vnet else []
+        self._tun_iovs = [[*hdr, slot] for slot in self._slots]
+        self._tun_skip = VNET_HDR_LEN if self._tun.vnet else 0
         try:
             self._bind(0)
             self._thread = threading.Thread(target=self._run, name=f"wg-{self.name}",
@@ -552,14 +558,12 @@ class UserspaceBackend:
         """Drain TUN (up to BATCH packets), seal the drain in one go and send it: one
         ``sendmsg`` per run of datagrams of one size to one destination (UDP GSO, up to
         64). False: TUN is gone."""
-        slots, lens = self._slots, list[int]()
-        hdr = [self._hdrmv] if self._tun is not None and self._tun.vnet else []
-        skip = len(hdr[0]) if hdr else 0
+        iovs, skip, lens = self._tun_iovs, self._tun_skip, list[int]()
         alive = True
         for _ in range(BATCH):
             try:
-                n = os.readv(fd, [*hdr, slots[len(lens)]]) - skip  # the virtio-net header
-            except BlockingIOError:  # lands apart
+                n = os.readv(fd, iovs[len(lens)]) - skip
+            except BlockingIOError:
                 break
             except OSError as e:
                 alive = e.errno not in (errno.EBADFD, errno.EIO, errno.ENXIO)
@@ -567,10 +571,10 @@ class UserspaceBackend:
             if n > 0:
                 lens.append(min(n, _MAX_IP))
         if lens:
-            self._send_sealed(self.device.seal_many(slots, lens, self._omv, now))
+            self._send_sealed(self.device.seal_many(self._slots, lens, self._omv, now))
         return alive
 
-    def _send_sealed(self, sealed: list[tuple[int, int, Destination]]) -> None:
+    def _send_sealed(self, sealed: list[Sealed]) -> None:
         """Send sealed packets (back to back in _omv) in runs for UDP GSO: one destination,
         one size, only the last shorter."""
         omv = self._omv
