@@ -51,13 +51,14 @@ class Report:
               flush=True)
 
 
-def run_abba(rounds: int, a: Callable[[], T], b: Callable[[], T]) -> tuple[list[T], list[T]]:
-    """Run ``a`` and ``b`` once per round, in the order a b, b a, a b, ...; each side's
-    results by round, so ``a_results[i]`` and ``b_results[i]`` were taken back to back."""
-    results: tuple[list[T], list[T]] = ([], [])
+def run_abba(rounds: int, *arms: Callable[[], T]) -> tuple[list[T], ...]:
+    """Run each arm once per round, in the order given on even rounds and reversed on odd
+    ones (a b, b a, ...; a b c, c b a, ...); each arm's results by round, so the i-th result
+    of every arm was taken in the same round, back to back."""
+    results: tuple[list[T], ...] = tuple([] for _ in arms)
     for n in range(rounds):
-        for side in (0, 1) if n % 2 == 0 else (1, 0):
-            results[side].append((a, b)[side]())
+        for side in range(len(arms)) if n % 2 == 0 else reversed(range(len(arms))):
+            results[side].append(arms[side]())
     return results
 
 

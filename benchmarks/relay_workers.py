@@ -38,7 +38,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,13 +68,13 @@ def emit(**kw: object) -> None:
 # kernel's TCP work only, so the relay gets as much of the machine as it can use.
 
 
-async def _handshaken(url: str, keys: list[PrivateKey]) -> list[socket.socket]:
-    """Relay connections of ``keys``, past the handshake, as plain non-blocking sockets (the
-    asyncio transports are dropped; their sockets were duplicated first, so the TCP
-    connections stay)."""
+async def _handshaken(urls: list[str], keys: list[PrivateKey]) -> list[socket.socket]:
+    """Relay connections of ``keys`` (the i-th to ``urls[i % len(urls)]``), past the
+    handshake, as plain non-blocking sockets (the asyncio transports are dropped; their
+    sockets were duplicated first, so the TCP connections stay)."""
     out = []
-    for k in keys:
-        conn = await RelayConnection.open(url, k)
+    for i, k in enumerate(keys):
+        conn = await RelayConnection.open(urls[i % len(urls)], k)
         assert conn.transport is not None
         fd = os.dup(conn.transport.get_extra_info("socket").fileno())
         conn.abort("handed_over")
@@ -94,9 +94,9 @@ def _ready(socks: list[socket.socket], event: int, until: float) -> Iterator[soc
                 yield by_fd[fd]
 
 
-def sink(url: str, n: int, start: float, seconds: float) -> None:
+def sink(urls: list[str], n: int, start: float, seconds: float) -> None:
     keys = [PrivateKey.generate() for _ in range(n)]
-    socks = asyncio.run(_handshaken(url, keys))
+    socks = asyncio.run(_handshaken(urls, keys))
     emit(ready=True, keys=[k.public.b64() for k in keys])
     counted, buf = 0, bytearray(READ)
     for s in _ready(socks, select.EPOLLIN, start + seconds + 0.3):
@@ -109,10 +109,11 @@ def sink(url: str, n: int, start: float, seconds: float) -> None:
         s.close()
 
 
-def source(url: str, dsts: list[str], packet: int, end: float) -> None:
-    """One connection per destination, each sending its own file of SEND frames for that
-    destination (whole frames, so it can loop) while its socket takes them."""
-    socks = asyncio.run(_handshaken(url, [PrivateKey.generate() for _ in dsts]))
+def source(urls: list[str], dsts: list[str], packet: int, end: float) -> None:
+    """One connection per destination, to the relay its sink is on (the sinks' rule), each
+    sending its own file of SEND frames for that destination (whole frames, so it can
+    loop) while its socket takes them."""
+    socks = asyncio.run(_handshaken(urls, [PrivateKey.generate() for _ in dsts]))
     files, offset, sent = {}, dict.fromkeys(socks, 0), 0
     for s, d in zip(socks, dsts, strict=True):
         frame = frame_send(Key(d), bytes(packet))
@@ -133,7 +134,7 @@ def source(url: str, dsts: list[str], packet: int, end: float) -> None:
 def role(argv: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("role", choices=["sink", "source"])
-    ap.add_argument("url")
+    ap.add_argument("urls", help="the relays, comma-separated")
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--dsts", default="")
     ap.add_argument("--packet", type=int, default=1400)
@@ -141,9 +142,9 @@ def role(argv: list[str]) -> None:
     ap.add_argument("--seconds", type=float, required=True)
     a = ap.parse_args(argv)
     if a.role == "sink":
-        sink(a.url, a.n, a.start, a.seconds)
+        sink(a.urls.split(","), a.n, a.start, a.seconds)
     else:
-        source(a.url, a.dsts.split(","), a.packet, a.start + a.seconds)
+        source(a.urls.split(","), a.dsts.split(","), a.packet, a.start + a.seconds)
 
 
 # ---- orchestration -------------------------------------------------------------------------
@@ -169,24 +170,38 @@ def _cores(before: tuple[float, float], after: tuple[float, float], seconds: flo
     return {f"{side}_cores": user + sys_, f"{side}_user": user, f"{side}_sys": sys_}
 
 
-def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[str, Any]:
-    """A fresh relay of ``workers`` and the load through it: the sinks' packets/s in the
-    window and the CPU each side used in it."""
+def _counters(lab: Lab, host: Host, url: str) -> dict[str, Any]:
+    """One relay's ``/metrics`` JSON (counters and drops)."""
+    out: dict[str, Any] = json.loads(lab.run(host, [sys.executable, "-c", (
+        "import urllib.request;"
+        f"print(urllib.request.urlopen('{url}/metrics').read().decode())")]).stdout)
+    return out
+
+
+def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace,
+            relays: int = 1) -> dict[str, Any]:
+    """``relays`` fresh relays of ``workers`` each (on ports from ``PORT``; with several,
+    pair *i* has both ends on relay *i mod relays*) and the load through them: the sinks'
+    packets/s in the window and the CPU each side used in it."""
     me = __file__
-    relay = lab.python(host, "-m", "wgmesh", "relay", "serve", "--workers", str(workers),
-                       "--listen", f"{host.ip}:{PORT}", "--stun-port", "-1",
-                       "--key-file", f"/tmp/{lab.prefix}-relay.key")
+    procs = [lab.python(host, "-m", "wgmesh", "relay", "serve", "--workers", str(workers),
+                        "--listen", f"{host.ip}:{PORT + i}", "--stun-port", "-1",
+                        "--key-file", f"/tmp/{lab.prefix}-relay{i}.key")
+             for i in range(relays)]
     try:
-        relay.wait_for_output('"listening"', timeout=30)
-        relay_pids = [relay.pid, *_children(relay.pid)]  # (its line's "pids" can come torn)
-        url = f"http://{host.ip}:{PORT}"
+        relay_pids = []
+        for p in procs:
+            p.wait_for_output('"listening"', timeout=30)
+            relay_pids += [p.pid, *_children(p.pid)]  # (its line's "pids" can come torn)
+        urls = [f"http://{host.ip}:{PORT + i}" for i in range(relays)]
         start = time.monotonic() + SETUP
         window = ["--start", str(start), "--seconds", str(a.seconds)]
         per = [a.pairs // a.procs + (i < a.pairs % a.procs) for i in range(a.procs)]
-        sinks = [lab.python(host, me, "sink", url, "--n", str(n), *window) for n in per]
+        sinks = [lab.python(host, me, "sink", ",".join(urls), "--n", str(n), *window)
+                 for n in per]
         keys = [json.loads(s.wait_for_output('"ready"', timeout=30).splitlines()[0])["keys"]
                 for s in sinks]
-        sources = [lab.python(host, me, "source", url, "--dsts", ",".join(k),
+        sources = [lab.python(host, me, "source", ",".join(urls), "--dsts", ",".join(k),
                               "--packet", str(a.packet), *window) for k in keys]
         clients = [p.pid for p in (*sinks, *sources)]
         if time.monotonic() > start:
@@ -200,16 +215,21 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[s
         for p in sources:
             p.wait(30)
         got = sum(json.loads(p.stdout.strip().splitlines()[-1])["bytes"] for p in sinks)
-        m = json.loads(lab.run(host, [sys.executable, "-c", (
-            "import urllib.request;"
-            f"print(urllib.request.urlopen('{url}/metrics').read().decode())")]).stdout)
+        metrics = [_counters(lab, host, u) for u in urls]
     finally:
-        relay.stop()
+        for p in procs:
+            p.stop()
+    counters: dict[str, int] = {}
+    drops: dict[str, int] = {}
+    for m in metrics:
+        for k, v in m["counters"].items():
+            counters[k] = counters.get(k, 0) + v
+        for k, v in m["drops"].items():
+            drops[k] = drops.get(k, 0) + v
     frame = HEADER_LEN + KEY_LEN + a.packet
     pps = got / frame / a.seconds
     relay = _cores(cpu0[0], cpu1[0], a.seconds, "relay")
     clients = _cores(cpu0[1], cpu1[1], a.seconds, "client")
-    counters = m["counters"]
     return {"pps": pps, "mbps": got / frame * a.packet * 8 / a.seconds / 1e6,
             **relay, **clients,
             "relay_us": relay["relay_cores"] / pps * 1e6 if pps else 0.0,
@@ -217,7 +237,7 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace) -> dict[s
             "crossed": counters.get("packets_sibling_out", 0) / max(1, counters["packets_in"]),
             "machine_cores": (cpu1[2] - cpu0[2]) / a.seconds,
             "relay_counters": {k: v for k, v in counters.items() if k.startswith("packets")},
-            "relay_drops": m["drops"]}
+            "relay_drops": drops}
 
 
 def main() -> None:
@@ -227,6 +247,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--procs", type=int, default=1, help="processes of sources (and of sinks)")
     ap.add_argument("--packet", type=int, default=1400)
+    ap.add_argument("--split", action="store_true",
+                    help="a third arm: two separate one-worker relays, each pair on one")
     a = ap.parse_args()
     report = Report()
 
@@ -234,8 +256,10 @@ def main() -> None:
 
     with Lab() as lab:
         host = lab.add_public_host("relay")
-        one, two = run_abba(a.rounds, lambda: one_run(lab, host, 1, a),
-                            lambda: one_run(lab, host, 2, a))
+        arms = [lambda: one_run(lab, host, 1, a), lambda: one_run(lab, host, 2, a)]
+        if a.split:
+            arms.append(lambda: one_run(lab, host, 1, a, relays=2))
+        one, two, *split = run_abba(a.rounds, *arms)
 
     def col(runs: list[dict[str, Any]], key: str, digits: int = 2) -> list[float]:
         return [round(r[key], digits) for r in runs]
@@ -257,7 +281,20 @@ def main() -> None:
            for n, runs in ((1, one), (2, two))},
         "crossed_2": col(two, "crossed", 3),
         "relay_1": [{**r["relay_counters"], **r["relay_drops"]} for r in one],
-        "relay_2": [{**r["relay_counters"], **r["relay_drops"]} for r in two]})
+        "relay_2": [{**r["relay_counters"], **r["relay_drops"]} for r in two],
+        **(_split(split[0], one, col) if split else {})})
+
+
+def _split(runs: list[dict[str, Any]], one: list[dict[str, Any]],
+           col: Callable[[list[dict[str, Any]], str], list[float]]) -> dict[str, Any]:
+    """The ``--split`` arm: two independent one-worker relays with no pair crossing between
+    them, the most two relay processes can deliver on this machine: ``split_ratio`` over
+    the one-worker arm of the same rounds."""
+    return {**round_ratios(col(runs, "pps"), col(one, "pps"), "split_ratio"),
+            "pps_split": round(statistics.median(col(runs, "pps"))),
+            "pps_split_runs": [round(x) for x in col(runs, "pps")],
+            **{f"{k}_split": col(runs, k) for k in ("relay_cores", "client_cores",
+                                                    "machine_cores", "relay_us", "client_us")}}
 
 
 if __name__ == "__main__":
