@@ -286,6 +286,12 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def pending(self) -> bytes:
+        """The bytes of a frame read in part (what a connection handed to another worker
+        of the relay takes along)."""
+        return bytes(self._buf)
+
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         buf = self._buf
         buf += data

@@ -3,8 +3,10 @@ loopback whose two workers share its port. Nodes that the kernel hands to differ
 workers reach each other and see each other come and go; the newest connection of a key
 wins across workers; the caps are the relay's, not each worker's; ``/metrics`` sums the
 workers; a worker killed -9 is replaced, its nodes reconnect and get through, and its
-connections stop counting against the caps. Which worker holds a connection is read from
-/proc (the relay's end of the TCP connection), not asked of the relay.
+connections stop counting against the caps; a pair that talks across the workers is moved
+onto one, connection and all, without a lost packet (over TLS it is not). Which worker
+holds a connection is read from /proc (the relay's end of the TCP connection), not asked
+of the relay.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,8 @@ from polling import wait_for
 from relayproc import bound_to, metrics_from, relay_process, worker_holding, workers_of
 
 from wgmesh.keys import Key, PrivateKey
-from wgmesh.relay import GONE_DISCONNECTED
+from wgmesh.lab.tls import LabCA
+from wgmesh.relay import GONE_DISCONNECTED, frame_send
 from wgmesh.relaynet.connection import RelayConnectError, RelayConnection
 
 pytestmark = pytest.mark.netns
@@ -38,8 +42,9 @@ async def until(pred: Callable[[], Any], what: str, timeout: float = 20.0) -> An
 class Node:
     """One relay connection, with what it received."""
 
-    def __init__(self, conn: RelayConnection, key: PrivateKey, worker: int | None) -> None:
-        self.conn, self.key, self.worker = conn, key, worker
+    def __init__(self, conn: RelayConnection, key: PrivateKey, worker: int | None,
+                 local_port: int) -> None:
+        self.conn, self.key, self.worker, self.local_port = conn, key, worker, local_port
         self.packets: list[tuple[Key, bytes]] = []
         self.peers: list[tuple[Key, bool, int]] = []
 
@@ -47,20 +52,25 @@ class Node:
 class Relay:
     """The relay under test at ``port``, run by process ``pid``."""
 
-    def __init__(self, pid: int, port: int) -> None:
-        self.pid, self.port, self.url = pid, port, f"http://127.0.0.1:{port}"
+    def __init__(self, pid: int, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self.pid, self.port, self.tls = pid, port, tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+    def worker_of(self, node: Node) -> int | None:
+        """The worker holding ``node``'s connection now."""
+        return worker_holding(self.pid, self.port, node.local_port)
 
     async def node(self, key: PrivateKey | None = None, source: str = "127.0.0.1") -> Node:
         key = key or PrivateKey.generate()
         inbox: list[tuple[Key, bytes]] = []
         peers: list[tuple[Key, bool, int]] = []
         conn = await RelayConnection.open(
-            self.url, key, make_socket=bound_to(source),
+            self.url, key, make_socket=bound_to(source), ssl=self.tls,
             on_recv=lambda s, d: inbox.append((s, d)),
             on_peer=lambda k, present, why: peers.append((k, present, why)))
         assert conn.transport is not None
         local_port = conn.transport.get_extra_info("sockname")[1]
-        node = Node(conn, key, worker_holding(self.pid, self.port, local_port))
+        node = Node(conn, key, worker_holding(self.pid, self.port, local_port), local_port)
         node.packets, node.peers = inbox, peers
         return node
 
@@ -84,12 +94,13 @@ class Relay:
         return nodes[0], next(n for n in nodes if n.worker != nodes[0].worker), nodes
 
 
-def run(tmp_path: Path, test: Callable[[Relay], Coroutine[Any, Any, None]], *args: str) -> None:
+def run(tmp_path: Path, test: Callable[[Relay], Coroutine[Any, Any, None]], *args: str,
+        tls: ssl.SSLContext | None = None) -> None:
     """``test`` against a fresh relay of two workers; afterwards no worker is left."""
     with relay_process(tmp_path, "--workers", "2", *args) as (pid, port):
         workers = wait_for(lambda: len(workers_of(pid)) == 2 and workers_of(pid), 10,
                            "two workers")
-        asyncio.run(asyncio.wait_for(test(Relay(pid, port)), 120))
+        asyncio.run(asyncio.wait_for(test(Relay(pid, port, tls)), 120))
         workers = [*workers, *workers_of(pid)]
     wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 10,
              "every worker gone once the relay stopped")
@@ -215,3 +226,102 @@ def test_caps_are_the_relays_and_a_killed_worker_is_replaced(tmp_path: Path) -> 
             pytest.fail("the killed worker is still there")
 
     run(tmp_path, test, "--max-per-source", str(per_source), "--max-connections", str(total))
+
+
+async def talk(low: Node, high: Node, until_done: Callable[[], bool], deadline: float) -> int:
+    """``low`` sends numbered 200-byte packets to ``high``, written straight into its
+    connection a frame and a half at a time (so the relay's read of it ends mid-frame
+    almost always), while ``high`` answers each piece, ~1,500 packets a second each way;
+    until ``until_done()`` or ``deadline`` (loop time). How many ``low`` sent."""
+    loop = asyncio.get_running_loop()
+    assert low.conn.transport is not None
+    frames = [frame_send(high.key.public, i.to_bytes(4, "big") + bytes(196)) for i in range(60_000)]
+    stream = b"".join(frames)
+    size, at, n = len(frames[0]), 0, 0
+    while loop.time() < deadline and (n % 20 or not until_done()):  # asks every 20 pieces
+        n += 1
+        piece = stream[at:at + size * 3 // 2]
+        low.conn.transport.write(piece)
+        at += len(piece)
+        high.conn.send(low.key.public, b"back")
+        await asyncio.sleep(0.001)  # pacing, not waiting for anything
+    low.conn.transport.write(stream[at:-(-at // size) * size])  # finish the frame begun
+    return -(-at // size)
+
+
+def numbers(node: Node, src: Node) -> list[int]:
+    return [int.from_bytes(d[:4], "big") for k, d in node.packets if k == src.key.public]
+
+
+def test_a_talking_pair_meets_on_one_worker(tmp_path: Path) -> None:
+    """Two nodes that the kernel put on different workers exchange packets steadily: the
+    one with the smaller key is moved to the other's worker (handoff module), on the same
+    TCP connection (no new handshake), and nothing it sent is lost, doubled or damaged,
+    although the relay reads it in pieces that end mid-frame. Afterwards their packets no
+    longer cross between the workers, and the moved node still hears its peer leave."""
+    async def test(relay: Relay) -> None:
+        a, b, nodes = await relay.nodes_on_both()
+        for n in nodes:
+            if n not in (a, b):
+                n.conn.close()
+        low, high = sorted((a, b), key=lambda n: n.key.public.raw)
+        before = metrics_from(relay.port, METRICS)
+        assert before["counters"].get("clients_moved_in", 0) == 0
+        loop = asyncio.get_running_loop()
+        met = [0.0]
+
+        def moved() -> bool:  # low on high's worker, alone there; then a second more of it
+            if not met[0] and relay.worker_of(low) == high.worker:
+                met[0] = loop.time()
+            return bool(met[0]) and loop.time() > met[0] + 1.0
+
+        sent = await talk(low, high, moved, loop.time() + 30)
+        assert met[0], "the pair never met on one worker"
+        assert relay.worker_of(high) == high.worker  # the larger key stayed
+        await until(lambda: len(numbers(high, low)) >= sent, f"{sent} packets low -> high")
+        got = numbers(high, low)
+        assert sorted(got) == list(range(sent)), "lost, doubled or damaged on the move"
+        assert all(d == i.to_bytes(4, "big") + bytes(196) for i, (k, d) in
+                   zip(got, [p for p in high.packets if p[0] == low.key.public], strict=True))
+        assert not low.conn.closed and not high.conn.closed
+        m = metrics_from(relay.port, METRICS)
+        assert m["counters"]["clients_moved_in"] == m["counters"]["clients_moved_out"] == 1
+        assert m["counters"]["clients_accepted"] == before["counters"]["clients_accepted"]
+        assert m["counters"]["packets_in"] == m["counters"]["packets_out"]
+        assert m["connections"] == before["connections"] - len(nodes) + 2  # caps: still 2
+        # met: their packets stay on one worker now
+        crossed = m["counters"]["packets_sibling_out"]
+        await exchange(low, high, b"after the move")
+        assert metrics_from(relay.port, METRICS)["counters"]["packets_sibling_out"] == crossed
+        high.conn.close()
+        await until(lambda: (high.key.public, False, GONE_DISCONNECTED) in low.peers,
+                    "the moved node hears its peer leave")
+
+    run(tmp_path, test, "--affinity-packets", "200")
+
+
+def test_a_pair_over_tls_is_not_moved(tmp_path: Path) -> None:
+    """A TLS session cannot leave its process: over ``https`` the relay sees the pair
+    cross (``clients_kept_tls``) and leaves it where it is, and it gets through."""
+    ca = LabCA(tmp_path / "ca")
+    cert, key = ca.issue("relay", "127.0.0.1")
+
+    async def test(relay: Relay) -> None:
+        a, b, _ = await relay.nodes_on_both()
+        low, high = sorted((a, b), key=lambda n: n.key.public.raw)
+
+        def kept() -> int:  # the times the relay wanted to move low and kept it
+            m = metrics_from(relay.port, METRICS, tls=relay.tls)
+            return int(m["counters"].get("clients_kept_tls", 0))
+
+        loop = asyncio.get_running_loop()
+        await talk(low, high, lambda: kept() > 0, loop.time() + 30)
+        assert kept(), "the relay never saw the pair cross"
+        m = metrics_from(relay.port, METRICS, tls=relay.tls)
+        assert m["counters"].get("clients_moved_out", 0) == 0
+        assert relay.worker_of(low) == low.worker and relay.worker_of(high) == high.worker
+        await exchange(low, high, b"still")
+
+    tls = ssl.create_default_context(cafile=str(ca.path))
+    run(tmp_path, test, "--affinity-packets", "200", "--tls-cert", str(cert),
+        "--tls-key", str(key), tls=tls)

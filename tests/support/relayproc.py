@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -47,10 +48,13 @@ def relay_process(tmp_path: Path, *args: str) -> Iterator[tuple[int, int]]:
         proc.wait(10)
 
 
-def metrics_from(port: int, source: str, accept: str = "") -> Any:
-    """The relay's ``/metrics``, asked from ``source``: JSON, or the text ``accept`` asks
-    for (Prometheus')."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+def metrics_from(port: int, source: str, accept: str = "",
+                 tls: ssl.SSLContext | None = None) -> Any:
+    """The relay's ``/metrics``, asked from ``source`` (over ``tls`` if given): JSON, or
+    the text ``accept`` asks for (Prometheus')."""
+    conn = (http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=tls,
+                                        source_address=(source, 0)) if tls else
+            http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0)))
     try:
         conn.request("GET", "/metrics", headers={"Accept": accept} if accept else {})
         body = conn.getresponse().read()
@@ -78,10 +82,17 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def worker_holding(pid: int, port: int, client_port: int) -> int | None:
-    """The worker whose socket is the relay's end (IPv4, ``port``) of the connection from
-    local port ``client_port``, from /proc/net/tcp and the workers' file descriptors."""
+def workers_holding(pid: int, port: int, client_port: int) -> set[int]:
+    """The workers with a descriptor of the relay's end (IPv4, ``port``) of the connection
+    from local port ``client_port``, from /proc/net/tcp and the workers' file descriptors
+    (two for a moment while a connection moves from one worker to the other)."""
     rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
     inodes = {f[9] for f in map(str.split, rows)
               if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == client_port}
-    return next((w for w in workers_of(pid) if _socket_inodes(w) & inodes), None)
+    return {w for w in workers_of(pid) if _socket_inodes(w) & inodes}
+
+
+def worker_holding(pid: int, port: int, client_port: int) -> int | None:
+    """The one worker holding that connection (None: none, or two while it moves)."""
+    held = workers_holding(pid, port, client_port)
+    return held.pop() if len(held) == 1 else None

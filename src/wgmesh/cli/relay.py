@@ -56,7 +56,7 @@ def _serve(a: argparse.Namespace) -> int:
                            rate_limit_bps=a.rate_limit * 1e6 if a.rate_limit else None,
                            max_connections=a.max_connections, max_per_source=a.max_per_source,
                            metrics_allow=a.metrics_allow.split(",") if a.metrics_allow else None,
-                           admission=admission)
+                           admission=admission, affinity_packets=a.affinity_packets)
 
     def listening(port: int, stun: int | None, **extra: object) -> None:
         print(json.dumps({"listening": f"{host}:{port}", "stun_port": stun,
@@ -123,5 +123,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     s.add_argument("--workers", type=int, default=1, metavar="N",
                    help="worker processes on the one port (SO_REUSEPORT), meshed as one"
                         " relay: one per core (default %(default)s)")
+    s.add_argument("--affinity-packets", type=int, default=500, metavar="N",
+                   help="with --workers: move a node's connection to the worker of the node"
+                        " it exchanges N packets a second with, mostly (0: never; default"
+                        " %(default)s)")
     s.add_argument("-v", "--verbose", action="store_true")
     s.set_defaults(func=_serve)

@@ -31,8 +31,10 @@ TOO_MANY_FROM_SOURCE = "too_many_from_source"
 class Admission(Protocol):
     """What :class:`~wgmesh.relaynet.server.RelayServer` asks of its caps."""
 
-    def admit(self, source: str) -> str | None:
-        """Count one more connection from ``source``; or the drop reason refusing it."""
+    def admit(self, source: str, *, force: bool = False) -> str | None:
+        """Count one more connection from ``source``; or the drop reason refusing it.
+        ``force``: count it over the caps (a connection moved from another worker, which
+        the caps admitted once already)."""
 
     def release(self, source: str) -> None:
         """An admitted connection from ``source`` is gone."""
@@ -55,10 +57,10 @@ class LocalAdmission:
         self.per_source: collections.Counter[str] = collections.Counter()
         self.connections = 0
 
-    def admit(self, source: str) -> str | None:
-        if self.connections >= self.max_connections:
+    def admit(self, source: str, *, force: bool = False) -> str | None:
+        if self.connections >= self.max_connections and not force:
             return TOO_MANY
-        if self.per_source[source] >= self.max_per_source:
+        if self.per_source[source] >= self.max_per_source and not force:
             return TOO_MANY_FROM_SOURCE
         self.per_source[source] += 1
         self.connections += 1
@@ -122,13 +124,16 @@ class SharedAdmission:
             i = (i + 1) & self.mask
 
     # ---- Admission -------------------------------------------------------------------------
-    def admit(self, source: str) -> str | None:
+    def admit(self, source: str, *, force: bool = False) -> str | None:
         h, words = self._hash(source), self.words
         self._lock()
         try:
-            if sum(words[r * self.stride] for r in range(self.workers)) >= self.max_connections:
+            if force:
+                pass
+            elif sum(words[r * self.stride] for r in range(self.workers)) \
+                    >= self.max_connections:
                 return TOO_MANY
-            if sum(words[self._find(r, h) + 1] for r in range(self.workers)) \
+            elif sum(words[self._find(r, h) + 1] for r in range(self.workers)) \
                     >= self.max_per_source:
                 return TOO_MANY_FROM_SOURCE
             at = self._find(self.worker, h)

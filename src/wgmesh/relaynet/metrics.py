@@ -38,6 +38,8 @@ _OTHER_COUNTERS = {
     "stun_requests": "STUN Binding requests received",
     "stun_replies": "STUN Binding answers sent",
     "allow_list_fetches": "allow-list fetches from control that succeeded",
+    "clients_moved_in": "node connections moved here from another worker of this relay, "
+                        "to the worker of the node they talk with",
 }
 
 

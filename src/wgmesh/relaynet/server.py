@@ -62,6 +62,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import secrets
 import socket
 import ssl as _ssl
@@ -101,7 +102,8 @@ from wgmesh.relay import (
 )
 from wgmesh.relaynet.admission import Admission, LocalAdmission
 from wgmesh.relaynet.connection import OnPeer, RelayConnection
-from wgmesh.relaynet.mesh import RegionMesh
+from wgmesh.relaynet.handoff import MAX_MESSAGE, Handoff, HandoffError, decode, encode, partner
+from wgmesh.relaynet.mesh import MeshLink, RegionMesh
 from wgmesh.relaynet.metrics import exposition, relay_registry, wants_prometheus
 from wgmesh.relaynet.stream import QUEUE_BYTES, FrameStream, QueueBudget
 from wgmesh.relaynet.stunserver import StunResponder
@@ -118,6 +120,9 @@ WORKER_HEADER = b"x-wgmesh-worker"
 _WORKER_MAX = frozenset({"uptime", "remote_clients", "queue_max_bytes"})
 #: ... and figures every worker already gives for the whole relay (the shared caps)
 _WORKER_SAME = frozenset({"server_key", "connections", "sources", "allow_list_size"})
+#: seconds a connection moved to another worker stays there whatever its traffic does, and
+#: (shorter) that the worker it left still passes on a sibling's packets for it
+MOVE_PIN, MOVED_FORWARD = 10.0, 5.0
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -178,9 +183,20 @@ class _Client(FrameStream):
         self.heard_from: set[bytes] = set()  # peers that sent to this client
         self.told_not_here: dict[bytes, float] = {}  # absent peer -> when we last said so
         self.since = 0  # monotonic ns when its hello was accepted (newest of a key wins)
+        # affinity (workers): packets this interval, and those with nodes of other workers
+        self.traffic = 0
+        self.crossing: dict[bytes, int] = {}
+        self.pinned_until = 0.0  # not moved to another worker before then
+        self.adopted: bytes | None = None  # moved here: the frame it was in the middle of
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self.adopted is not None:  # registered when it was handed over; frames only
+            pending, self.adopted = self.adopted, None
+            self.flush_output()
+            if pending:
+                self.data_received(pending)
+            return
         peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         self.peer_ip = str(peer[0]) if peer else ""
         self.local_ip = str(local[0]) if local else ""
@@ -225,7 +241,9 @@ class RelayServer:
     The ``max_*`` and ``queue_*`` caps bound memory (module docstring);
     ``metrics_allow``: CIDRs that may read ``/metrics`` (``None``: this host only).
     ``admission`` counts the connection caps (default: in this process; a relay of
-    several workers shares one across them).
+    several workers shares one across them). ``affinity_packets``: a worker of a relay of
+    several moves a node's connection to the worker of the node it talks with once they
+    exchange that many packets a second (0: never; :mod:`~wgmesh.relaynet.handoff`).
     """
 
     def __init__(self, private_key: PrivateKey | None = None, *,
@@ -241,7 +259,7 @@ class RelayServer:
                  max_connections: int = 10_000, max_per_source: int = 1024,
                  max_destinations: int = 1024,
                  metrics_allow: Sequence[str] | None = None,
-                 admission: Admission | None = None,
+                 admission: Admission | None = None, affinity_packets: int = 500,
                  write_timeout: float = 5.0, keepalive: float = 20.0,
                  idle_timeout: float = 65.0, handshake_timeout: float = 10.0,
                  software: str = "wgmesh-relay") -> None:
@@ -273,6 +291,7 @@ class RelayServer:
         self.admission: Admission = admission or LocalAdmission(max_connections,
                                                                 max_per_source)
         self.max_destinations = max_destinations
+        self.affinity_packets = affinity_packets
         try:
             self.metrics_allow: tuple[_Network, ...] | None = None if metrics_allow is None \
                 else tuple(ipaddress.ip_network(n.strip(), strict=False) for n in metrics_allow)
@@ -292,6 +311,9 @@ class RelayServer:
         self.sibling_key: bytes | None = None
         self.sibling_sockets: dict[str, str] = {}  # a sibling's URL -> its UNIX socket
         self._clients: dict[bytes, _Client] = {}
+        self._handoff: dict[str, socket.socket] = {}  # a sibling's URL -> our channel to it
+        self._moved: dict[bytes, tuple[MeshLink, float]] = {}  # moved away: where, until
+        self._adopting: set[asyncio.Task[Any]] = set()
         self._mesh_in: set[_Client] = set()
         self._pending: set[_Client] = set()
         self._internal: set[_Client] = set()  # on the workers' listener, not yet siblings
@@ -345,17 +367,24 @@ class RelayServer:
         for url in self.mesh_peer_urls:
             self.mesh.add(url)
 
-    async def serve_siblings(self, sock: socket.socket, key: bytes, paths: Sequence[str]) -> None:
+    async def serve_siblings(self, sock: socket.socket, key: bytes, paths: Sequence[str],
+                             handoff: Sequence[socket.socket] = ()) -> None:
         """Be one worker of a relay of several: accept the other workers on the UNIX
         listener ``sock`` (proving ``key``, theirs and ours) and dial each of them at its
-        UNIX socket in ``paths`` (a UNIX socket: cheaper per byte than TCP on loopback)."""
+        UNIX socket in ``paths`` (a UNIX socket: cheaper per byte than TCP on loopback).
+        ``handoff``: a ``SOCK_SEQPACKET`` channel to each of them, in the order of
+        ``paths``, that node connections move over (:mod:`~wgmesh.relaynet.handoff`)."""
         self.sibling_key = key
-        self._servers.append(await asyncio.get_running_loop().create_server(
+        loop = asyncio.get_running_loop()
+        self._servers.append(await loop.create_server(
             lambda: _Client(self, internal=True), sock=sock, backlog=64))
         for i, path in enumerate(paths):
             url = f"http://worker{i}"
             self.sibling_sockets[url] = path
             self.siblings.add(url)
+        for i, chan in enumerate(handoff):
+            self._handoff[f"http://worker{i}"] = chan
+            loop.add_reader(chan.fileno(), self._take_handoffs, chan)
 
     def add_mesh_peer(self, url: str) -> None:
         """Mesh with one more relay of the region (each relay dials every other one)."""
@@ -365,6 +394,9 @@ class RelayServer:
         self.mesh.add(url)
 
     async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for chan in self._handoff.values():
+            loop.remove_reader(chan.fileno())
         for t in [*self._tasks, *self._answers]:
             t.cancel()
         await self.mesh.close()
@@ -687,15 +719,18 @@ class RelayServer:
         if dst not in c.interest and len(c.interest) < cap:
             c.interest.add(dst)
             self._interested.setdefault(dst, set()).add(c)
+        c.traffic += run.count
         if target is not None:
             if c.key not in target.heard_from and len(target.heard_from) < cap:
                 target.heard_from.add(c.key)
             target.write_frames(run.frames, run.count)
+            target.traffic += run.count
             counters["packets_out"] += run.count
             counters["bytes_out"] += run.payload
         elif link is not None:
             link.write_frames(frame_deliver(c.key, dst, run.count, run.frames), run.count)
             counters["packets_sibling_out"] += run.count
+            c.crossing[dst] = c.crossing.get(dst, 0) + run.count
             link.hold(c)  # while the other worker falls behind, read this node no further
 
     def _nobody(self, c: _Client, run: SendRun) -> None:
@@ -733,6 +768,7 @@ class RelayServer:
                     return
                 counters["packets_in"] += 1
                 counters["bytes_in"] += n
+                c.traffic += 1
                 if c.bucket is not None and not c.bucket.take(n, now):
                     self.drops["rate_limited"] += 1
                     continue
@@ -745,6 +781,7 @@ class RelayServer:
                     if c.key not in target.heard_from and len(target.heard_from) < cap:
                         target.heard_from.add(c.key)
                     target.write_frame(frame_recv(c.key, memoryview(body)[KEY_LEN:]))
+                    target.traffic += 1
                     counters["packets_out"] += 1
                     counters["bytes_out"] += n
                     continue
@@ -752,6 +789,7 @@ class RelayServer:
                 if sibling is not None:
                     sibling.write_frame(frame_forward(c.key, dst, memoryview(body)[KEY_LEN:]))
                     counters["packets_sibling_out"] += 1
+                    c.crossing[dst] = c.crossing.get(dst, 0) + 1
                     continue
                 hop = self.mesh.route(dst)
                 if hop is not None:
@@ -786,17 +824,18 @@ class RelayServer:
                 except FrameError:
                     c.abort("bad_frame")
                     return
-                target = self._clients.get(dst)
                 counters["packets_sibling_in" if c.sibling else "packets_mesh_in"] += 1
+                target = self._local(dst, c)
                 if target is None:
-                    link = None if c.sibling else self.siblings.route(dst)
+                    link = self._moved_to(dst) if c.sibling else self.siblings.route(dst)
                     if link is not None:
                         link.write_frame(encode_frame(FrameType.FORWARD, body))
                         counters["packets_sibling_out"] += 1
                     else:
                         self.drops["mesh_unknown_dest"] += 1  # never re-forwarded further
                     continue
-                self._deliver(target, src, 1, len(packet), frame_recv(src, packet))
+                self._deliver(target, src, 1, len(packet), frame_recv(src, packet),
+                              c.sibling)
             elif ftype == FrameType.DELIVER and c.sibling:
                 try:
                     src, dst, count, run = parse_deliver(body)
@@ -804,11 +843,16 @@ class RelayServer:
                     c.abort("bad_frame")
                     return
                 counters["packets_sibling_in"] += count
-                target = self._clients.get(dst)
+                target = self._local(dst, c)
                 if target is None:
-                    self.drops["mesh_unknown_dest"] += count
+                    link = self._moved_to(dst)
+                    if link is not None:  # it moved on a moment ago: one hop more
+                        link.write_frame(encode_frame(FrameType.DELIVER, body))
+                        counters["packets_sibling_out"] += count
+                    else:
+                        self.drops["mesh_unknown_dest"] += count
                     continue
-                self._deliver(target, src, count, len(run) - count * _RECV_OVERHEAD, run)
+                self._deliver(target, src, count, len(run) - count * _RECV_OVERHEAD, run, True)
             elif ftype == FrameType.PING:
                 c.write_frame(encode_frame(FrameType.PONG, body[:8]))
             elif ftype not in (FrameType.KEEPALIVE, FrameType.PONG):
@@ -816,13 +860,152 @@ class RelayServer:
                 return
 
     def _deliver(self, target: _Client, src: bytes, count: int, payload: int,
-                 frames: bytes) -> None:
+                 frames: bytes, from_sibling: bool) -> None:
         """``count`` RECV frames from ``src``, that came over a mesh link, to a node here."""
         if src not in target.heard_from and len(target.heard_from) < self.max_destinations:
             target.heard_from.add(src)
         target.write_frames(frames, count)
+        target.traffic += count
+        if from_sibling:
+            target.crossing[src] = target.crossing.get(src, 0) + count
         self.counters["packets_out"] += count
         self.counters["bytes_out"] += payload
+
+    def _local(self, dst: bytes, link: _Client) -> _Client | None:
+        """Our node ``dst``, including one a sibling has just handed over whose handoff
+        we have not read yet (it was sent before any packet for it; ``link`` is where the
+        packet came from)."""
+        target = self._clients.get(dst)
+        if target is None and link.sibling and self._handoff:
+            for chan in self._handoff.values():
+                self._take_handoffs(chan)
+            target = self._clients.get(dst)
+        return target
+
+    def _moved_to(self, key: bytes) -> RelayConnection | None:
+        """The link to the worker our node ``key`` moved to in the last MOVED_FORWARD
+        seconds (a third worker may still send its packets here)."""
+        moved = self._moved.get(key)
+        return None if moved is None else moved[0].conn
+
+    # ---- affinity: a node's connection moves to the worker of the node it talks with ---
+    def _rebalance(self, now: float) -> None:
+        """Once an interval: every node that talked mostly with one node of another worker
+        and is the one of the pair to move (:func:`~wgmesh.relaynet.handoff.partner`)
+        goes to that worker."""
+        for k in [k for k, (_, until) in self._moved.items() if until < now]:
+            del self._moved[k]
+        for c in list(self._clients.values()):
+            crossing, c.crossing = c.crossing, {}
+            traffic, c.traffic = c.traffic, 0
+            if not crossing or now < c.pinned_until or not self.affinity_packets:
+                continue
+            peer = partner(c.key, crossing, traffic, self.affinity_packets)
+            link = None if peer is None else self.siblings.remote.get(peer)
+            if link is not None and link.conn is not None:
+                self._hand_over(c, link, now)
+
+    def _hand_over(self, c: _Client, link: MeshLink, now: float) -> bool:
+        """Move node ``c``'s connection to the worker at the other end of ``link``: its
+        socket and state over the handoff channel, then its packets over ``link`` until
+        that worker says the node is there. Not a connection over TLS (its session cannot
+        leave this process) nor one with output not yet written (tried again later)."""
+        chan, t = self._handoff.get(link.url), c.transport
+        if chan is None or t is None or c.closed:
+            return False
+        if t.get_extra_info("ssl_object") is not None:
+            self.counters["clients_kept_tls"] += 1
+            return False
+        if not c.flush_output():
+            return False
+        if link.conn is not None:  # what it sent before goes first, as far as we can help it
+            link.conn.flush_output()
+        msg = encode(Handoff(c.key, c.preferred, c.decoder.pending, tuple(c.interest),
+                             tuple(c.heard_from)))
+        try:
+            socket.send_fds(chan, [msg], [t.get_extra_info("socket").fileno()])
+        except OSError as e:  # the channel is full or gone: the node stays here
+            self.drops["handoff_failed"] += 1
+            log.debug("handing %s over failed: %s", Key(c.key).b64(), e)
+            return False
+        c.state = "moved"
+        del self._clients[c.key]
+        link.keys.add(c.key)
+        self.siblings.remote[c.key] = link
+        self._moved[c.key] = (link, now + MOVED_FORWARD)
+        self.counters["clients_moved_out"] += 1
+        c.closed = True
+        t.abort()  # closes our descriptor only: the connection lives on in the sibling
+        return True
+
+    def _take_handoffs(self, chan: socket.socket) -> None:
+        """Adopt every connection a sibling handed us over ``chan``."""
+        while True:
+            try:
+                msg, fds, _flags, _addr = socket.recv_fds(chan, MAX_MESSAGE, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("handoff channel: %s", e)
+                return
+            if not msg and not fds:  # the supervisor is gone; we follow it soon
+                asyncio.get_running_loop().remove_reader(chan.fileno())
+                return
+            self._adopt(msg, fds)
+
+    def _adopt(self, msg: bytes, fds: list[int]) -> None:
+        try:
+            h = decode(msg)
+            if len(fds) != 1:
+                raise HandoffError("a handoff carries one connection")
+        except HandoffError:
+            for fd in fds:
+                os.close(fd)
+            self.drops["bad_handoff"] += 1
+            return
+        sock = socket.socket(fileno=fds[0])
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
+                                                                      socket.AF_INET6):
+                raise HandoffError("not a TCP connection")
+            peer, local = sock.getpeername(), sock.getsockname()
+        except (HandoffError, OSError):  # OSError: the node hung up on the way
+            sock.close()
+            self.drops["bad_handoff"] += 1
+            return
+        if h.key in self._clients:  # it connected again meanwhile: the newer one wins
+            sock.close()
+            self._drop("replaced")
+            return
+        sock.setblocking(False)
+        c = _Client(self)
+        c.adopted, c.key, c.state, c.preferred = h.pending, h.key, "node", h.preferred
+        c.skip_preamble()
+        c.peer_ip, c.local_ip = str(peer[0]), str(local[0])
+        c.source = _source_of(c.peer_ip)
+        self.admission.admit(c.source, force=True)  # admitted once: moving is no new connection
+        c.heard_from.update(h.heard_from[:self.max_destinations])
+        c.interest.update(h.interest[:self.max_destinations])
+        for dst in c.interest:
+            self._interested.setdefault(dst, set()).add(c)
+        c.since = time.monotonic_ns()
+        c.pinned_until = time.monotonic() + MOVE_PIN
+        self._clients[h.key] = c
+        self.counters["clients_moved_in"] += 1
+        self._tell_mesh(h.key, present=True, since=c.since)
+        task = asyncio.get_running_loop().create_task(
+            asyncio.get_running_loop().connect_accepted_socket(lambda: c, sock))
+        self._adopting.add(task)
+        task.add_done_callback(lambda t: self._adopted(t, c, sock))
+
+    def _adopted(self, task: asyncio.Task[Any], c: _Client, sock: socket.socket) -> None:
+        self._adopting.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            log.warning("adopting a connection failed: %s", task.exception()
+                        if not task.cancelled() else "cancelled")
+            sock.close()
+            c.closed = True
+            self._closed(c)
 
     def _tell_mesh(self, key: bytes, *, present: bool, region: bool = True,
                    siblings: bool = True, since: int = 0) -> None:
@@ -850,7 +1033,7 @@ class RelayServer:
         if c.state == "mesh":
             self._mesh_in.discard(c)
             return
-        if c.state != "node":
+        if c.state not in ("node", "moved"):
             return
         for dst in c.interest:
             s = self._interested.get(dst)
@@ -858,7 +1041,7 @@ class RelayServer:
                 s.discard(c)
                 if not s:
                     del self._interested[dst]
-        if self._clients.get(c.key) is c:
+        if c.state == "node" and self._clients.get(c.key) is c:
             del self._clients[c.key]
             # the region still reaches a node that is on a sibling too through us
             self._tell_mesh(c.key, present=False, region=c.key not in self.siblings.remote)
@@ -881,6 +1064,8 @@ class RelayServer:
             for c in [*self._clients.values(), *self._mesh_in]:
                 if now - c.last_rx > self.idle_timeout:
                     c.abort("idle_timeout")
+            if self._handoff:
+                self._rebalance(now)
             if now - last_keepalive >= self.keepalive:
                 last_keepalive = now
                 for c in [*self._clients.values(), *self._mesh_in]:

@@ -222,6 +222,17 @@ class FrameStream(asyncio.Protocol):
         self.budget.used -= self.queued_bytes
         self.queued_bytes = self.queued_frames = 0
 
+    def skip_preamble(self) -> None:
+        """Frames from the first byte: a connection another process already upgraded."""
+        self._preamble = None
+
+    def flush_output(self) -> bool:
+        """Hand what is queued to the transport now; True if nothing is left unwritten
+        (queued here, backlogged, or in the transport's buffer)."""
+        self._flush()
+        return not (self._out or self._backlog or self.paused or self.transport is None
+                    or self.transport.get_write_buffer_size())
+
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True

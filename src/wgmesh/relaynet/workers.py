@@ -14,6 +14,9 @@ a second process. How they stay one relay:
   key made for this run: presence, forwarding by key, the region mesh and ``/metrics``
   see one relay. That link has backpressure: a node whose packets go to a backed-up
   sibling is not read until the link drains (dropping there would waste work done).
+* A node that talks mostly with a node of another worker is moved there, connection and
+  all (:mod:`~wgmesh.relaynet.handoff`), over a ``SOCK_SEQPACKET`` socket pair per two
+  workers, made before forking: a private channel no other process can reach.
 * The caps count across workers in shared memory
   (:class:`~wgmesh.relaynet.admission.SharedAdmission`); the supervisor clears a dead
   worker's share before its replacement starts. The queue budget (what slow readers'
@@ -93,6 +96,7 @@ class RelayWorkers:
         self._public: list[list[socket.socket]] = []
         self._internal: list[socket.socket] = []
         self._internal_names: list[str] = []
+        self._handoff: dict[tuple[int, int], socket.socket] = {}  # (i, j): i's end towards j
         self._stun: socket.socket | None = None
         self._key = secrets.token_bytes(32)
         self._ready_r, self._ready_w = -1, -1
@@ -117,6 +121,12 @@ class RelayWorkers:
             s.listen(64)
             s.setblocking(False)
             self._internal.append(s)
+        for i in range(self.workers):
+            for j in range(i + 1, self.workers):
+                a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                a.setblocking(False)
+                b.setblocking(False)
+                self._handoff[i, j], self._handoff[j, i] = a, b
         if self.stun_port is not None:
             self._stun = _listener(self.host, self.stun_port, socket.SOCK_DGRAM)
             self.stun_port = self._stun.getsockname()[1]
@@ -207,7 +217,8 @@ class RelayWorkers:
                 deadline = float("inf")
             time.sleep(0.01)
         self.pids = [0] * self.workers
-        for s in [*(s for socks in self._public for s in socks), *self._internal]:
+        for s in [*(s for socks in self._public for s in socks), *self._internal,
+                  *self._handoff.values()]:
             s.close()
         if self._stun is not None:
             self._stun.close()
@@ -230,6 +241,9 @@ class RelayWorkers:
             if j != i:
                 for s in [*self._public[j], self._internal[j]]:
                     s.close()
+        for (owner, _), s in self._handoff.items():
+            if owner != i:
+                s.close()
         if i and self._stun is not None:
             self._stun.close()
         os.close(self._ready_r)
@@ -239,10 +253,11 @@ class RelayWorkers:
         return 0
 
     async def _serve(self, i: int, others: list[str]) -> None:
+        handoff = [self._handoff[i, j] for j in range(self.workers) if j != i]
         srv = self.make_server(self.admission)
         srv.queue_budget.limit = max(srv.queue_bytes, srv.queue_budget.limit // self.workers)
         await srv.start(sockets=self._public[i], stun_sock=self._stun if i == 0 else None)
-        await srv.serve_siblings(self._internal[i], self._key, others)
+        await srv.serve_siblings(self._internal[i], self._key, others, handoff)
         os.write(self._ready_w, b"r")
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
