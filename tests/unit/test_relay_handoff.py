@@ -4,11 +4,17 @@ a crossing pair moves, and the caps counting a moved connection over them."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import os
+import secrets
+import socket
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from polling import wait_for
 
 from wgmesh.keys import PrivateKey
 from wgmesh.relay import FrameDecoder, FrameType, encode_frame, frame_send
@@ -22,6 +28,7 @@ from wgmesh.relaynet.handoff import (
     encode,
     partner,
 )
+from wgmesh.relaynet.server import RelayServer
 
 pytestmark = pytest.mark.unit
 
@@ -75,6 +82,7 @@ def test_a_full_handoff_fits_its_bound() -> None:
 
 
 LOW, HIGH, THIRD = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
+NODE = PrivateKey.generate().public.raw
 
 
 def test_exactly_one_end_of_a_crossing_pair_moves() -> None:
@@ -113,3 +121,60 @@ def test_a_moved_connection_counts_over_the_caps() -> None:
     local = LocalAdmission(1, 1)
     assert local.admit("x") is None and local.admit("x") == "too_many_connections"
     assert local.admit("x", force=True) is None and local.connections == 2
+
+
+def test_a_worker_adopts_a_handed_connection_and_refuses_anything_else() -> None:
+    """A relay worker on its handoff channel: a TCP connection with the start of a frame
+    is adopted (the node's next bytes finish that frame and it is answered on the same
+    connection; it counts against the caps once, and leaves them when it hangs up); junk,
+    a message without a connection or with two, and a socket that is not TCP are each
+    refused, counted, and their descriptors closed."""
+    async def main() -> None:
+        srv = RelayServer(host="127.0.0.1", port=0)
+        await srv.start()
+        here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        here.setblocking(False)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(f"\0wgmesh-test-handoff-{secrets.token_hex(4)}")
+        listener.listen()
+        listener.setblocking(False)
+        await srv.serve_siblings(listener, secrets.token_bytes(32), [], handoff=[here])
+        loop = asyncio.get_running_loop()
+
+        async def until(pred: Callable[[], bool], what: str) -> None:
+            await asyncio.to_thread(wait_for, pred, 10, what, 0.01)
+
+        unix_a, unix_b = socket.socketpair()
+        good = encode(Handoff(NODE))
+        refused = [(b"junk", [unix_a.fileno()]), (good, []),
+                   (good, [unix_a.fileno(), unix_b.fileno()]), (good, [unix_a.fileno()])]
+        open_fds = len(os.listdir("/proc/self/fd"))
+        for msg, fds in refused:
+            socket.send_fds(there, [msg], fds)
+        await until(lambda: srv.drops["bad_handoff"] == len(refused), "each refused")
+        # the copies the relay received are closed (same process: counted, not looked up)
+        assert len(os.listdir("/proc/self/fd")) == open_fds
+        assert srv.metrics()["clients"] == 0 and srv.admission.connections == 0
+        # a TCP connection handed over in the middle of a PING frame
+        with socket.create_server(("127.0.0.1", 0)) as ls:
+            node = socket.create_connection(ls.getsockname())
+            relay_end, _ = ls.accept()
+        ping = encode_frame(FrameType.PING, b"12345678")
+        socket.send_fds(there, [encode(Handoff(NODE, pending=ping[:3]))], [relay_end.fileno()])
+        relay_end.close()
+        await until(lambda: srv.counters["clients_moved_in"] == 1, "adopted")
+        assert srv.metrics()["clients"] == 1 and srv.admission.connections == 1
+        await loop.sock_sendall(node, ping[3:])
+        node.setblocking(False)
+        reply = b""
+        while len(reply) < len(ping):
+            reply += await loop.sock_recv(node, 64)
+        assert reply == encode_frame(FrameType.PONG, b"12345678")
+        node.close()
+        await until(lambda: srv.metrics()["clients"] == 0, "gone when it hangs up")
+        assert srv.admission.connections == 0
+        await srv.close()
+        for s in (here, there, listener, unix_a, unix_b):
+            s.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
