@@ -12,7 +12,8 @@ PY=.venv/bin/python
     src/wgmesh/relay.py src/wgmesh/stun.py src/wgmesh/disco.py src/wgmesh/wireguard/noise.py \
     src/wgmesh/wireguard/session.py src/wgmesh/wireguard/filter.py src/wgmesh/control/world.py \
     src/wgmesh/control/policy.py src/wgmesh/control/envelope.py src/wgmesh/control/routes.py \
-    src/wgmesh/lock.py src/wgmesh/portmap.py src/wgmesh/drop/protocol.py
+    src/wgmesh/lock.py src/wgmesh/portmap.py src/wgmesh/drop/protocol.py \
+    src/wgmesh/relaynet/handoff.py
 .venv/bin/wgmesh lab clean >/dev/null
 if [ -z "${WGMESH_TEST_POSTGRES_DSN:-}" ]; then
     # the service tier's real PostgreSQL: exports WGMESH_TEST_POSTGRES_DSN and WGMESH_PG_DIR.
