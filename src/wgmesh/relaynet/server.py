@@ -36,7 +36,8 @@ server per process; :meth:`RelayServer.serve_siblings` meshes it with the others
 UNIX sockets the same way, with a key of their own. A node reaches a node of a sibling
 in one sibling hop, the region's other relays learn every worker's nodes from
 whichever worker they dialled, the caps count across workers (``admission``) and
-``GET /metrics`` sums every worker's numbers.
+``GET /metrics`` sums every worker's numbers. A node that talks mostly with a node of
+another worker has its connection moved there (:mod:`~wgmesh.relaynet.handoff`).
 
 Allow-list (optional): with ``control_url`` and ``relay_credential`` (a
 control API key of role ``relay``: ``wgmesh control apikey create --role
