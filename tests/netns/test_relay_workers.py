@@ -228,62 +228,73 @@ def test_caps_are_the_relays_and_a_killed_worker_is_replaced(tmp_path: Path) -> 
     run(tmp_path, test, "--max-per-source", str(per_source), "--max-connections", str(total))
 
 
-async def talk(low: Node, high: Node, until_done: Callable[[], bool], deadline: float) -> int:
-    """``low`` sends numbered 200-byte packets to ``high``, written straight into its
-    connection a frame and a half at a time (so the relay's read of it ends mid-frame
-    almost always), while ``high`` answers each piece, ~1,500 packets a second each way;
-    until ``until_done()`` or ``deadline`` (loop time). How many ``low`` sent."""
+async def talk(a: Node, b: Node, until_done: Callable[[], bool], deadline: float) -> int:
+    """``a`` and ``b`` send each other numbered 200-byte packets, written straight into
+    their connections a frame and a half at a time (so the relay's reads of either end
+    mid-frame almost always), ~1,500 packets a second each way, until ``until_done()`` or
+    ``deadline`` (loop time). How many each sent."""
     loop = asyncio.get_running_loop()
-    assert low.conn.transport is not None
-    frames = [frame_send(high.key.public, i.to_bytes(4, "big") + bytes(196)) for i in range(60_000)]
-    stream = b"".join(frames)
-    size, at, n = len(frames[0]), 0, 0
+    ends = []
+    for src, dst in ((a, b), (b, a)):
+        assert src.conn.transport is not None
+        stream = b"".join(frame_send(dst.key.public, i.to_bytes(4, "big") + bytes(196))
+                          for i in range(60_000))
+        ends.append((src.conn.transport, stream))
+    size = len(frame_send(a.key.public, bytes(200)))
+    at, n = 0, 0
     while loop.time() < deadline and (n % 20 or not until_done()):  # asks every 20 pieces
         n += 1
-        piece = stream[at:at + size * 3 // 2]
-        low.conn.transport.write(piece)
-        at += len(piece)
-        high.conn.send(low.key.public, b"back")
+        for transport, stream in ends:
+            transport.write(stream[at:at + size * 3 // 2])
+        at += size * 3 // 2
         await asyncio.sleep(0.001)  # pacing, not waiting for anything
-    low.conn.transport.write(stream[at:-(-at // size) * size])  # finish the frame begun
-    return -(-at // size)
+    sent = -(-at // size)
+    for transport, stream in ends:
+        transport.write(stream[at:sent * size])  # finish the frame begun
+    return sent
 
 
 def numbers(node: Node, src: Node) -> list[int]:
     return [int.from_bytes(d[:4], "big") for k, d in node.packets if k == src.key.public]
 
 
+async def all_arrived(dst: Node, src: Node, sent: int) -> None:
+    """Every packet ``src`` sent ``dst`` arrived once, whole."""
+    await until(lambda: len(numbers(dst, src)) >= sent, f"{sent} packets")
+    got = [d for k, d in dst.packets if k == src.key.public]
+    assert sorted(numbers(dst, src)) == list(range(sent)), "lost or doubled on the move"
+    assert all(d[4:] == bytes(196) for d in got), "damaged on the move"
+
+
 def test_a_talking_pair_meets_on_one_worker(tmp_path: Path) -> None:
     """Two nodes that the kernel put on different workers exchange packets steadily: the
     one with the smaller key is moved to the other's worker (handoff module), on the same
-    TCP connection (no new handshake), and nothing it sent is lost, doubled or damaged,
-    although the relay reads it in pieces that end mid-frame. Afterwards their packets no
-    longer cross between the workers, and the moved node still hears its peer leave."""
+    TCP connection (no new handshake), and nothing either sent is lost, doubled or
+    damaged, although the relay reads both in pieces that end mid-frame. Afterwards their packets no longer
+    cross between the workers, and the moved node still hears its peer leave."""
     async def test(relay: Relay) -> None:
         a, b, nodes = await relay.nodes_on_both()
         for n in nodes:
             if n not in (a, b):
                 n.conn.close()
-        low, high = sorted((a, b), key=lambda n: n.key.public.raw)
         before = metrics_from(relay.port, METRICS)
         assert before["counters"].get("clients_moved_in", 0) == 0
         loop = asyncio.get_running_loop()
         met = [0.0]
 
-        def moved() -> bool:  # low on high's worker, alone there; then a second more of it
-            if not met[0] and relay.worker_of(low) == high.worker:
+        def together() -> bool:  # on one worker, each held by it alone; then a second more
+            wa = relay.worker_of(a)
+            if not met[0] and wa is not None and wa == relay.worker_of(b):
                 met[0] = loop.time()
             return bool(met[0]) and loop.time() > met[0] + 1.0
 
-        sent = await talk(low, high, moved, loop.time() + 30)
+        sent = await talk(a, b, together, loop.time() + 30)
         assert met[0], "the pair never met on one worker"
-        assert relay.worker_of(high) == high.worker  # the larger key stayed
-        await until(lambda: len(numbers(high, low)) >= sent, f"{sent} packets low -> high")
-        got = numbers(high, low)
-        assert sorted(got) == list(range(sent)), "lost, doubled or damaged on the move"
-        assert all(d == i.to_bytes(4, "big") + bytes(196) for i, (k, d) in
-                   zip(got, [p for p in high.packets if p[0] == low.key.public], strict=True))
-        assert not low.conn.closed and not high.conn.closed
+        moved, stayed = sorted((a, b), key=lambda n: n.key.public.raw)  # the smaller key moves
+        assert relay.worker_of(stayed) == stayed.worker != moved.worker
+        await all_arrived(b, a, sent)
+        await all_arrived(a, b, sent)
+        assert not a.conn.closed and not b.conn.closed
         m = metrics_from(relay.port, METRICS)
         assert m["counters"]["clients_moved_in"] == m["counters"]["clients_moved_out"] == 1
         assert m["counters"]["clients_accepted"] == before["counters"]["clients_accepted"]
@@ -291,10 +302,10 @@ def test_a_talking_pair_meets_on_one_worker(tmp_path: Path) -> None:
         assert m["connections"] == before["connections"] - len(nodes) + 2  # caps: still 2
         # met: their packets stay on one worker now
         crossed = m["counters"]["packets_sibling_out"]
-        await exchange(low, high, b"after the move")
+        await exchange(a, b, b"after the move")
         assert metrics_from(relay.port, METRICS)["counters"]["packets_sibling_out"] == crossed
-        high.conn.close()
-        await until(lambda: (high.key.public, False, GONE_DISCONNECTED) in low.peers,
+        stayed.conn.close()
+        await until(lambda: (stayed.key.public, False, GONE_DISCONNECTED) in moved.peers,
                     "the moved node hears its peer leave")
 
     run(tmp_path, test, "--affinity-packets", "200")
@@ -308,19 +319,18 @@ def test_a_pair_over_tls_is_not_moved(tmp_path: Path) -> None:
 
     async def test(relay: Relay) -> None:
         a, b, _ = await relay.nodes_on_both()
-        low, high = sorted((a, b), key=lambda n: n.key.public.raw)
 
-        def kept() -> int:  # the times the relay wanted to move low and kept it
+        def kept() -> int:  # the times the relay wanted to move one of them and kept it
             m = metrics_from(relay.port, METRICS, tls=relay.tls)
             return int(m["counters"].get("clients_kept_tls", 0))
 
         loop = asyncio.get_running_loop()
-        await talk(low, high, lambda: kept() > 0, loop.time() + 30)
+        await talk(a, b, lambda: kept() > 0, loop.time() + 30)
         assert kept(), "the relay never saw the pair cross"
         m = metrics_from(relay.port, METRICS, tls=relay.tls)
         assert m["counters"].get("clients_moved_out", 0) == 0
-        assert relay.worker_of(low) == low.worker and relay.worker_of(high) == high.worker
-        await exchange(low, high, b"still")
+        assert relay.worker_of(a) == a.worker and relay.worker_of(b) == b.worker
+        await exchange(a, b, b"still")
 
     tls = ssl.create_default_context(cafile=str(ca.path))
     run(tmp_path, test, "--affinity-packets", "200", "--tls-cert", str(cert),
