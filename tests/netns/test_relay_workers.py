@@ -87,22 +87,31 @@ class Relay:
 
     async def nodes_on_both(self, source: str = "127.0.0.1") -> tuple[Node, Node, list[Node]]:
         """Connect nodes until two landed on different workers: (one, other, all)."""
+        firsts, nodes = await self.nodes_on(2, source)
+        return firsts[0], firsts[1], nodes
+
+    async def nodes_on(self, workers: int, source: str = "127.0.0.1"
+                       ) -> tuple[list[Node], list[Node]]:
+        """Connect nodes until ``workers`` workers hold one each: (the first node on each,
+        all of them)."""
         nodes = [await self.node(source=source)]
-        while len({n.worker for n in nodes}) < 2:
-            assert len(nodes) < 40, "the kernel never picked the second worker"
+        while len({n.worker for n in nodes}) < workers:
+            assert len(nodes) < 60, "the kernel never picked every worker"
             nodes.append(await self.node(source=source))
-        return nodes[0], next(n for n in nodes if n.worker != nodes[0].worker), nodes
+        firsts = {n.worker: n for n in reversed(nodes)}
+        return sorted(firsts.values(), key=nodes.index), nodes
 
 
 def run(tmp_path: Path, test: Callable[[Relay], Coroutine[Any, Any, None]], *args: str,
-        tls: ssl.SSLContext | None = None) -> None:
-    """``test`` against a fresh relay of two workers; afterwards no worker is left."""
-    with relay_process(tmp_path, "--workers", "2", *args) as (pid, port):
-        workers = wait_for(lambda: len(workers_of(pid)) == 2 and workers_of(pid), 10,
-                           "two workers")
+        tls: ssl.SSLContext | None = None, workers: int = 2) -> None:
+    """``test`` against a fresh relay of ``workers``; afterwards no worker is left."""
+    n = workers
+    with relay_process(tmp_path, "--workers", str(n), *args) as (pid, port):
+        workers_ = wait_for(lambda: len(workers_of(pid)) == n and workers_of(pid), 10,
+                            f"{n} workers")
         asyncio.run(asyncio.wait_for(test(Relay(pid, port, tls)), 120))
-        workers = [*workers, *workers_of(pid)]
-    wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers), 10,
+        workers_ = [*workers_, *workers_of(pid)]
+    wait_for(lambda: not any(Path(f"/proc/{w}").exists() for w in workers_), 10,
              "every worker gone once the relay stopped")
 
 
@@ -309,6 +318,48 @@ def test_a_talking_pair_meets_on_one_worker(tmp_path: Path) -> None:
                     "the moved node hears its peer leave")
 
     run(tmp_path, test, "--affinity-packets", "200")
+
+
+def test_a_third_workers_packets_follow_a_moved_node(tmp_path: Path) -> None:
+    """Three workers: while a pair on two of them meets, a node on the third sends to the
+    end that moves, steadily (and stays put itself: its key is the larger). Its worker
+    learns where that node went only when the new worker says so; until then the old
+    worker passes its packets on. None is lost."""
+    async def test(relay: Relay) -> None:
+        (a, b, c), nodes = await relay.nodes_on(3)
+        while c.key.public.raw < min(a.key.public.raw, b.key.public.raw):  # c must stay put
+            nodes.append(await relay.node())
+            if nodes[-1].worker == c.worker:
+                c = nodes[-1]
+        for n in nodes:
+            if n not in (a, b, c):
+                n.conn.close()
+        mover = min((a, b), key=lambda n: n.key.public.raw)
+        loop = asyncio.get_running_loop()
+        sent_c = [0]
+        met = [0.0]
+
+        def together() -> bool:  # c keeps sending; then a second more once a and b met
+            for _ in range(50):  # ~2,000 a second: less than a and b exchange
+                c.conn.send(mover.key.public, sent_c[0].to_bytes(4, "big") + bytes(196))
+                sent_c[0] += 1
+            wa = relay.worker_of(a)
+            if not met[0] and wa is not None and wa == relay.worker_of(b):
+                met[0] = loop.time()
+            return bool(met[0]) and loop.time() > met[0] + 1.0
+
+        sent = await talk(a, b, together, loop.time() + 30)
+        assert met[0], "the pair never met on one worker"
+        assert relay.worker_of(mover) != mover.worker
+        await all_arrived(mover, c, sent_c[0])
+        await all_arrived(b if mover is a else a, mover, sent)
+        m = metrics_from(relay.port, METRICS)
+        assert m["workers"] == 3
+        assert m["counters"]["clients_moved_in"] == 1
+        assert m["drops"].get("mesh_unknown_dest", 0) == 0
+        assert m["counters"]["packets_in"] == m["counters"]["packets_out"]
+
+    run(tmp_path, test, "--affinity-packets", "200", workers=3)
 
 
 def test_a_pair_over_tls_is_not_moved(tmp_path: Path) -> None:
