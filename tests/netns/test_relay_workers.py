@@ -306,6 +306,8 @@ def test_a_talking_pair_meets_on_one_worker(tmp_path: Path) -> None:
         assert not a.conn.closed and not b.conn.closed
         m = metrics_from(relay.port, METRICS)
         assert m["counters"]["clients_moved_in"] == m["counters"]["clients_moved_out"] == 1
+        assert "wgmesh_relay_clients_moved_in_total 1.0" in metrics_from(relay.port, METRICS,
+                                                                           "text/plain")
         assert m["counters"]["clients_accepted"] == before["counters"]["clients_accepted"]
         assert m["counters"]["packets_in"] == m["counters"]["packets_out"]
         assert m["connections"] == before["connections"] - len(nodes) + 2  # caps: still 2
@@ -378,6 +380,8 @@ def test_a_pair_over_tls_is_not_moved(tmp_path: Path) -> None:
         loop = asyncio.get_running_loop()
         await talk(a, b, lambda: kept() > 0, loop.time() + 30)
         assert kept(), "the relay never saw the pair cross"
+        assert "wgmesh_relay_clients_kept_tls_total" in metrics_from(
+            relay.port, METRICS, "text/plain", tls=relay.tls)
         m = metrics_from(relay.port, METRICS, tls=relay.tls)
         assert m["counters"].get("clients_moved_out", 0) == 0
         assert relay.worker_of(a) == a.worker and relay.worker_of(b) == b.worker

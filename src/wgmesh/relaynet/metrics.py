@@ -40,6 +40,8 @@ _OTHER_COUNTERS = {
     "allow_list_fetches": "allow-list fetches from control that succeeded",
     "clients_moved_in": "node connections moved here from another worker of this relay, "
                         "to the worker of the node they talk with",
+    "clients_kept_tls": "times a node's connection would have moved to another worker but "
+                        "stayed, being TLS",
 }
 
 
