@@ -263,6 +263,25 @@ async def talk(a: Node, b: Node, until_done: Callable[[], bool], deadline: float
     return sent
 
 
+async def meet(relay: Relay, a: Node, b: Node, meanwhile: Callable[[], None] = lambda: None
+               ) -> int:
+    """:func:`talk` until ``a`` and ``b`` are on one worker (each held by it alone), then
+    a second more; ``meanwhile`` runs at every check. How many packets each sent."""
+    loop = asyncio.get_running_loop()
+    met = [0.0]
+
+    def together() -> bool:
+        meanwhile()
+        wa = relay.worker_of(a)
+        if not met[0] and wa is not None and wa == relay.worker_of(b):
+            met[0] = loop.time()
+        return bool(met[0]) and loop.time() > met[0] + 1.0
+
+    sent = await talk(a, b, together, loop.time() + 30)
+    assert met[0], "the pair never met on one worker"
+    return sent
+
+
 def numbers(node: Node, src: Node) -> list[int]:
     return [int.from_bytes(d[:4], "big") for k, d in node.packets if k == src.key.public]
 
@@ -288,17 +307,7 @@ def test_a_talking_pair_meets_on_one_worker(tmp_path: Path) -> None:
                 n.conn.close()
         before = metrics_from(relay.port, METRICS)
         assert before["counters"].get("clients_moved_in", 0) == 0
-        loop = asyncio.get_running_loop()
-        met = [0.0]
-
-        def together() -> bool:  # on one worker, each held by it alone; then a second more
-            wa = relay.worker_of(a)
-            if not met[0] and wa is not None and wa == relay.worker_of(b):
-                met[0] = loop.time()
-            return bool(met[0]) and loop.time() > met[0] + 1.0
-
-        sent = await talk(a, b, together, loop.time() + 30)
-        assert met[0], "the pair never met on one worker"
+        sent = await meet(relay, a, b)
         moved, stayed = sorted((a, b), key=lambda n: n.key.public.raw)  # the smaller key moves
         assert relay.worker_of(stayed) == stayed.worker != moved.worker
         await all_arrived(b, a, sent)
@@ -337,21 +346,14 @@ def test_a_third_workers_packets_follow_a_moved_node(tmp_path: Path) -> None:
             if n not in (a, b, c):
                 n.conn.close()
         mover = min((a, b), key=lambda n: n.key.public.raw)
-        loop = asyncio.get_running_loop()
         sent_c = [0]
-        met = [0.0]
 
-        def together() -> bool:  # c keeps sending; then a second more once a and b met
-            for _ in range(50):  # ~2,000 a second: less than a and b exchange
+        def c_sends() -> None:  # ~2,000 a second: less than a and b exchange
+            for _ in range(50):
                 c.conn.send(mover.key.public, sent_c[0].to_bytes(4, "big") + bytes(196))
                 sent_c[0] += 1
-            wa = relay.worker_of(a)
-            if not met[0] and wa is not None and wa == relay.worker_of(b):
-                met[0] = loop.time()
-            return bool(met[0]) and loop.time() > met[0] + 1.0
 
-        sent = await talk(a, b, together, loop.time() + 30)
-        assert met[0], "the pair never met on one worker"
+        sent = await meet(relay, a, b, c_sends)
         assert relay.worker_of(mover) != mover.worker
         await all_arrived(mover, c, sent_c[0])
         await all_arrived(b if mover is a else a, mover, sent)
