@@ -22,8 +22,14 @@ the relay, was the limit. ``relay_us_*`` and ``client_us_*`` are those CPU figur
 packet delivered (microseconds); ``crossed_2`` the share of the packets that went from one
 worker to the other over their link (the relay's own counters).
 
+``--split`` adds a third arm to every round (order a b c, c b a, ...): two separate
+``--workers 1`` relays on two ports, each pair's two ends on the same one, the same
+clients. No packet crosses between relay processes there, so ``split_ratio`` (over the
+one-worker arm) is the most two relay processes deliver on this machine: the ceiling
+``ratio`` is read against.
+
 Prints one JSON line. Usage: ``sudo .venv/bin/python benchmarks/relay_workers.py
-[--rounds 4] [--seconds 4] [--pairs 8] [--procs 1] [--packet 1400]``.
+[--rounds 4] [--seconds 4] [--pairs 8] [--procs 1] [--packet 1400] [--split]``.
 """
 
 from __future__ import annotations
