@@ -113,8 +113,11 @@ def test_lan_host_reaches_internet_only_through_nat(lab: Lab) -> None:
 
 
 CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
     from wgmesh.lab.network import Lab
+    # ^C as at a terminal: a run started in the background (sh: cmd &) hands its children
+    # SIGINT ignored, and Python then leaves it so; the test is about the lab, not that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     lab = Lab()
     h = lab.add_public_host("h")
     p = lab.spawn(h, ["sleep", "600"])
