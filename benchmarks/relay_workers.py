@@ -44,6 +44,7 @@ import socket
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -225,13 +226,8 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace,
     finally:
         for p in procs:
             p.stop()
-    counters: dict[str, int] = {}
-    drops: dict[str, int] = {}
-    for m in metrics:
-        for k, v in m["counters"].items():
-            counters[k] = counters.get(k, 0) + v
-        for k, v in m["drops"].items():
-            drops[k] = drops.get(k, 0) + v
+    counters = sum((Counter(m["counters"]) for m in metrics), Counter[str]())
+    drops = sum((Counter(m["drops"]) for m in metrics), Counter[str]())
     frame = HEADER_LEN + KEY_LEN + a.packet
     pps = got / frame / a.seconds
     relay = _cores(cpu0[0], cpu1[0], a.seconds, "relay")

@@ -82,17 +82,12 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def workers_holding(pid: int, port: int, client_port: int) -> set[int]:
-    """The workers with a descriptor of the relay's end (IPv4, ``port``) of the connection
-    from local port ``client_port``, from /proc/net/tcp and the workers' file descriptors
-    (two for a moment while a connection moves from one worker to the other)."""
+def worker_holding(pid: int, port: int, client_port: int) -> int | None:
+    """The worker whose socket is the relay's end (IPv4, ``port``) of the connection from
+    local port ``client_port``, from /proc/net/tcp and the workers' file descriptors; None
+    if none is, or two are (for a moment while it moves from one worker to another)."""
     rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
     inodes = {f[9] for f in map(str.split, rows)
               if int(f[1].split(":")[1], 16) == port and int(f[2].split(":")[1], 16) == client_port}
-    return {w for w in workers_of(pid) if _socket_inodes(w) & inodes}
-
-
-def worker_holding(pid: int, port: int, client_port: int) -> int | None:
-    """The one worker holding that connection (None: none, or two while it moves)."""
-    held = workers_holding(pid, port, client_port)
+    held = {w for w in workers_of(pid) if _socket_inodes(w) & inodes}
     return held.pop() if len(held) == 1 else None

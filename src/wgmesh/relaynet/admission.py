@@ -128,14 +128,13 @@ class SharedAdmission:
         h, words = self._hash(source), self.words
         self._lock()
         try:
-            if force:
-                pass
-            elif sum(words[r * self.stride] for r in range(self.workers)) \
-                    >= self.max_connections:
-                return TOO_MANY
-            elif sum(words[self._find(r, h) + 1] for r in range(self.workers)) \
-                    >= self.max_per_source:
-                return TOO_MANY_FROM_SOURCE
+            if not force:
+                if sum(words[r * self.stride] for r in range(self.workers)) \
+                        >= self.max_connections:
+                    return TOO_MANY
+                if sum(words[self._find(r, h) + 1] for r in range(self.workers)) \
+                        >= self.max_per_source:
+                    return TOO_MANY_FROM_SOURCE
             at = self._find(self.worker, h)
             words[at] = h
             words[at + 1] += 1

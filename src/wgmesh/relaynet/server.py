@@ -906,19 +906,19 @@ class RelayServer:
             if link is not None and link.conn is not None:
                 self._hand_over(c, link, now)
 
-    def _hand_over(self, c: _Client, link: MeshLink, now: float) -> bool:
+    def _hand_over(self, c: _Client, link: MeshLink, now: float) -> None:
         """Move node ``c``'s connection to the worker at the other end of ``link``: its
         socket and state over the handoff channel, then its packets over ``link`` until
         that worker says the node is there. Not a connection over TLS (its session cannot
         leave this process) nor one with output not yet written (tried again later)."""
         chan, t = self._handoff.get(link.url), c.transport
         if chan is None or t is None or c.closed:
-            return False
+            return
         if t.get_extra_info("ssl_object") is not None:
             self.counters["clients_kept_tls"] += 1
-            return False
+            return
         if not c.flush_output():
-            return False
+            return
         if link.conn is not None:  # what it sent before goes first, as far as we can help it
             link.conn.flush_output()
         msg = encode(Handoff(c.key, c.preferred, c.decoder.pending, tuple(c.interest),
@@ -928,7 +928,7 @@ class RelayServer:
         except OSError as e:  # the channel is full or gone: the node stays here
             self.drops["handoff_failed"] += 1
             log.debug("handing %s over failed: %s", Key(c.key).b64(), e)
-            return False
+            return
         c.state = "moved"
         del self._clients[c.key]
         link.keys.add(c.key)
@@ -937,7 +937,6 @@ class RelayServer:
         self.counters["clients_moved_out"] += 1
         c.closed = True
         t.abort()  # closes our descriptor only: the connection lives on in the sibling
-        return True
 
     def _take_handoffs(self, chan: socket.socket) -> None:
         """Adopt every connection a sibling handed us over ``chan``."""
@@ -994,8 +993,8 @@ class RelayServer:
         self._clients[h.key] = c
         self.counters["clients_moved_in"] += 1
         self._tell_mesh(h.key, present=True, since=c.since)
-        task = asyncio.get_running_loop().create_task(
-            asyncio.get_running_loop().connect_accepted_socket(lambda: c, sock))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: c, sock))
         self._adopting.add(task)
         task.add_done_callback(lambda t: self._adopted(t, c, sock))
 

@@ -443,16 +443,8 @@ class Device:
             return
         buf = self._inbuf
         buf[:n] = packet
-        r = self.seal(buf, n, self._scratch, now)
-        if r is not None:
-            self.out_udp.append((bytes(self._scratch[:r[0]]), r[1]))
-
-    def seal(self, buf: bytearray | memoryview, n: int, out: memoryview, now: float
-             ) -> tuple[int, Destination] | None:
-        """One IP packet ``buf[:n]`` from TUN: :meth:`seal_many` of one. Returns (length,
-        destination), or None when there is nothing to send now."""
-        sealed = self.seal_many((buf,), (n,), out, now)
-        return (sealed[0][1], sealed[0][2]) if sealed else None
+        for _, length, dest in self.seal_many((buf,), (n,), self._scratch, now):
+            self.out_udp.append((bytes(self._scratch[:length]), dest))
 
     def seal_many(self, bufs: Sequence[bytearray | memoryview], lens: Sequence[int],
                   out: memoryview, now: float) -> list[Sealed]:
