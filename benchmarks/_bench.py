@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from wgmesh.lab.network import Host, Lab
+    from wgmesh.lab.network import Host, Lab, Process
 
 T = TypeVar("T")
 #: Default socket buffers for runs with a wireguard-go tunnel (see ``socket_buffers``): what
@@ -89,6 +89,18 @@ def tail(xs: Sequence[float], prefix: str = "") -> dict[str, Any]:
     else:
         out[f"{prefix}max_s"] = round(s[-1], 4)
     return out
+
+
+def last_json(p: Process) -> dict[str, Any]:
+    """The last line a role process printed, as JSON; a role that printed something else
+    last fails the run with what it printed, not a bare decode error."""
+    out = p.stdout.strip()
+    try:
+        line: dict[str, Any] = json.loads(out.splitlines()[-1])
+    except (IndexError, ValueError):
+        raise SystemExit(f"{shlex.join(p.argv)} printed no JSON line last:\n{out[-2000:]}\n"
+                         f"stderr: {p.stderr[-2000:]}") from None
+    return line
 
 
 def _stat(pid: int) -> list[str]:

@@ -44,7 +44,7 @@ from typing import Any
 
 import aiohttp
 
-from _bench import Report, round_ratios, run_abba, tail
+from _bench import Report, last_json, round_ratios, run_abba, tail
 from control_scale import Streams, _fake_key, _raise_fd_limit, _start_server, _stop
 from relay_throughput import relay_lab
 from wgmesh.control.store import open_store
@@ -136,7 +136,7 @@ def relay_part(a: argparse.Namespace) -> dict[str, Any]:
                    ).wait(count * a.window + 60)
         sink.wait(60)
         scraper.wait(30)
-        got = json.loads(sink.stdout.strip().splitlines()[-1])["window_bytes"]
+        got = last_json(sink)["window_bytes"]
         mbps = [b * 8 / a.window / 1e6 for b in got]
         on = [x for k, x in enumerate(mbps) if scraped_window(k)]
         off = [x for k, x in enumerate(mbps) if not scraped_window(k)]

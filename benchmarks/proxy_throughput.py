@@ -62,11 +62,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
-from _bench import Report, proc_cpu_s, proc_usage, round_ratios, run_abba
+from _bench import Report, last_json, proc_cpu_s, proc_usage, round_ratios, run_abba
 from relay_throughput import relay_lab
 from userspace_throughput import PORT, iperf, link_up, start
 from wgmesh.keys import Key, PrivateKey
@@ -88,10 +88,6 @@ REFERENCE = ("ratio: RelayClient alone, a pump of 1440-byte packets through send
 def emit(**kw: object) -> None:
     print(json.dumps(kw), flush=True)
 
-
-def _last(p: Process) -> dict[str, Any]:
-    line: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
-    return line
 
 
 @attrs.frozen
@@ -298,7 +294,7 @@ def main() -> None:
             source = lab.python(ha, me, "pump-source", url, key, str(a.seconds))
             source.wait(a.seconds + 60)
             sink.wait(60)
-            got, sent = _last(sink), _last(source)
+            got, sent = last_json(sink), last_json(source)
             return Run(got["pps"], (got["cpu_s"] + sent["cpu_s"]) / got["packets"],
                        (proc_cpu_s(relay.pid) - relay0) / got["packets"],
                        offered=sent["sent"] / got["packets"],
@@ -320,7 +316,7 @@ def main() -> None:
             count.wait(60)
             near, far, rel = (_used(b, proc_usage(p.pid))
                               for p, b in zip(procs, before, strict=True))
-            got, sent = _last(count), _last(blast)
+            got, sent = last_json(count), last_json(blast)
             n = got["packets"]
             return Run(got["pps"], (near["cpu_s"] + far["cpu_s"]) / n, rel["cpu_s"] / n,
                        (sent["cpu_s"] + got["cpu_s"]) / n, sent["sent"] / n,

@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from _bench import Report, proc_cpu_s, proc_rss_mb, round_ratios, run_abba, spread
+from _bench import Report, last_json, proc_cpu_s, proc_rss_mb, round_ratios, run_abba, spread
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.relay import FrameType, RelayURL, encode_frame
 from wgmesh.relaynet.connection import RelayConnection
@@ -237,10 +237,6 @@ def relay_lab(lab: Lab) -> tuple[tuple[Host, Host, Host], Process, str]:
     return (relay, src, dst), srv, f"http://{relay.ip}:{PORT}"
 
 
-def _last(p: Process) -> dict[str, Any]:
-    line: dict[str, Any] = json.loads(p.stdout.strip().splitlines()[-1])
-    return line
-
 
 def run_pump(lab: Lab, src: Host, dst: Host, kind: str, where: str, seconds: float,
              n: int = 1, *tls: str, relay_pid: int | None = None) -> dict[str, Any]:
@@ -260,7 +256,7 @@ def run_pump(lab: Lab, src: Host, dst: Host, kind: str, where: str, seconds: flo
     while sink.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     source.wait(30)
-    return {**_last(sink), **_last(source), **relay}
+    return {**last_json(sink), **last_json(source), **relay}
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from _bench import Report, machine_busy_s, proc_cpu_user_sys, round_ratios, run_abba
+from _bench import Report, last_json, machine_busy_s, proc_cpu_user_sys, round_ratios, run_abba
 from wgmesh.keys import Key, PrivateKey
 from wgmesh.relay import HEADER_LEN, KEY_LEN, frame_send
 from wgmesh.relaynet.connection import RelayConnection
@@ -221,7 +221,7 @@ def one_run(lab: Lab, host: Host, workers: int, a: argparse.Namespace,
             p.wait(30)
         for p in sources:
             p.wait(30)
-        got = sum(json.loads(p.stdout.strip().splitlines()[-1])["bytes"] for p in sinks)
+        got = sum(last_json(p)["bytes"] for p in sinks)
         metrics = [_counters(lab, host, u) for u in urls]
     finally:
         for p in procs:

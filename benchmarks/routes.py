@@ -58,7 +58,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 
-from _bench import Report, iperf_mbps, round_ratios, run_abba, run_in_vm, spread, tail
+from _bench import Report, iperf_mbps, last_json, round_ratios, run_abba, run_in_vm, spread, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 SUPPORT = ROOT / "tests" / "support"
@@ -220,7 +220,7 @@ def dns_part(pair: Any, seconds: float) -> dict[str, Any]:
                        *sources)
         if p.wait(seconds * 3 + 60) != 0:
             raise SystemExit(f"dnsload failed: {p.stderr[-2000:]}")
-        return json.loads(p.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        return last_json(p)
 
     capacity = load(router.host, name, c_ip, DNS_SOURCES, 0)
     tunnel = load(pair.c.host, name, c_ip, [""], TUNNEL_RATE)

@@ -92,6 +92,24 @@ def test_run_and_spawn_capture_and_reap(lab: Lab) -> None:
     assert not _ns_of(lab.prefix)
 
 
+def test_output_read_while_the_process_writes_is_kept_whole(lab: Lab) -> None:
+    """Reading a child's output must not move the offset the child writes at: polled
+    while it wrote, a process used to lose lines under its own later ones."""
+    h = lab.add_public_host("h")
+    lines = [f"line {i:06d}" for i in range(20_000)]
+    p = lab.python(h, "-c", "for i in range(20_000): print(f'line {i:06d}', flush=True)")
+    reads = 0
+
+    def read_until_exit() -> bool:
+        nonlocal reads
+        reads += len(p.stdout) > 0
+        return p.poll() is not None
+
+    wait_for(read_until_exit, 60, "the writer to finish", interval=0)
+    assert reads > 100 and p.wait(10) == 0  # it was read while it wrote
+    assert p.stdout.splitlines() == lines
+
+
 def test_two_labs_side_by_side() -> None:
     with Lab() as a, Lab() as b:
         ha, hb = a.add_public_host("x"), b.add_public_host("x")

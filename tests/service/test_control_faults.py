@@ -34,6 +34,7 @@ from wgmesh import netmap as nm
 from wgmesh.cli.main import main as cli_main
 from wgmesh.control import ControlAPIError, ControlClient
 from wgmesh.errors import WgmeshError
+from wgmesh.lab.network import read_output
 
 pytestmark = pytest.mark.service
 DSN = os.environ.get("WGMESH_TEST_POSTGRES_DSN")
@@ -67,14 +68,12 @@ class ControlProcess:
 
     def _listening(self) -> str | None:
         assert self.proc.poll() is None, f"control exited: {self.stderr}"
-        self._out.seek(0)
-        return next((ln for ln in self._out.read().decode().splitlines()
+        return next((ln for ln in read_output(self._out).splitlines()
                      if "listening on" in ln), None)
 
     @property
     def stderr(self) -> str:
-        self._err.seek(0)
-        return self._err.read().decode(errors="replace")
+        return read_output(self._err)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

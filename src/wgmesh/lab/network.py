@@ -199,6 +199,16 @@ class NatRouter(Host):
             self.portmapd.reboot()
 
 
+def read_output(f: IO[bytes]) -> str:
+    """What a child has written so far to ``f``, a file it has as its stdout or stderr.
+
+    Read with ``pread``: the child writes through the same open file, so the file offset
+    is shared, and a ``seek`` here would put the child's next write on top of its earlier
+    output (lines lost while a test polled a busy process)."""
+    fd = f.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+
+
 class Process:
     """A process in a lab namespace. Output goes to files, so it never blocks on a pipe."""
 
@@ -224,18 +234,13 @@ class Process:
     def wait(self, timeout: float | None = None) -> int:
         return self.popen.wait(timeout)
 
-    @staticmethod
-    def _read(f: IO[bytes]) -> str:
-        f.seek(0)
-        return f.read().decode(errors="replace")
-
     @property
     def stdout(self) -> str:
-        return self._read(self._out)
+        return read_output(self._out)
 
     @property
     def stderr(self) -> str:
-        return self._read(self._err)
+        return read_output(self._err)
 
     def wait_for_output(self, needle: str, timeout: float = 10.0, stream: str = "stdout") -> str:
         """Poll the output until ``needle`` appears; raise if the process dies or time runs out.
