@@ -21,20 +21,22 @@ median of per-round ratios:
    of 64 ending with one ``RelayClient.send``, whose backpressure holds the pump while
    the link is backed up (the client at its best: unpaced, its own queue dropped a third
    of what it made and it carried 15-27 % less). Both saturate the path and count what
-   arrives, per second. The UDP sender offers
-   ``--blast-pps`` (300,000/s, 2-3x what either side carries): unpaced (``0``, the method
-   before 2026-12-06 evening) it offered ~1,000,000/s, of which the bridge's socket
-   dropped 90 %, and so spent ~60 % of one of the two cores on datagrams nobody read,
-   a cost the client's pump, which makes its packets from nothing, never pays.
+   arrives, per second. The UDP sender keeps at most ``--window`` datagrams in flight
+   (4,096), as TCP inside the tunnel would: the bridge is fed as fast as it forwards and
+   is never overrun. Overrun (``--window 0``, paced at ``--blast-pps``, the method until
+   2026-12-07: 300,000/s offered, ~1.5x what it carried) the bridge's socket queue stays
+   full, the bridges take ~6.4 us per packet instead of ~5.2 (the kernel's part 2.2-2.5
+   against 1.5-1.7 us), and the sender spends CPU on datagrams the socket then drops;
+   the client alone, whose pump waits on backpressure, pays neither.
    ``cpu_ratio`` is the load-robust side of the same comparison: CPU time per delivered
    packet of the client's source and sink over that of the two bridge processes (the
    relay's, ``relay_cpu_us_per_packet``, is the same work on both sides).
    ``standin_cpu_us_per_packet``: the UDP sender's and counter's CPU per delivered packet,
-   which the bridge runs spend on the same two cores and the client's runs do not (the
-   sender's includes segmenting the datagrams the bridge's socket then drops).
+   which the bridge runs spend on the same two cores and the client's runs do not;
+   ``standin_timed_out``: the share of its datagrams the window gave up on as lost.
    ``*_sys_us_per_packet``: the kernel's part of each side's CPU per packet;
-   ``offered_per_delivered``: packets each source sent per packet that arrived (neither
-   is flow-controlled); ``client_source_dropped``: the share the pump's own link queue
+   ``offered_per_delivered``: packets each source sent per packet that arrived;
+   ``client_source_dropped``: the share the pump's own link queue
    dropped; ``faults_per_packet``: minor page faults of the processes under test. Every
    role process tunes its heap as ``wgmesh up`` does (``libc.steady_heap``), and the
    pump's sink reads its clocks every 20 ms, not per packet.
@@ -47,7 +49,7 @@ median of per-round ratios:
    one TCP iperf3 through the bridges is ``wg_bridge_tcp_mbps``.
 
     sudo .venv/bin/python benchmarks/proxy_throughput.py [--seconds 5] [--rounds 4]
-        [--blast-pps 300000]
+        [--window 4096 | --window 0 --blast-pps 300000]
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import mmap
 import resource
 import signal
 import socket
@@ -81,7 +84,9 @@ if TYPE_CHECKING:
 UDP_PORT = 51900  # the UDP stand-in's "kernel port"
 UDP_PAYLOAD = 1372  # iperf3's datagrams: 1400-byte IP packets fit the 1420 tunnel MTU
 PACKET = 1440  # the WireGuard transport packet that carries one
-BLAST_PPS = 300_000  # offered to the bridge: 2-3x what it or the client alone carries
+BLAST_PPS = 300_000  # offered without a window: ~1.5x what the bridge carries
+WINDOW = 4096  # datagrams in flight: 2,048-8,192 carried alike (~210,000/s), none lost
+COUNT = struct.Struct("=Q")  # datagrams arrived, shared by the counter with the sender
 REFERENCE = ("ratio: RelayClient alone, a pump of 1440-byte packets through send_nowait "
              "(each batch of 64 ending with send's backpressure) to a RelayClient sink via "
              "the same relay, against the bridges fed and drained "
@@ -106,6 +111,7 @@ class Run:
     standin_cpu_s_per_packet: float = 0.0  # the UDP sender and counter (bridge runs)
     offered: float = 0.0  # packets the source sent (or queued) per packet that arrived
     source_dropped: float = 0.0  # the share of them the client's own link queue dropped
+    timed_out: float = 0.0  # the share the UDP stand-in's window gave up on as lost
     faults: float = 0.0  # minor page faults per packet of the processes under test
     sys_s_per_packet: float = 0.0  # the kernel's part of cpu_s_per_packet
 
@@ -204,10 +210,15 @@ async def pump_source(url: str, dst: str, seconds: float) -> None:
     emit(**used, sent=sent, dropped=sum(c.drops.values()))
 
 
-def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
+def udp_blast(port: int, dst: str, seconds: float, pps: float, window: int,
+              arrived: str) -> None:
     """The UDP stand-in's sender: 1440-byte datagrams from 127.0.0.1:``port`` (where the
-    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send, at
-    ``pps`` datagrams per second (0: as fast as it can)."""
+    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send.
+
+    With a ``window``, at most that many datagrams are in flight, as a TCP sender inside
+    the tunnel would keep: the counter publishes what arrived in the file ``arrived``, and
+    what has not arrived 20 ms after the last arrival counts as lost and reopens the
+    window (TCP's timeout). Else paced at ``pps`` datagrams per second (0: unpaced)."""
     from wgmesh.wireguard.offload import SOL_UDP, UDP_SEGMENT
 
     host, _, p = dst.rpartition(":")
@@ -215,36 +226,53 @@ def udp_blast(port: int, dst: str, seconds: float, pps: float) -> None:
     s.bind(("127.0.0.1", port))
     s.connect((host, int(p)))
     burst, gso = bytes(PACKET * 44), [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", PACKET))]
+    with open(arrived, "rb") as f:
+        count = mmap.mmap(f.fileno(), COUNT.size, prot=mmap.PROT_READ)
     start, cpu = time.monotonic(), time.process_time()
-    sent = 0
+    sent = lost = seen = 0
+    progress = start
     while (now := time.monotonic()) < start + seconds:
-        if pps and sent >= (now - start) * pps:
+        if window:
+            got = COUNT.unpack_from(count)[0]
+            if sent - got - lost > window - 44:
+                if got != seen:
+                    seen, progress = got, now
+                elif now - progress > 0.02:
+                    lost = sent - got
+                time.sleep(50e-6)
+                continue
+        elif pps and sent >= (now - start) * pps:
             time.sleep(44 / pps)
             continue
         with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
             s.sendmsg([burst], gso)
             sent += 44
-    emit(cpu_s=time.process_time() - cpu, sent=sent)
+    emit(cpu_s=time.process_time() - cpu, sent=sent, timed_out=lost)
 
 
-def udp_count(port: int) -> None:
+def udp_count(port: int, arrived: str) -> None:
     """The UDP stand-in's receiver on the kernel port: datagrams per second from the first
-    to the last (UDP GRO on, so the bridge's GSO runs arrive in one read each)."""
+    to the last (UDP GRO on, so the bridge's GSO runs arrive in one read each); the count
+    so far is kept in the file ``arrived`` for the sender's window."""
     from wgmesh.wireguard.offload import SOL_UDP, UDP_GRO
 
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(SOL_UDP, UDP_GRO, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     s.bind(("0.0.0.0", port))
+    with open(arrived, "r+b") as f:
+        count = mmap.mmap(f.fileno(), COUNT.size)
     emit(ready=True)
     buf = bytearray(1 << 16)
     packets = -(-s.recv_into(buf) // PACKET)
+    COUNT.pack_into(count, 0, packets)
     first = last = time.monotonic()
     cpu_first = cpu_last = time.process_time()
     s.settimeout(1.0)
     with contextlib.suppress(TimeoutError):
         while True:
             packets += -(-s.recv_into(buf) // PACKET)
+            COUNT.pack_into(count, 0, packets)
             last, cpu_last = time.monotonic(), time.process_time()
     emit(pps=packets / max(last - first, 1e-9), packets=packets, cpu_s=cpu_last - cpu_first)
 
@@ -259,9 +287,9 @@ def role(argv: list[str]) -> None:
     elif r == "pump-source":
         asyncio.run(pump_source(args[0], args[1], float(args[2])))
     elif r == "udp-blast":
-        udp_blast(int(args[0]), args[1], float(args[2]), float(args[3]))
+        udp_blast(int(args[0]), args[1], float(args[2]), float(args[3]), int(args[4]), args[5])
     else:
-        udp_count(int(args[0]))
+        udp_count(int(args[0]), args[1])
 
 
 # ---- orchestration -----------------------------------------------------------------------
@@ -269,8 +297,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds (one run a side)")
+    ap.add_argument("--window", type=int, default=WINDOW,
+                    help="datagrams the UDP stand-in keeps in flight (0: no window, paced "
+                         "by --blast-pps, the method before 2026-12-07 afternoon)")
     ap.add_argument("--blast-pps", type=float, default=BLAST_PPS,
-                    help="the UDP stand-in's offered datagrams/s (0: unpaced, as before)")
+                    help="without a window, the UDP stand-in's offered datagrams/s "
+                         "(0: unpaced)")
     a = ap.parse_args()
     report = Report()
 
@@ -314,12 +346,14 @@ def main() -> None:
         udp_bridges, udp_eps = bridge_pair(UDP_PORT)
 
         def via_bridge_udp() -> Run:
-            count = lab.python(hb, me, "udp-count", str(UDP_PORT))
+            arrived = tmp / "arrived"
+            arrived.write_bytes(bytes(COUNT.size))
+            count = lab.python(hb, me, "udp-count", str(UDP_PORT), str(arrived))
             count.wait_for_output('"ready"', timeout=60)
             procs = (*udp_bridges, relay)
             before = [proc_usage(p.pid) for p in procs]
             blast = lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
-                               str(a.seconds), str(a.blast_pps))
+                               str(a.seconds), str(a.blast_pps), str(a.window), str(arrived))
             blast.wait(a.seconds + 60)
             count.wait(60)
             near, far, rel = (_used(b, proc_usage(p.pid))
@@ -328,7 +362,7 @@ def main() -> None:
             n = got["packets"]
             return Run(got["pps"], (near["cpu_s"] + far["cpu_s"]) / n, rel["cpu_s"] / n,
                        (sent["cpu_s"] + got["cpu_s"]) / n, sent["sent"] / n,
-                       faults=(near["faults"] + far["faults"]) / n,
+                       timed_out=sent["timed_out"] / sent["sent"], faults=(near["faults"] + far["faults"]) / n,
                        sys_s_per_packet=(near["sys_s"] + far["sys_s"]) / n)
 
         br_runs, ref_runs = run_abba(a.rounds, via_bridge_udp, client_alone)
@@ -368,7 +402,8 @@ def main() -> None:
             p.stop()
     med = statistics.median
     report.emit({"bench": "proxy_throughput", "rounds": a.rounds, "seconds": a.seconds,
-                 "packet_bytes": PACKET, "blast_pps": a.blast_pps, "reference": REFERENCE, "goal": 0.8,
+                 "packet_bytes": PACKET, "window": a.window,
+                 "blast_pps": None if a.window else a.blast_pps, "reference": REFERENCE, "goal": 0.8,
                  "bridge_pps_runs": [round(x) for x in br],
                  "client_pps_runs": [round(x) for x in ref],
                  "bridge_mbps_median": round(med(br) * PACKET * 8 / 1e6, 1),
@@ -385,6 +420,7 @@ def main() -> None:
                  "offered_per_delivered": {"bridge_runs": [round(r.offered, 2) for r in br_runs],
                                            "client_runs": [round(r.offered, 2) for r in ref_runs]},
                  "client_source_dropped": [round(r.source_dropped, 3) for r in ref_runs],
+                 "standin_timed_out": [round(r.timed_out, 4) for r in br_runs],
                  "faults_per_packet": {"bridge_runs": [round(r.faults, 3) for r in br_runs],
                                        "client_runs": [round(r.faults, 3) for r in ref_runs]},
                  "relay_cpu_us_per_packet": {
