@@ -85,7 +85,14 @@ def test_port_search_through_a_real_symmetric_nat(lab: Lab, tmp_path: Path) -> N
                          "--exit-after-direct", "3")
     fa, fb = finish(a), finish(b)
     assert fa["path"] == "direct" and fb["path"] == "direct", (fa, fb)
-    assert fa["counters"]["search_hit"] == 1
+    # The search made the path: a probed b's NAT, b opened ports aimed at a. Which side's
+    # packet gets through first is timing: a probe that reaches a port of b's before b's
+    # mapping exists is lost, but it opened a's filter for that port, so b's next ping
+    # from it gets in (seen under load: no search_hit on a). Either way both halves ran.
+    ca, cb = fa["counters"], fb["counters"]
+    assert ca["search_started"] >= 1 and ca["search_probes"] >= 1, ca
+    assert cb["search_ports_opened"] >= 1, cb
+    assert ca.get("search_hit", 0) <= 1, ca
     assert hb.nat is not None and fa["endpoint"][0] == hb.nat.ip
     direct = next(e["t"] for e in events(a) if e["event"] == "path")
     relay_up = next(e["t"] for e in events(a) if e["event"] == "relay")

@@ -76,6 +76,7 @@ __all__ = [
     "Process",
     "clean_leftovers",
     "parse_nat_spec",
+    "read_output",
 ]
 
 NatKind = Literal["none", "eim", "symmetric", "udp-blocked"]
