@@ -362,7 +362,8 @@ def main() -> None:
             n = got["packets"]
             return Run(got["pps"], (near["cpu_s"] + far["cpu_s"]) / n, rel["cpu_s"] / n,
                        (sent["cpu_s"] + got["cpu_s"]) / n, sent["sent"] / n,
-                       timed_out=sent["timed_out"] / sent["sent"], faults=(near["faults"] + far["faults"]) / n,
+                       timed_out=sent["timed_out"] / sent["sent"],
+                       faults=(near["faults"] + far["faults"]) / n,
                        sys_s_per_packet=(near["sys_s"] + far["sys_s"]) / n)
 
         br_runs, ref_runs = run_abba(a.rounds, via_bridge_udp, client_alone)
@@ -403,7 +404,8 @@ def main() -> None:
     med = statistics.median
     report.emit({"bench": "proxy_throughput", "rounds": a.rounds, "seconds": a.seconds,
                  "packet_bytes": PACKET, "window": a.window,
-                 "blast_pps": None if a.window else a.blast_pps, "reference": REFERENCE, "goal": 0.8,
+                 "blast_pps": None if a.window else a.blast_pps, "reference": REFERENCE,
+                 "goal": 0.8,
                  "bridge_pps_runs": [round(x) for x in br],
                  "client_pps_runs": [round(x) for x in ref],
                  "bridge_mbps_median": round(med(br) * PACKET * 8 / 1e6, 1),

@@ -903,7 +903,7 @@ class RelayServer:
                 continue
             peer = partner(c.key, crossing, traffic, self.affinity_packets)
             link = None if peer is None else self.siblings.remote.get(peer)
-            if link is not None and link.conn is not None:
+            if link is not None:
                 self._hand_over(c, link, now)
 
     def _hand_over(self, c: _Client, link: MeshLink, now: float) -> None:
@@ -911,16 +911,15 @@ class RelayServer:
         socket and state over the handoff channel, then its packets over ``link`` until
         that worker says the node is there. Not a connection over TLS (its session cannot
         leave this process) nor one with output not yet written (tried again later)."""
-        chan, t = self._handoff.get(link.url), c.transport
-        if chan is None or t is None or c.closed:
+        chan, t, conn = self._handoff.get(link.url), c.transport, link.conn
+        if chan is None or t is None or conn is None or c.closed:
             return
         if t.get_extra_info("ssl_object") is not None:
             self.counters["clients_kept_tls"] += 1
             return
         if not c.flush_output():
             return
-        if link.conn is not None:  # what it sent before goes first, as far as we can help it
-            link.conn.flush_output()
+        conn.flush_output()  # what it sent before goes first, as far as we can help it
         msg = encode(Handoff(c.key, c.preferred, c.decoder.pending, tuple(c.interest),
                              tuple(c.heard_from)))
         try:
