@@ -16,18 +16,20 @@ def test_saves_run_off_the_loop_and_a_superseded_netmap_is_skipped() -> None:
     """While netmap 1 is being written (the write blocks until the loop lets it go, which
     it can only do if the write is not on the loop), netmaps 2 and 3 come in: 3 is written
     next, 2 never; ``flush`` returns once 3 is on disk."""
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
     saved: list[int] = []
 
     def save(n: int) -> None:
         if n == 1:
+            started.set()
             assert release.wait(10), "the loop never got to release the first write"
         saved.append(n)
 
     async def run() -> None:
         saver = LatestSaver(save)
         saver.submit(1)
-        await asyncio.sleep(0.05)  # the first write is under way, blocked
+        # the first write is under way, blocked (waited for off the loop, which must stay free)
+        assert await asyncio.to_thread(started.wait, 10), "the first write never started"
         saver.submit(2)
         saver.submit(3)
         release.set()
