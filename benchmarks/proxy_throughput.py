@@ -21,19 +21,22 @@ median of per-round ratios:
    of 64 ending with one ``RelayClient.send``, whose backpressure holds the pump while
    the link is backed up (the client at its best: unpaced, its own queue dropped a third
    of what it made and it carried 15-27 % less). Both saturate the path and count what
-   arrives, per second. The UDP sender keeps at most ``--window`` datagrams in flight
-   (4,096), as TCP inside the tunnel would: the bridge is fed as fast as it forwards and
-   is never overrun. Overrun (``--window 0``, paced at ``--blast-pps``, the method until
-   2026-12-07: 300,000/s offered, ~1.5x what it carried) the bridge's socket queue stays
-   full, the bridges take ~6.4 us per packet instead of ~5.2 (the kernel's part 2.2-2.5
-   against 1.5-1.7 us), and the sender spends CPU on datagrams the socket then drops;
-   the client alone, whose pump waits on backpressure, pays neither.
+   arrives, per second. Both sources keep at most ``--window`` packets in flight (4,096;
+   :class:`InFlight`), as TCP inside the tunnel would: the receiver publishes what
+   arrived, so neither side makes packets the path then drops. Without it the relay
+   dropped 10-48 % of the pump's packets for its slower sink (``offered_per_delivered``
+   1.1-1.48), after the pump and the relay had paid for them; and the bridge, overrun
+   (``--window 0``, the UDP sender paced at ``--blast-pps``, the method until
+   2026-12-07: 300,000/s offered, ~1.5x what it carried), kept its socket queue full,
+   took ~6.4 us per packet instead of ~5.2 (the kernel's part 2.2-2.5 against 1.5-1.7
+   us), and its sender spent CPU on datagrams the socket then dropped.
    ``cpu_ratio`` is the load-robust side of the same comparison: CPU time per delivered
    packet of the client's source and sink over that of the two bridge processes (the
    relay's, ``relay_cpu_us_per_packet``, is the same work on both sides).
    ``standin_cpu_us_per_packet``: the UDP sender's and counter's CPU per delivered packet,
    which the bridge runs spend on the same two cores and the client's runs do not;
-   ``standin_timed_out``: the share of its datagrams the window gave up on as lost.
+   ``standin_timed_out``, ``client_timed_out``: the share of each source's packets its
+   window gave up on as lost.
    ``*_sys_us_per_packet``: the kernel's part of each side's CPU per packet;
    ``offered_per_delivered``: packets each source sent per packet that arrived;
    ``client_source_dropped``: the share the pump's own link queue
@@ -67,6 +70,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -89,7 +93,8 @@ WINDOW = 4096  # datagrams in flight: 2,048-8,192 carried alike (~210,000/s), no
 COUNT = struct.Struct("=Q")  # datagrams arrived, shared by the counter with the sender
 REFERENCE = ("ratio: RelayClient alone, a pump of 1440-byte packets through send_nowait "
              "(each batch of 64 ending with send's backpressure) to a RelayClient sink via "
-             "the same relay, against the bridges fed and drained "
+             "the same relay, both sources within the same window of packets in flight, "
+             "against the bridges fed and drained "
              "by plain UDP sockets on the kernel ports; wg_bridge_of_direct_ratio: "
              "wireguard-go peers flooded through the bridges against direct endpoints")
 
@@ -111,7 +116,7 @@ class Run:
     standin_cpu_s_per_packet: float = 0.0  # the UDP sender and counter (bridge runs)
     offered: float = 0.0  # packets the source sent (or queued) per packet that arrived
     source_dropped: float = 0.0  # the share of them the client's own link queue dropped
-    timed_out: float = 0.0  # the share the UDP stand-in's window gave up on as lost
+    timed_out: float = 0.0  # the share the source's window gave up on as lost
     faults: float = 0.0  # minor page faults per packet of the processes under test
     sys_s_per_packet: float = 0.0  # the kernel's part of cpu_s_per_packet
 
@@ -126,6 +131,44 @@ class Run:
     @property
     def standin_cpu_us(self) -> float:
         return self.standin_cpu_s_per_packet * 1e6
+
+
+class InFlight:
+    """A sender's window over what its receiver reports as arrived, as a TCP sender inside
+    the tunnel would keep: at most ``window`` packets in flight (0: no window). The
+    receiver publishes its count in the file ``arrived`` (8 bytes, mmap'd); what has not
+    arrived ``TIMEOUT`` s after the last progress counts as lost and reopens the window
+    (TCP's retransmission timeout). Both sides' sources use it, so neither makes packets
+    the path then drops."""
+
+    TIMEOUT = 0.02
+
+    def __init__(self, window: int, arrived: str) -> None:
+        self.window = window
+        with open(arrived, "rb") as f:
+            self._count = mmap.mmap(f.fileno(), COUNT.size, prot=mmap.PROT_READ)
+        self.lost = self._seen = 0
+        self._progress = time.monotonic()
+
+    def full(self, sent: int, batch: int, now: float) -> bool:
+        """Whether sending ``batch`` more would exceed the window (``sent`` so far)."""
+        if not self.window:
+            return False
+        got = COUNT.unpack_from(self._count)[0]
+        if sent - got - self.lost <= self.window - batch:
+            return False
+        if got != self._seen:
+            self._seen, self._progress = got, now
+        elif now - self._progress > self.TIMEOUT:
+            self.lost = sent - got
+        return True
+
+
+def published(arrived: str) -> Callable[[int], None]:
+    """The receiver's side of :class:`InFlight`: publishes a count into ``arrived``."""
+    with open(arrived, "r+b") as f:
+        count = mmap.mmap(f.fileno(), COUNT.size)
+    return lambda n: COUNT.pack_into(count, 0, n)
 
 
 # ---- roles (run inside lab hosts) --------------------------------------------------------
@@ -149,17 +192,28 @@ async def bridge(url: str, keyfile: str, wg_port: int, peer: str) -> None:
     await client.close()
 
 
-async def pump_sink(url: str) -> None:
-    """The reference's receiver: counts packets; the clock, CPU and page-fault readings are
-    taken every 20 ms, not per packet (a per-packet ``process_time`` is a system call the
-    bridge's counter does not pay)."""
+async def pump_sink(url: str, arrived: str) -> None:
+    """The reference's receiver: counts packets and publishes the count once per loop
+    iteration for the source's window (the UDP counter does so once per read); the clock,
+    CPU and page-fault readings are taken every 20 ms, not per packet (a per-packet
+    ``process_time`` is a system call the bridge's counter does not pay)."""
     from wgmesh.relaynet.client import RelayClient
 
     key = PrivateKey.generate()
     count = [0]
+    publish = published(arrived)
+    due = [False]
+    loop = asyncio.get_running_loop()
+
+    def flush() -> None:
+        due[0] = False
+        publish(count[0])
 
     def on_packet(src: Key, pkt: bytes) -> None:
         count[0] += 1
+        if not due[0]:
+            due[0] = True
+            loop.call_soon(flush)
 
     def reading() -> tuple[int, float, tuple[float, float, int]]:
         return count[0], time.monotonic(), _usage()
@@ -190,13 +244,23 @@ def _used(before: tuple[float, float, int], after: tuple[float, float, int]
             "faults": after[2] - before[2]}
 
 
-async def pump_source(url: str, dst: str, seconds: float) -> None:
+async def pump_source(url: str, dst: str, seconds: float, window: int, arrived: str
+                      ) -> None:
+    """The reference's source: batches of 64 through ``send_nowait``, within the same
+    window of packets in flight as the UDP stand-in's sender (without one, the relay
+    dropped 10-48 % of them for the sink, after the pump and the relay had paid for
+    them)."""
     from wgmesh.relaynet.client import RelayClient
 
     packet, peer = bytes(PACKET), Key(dst)
+    flight = InFlight(window, arrived)
     async with RelayClient(PrivateKey.generate(), [url], on_packet=lambda *_: None) as c:
         end, before, sent = time.monotonic() + seconds, _usage(), 0
-        while time.monotonic() < end:
+        while (now := time.monotonic()) < end:
+            if flight.full(sent, 64, now):
+                # epoll rounds this up to 1 ms: ~1/15 of what the window holds here
+                await asyncio.sleep(50e-6)
+                continue
             for _ in range(63):
                 c.send_nowait(peer, packet)
             # The batch's last packet with backpressure: while the link is backed up the
@@ -207,18 +271,15 @@ async def pump_source(url: str, dst: str, seconds: float) -> None:
             await asyncio.sleep(0)
         used = _used(before, _usage())
         await asyncio.sleep(0.5)
-    emit(**used, sent=sent, dropped=sum(c.drops.values()))
+    emit(**used, sent=sent, dropped=sum(c.drops.values()), timed_out=flight.lost)
 
 
 def udp_blast(port: int, dst: str, seconds: float, pps: float, window: int,
               arrived: str) -> None:
     """The UDP stand-in's sender: 1440-byte datagrams from 127.0.0.1:``port`` (where the
-    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send.
-
-    With a ``window``, at most that many datagrams are in flight, as a TCP sender inside
-    the tunnel would keep: the counter publishes what arrived in the file ``arrived``, and
-    what has not arrived 20 ms after the last arrival counts as lost and reopens the
-    window (TCP's timeout). Else paced at ``pps`` datagrams per second (0: unpaced)."""
+    bridge's socket is connected) to the bridge endpoint ``dst``, 44 per GSO send, within
+    an :class:`InFlight` window of ``window`` datagrams; without one (0) paced at ``pps``
+    datagrams per second (0: unpaced)."""
     from wgmesh.wireguard.offload import SOL_UDP, UDP_SEGMENT
 
     host, _, p = dst.rpartition(":")
@@ -226,28 +287,20 @@ def udp_blast(port: int, dst: str, seconds: float, pps: float, window: int,
     s.bind(("127.0.0.1", port))
     s.connect((host, int(p)))
     burst, gso = bytes(PACKET * 44), [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", PACKET))]
-    with open(arrived, "rb") as f:
-        count = mmap.mmap(f.fileno(), COUNT.size, prot=mmap.PROT_READ)
+    flight = InFlight(window, arrived)
     start, cpu = time.monotonic(), time.process_time()
-    sent = lost = seen = 0
-    progress = start
+    sent = 0
     while (now := time.monotonic()) < start + seconds:
-        if window:
-            got = COUNT.unpack_from(count)[0]
-            if sent - got - lost > window - 44:
-                if got != seen:
-                    seen, progress = got, now
-                elif now - progress > 0.02:
-                    lost = sent - got
-                time.sleep(50e-6)
-                continue
-        elif pps and sent >= (now - start) * pps:
+        if flight.full(sent, 44, now):
+            time.sleep(50e-6)
+            continue
+        if not window and pps and sent >= (now - start) * pps:
             time.sleep(44 / pps)
             continue
         with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
             s.sendmsg([burst], gso)
             sent += 44
-    emit(cpu_s=time.process_time() - cpu, sent=sent, timed_out=lost)
+    emit(cpu_s=time.process_time() - cpu, sent=sent, timed_out=flight.lost)
 
 
 def udp_count(port: int, arrived: str) -> None:
@@ -260,19 +313,18 @@ def udp_count(port: int, arrived: str) -> None:
     s.setsockopt(SOL_UDP, UDP_GRO, 1)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     s.bind(("0.0.0.0", port))
-    with open(arrived, "r+b") as f:
-        count = mmap.mmap(f.fileno(), COUNT.size)
+    publish = published(arrived)
     emit(ready=True)
     buf = bytearray(1 << 16)
     packets = -(-s.recv_into(buf) // PACKET)
-    COUNT.pack_into(count, 0, packets)
+    publish(packets)
     first = last = time.monotonic()
     cpu_first = cpu_last = time.process_time()
     s.settimeout(1.0)
     with contextlib.suppress(TimeoutError):
         while True:
             packets += -(-s.recv_into(buf) // PACKET)
-            COUNT.pack_into(count, 0, packets)
+            publish(packets)
             last, cpu_last = time.monotonic(), time.process_time()
     emit(pps=packets / max(last - first, 1e-9), packets=packets, cpu_s=cpu_last - cpu_first)
 
@@ -283,9 +335,9 @@ def role(argv: list[str]) -> None:
     if r == "bridge":
         asyncio.run(bridge(args[0], args[1], int(args[2]), args[3]))
     elif r == "pump-sink":
-        asyncio.run(pump_sink(args[0]))
+        asyncio.run(pump_sink(args[0], args[1]))
     elif r == "pump-source":
-        asyncio.run(pump_source(args[0], args[1], float(args[2])))
+        asyncio.run(pump_source(args[0], args[1], float(args[2]), int(args[3]), args[4]))
     elif r == "udp-blast":
         udp_blast(int(args[0]), args[1], float(args[2]), float(args[3]), int(args[4]), args[5])
     else:
@@ -298,8 +350,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=4, help="ABBA rounds (one run a side)")
     ap.add_argument("--window", type=int, default=WINDOW,
-                    help="datagrams the UDP stand-in keeps in flight (0: no window, paced "
-                         "by --blast-pps, the method before 2026-12-07 afternoon)")
+                    help="packets each source keeps in flight (0: no window, the UDP "
+                         "stand-in paced by --blast-pps, the method before 2026-12-07)")
     ap.add_argument("--blast-pps", type=float, default=BLAST_PPS,
                     help="without a window, the UDP stand-in's offered datagrams/s "
                          "(0: unpaced)")
@@ -327,11 +379,19 @@ def main() -> None:
                 eps.append(json.loads(line)["endpoint"])
             return procs, eps
 
+        def fresh_count() -> str:
+            """The file a run's receiver publishes its count in, for the source's window."""
+            arrived = tmp / "arrived"
+            arrived.write_bytes(bytes(COUNT.size))
+            return str(arrived)
+
         def client_alone() -> Run:
-            sink = lab.python(hb, me, "pump-sink", url)
+            arrived = fresh_count()
+            sink = lab.python(hb, me, "pump-sink", url, arrived)
             key = json.loads(sink.wait_for_output('"ready"', timeout=60).splitlines()[0])["key"]
             relay0 = proc_cpu_s(relay.pid)
-            source = lab.python(ha, me, "pump-source", url, key, str(a.seconds))
+            source = lab.python(ha, me, "pump-source", url, key, str(a.seconds),
+                                str(a.window), arrived)
             source.wait(a.seconds + 60)
             sink.wait(60)
             got, sent = last_json(sink), last_json(source)
@@ -339,6 +399,7 @@ def main() -> None:
                        (proc_cpu_s(relay.pid) - relay0) / got["packets"],
                        offered=sent["sent"] / got["packets"],
                        source_dropped=sent["dropped"] / sent["sent"],
+                       timed_out=sent["timed_out"] / sent["sent"],
                        faults=(got["faults"] + sent["faults"]) / got["packets"],
                        sys_s_per_packet=(got["sys_s"] + sent["sys_s"]) / got["packets"])
 
@@ -346,14 +407,13 @@ def main() -> None:
         udp_bridges, udp_eps = bridge_pair(UDP_PORT)
 
         def via_bridge_udp() -> Run:
-            arrived = tmp / "arrived"
-            arrived.write_bytes(bytes(COUNT.size))
-            count = lab.python(hb, me, "udp-count", str(UDP_PORT), str(arrived))
+            arrived = fresh_count()
+            count = lab.python(hb, me, "udp-count", str(UDP_PORT), arrived)
             count.wait_for_output('"ready"', timeout=60)
             procs = (*udp_bridges, relay)
             before = [proc_usage(p.pid) for p in procs]
             blast = lab.python(ha, me, "udp-blast", str(UDP_PORT), udp_eps[0],
-                               str(a.seconds), str(a.blast_pps), str(a.window), str(arrived))
+                               str(a.seconds), str(a.blast_pps), str(a.window), arrived)
             blast.wait(a.seconds + 60)
             count.wait(60)
             near, far, rel = (_used(b, proc_usage(p.pid))
@@ -423,6 +483,7 @@ def main() -> None:
                                            "client_runs": [round(r.offered, 2) for r in ref_runs]},
                  "client_source_dropped": [round(r.source_dropped, 3) for r in ref_runs],
                  "standin_timed_out": [round(r.timed_out, 4) for r in br_runs],
+                 "client_timed_out": [round(r.timed_out, 4) for r in ref_runs],
                  "faults_per_packet": {"bridge_runs": [round(r.faults, 3) for r in br_runs],
                                        "client_runs": [round(r.faults, 3) for r in ref_runs]},
                  "relay_cpu_us_per_packet": {
