@@ -38,6 +38,9 @@ median of per-round ratios:
    ``standin_timed_out``, ``client_timed_out``: the share of each source's packets its
    window gave up on as lost.
    ``*_sys_us_per_packet``: the kernel's part of each side's CPU per packet;
+   ``machine_busy_cores``: how many of the machine's cores were busy (``/proc/stat``,
+   any process and the kernel's softirq work, which no process is charged for) while the
+   source sent, and ``machine_us_per_packet`` that over the packets per second;
    ``offered_per_delivered``: packets each source sent per packet that arrived;
    ``client_source_dropped``: the share the pump's own link queue
    dropped; ``faults_per_packet``: minor page faults of the processes under test. Every
@@ -76,7 +79,15 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from _bench import Report, last_json, proc_cpu_s, proc_usage, round_ratios, run_abba
+from _bench import (
+    Report,
+    last_json,
+    machine_busy_s,
+    proc_cpu_s,
+    proc_usage,
+    round_ratios,
+    run_abba,
+)
 from relay_throughput import relay_lab
 from userspace_throughput import PORT, iperf, link_up, start
 from wgmesh.keys import Key, PrivateKey
@@ -119,6 +130,7 @@ class Run:
     timed_out: float = 0.0  # the share the source's window gave up on as lost
     faults: float = 0.0  # minor page faults per packet of the processes under test
     sys_s_per_packet: float = 0.0  # the kernel's part of cpu_s_per_packet
+    busy_cores: float = 0.0  # cores the whole machine kept busy while the source sent
 
     @property
     def cpu_us(self) -> float:
@@ -255,8 +267,8 @@ async def pump_source(url: str, dst: str, seconds: float, window: int, arrived: 
     packet, peer = bytes(PACKET), Key(dst)
     flight = InFlight(window, arrived)
     async with RelayClient(PrivateKey.generate(), [url], on_packet=lambda *_: None) as c:
-        end, before, sent = time.monotonic() + seconds, _usage(), 0
-        while (now := time.monotonic()) < end:
+        start, before, busy, sent = time.monotonic(), _usage(), machine_busy_s(), 0
+        while (now := time.monotonic()) < start + seconds:
             if flight.full(sent, 64, now):
                 # epoll rounds this up to 1 ms: ~1/15 of what the window holds here
                 await asyncio.sleep(50e-6)
@@ -270,8 +282,10 @@ async def pump_source(url: str, dst: str, seconds: float, window: int, arrived: 
             sent += 64
             await asyncio.sleep(0)
         used = _used(before, _usage())
+        cores = (machine_busy_s() - busy) / (time.monotonic() - start)
         await asyncio.sleep(0.5)
-    emit(**used, sent=sent, dropped=sum(c.drops.values()), timed_out=flight.lost)
+    emit(**used, sent=sent, dropped=sum(c.drops.values()), timed_out=flight.lost,
+         busy_cores=cores)
 
 
 def udp_blast(port: int, dst: str, seconds: float, pps: float, window: int,
@@ -288,7 +302,7 @@ def udp_blast(port: int, dst: str, seconds: float, pps: float, window: int,
     s.connect((host, int(p)))
     burst, gso = bytes(PACKET * 44), [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", PACKET))]
     flight = InFlight(window, arrived)
-    start, cpu = time.monotonic(), time.process_time()
+    start, cpu, busy = time.monotonic(), time.process_time(), machine_busy_s()
     sent = 0
     while (now := time.monotonic()) < start + seconds:
         if flight.full(sent, 44, now):
@@ -300,7 +314,8 @@ def udp_blast(port: int, dst: str, seconds: float, pps: float, window: int,
         with contextlib.suppress(BlockingIOError, ConnectionRefusedError):
             s.sendmsg([burst], gso)
             sent += 44
-    emit(cpu_s=time.process_time() - cpu, sent=sent, timed_out=flight.lost)
+    cores = (machine_busy_s() - busy) / (time.monotonic() - start)
+    emit(cpu_s=time.process_time() - cpu, sent=sent, timed_out=flight.lost, busy_cores=cores)
 
 
 def udp_count(port: int, arrived: str) -> None:
@@ -401,7 +416,8 @@ def main() -> None:
                        source_dropped=sent["dropped"] / sent["sent"],
                        timed_out=sent["timed_out"] / sent["sent"],
                        faults=(got["faults"] + sent["faults"]) / got["packets"],
-                       sys_s_per_packet=(got["sys_s"] + sent["sys_s"]) / got["packets"])
+                       sys_s_per_packet=(got["sys_s"] + sent["sys_s"]) / got["packets"],
+                       busy_cores=sent["busy_cores"])
 
         # 1. The bridge itself: plain UDP sockets on the kernel ports, against the client.
         udp_bridges, udp_eps = bridge_pair(UDP_PORT)
@@ -424,7 +440,8 @@ def main() -> None:
                        (sent["cpu_s"] + got["cpu_s"]) / n, sent["sent"] / n,
                        timed_out=sent["timed_out"] / sent["sent"],
                        faults=(near["faults"] + far["faults"]) / n,
-                       sys_s_per_packet=(near["sys_s"] + far["sys_s"]) / n)
+                       sys_s_per_packet=(near["sys_s"] + far["sys_s"]) / n,
+                       busy_cores=sent["busy_cores"])
 
         br_runs, ref_runs = run_abba(a.rounds, via_bridge_udp, client_alone)
         br, ref = [r.pps for r in br_runs], [r.pps for r in ref_runs]
@@ -486,6 +503,12 @@ def main() -> None:
                  "client_timed_out": [round(r.timed_out, 4) for r in ref_runs],
                  "faults_per_packet": {"bridge_runs": [round(r.faults, 3) for r in br_runs],
                                        "client_runs": [round(r.faults, 3) for r in ref_runs]},
+                 "machine_busy_cores": {
+                     "bridge_runs": [round(r.busy_cores, 2) for r in br_runs],
+                     "client_runs": [round(r.busy_cores, 2) for r in ref_runs]},
+                 "machine_us_per_packet": {
+                     "bridge_runs": [round(r.busy_cores / r.pps * 1e6, 2) for r in br_runs],
+                     "client_runs": [round(r.busy_cores / r.pps * 1e6, 2) for r in ref_runs]},
                  "relay_cpu_us_per_packet": {
                      "bridge_runs": [round(r.relay_cpu_us, 2) for r in br_runs],
                      "client_runs": [round(r.relay_cpu_us, 2) for r in ref_runs]},
