@@ -100,8 +100,8 @@ UDP_PORT = 51900  # the UDP stand-in's "kernel port"
 UDP_PAYLOAD = 1372  # iperf3's datagrams: 1400-byte IP packets fit the 1420 tunnel MTU
 PACKET = 1440  # the WireGuard transport packet that carries one
 BLAST_PPS = 300_000  # offered without a window: ~1.5x what the bridge carries
-WINDOW = 4096  # datagrams in flight: 2,048-8,192 carried alike (~210,000/s), none lost
-COUNT = struct.Struct("=Q")  # datagrams arrived, shared by the counter with the sender
+WINDOW = 4096  # packets in flight per source: 2,048-8,192 carried alike, none lost
+COUNT = struct.Struct("=Q")  # packets arrived, published by a receiver to its source
 REFERENCE = ("ratio: RelayClient alone, a pump of 1440-byte packets through send_nowait "
              "(each batch of 64 ending with send's backpressure) to a RelayClient sink via "
              "the same relay, both sources within the same window of packets in flight, "
